@@ -1,0 +1,81 @@
+"""Zero-code path: ``opentelemetry-instrument uvicorn app:app`` gives what ``setup()`` gives.
+
+``opentelemetry-instrument`` loads, in order, a distro, a configurator and every
+installed instrumentor (entry points declared in ``pyproject.toml``):
+
+* :class:`ChatobsDistro` sets defaults other instrumentations read (keep the
+  scrape and health paths out of HTTP traces and metrics);
+* :class:`ChatobsConfigurator` calls :func:`chatobs.setup` with the role from
+  ``CHATOBS_SERVICE``, so settings are validated and providers made global
+  before any instrumentor runs;
+* :class:`MetricsRouteInstrumentor` mounts ``/metrics`` on every FastAPI app
+  created afterwards, which is how the route appears without code changes.
+
+Example::
+
+    CHATOBS_SERVICE=gateway opentelemetry-instrument uvicorn myservice:app
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry.instrumentation.distro import BaseDistro
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import unwrap
+from wrapt import wrap_function_wrapper
+
+__all__ = ["ChatobsConfigurator", "ChatobsDistro", "MetricsRouteInstrumentor"]
+
+_logger = logging.getLogger("chatobs")
+
+
+class ChatobsDistro(BaseDistro):
+    """Defaults for the instrumentations ``opentelemetry-instrument`` loads."""
+
+    def _configure(self, **kwargs: Any) -> None:
+        path = os.environ.get("CHATOBS_METRICS_PATH", "/metrics")
+        # Scrapes and probes would otherwise dominate the HTTP server metrics and traces.
+        os.environ.setdefault("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", f"{path},/health")
+
+
+class ChatobsConfigurator:
+    """Builds the providers through :func:`chatobs.setup` (settings from the environment)."""
+
+    def configure(self, **kwargs: Any) -> None:
+        from chatobs.telemetry import setup
+
+        setup()
+
+
+def _mount_after_init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    wrapped(*args, **kwargs)
+    try:
+        from chatobs.telemetry import current
+
+        telemetry = current()
+        if telemetry is not None:
+            telemetry.mount(instance)
+    except Exception:
+        _logger.exception("chatobs: could not mount the metrics route")
+
+
+class MetricsRouteInstrumentor(BaseInstrumentor):
+    """Mounts the scrape route on each ``fastapi.FastAPI`` built after :meth:`instrument`.
+
+    ``instrument()`` and ``uninstrument()`` are idempotent (``BaseInstrumentor``).
+    """
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("fastapi >= 0.110",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        wrap_function_wrapper("fastapi", "FastAPI.__init__", _mount_after_init)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        import fastapi
+
+        unwrap(fastapi.FastAPI, "__init__")

@@ -1,0 +1,627 @@
+"""The metric catalogue: every metric of the chat pipeline, as data.
+
+This module is the single source of truth. Instruments, explicit-bucket Views,
+the exposition renderer, ``docs/metrics.md``, ``chatobs check`` and the tests
+all read it; adding a metric is adding one :class:`Metric` entry to
+:data:`CATALOGUE`.
+
+It imports nothing from the rest of the project so that every other layer can
+depend on it.
+
+Example::
+
+    >>> from chatobs.catalogue import get
+    >>> get("llm_requests_total").label_names
+    ('model', 'provider', 'mode')
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ALL_SERVICES",
+    "CATALOGUE",
+    "CATALOGUE_NAMES",
+    "LATENCY_BUCKETS",
+    "OVERFLOW_VALUE",
+    "SERVICES",
+    "TOKEN_BUCKETS",
+    "Kind",
+    "Label",
+    "Metric",
+    "allowed_fixed_values",
+    "for_service",
+    "get",
+    "to_json",
+    "to_markdown",
+]
+
+#: Roles of the chat-pipeline services. A metric's ``owners`` name these.
+SERVICES: tuple[str, ...] = ("gateway", "worker", "publisher", "replicator", "tool_executor")
+
+#: Owner wildcard: the metric is emitted by every service.
+ALL_SERVICES = "*"
+
+#: The value recorded in place of a label value outside the allowed set.
+OVERFLOW_VALUE = "other"
+
+#: Stands for "any catalogue name" in the self-metrics' label values.
+CATALOGUE_NAMES = "*catalogue*"
+
+#: Roadmap latency buckets, in seconds.
+LATENCY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+
+#: Roadmap token-count buckets.
+TOKEN_BUCKETS: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0)
+
+
+class Kind(enum.Enum):
+    """How a metric is recorded (the OpenTelemetry instrument) and exposed."""
+
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+    #: Synchronous gauge set to the last value (OpenTelemetry ``Gauge``).
+    GAUGE = "gauge"
+    #: Gauge moved by increments (OpenTelemetry ``UpDownCounter``).
+    UP_DOWN = "up_down_counter"
+    #: Gauge read by a callback at collection time.
+    OBSERVABLE_GAUGE = "observable_gauge"
+    #: Monotonic total read by a callback at collection time.
+    OBSERVABLE_COUNTER = "observable_counter"
+
+    @property
+    def prometheus_type(self) -> str:
+        """The ``# TYPE`` a Prometheus scrape shows for this kind."""
+        if self in (Kind.COUNTER, Kind.OBSERVABLE_COUNTER):
+            return "counter"
+        if self is Kind.HISTOGRAM:
+            return "histogram"
+        return "gauge"
+
+
+@dataclass(frozen=True)
+class Label:
+    """A label key and the values it may take.
+
+    ``values`` fixes the allowed set in the catalogue. ``setting`` instead names
+    a field of :class:`chatobs.settings.ChatobsSettings` that lists the allowed
+    values for a deployment (models, providers, tenants...). When that setting
+    is empty, the first ``CHATOBS_MAX_LABEL_VALUES`` distinct values seen are
+    admitted. Anything outside the set is recorded as :data:`OVERFLOW_VALUE`.
+    """
+
+    name: str
+    values: tuple[str, ...] = ()
+    setting: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.values) == bool(self.setting):
+            raise ValueError(f"label {self.name!r}: give exactly one of values= or setting=")
+
+    def describe(self) -> str:
+        """Human-readable allowed values, for docs and CLI output."""
+        if self.values:
+            return ", ".join(self.values)
+        return f"from `CHATOBS_{self.setting.upper()}`"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric exactly as Prometheus shows it.
+
+    ``name`` is the exposed name (counters keep their ``_total``); the
+    OpenTelemetry instrument carries the same name so that OTLP push and the
+    ``/metrics`` scrape agree.
+    """
+
+    name: str
+    kind: Kind
+    unit: str
+    description: str
+    owners: frozenset[str]
+    domain: str
+    labels: tuple[Label, ...] = ()
+    buckets: tuple[float, ...] | None = None
+    bucket_set: str | None = None
+    notes: str = ""
+    #: Set for metrics produced by an instrumentation library: the name of its
+    #: instrument, renamed to ``name`` by a View.
+    source_instrument: str | None = None
+    _label_index: dict[str, Label] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.kind is Kind.HISTOGRAM) != (self.buckets is not None):
+            raise ValueError(f"{self.name}: histograms, and only histograms, have buckets")
+        if self.kind.prometheus_type == "counter" and not self.name.endswith("_total"):
+            raise ValueError(f"{self.name}: counter names end in _total")
+        unknown = self.owners - set(SERVICES) - {ALL_SERVICES}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown owners {sorted(unknown)}")
+        self._label_index.update({label.name: label for label in self.labels})
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(label.name for label in self.labels)
+
+    @property
+    def prometheus_type(self) -> str:
+        return self.kind.prometheus_type
+
+    @property
+    def family(self) -> str:
+        """The OpenMetrics family name (a counter's name without ``_total``)."""
+        if self.prometheus_type == "counter":
+            return self.name[: -len("_total")]
+        return self.name
+
+    def label(self, name: str) -> Label:
+        return self._label_index[name]
+
+    def owned_by(self, service: str) -> bool:
+        return ALL_SERVICES in self.owners or service in self.owners
+
+
+_EVERY = frozenset({ALL_SERVICES})
+_GATEWAY = frozenset({"gateway"})
+_WORKER = frozenset({"worker"})
+_PUBLISHER = frozenset({"publisher"})
+_TOOL_EXECUTOR = frozenset({"tool_executor"})
+_LLM_CALLERS = frozenset({"worker", "tool_executor"})
+
+_MODEL = Label("model", setting="llm_models")
+_PROVIDER = Label("provider", setting="llm_providers")
+_TENANT = Label("tenant", setting="tenants")
+_TOOL = Label("tool", setting="tools")
+_LLM_MODE = Label("mode", values=("normal", "degraded_bypass_somabrain"))
+_EMIT_MODE = Label("mode", values=("normal", "degraded"))
+_DIRECTION = Label("direction", values=("in", "out"))
+_COMPONENT = Label("component", values=("somabrain", "llm", "redis", "postgres", "kafka", "tools"))
+
+# Redis commands the pipeline uses; anything else is counted under `other`.
+_REDIS_OPERATIONS = (
+    "get", "set", "setex", "del", "exists", "expire", "incr", "incrby", "decr", "decrby",
+    "hget", "hset", "hincrby", "hgetall", "mget", "mset", "lpush", "rpush", "lpop", "rpop",
+    "lrange", "llen", "sadd", "srem", "smembers", "scan", "eval", "evalsha", "publish",
+    "subscribe", "xadd", "xread", "ping", "pipeline", "connect",
+)  # fmt: skip
+_KAFKA_OPERATIONS = ("produce", "consume", "commit", "connect", "metadata")
+_POSTGRES_OPERATIONS = (
+    "select", "insert", "update", "delete", "begin", "commit", "rollback", "copy", "execute", "connect",
+)  # fmt: skip
+
+
+def counter(
+    name: str, description: str, *, unit: str, owners: frozenset[str], domain: str, labels: tuple[Label, ...] = ()
+) -> Metric:
+    return Metric(name, Kind.COUNTER, unit, description, owners, domain, labels)
+
+
+def gauge(
+    name: str,
+    description: str,
+    *,
+    unit: str,
+    owners: frozenset[str],
+    domain: str,
+    labels: tuple[Label, ...] = (),
+    kind: Kind = Kind.GAUGE,
+    notes: str = "",
+) -> Metric:
+    return Metric(name, kind, unit, description, owners, domain, labels, notes=notes)
+
+
+def latency(
+    name: str, description: str, *, owners: frozenset[str], domain: str, labels: tuple[Label, ...] = ()
+) -> Metric:
+    """A duration histogram in seconds with the roadmap's latency buckets."""
+    return Metric(
+        name, Kind.HISTOGRAM, "s", description, owners, domain, labels, buckets=LATENCY_BUCKETS, bucket_set="latency"
+    )
+
+
+def backend_errors(backend: str, title: str, *, owners: frozenset[str], operations: tuple[str, ...]) -> Metric:
+    return counter(
+        f"{backend}_errors_total",
+        f"Failed {title} client operations.",
+        unit="{error}",
+        owners=owners,
+        domain="backends",
+        labels=(Label("operation", values=operations),),
+    )
+
+
+#: Every metric of the pipeline, in documentation (and exposition) order.
+CATALOGUE: tuple[Metric, ...] = (
+    # --- Traffic (gateway) -------------------------------------------------------
+    counter(
+        "chat_messages_in_total",
+        "Chat messages accepted by the gateway.",
+        unit="{message}",
+        owners=_GATEWAY,
+        domain="traffic",
+        labels=(
+            Label("role", values=("user", "assistant", "system", "tool")),
+            Label("source", setting="message_sources"),
+        ),
+    ),
+    counter("sessions_created_total", "Chat sessions created.", unit="{session}", owners=_GATEWAY, domain="traffic"),
+    counter("sessions_deleted_total", "Chat sessions deleted.", unit="{session}", owners=_GATEWAY, domain="traffic"),
+    counter(
+        "attachments_uploaded_total",
+        "Attachments stored successfully.",
+        unit="{attachment}",
+        owners=_GATEWAY,
+        domain="traffic",
+    ),
+    latency(
+        "attachment_upload_seconds", "Time to receive and store one attachment.", owners=_GATEWAY, domain="traffic"
+    ),
+    gauge(
+        "sse_clients_gauge",
+        "Server-Sent Events clients currently connected.",
+        unit="{client}",
+        owners=_GATEWAY,
+        domain="traffic",
+        kind=Kind.UP_DOWN,
+        notes="The roadmap's name; `promtool check metrics` flags the `_gauge` suffix, which is accepted.",
+    ),
+    counter(
+        "sse_stream_errors_total",
+        "Server-Sent Events streams that ended in an error.",
+        unit="{error}",
+        owners=_GATEWAY,
+        domain="traffic",
+        labels=(Label("reason", values=("client_disconnect", "timeout", "backend_error", "encode_error")),),
+    ),
+    # --- Latency -------------------------------------------------------------------
+    latency(
+        "chat_enqueue_seconds",
+        "Gateway enqueue: from request to the message stored durably in the outbox.",
+        owners=_GATEWAY,
+        domain="latency",
+    ),
+    latency(
+        "context_build_seconds", "Worker prompt build, Somabrain recall included.", owners=_WORKER, domain="latency"
+    ),
+    latency(
+        "llm_latency_seconds",
+        "LLM call duration, request sent to last token received.",
+        owners=_LLM_CALLERS,
+        domain="llm",
+        labels=(_MODEL, _PROVIDER, _LLM_MODE),
+    ),
+    latency(
+        "llm_time_to_first_token_seconds",
+        "Streaming LLM calls: request sent to first token received.",
+        owners=_WORKER,
+        domain="llm",
+        labels=(_MODEL, _PROVIDER),
+    ),
+    latency(
+        "event_to_response_seconds",
+        "User event accepted to assistant reply emitted.",
+        owners=_WORKER,
+        domain="latency",
+        labels=(_EMIT_MODE,),
+    ),
+    latency("wal_publish_seconds", "Publishing one record to the WAL topic.", owners=_PUBLISHER, domain="backlog"),
+    latency(
+        "wal_consume_seconds",
+        "Handling one consumed WAL record, received to committed.",
+        owners=frozenset({"worker", "replicator"}),
+        domain="backlog",
+    ),
+    # --- LLM usage -------------------------------------------------------------------
+    counter(
+        "llm_requests_total",
+        "LLM requests sent.",
+        unit="{request}",
+        owners=_LLM_CALLERS,
+        domain="llm",
+        labels=(_MODEL, _PROVIDER, _LLM_MODE),
+    ),
+    counter(
+        "llm_tokens_total",
+        "LLM tokens as reported by the provider's usage.",
+        unit="{token}",
+        owners=_LLM_CALLERS,
+        domain="llm",
+        labels=(_MODEL, _PROVIDER, _DIRECTION),
+    ),
+    Metric(
+        "llm_request_tokens",
+        Kind.HISTOGRAM,
+        "{token}",
+        "Tokens per LLM request, by direction.",
+        _LLM_CALLERS,
+        "llm",
+        (_MODEL, _PROVIDER, _DIRECTION),
+        buckets=TOKEN_BUCKETS,
+        bucket_set="tokens",
+    ),
+    counter(
+        "llm_errors_total",
+        "Failed LLM requests.",
+        unit="{error}",
+        owners=_LLM_CALLERS,
+        domain="llm",
+        labels=(_PROVIDER, Label("code", values=("timeout", "rate_limited", "http_4xx", "http_5xx", "connection"))),
+    ),
+    # --- Somabrain / degradation -------------------------------------------------------
+    counter(
+        "somabrain_calls_total",
+        "Somabrain recall/remember calls by outcome.",
+        unit="{call}",
+        owners=_WORKER,
+        domain="somabrain",
+        labels=(Label("result", values=("success", "timeout", "circuit_open", "skipped", "error")),),
+    ),
+    counter(
+        "somabrain_bypass_total",
+        "Replies produced without Somabrain (degraded bypass).",
+        unit="{reply}",
+        owners=_WORKER,
+        domain="somabrain",
+    ),
+    counter(
+        "assistant_emitted_total",
+        "Assistant replies emitted to the client.",
+        unit="{reply}",
+        owners=_WORKER,
+        domain="somabrain",
+        labels=(_EMIT_MODE,),
+    ),
+    gauge(
+        "circuit_state",
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+        unit="1",
+        owners=_EVERY,
+        domain="somabrain",
+        labels=(_COMPONENT,),
+    ),
+    # --- Backlog / reliability -----------------------------------------------------------
+    gauge(
+        "degraded_buffer_size",
+        "Memory writes buffered in Redis `degraded:*` keys during a Somabrain outage.",
+        unit="{key}",
+        owners=_WORKER,
+        domain="backlog",
+        kind=Kind.OBSERVABLE_GAUGE,
+    ),
+    gauge(
+        "outbox_pending",
+        "Outbox rows not yet published to the WAL.",
+        unit="{row}",
+        owners=_PUBLISHER,
+        domain="backlog",
+        kind=Kind.OBSERVABLE_GAUGE,
+    ),
+    counter(
+        "wal_publish_errors_total",
+        "Failed publishes to the WAL topic.",
+        unit="{error}",
+        owners=_PUBLISHER,
+        domain="backlog",
+        labels=(Label("operation", values=("produce", "flush", "serialize")),),
+    ),
+    backend_errors("redis", "Redis", owners=frozenset({"gateway", "worker"}), operations=_REDIS_OPERATIONS),
+    backend_errors(
+        "kafka",
+        "Kafka",
+        owners=frozenset({"worker", "publisher", "replicator", "tool_executor"}),
+        operations=_KAFKA_OPERATIONS,
+    ),
+    backend_errors(
+        "postgres",
+        "PostgreSQL",
+        owners=frozenset({"gateway", "publisher", "replicator"}),
+        operations=_POSTGRES_OPERATIONS,
+    ),
+    # --- Budgets / quotas ------------------------------------------------------------------
+    gauge(
+        "tenant_budget_tokens_allowed",
+        "Token allowance of the tenant's current budget window.",
+        unit="{token}",
+        owners=_WORKER,
+        domain="budgets",
+        labels=(_TENANT,),
+    ),
+    gauge(
+        "tenant_budget_tokens_used",
+        "Tokens used in the tenant's current budget window.",
+        unit="{token}",
+        owners=_WORKER,
+        domain="budgets",
+        labels=(_TENANT,),
+    ),
+    counter(
+        "tenant_budget_tokens_overruns_total",
+        "Requests refused because the tenant's token budget was spent.",
+        unit="{request}",
+        owners=_WORKER,
+        domain="budgets",
+        labels=(_TENANT,),
+    ),
+    gauge(
+        "tenant_budget_messages_allowed",
+        "Message allowance of the tenant's current budget window.",
+        unit="{message}",
+        owners=_WORKER,
+        domain="budgets",
+        labels=(_TENANT,),
+    ),
+    gauge(
+        "tenant_budget_messages_used",
+        "Messages used in the tenant's current budget window.",
+        unit="{message}",
+        owners=_WORKER,
+        domain="budgets",
+        labels=(_TENANT,),
+    ),
+    counter(
+        "tenant_budget_messages_overruns_total",
+        "Requests refused because the tenant's message budget was spent.",
+        unit="{request}",
+        owners=_WORKER,
+        domain="budgets",
+        labels=(_TENANT,),
+    ),
+    # --- Tools -------------------------------------------------------------------------------
+    counter(
+        "tool_calls_total",
+        "Tool calls executed, by outcome.",
+        unit="{call}",
+        owners=_TOOL_EXECUTOR,
+        domain="tools",
+        labels=(_TOOL, Label("result", values=("success", "error", "timeout", "rejected"))),
+    ),
+    latency("tool_call_seconds", "Tool call duration.", owners=_TOOL_EXECUTOR, domain="tools", labels=(_TOOL,)),
+    # --- Ops / health --------------------------------------------------------------------------
+    counter(
+        "health_checks_total",
+        "Dependency health checks by outcome.",
+        unit="{check}",
+        owners=_EVERY,
+        domain="health",
+        labels=(_COMPONENT, Label("result", values=("ok", "fail"))),
+    ),
+    Metric(
+        "process_cpu_seconds_total",
+        Kind.OBSERVABLE_COUNTER,
+        "s",
+        "User and system CPU time of the process.",
+        _EVERY,
+        "process",
+    ),
+    gauge(
+        "process_resident_memory_bytes",
+        "Resident memory of the process.",
+        unit="By",
+        owners=_EVERY,
+        domain="process",
+        kind=Kind.OBSERVABLE_GAUGE,
+    ),
+    gauge(
+        "process_open_fds",
+        "Open file descriptors of the process.",
+        unit="{fd}",
+        owners=_EVERY,
+        domain="process",
+        kind=Kind.OBSERVABLE_GAUGE,
+    ),
+    gauge(
+        "data_dir_free_bytes",
+        "Free disk space where `CHATOBS_DATA_DIR` lives.",
+        unit="By",
+        owners=_EVERY,
+        domain="process",
+        kind=Kind.OBSERVABLE_GAUGE,
+    ),
+    # --- chatobs itself --------------------------------------------------------------------------
+    Metric(
+        "chatobs_label_rejections_total",
+        Kind.COUNTER,
+        "{value}",
+        "Label values outside the allowed set, recorded as `other` instead.",
+        _EVERY,
+        "self",
+        (Label("metric", values=(CATALOGUE_NAMES,)), Label("label", values=(CATALOGUE_NAMES,))),
+        notes="`metric` and `label` take catalogue names only, so the series count is bounded.",
+    ),
+    counter(
+        "chatobs_recording_errors_total",
+        "Recording calls that failed inside chatobs and were swallowed.",
+        unit="{error}",
+        owners=_EVERY,
+        domain="self",
+        labels=(Label("metric", values=(CATALOGUE_NAMES,)),),
+    ),
+)
+
+_BY_NAME: dict[str, Metric] = {metric.name: metric for metric in CATALOGUE}
+if len(_BY_NAME) != len(CATALOGUE):  # pragma: no cover - guards edits to the table above
+    raise ValueError("duplicate metric names in CATALOGUE")
+
+
+def allowed_fixed_values(metric: Metric, label: Label) -> frozenset[str]:
+    """Fixed allowed values of ``label``, with the self-metrics' placeholder expanded."""
+    if label.values == (CATALOGUE_NAMES,):
+        if label.name == "metric":
+            return frozenset(_BY_NAME)
+        return frozenset(lbl.name for m in CATALOGUE for lbl in m.labels)
+    return frozenset(label.values)
+
+
+def get(name: str) -> Metric:
+    """Return the catalogue entry called ``name`` (the exposed Prometheus name).
+
+    Raises ``KeyError`` naming the metric when it is not catalogued.
+    """
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not in the metric catalogue") from None
+
+
+def for_service(service: str) -> tuple[Metric, ...]:
+    """The metrics ``service`` emits, in catalogue order."""
+    return tuple(metric for metric in CATALOGUE if metric.owned_by(service))
+
+
+def _owners_text(metric: Metric) -> str:
+    return "every service" if ALL_SERVICES in metric.owners else ", ".join(sorted(metric.owners))
+
+
+def to_markdown(metrics: Iterable[Metric] = CATALOGUE) -> str:
+    """The catalogue as a Markdown document (what ``docs/metrics.md`` holds)."""
+    lines = [
+        "# Metric catalogue",
+        "",
+        "Generated from `src/chatobs/catalogue.py` by `chatobs catalogue --format md`; do not edit by hand.",
+        "",
+        f"Label values outside the allowed set are recorded as `{OVERFLOW_VALUE}` and counted in "
+        "`chatobs_label_rejections_total`.",
+        "",
+        f"Buckets: latency `{', '.join(f'{b:g}' for b in LATENCY_BUCKETS)}` seconds; "
+        f"tokens `{', '.join(f'{b:g}' for b in TOKEN_BUCKETS)}`.",
+        "",
+        "| name | type | unit | labels (allowed values) | buckets | emitted by | description |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for metric in metrics:
+        labels = "; ".join(f"`{lbl.name}`: {lbl.describe()}" for lbl in metric.labels)
+        labels = labels.replace(CATALOGUE_NAMES, "catalogue names")
+        description = metric.description + (f" {metric.notes}" if metric.notes else "")
+        lines.append(
+            f"| `{metric.name}` | {metric.prometheus_type} | `{metric.unit}` | {labels} | "
+            f"{metric.bucket_set or ''} | {_owners_text(metric)} | {description} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def to_json(metrics: Iterable[Metric] = CATALOGUE) -> str:
+    """The catalogue as JSON, for tools and dashboards generators."""
+    return json.dumps(
+        [
+            {
+                "name": metric.name,
+                "type": metric.prometheus_type,
+                "instrument": metric.kind.value,
+                "unit": metric.unit,
+                "description": metric.description,
+                "labels": {
+                    lbl.name: (sorted(allowed_fixed_values(metric, lbl)) if lbl.values else {"setting": lbl.setting})
+                    for lbl in metric.labels
+                },
+                "buckets": list(metric.buckets) if metric.buckets else None,
+                "owners": sorted(metric.owners),
+                "domain": metric.domain,
+            }
+            for metric in metrics
+        ],
+        indent=2,
+    )

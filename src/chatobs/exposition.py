@@ -1,0 +1,349 @@
+"""Prometheus exposition of OpenTelemetry metrics, named exactly as the catalogue says.
+
+Why not the stock ``opentelemetry-exporter-prometheus``: it appends ``_total``
+and unit suffixes to instrument names (two instruments can collide on one
+exposed name), it labels every series with ``otel_scope_*``, it emits no
+exemplars, and it copies every point into a ``prometheus_client`` registry
+before rendering. Here a :class:`ScrapeReader` (a pull ``MetricReader``)
+collects on each scrape and :class:`Renderer` writes the text directly:
+
+* Prometheus text format 0.0.4, or OpenMetrics 1.0 when the scraper asks for it
+  (``Accept``), with ``trace_id``/``span_id`` exemplars on histogram buckets;
+* every catalogue metric the service owns is declared even before its first
+  observation (unlabelled counters and histograms show zeros), so dashboards
+  and ``rate()`` see a series from the first scrape;
+* ``target_info`` and the ``otel_scope_*`` labels are switched by settings.
+
+Example::
+
+    >>> reader = ScrapeReader()
+    >>> renderer = Renderer("gateway")
+    >>> # MeterProvider(metric_readers=[reader], ...) then:
+    >>> # status, headers, body = scrape_response(reader, renderer, accept, accept_encoding)
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    Sum,
+)
+from opentelemetry.sdk.metrics.export import Metric as OtelMetric
+from opentelemetry.sdk.resources import Resource
+
+from chatobs.catalogue import CATALOGUE, Kind, Metric
+
+__all__ = [
+    "CONTENT_TYPE_OPENMETRICS",
+    "CONTENT_TYPE_TEXT",
+    "Renderer",
+    "ScrapeReader",
+    "negotiate_openmetrics",
+    "scrape_response",
+]
+
+CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
+_UNIT_SUFFIXES = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "ratio"}
+
+
+class ScrapeReader(MetricReader):
+    """A pull reader: collects cumulative metrics when a scrape asks.
+
+    Scrapes are serialised, so two concurrent scrapes never interleave one
+    collection's callbacks with another's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._latest: MetricsData | None = None
+
+    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        self._latest = metrics_data
+
+    def scrape(self, timeout_seconds: float = 5.0) -> MetricsData | None:
+        """Collect now and return the data (``None`` once the provider is shut down)."""
+        with self._lock:
+            self._latest = None
+            self.collect(timeout_millis=timeout_seconds * 1000)
+            return self._latest
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._latest = None
+
+
+def _num(value: float | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _escape_help(text: str, openmetrics: bool) -> str:
+    text = text.replace("\\", r"\\").replace("\n", r"\n")
+    return text.replace('"', r"\"") if openmetrics else text
+
+
+def _sanitize(name: str) -> str:
+    name = _INVALID_NAME_CHARS.sub("_", name)
+    return f"_{name}" if name[:1].isdigit() else name
+
+
+def _label_block(pairs: Iterable[tuple[str, Any]]) -> str:
+    inner = ",".join(f'{_sanitize(key)}="{_escape_label(str(value))}"' for key, value in pairs)
+    return f"{{{inner}}}" if inner else ""
+
+
+def _with(labels: str, extra: str) -> str:
+    """Add one ``key="value"`` pair to an existing label block."""
+    return f"{{{labels[1:-1]},{extra}}}" if labels else f"{{{extra}}}"
+
+
+def _exemplar_suffix(points_exemplars: Sequence[Any], lower: float, upper: float) -> str:
+    for exemplar in points_exemplars:
+        if exemplar.trace_id and lower < exemplar.value <= upper:
+            labels = f'trace_id="{exemplar.trace_id:032x}",span_id="{exemplar.span_id:016x}"'
+            return f" # {{{labels}}} {_num(exemplar.value)} {exemplar.time_unix_nano / 1e9:.3f}"
+    return ""
+
+
+class _Family:
+    """What the renderer needs to know about one exposed family."""
+
+    __slots__ = ("description", "name", "prom_type")
+
+    def __init__(self, name: str, prom_type: str, description: str):
+        self.name = name
+        self.prom_type = prom_type
+        self.description = description
+
+
+class Renderer:
+    """Renders collected OpenTelemetry metrics as Prometheus text or OpenMetrics.
+
+    ``service`` decides which catalogue metrics are declared before they have
+    data (its own); metrics of other owners still appear once recorded.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        catalogue: Sequence[Metric] = CATALOGUE,
+        target_info: bool = True,
+        scope_labels: bool = False,
+        uncatalogued: bool = False,
+    ):
+        self._catalogue = {metric.name: metric for metric in catalogue}
+        self._declared = frozenset(metric.name for metric in catalogue if metric.owned_by(service))
+        self._target_info = target_info
+        self._scope_labels = scope_labels
+        self._uncatalogued = uncatalogued
+
+    # -- public --------------------------------------------------------------
+    def render(self, data: MetricsData | None, openmetrics: bool = False) -> str:
+        """The exposition text for ``data`` (``None`` renders the declarations only)."""
+        out: list[str] = []
+        collected: dict[str, list[tuple[OtelMetric, str]]] = {}
+        resource: Resource | None = None
+        for resource_metrics in data.resource_metrics if data else ():
+            resource = resource_metrics.resource
+            for scope_metrics in resource_metrics.scope_metrics:
+                scope = scope_metrics.scope
+                scope_pairs = (
+                    _label_block([("otel_scope_name", scope.name), ("otel_scope_version", scope.version or "")])
+                    if self._scope_labels
+                    else ""
+                )
+                for metric in scope_metrics.metrics:
+                    collected.setdefault(metric.name, []).append((metric, scope_pairs))
+
+        for metric in self._catalogue.values():
+            if metric.name in collected:
+                self._render_collected(out, collected.pop(metric.name), metric, openmetrics)
+            elif metric.name in self._declared:
+                self._render_declared(out, metric, openmetrics)
+        if self._uncatalogued:
+            for entries in collected.values():
+                self._render_collected(out, entries, None, openmetrics)
+        if self._target_info and resource is not None:
+            self._render_target_info(out, resource, openmetrics)
+        if openmetrics:
+            out.append("# EOF\n")
+        return "".join(out)
+
+    def _render_collected(
+        self, out: list[str], entries: list[tuple[OtelMetric, str]], catalogued: Metric | None, openmetrics: bool
+    ) -> None:
+        for otel_metric, scope_labels in entries:
+            family = self._family(otel_metric, catalogued)
+            self._header(out, family, openmetrics)
+            self._samples(out, family, otel_metric, scope_labels, openmetrics)
+
+    # -- families ------------------------------------------------------------
+    @staticmethod
+    def _family(otel_metric: OtelMetric, catalogued: Metric | None) -> _Family:
+        if catalogued is not None:
+            return _Family(catalogued.name, catalogued.prometheus_type, catalogued.description)
+        data = otel_metric.data
+        if isinstance(data, Histogram):
+            prom_type = "histogram"
+        elif isinstance(data, Sum) and data.is_monotonic:
+            prom_type = "counter"
+        else:
+            prom_type = "gauge"
+        name = _sanitize(otel_metric.name)
+        suffix = _UNIT_SUFFIXES.get(otel_metric.unit or "")
+        if suffix and not name.endswith(suffix) and not (suffix == "ratio" and prom_type != "gauge"):
+            name = f"{name}_{suffix}"
+        if prom_type == "counter" and not name.endswith("_total"):
+            name = f"{name}_total"
+        return _Family(name, prom_type, otel_metric.description or "")
+
+    @staticmethod
+    def _header(out: list[str], family: _Family, openmetrics: bool) -> None:
+        help_text = _escape_help(family.description, openmetrics)
+        if openmetrics:
+            base = family.name[: -len("_total")] if family.prom_type == "counter" else family.name
+            out.append(f"# TYPE {base} {family.prom_type}\n# HELP {base} {help_text}\n")
+        else:
+            out.append(f"# HELP {family.name} {help_text}\n# TYPE {family.name} {family.prom_type}\n")
+
+    def _render_declared(self, out: list[str], metric: Metric, openmetrics: bool) -> None:
+        family = _Family(metric.name, metric.prometheus_type, metric.description)
+        self._header(out, family, openmetrics)
+        if metric.labels:
+            return  # no series until a label set is recorded, as prometheus_client does
+        if metric.kind in (Kind.COUNTER, Kind.UP_DOWN):
+            out.append(f"{metric.name} 0\n")
+        elif metric.kind is Kind.HISTOGRAM:
+            for bound in metric.buckets or ():
+                out.append(f'{metric.name}_bucket{{le="{_num(float(bound))}"}} 0\n')
+            out.append(f'{metric.name}_bucket{{le="+Inf"}} 0\n{metric.name}_count 0\n{metric.name}_sum 0\n')
+
+    # -- samples -------------------------------------------------------------
+    def _samples(
+        self, out: list[str], family: _Family, otel_metric: OtelMetric, scope_labels: str, openmetrics: bool
+    ) -> None:
+        data = otel_metric.data
+        name = family.name
+        if isinstance(data, Histogram):
+            for point in data.data_points:
+                self._histogram_point(out, name, point, scope_labels, openmetrics)
+            return
+        if isinstance(data, (Sum, Gauge)):
+            for point in data.data_points:
+                out.append(f"{name}{self._labels(point, scope_labels)} {_num(point.value)}\n")
+
+    def _labels(self, point: NumberDataPoint | HistogramDataPoint, scope_labels: str) -> str:
+        labels = _label_block((point.attributes or {}).items())
+        if scope_labels:
+            labels = _with(labels, scope_labels[1:-1]) if labels else scope_labels
+        return labels
+
+    def _histogram_point(
+        self, out: list[str], name: str, point: HistogramDataPoint, scope_labels: str, openmetrics: bool
+    ) -> None:
+        labels = self._labels(point, scope_labels)
+        exemplars = point.exemplars if openmetrics else ()
+        cumulative = 0
+        lower = -math.inf
+        bounds = [*point.explicit_bounds, math.inf]
+        for upper, count in zip(bounds, point.bucket_counts, strict=False):
+            cumulative += count
+            le = "+Inf" if math.isinf(upper) else _num(float(upper))
+            suffix = _exemplar_suffix(exemplars, lower, upper) if exemplars else ""
+            le_pair = f'le="{le}"'
+            out.append(f"{name}_bucket{_with(labels, le_pair)} {cumulative}{suffix}\n")
+            lower = upper
+        out.append(f"{name}_count{labels} {point.count}\n{name}_sum{labels} {_num(point.sum)}\n")
+
+    def _render_target_info(self, out: list[str], resource: Resource, openmetrics: bool) -> None:
+        labels = _label_block(sorted(resource.attributes.items()))
+        if openmetrics:
+            out.append(f"# TYPE target info\n# HELP target Target metadata\ntarget_info{labels} 1\n")
+        else:
+            out.append(f"# HELP target_info Target metadata\n# TYPE target_info gauge\ntarget_info{labels} 1\n")
+
+
+def negotiate_openmetrics(accept: str | None) -> bool:
+    """True when ``accept`` prefers OpenMetrics to the classic text format.
+
+    Honours ``q`` weights the way Prometheus sends them
+    (``application/openmetrics-text;version=1.0.0,...,text/plain;version=0.0.4;q=0.5``).
+    """
+    if not accept:
+        return False
+    best_om, best_text = 0.0, 0.0
+    for part in accept.split(","):
+        media, *params = (item.strip() for item in part.split(";"))
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        media = media.lower()
+        if media == "application/openmetrics-text":
+            best_om = max(best_om, quality)
+        elif media in ("text/plain", "text/*", "*/*"):
+            best_text = max(best_text, quality)
+    return best_om > 0 and best_om >= best_text
+
+
+def _accepts_gzip(accept_encoding: str | None) -> bool:
+    for part in (accept_encoding or "").split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip().lower() == "gzip" and params.replace(" ", "") not in ("q=0", "q=0.0"):
+            return True
+    return False
+
+
+def scrape_response(
+    reader: ScrapeReader,
+    renderer: Renderer,
+    accept: str | None,
+    accept_encoding: str | None,
+    timeout_seconds: float = 5.0,
+) -> tuple[int, Mapping[str, str], bytes]:
+    """Collect, render and encode one scrape: ``(status, headers, body)``.
+
+    Shared by the FastAPI route and the standalone server so both behave alike.
+    """
+    openmetrics = negotiate_openmetrics(accept)
+    body = renderer.render(reader.scrape(timeout_seconds), openmetrics).encode()
+    headers = {
+        "Content-Type": CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT,
+        "Vary": "Accept, Accept-Encoding",
+    }
+    if _accepts_gzip(accept_encoding):
+        body = gzip.compress(body, compresslevel=1)  # scrape bodies compress ~10x even at level 1
+        headers["Content-Encoding"] = "gzip"
+    return 200, headers, body

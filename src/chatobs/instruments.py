@@ -1,0 +1,86 @@
+"""OpenTelemetry instruments and Views, derived from the catalogue.
+
+Example::
+
+    >>> from opentelemetry.sdk.metrics import MeterProvider
+    >>> instruments = Instruments(MeterProvider(views=views()).get_meter("chatobs"))
+    >>> instruments["llm_requests_total"].add(1, {"model": "m", "provider": "p", "mode": "normal"})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
+from chatobs.catalogue import CATALOGUE, Kind, Metric
+
+__all__ = ["Instruments", "ObservableCallback", "views"]
+
+ObservableCallback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+def views(metrics: Iterable[Metric] = CATALOGUE) -> list[View]:
+    """One View per catalogue metric: exact buckets for histograms, and only the
+    catalogue's label keys kept, so a stray attribute can never add series."""
+    result = []
+    for metric in metrics:
+        aggregation = ExplicitBucketHistogramAggregation(boundaries=metric.buckets) if metric.buckets else None
+        result.append(
+            View(
+                instrument_name=metric.source_instrument or metric.name,
+                name=metric.name if metric.source_instrument else None,
+                attribute_keys=set(metric.label_names),
+                aggregation=aggregation,
+            )
+        )
+    return result
+
+
+class Instruments:
+    """Every catalogue instrument, created on one Meter, looked up by metric name.
+
+    Observable instruments call the callback registered for them with
+    :meth:`observe`; until then they report nothing.
+    """
+
+    def __init__(self, meter: Meter, metrics: Iterable[Metric] = CATALOGUE):
+        self._instruments: dict[str, Any] = {}
+        self._callbacks: dict[str, ObservableCallback] = {}
+        for metric in metrics:
+            if metric.source_instrument:
+                continue  # produced by an instrumentation library, renamed by its View
+            self._instruments[metric.name] = self._create(meter, metric)
+
+    def _create(self, meter: Meter, metric: Metric) -> Any:
+        common = {"name": metric.name, "unit": metric.unit, "description": metric.description}
+        if metric.kind is Kind.COUNTER:
+            return meter.create_counter(**common)
+        if metric.kind is Kind.UP_DOWN:
+            return meter.create_up_down_counter(**common)
+        if metric.kind is Kind.GAUGE:
+            return meter.create_gauge(**common)
+        if metric.kind is Kind.HISTOGRAM:
+            return meter.create_histogram(**common, explicit_bucket_boundaries_advisory=list(metric.buckets or ()))
+        callback = self._dispatcher(metric.name)
+        if metric.kind is Kind.OBSERVABLE_GAUGE:
+            return meter.create_observable_gauge(**common, callbacks=[callback])
+        return meter.create_observable_counter(**common, callbacks=[callback])
+
+    def _dispatcher(self, name: str) -> ObservableCallback:
+        def dispatch(options: CallbackOptions) -> Iterable[Observation]:
+            callback = self._callbacks.get(name)
+            return callback(options) if callback else ()
+
+        return dispatch
+
+    def __getitem__(self, name: str) -> Any:
+        return self._instruments[name]
+
+    def observe(self, name: str, callback: ObservableCallback) -> None:
+        """Make ``callback`` the source of observable metric ``name`` (replacing any earlier one)."""
+        if name not in self._instruments:
+            raise KeyError(f"{name!r} is not an instrument of this catalogue")
+        self._callbacks[name] = callback

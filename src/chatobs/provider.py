@@ -1,0 +1,101 @@
+"""Assemble the OpenTelemetry SDK from settings: Resource, metric readers, TracerProvider.
+
+Each builder takes validated :class:`~chatobs.settings.Settings` and returns
+fresh SDK objects; nothing here touches global state, so tests build as many
+independent pipelines as they like.
+
+Example::
+
+    >>> from chatobs.settings import load_settings
+    >>> settings = load_settings({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=dev"})
+    >>> build_resource(settings, "gateway").attributes["service.name"]
+    'gateway'
+"""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from chatobs.settings import OtelSettings, Settings
+
+__all__ = ["build_metric_readers", "build_resource", "build_tracer_provider"]
+
+
+def build_resource(settings: Settings, service: str) -> Resource:
+    """Resource from ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME`` (which wins),
+    defaulting ``service.name`` to the service role."""
+    attributes: dict[str, str] = dict(settings.otel.resource_attribute_map)
+    attributes[SERVICE_NAME] = settings.otel.service_name or attributes.get(SERVICE_NAME) or service
+    return Resource.create(attributes)
+
+
+def _otlp_target(otel: OtelSettings, signal: str) -> tuple[str, str | None]:
+    """(protocol, endpoint) for ``signal`` ("metrics" or "traces"), per-signal variables first."""
+    protocol = getattr(otel, f"exporter_otlp_{signal}_protocol") or otel.exporter_otlp_protocol
+    endpoint = getattr(otel, f"exporter_otlp_{signal}_endpoint")
+    if endpoint is not None:
+        return protocol, str(endpoint)
+    if otel.exporter_otlp_endpoint is None:
+        return protocol, None  # the exporter's own default (localhost:4317/4318)
+    base = str(otel.exporter_otlp_endpoint).rstrip("/")
+    # The specification: the generic endpoint is a base URL; HTTP appends the signal path.
+    return protocol, base if protocol == "grpc" else f"{base}/v1/{signal}"
+
+
+def _otlp_metric_exporter(otel: OtelSettings):
+    protocol, endpoint = _otlp_target(otel, "metrics")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+    return HttpExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+
+
+def _otlp_span_exporter(otel: OtelSettings) -> SpanExporter:
+    protocol, endpoint = _otlp_target(otel, "traces")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+
+
+def build_metric_readers(settings: Settings) -> list[MetricReader]:
+    """Push readers for ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``).
+
+    The ``prometheus`` exporter is the pull :class:`~chatobs.exposition.ScrapeReader`,
+    which the caller adds because it also serves it.
+    """
+    otel = settings.otel
+    readers: list[MetricReader] = []
+    push = {"otlp": _otlp_metric_exporter, "console": lambda _: ConsoleMetricExporter()}
+    for name in otel.metrics_exporter:
+        if name in push:
+            readers.append(
+                PeriodicExportingMetricReader(
+                    push[name](otel),
+                    export_interval_millis=otel.metric_export_interval,
+                    export_timeout_millis=otel.metric_export_timeout,
+                )
+            )
+    return readers
+
+
+def build_tracer_provider(settings: Settings, resource: Resource) -> TracerProvider:
+    """A TracerProvider with one batch processor per ``OTEL_TRACES_EXPORTER`` entry.
+
+    With no exporter the provider still samples spans (``OTEL_TRACES_SAMPLER``):
+    they carry the trace ids that exemplars and logs refer to.
+    """
+    provider = TracerProvider(resource=resource)
+    for name in settings.otel.traces_exporter:
+        exporter = _otlp_span_exporter(settings.otel) if name == "otlp" else ConsoleSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider

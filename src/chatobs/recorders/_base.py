@@ -1,0 +1,89 @@
+"""Shared plumbing of the recorders: label resolution and the never-raise guard."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from chatobs import catalogue
+from chatobs.instruments import Instruments
+from chatobs.labels import LabelPolicy
+
+__all__ = ["Recorder", "Timer", "guarded"]
+
+_logger = logging.getLogger("chatobs")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ErrorCallback = Callable[[str, BaseException], None]
+
+
+def guarded(metric_name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """Make a recording method swallow its own failures.
+
+    Instrumentation must never break the host: an exception raised while
+    recording is logged (once per metric) and counted in
+    ``chatobs_recording_errors_total{metric=...}``, and the caller carries on.
+    """
+    catalogue.get(metric_name)  # fail at import time on a typo, not at record time
+
+    def decorate(method: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(method)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                method(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - recording must never raise into the app
+                recorder: Recorder = args[0]  # type: ignore[assignment]
+                recorder._on_error(metric_name, exc)
+
+        return wrapper
+
+    return decorate
+
+
+class Timer:
+    """Context manager measuring wall time with ``perf_counter`` and handing it to ``record``.
+
+    Exceptions of the timed block propagate unchanged; the duration is recorded
+    either way. ``seconds`` holds the measured value after the block.
+    """
+
+    __slots__ = ("_record", "_start", "seconds")
+
+    def __init__(self, record: Callable[[float], None]):
+        self._record = record
+        self._start = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.seconds = time.perf_counter() - self._start
+        self._record(self.seconds)
+
+
+class Recorder:
+    """Base of the domain recorders: holds the instruments and the label policy."""
+
+    def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback):
+        self._instruments = instruments
+        self._labels = labels
+        self._on_error = on_error
+
+    def _attributes(self, metric_name: str, *values: str) -> dict[str, str]:
+        return self._labels.attributes(catalogue.get(metric_name), values)
+
+    def _add(self, metric_name: str, amount: float, *values: str) -> None:
+        self._instruments[metric_name].add(amount, self._attributes(metric_name, *values))
+
+    def _observe(self, metric_name: str, value: float, *values: str) -> None:
+        self._instruments[metric_name].record(value, self._attributes(metric_name, *values))
+
+    def _set(self, metric_name: str, value: float, *values: str) -> None:
+        self._instruments[metric_name].set(value, self._attributes(metric_name, *values))

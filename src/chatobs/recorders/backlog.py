@@ -1,0 +1,86 @@
+"""Backlog and reliability: outbox, degraded buffer, WAL, backend errors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from chatobs.instruments import Instruments
+from chatobs.labels import LabelPolicy
+from chatobs.recorders._base import ErrorCallback, Recorder, Timer, guarded
+
+__all__ = ["BacklogRecorder"]
+
+
+class BacklogRecorder(Recorder):
+    """Recording helpers for backlogs and the WAL.
+
+    ``outbox_pending`` and ``degraded_buffer_size`` are observable gauges: the
+    service measures them off the scrape path (a poller with a timeout) and
+    reports the latest value here; a scrape reads that value and never waits
+    on Postgres or Redis.
+
+    Example::
+
+        backlog = telemetry.backlog
+        backlog.outbox_pending(await count_pending(timeout=1.0))
+        with backlog.time_wal_publish():
+            await producer.send_and_wait(topic, record)
+    """
+
+    def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback):
+        super().__init__(instruments, labels, on_error)
+        self._latest: dict[str, float] = {}
+        self._lock = threading.Lock()
+        for name in ("outbox_pending", "degraded_buffer_size"):
+            instruments.observe(name, self._reader(name))
+
+    def _reader(self, name: str):
+        def read(options: CallbackOptions) -> Iterable[Observation]:
+            value = self._latest.get(name)
+            return () if value is None else (Observation(value),)
+
+        return read
+
+    @guarded("outbox_pending")
+    def outbox_pending(self, rows: int) -> None:
+        self._latest["outbox_pending"] = rows
+
+    @guarded("degraded_buffer_size")
+    def degraded_buffer_size(self, keys: int) -> None:
+        self._latest["degraded_buffer_size"] = keys
+
+    @guarded("wal_publish_seconds")
+    def wal_published(self, seconds: float) -> None:
+        self._observe("wal_publish_seconds", seconds)
+
+    def time_wal_publish(self) -> Timer:
+        return Timer(self.wal_published)
+
+    @guarded("wal_publish_errors_total")
+    def wal_publish_error(self, operation: str = "produce") -> None:
+        self._add("wal_publish_errors_total", 1, operation)
+
+    @guarded("wal_consume_seconds")
+    def wal_consumed(self, seconds: float) -> None:
+        self._observe("wal_consume_seconds", seconds)
+
+    def time_wal_consume(self) -> Timer:
+        return Timer(self.wal_consumed)
+
+    @guarded("redis_errors_total")
+    def redis_error(self, operation: str) -> None:
+        """A failed Redis command (``operation``: the command name, lower case)."""
+        self._add("redis_errors_total", 1, operation)
+
+    @guarded("kafka_errors_total")
+    def kafka_error(self, operation: str) -> None:
+        """A failed Kafka client operation (produce, consume, commit, connect, metadata)."""
+        self._add("kafka_errors_total", 1, operation)
+
+    @guarded("postgres_errors_total")
+    def postgres_error(self, operation: str) -> None:
+        """A failed PostgreSQL operation (the statement verb, lower case, or connect)."""
+        self._add("postgres_errors_total", 1, operation)

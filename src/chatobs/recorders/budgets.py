@@ -1,0 +1,36 @@
+"""Per-tenant token and message budgets."""
+
+from __future__ import annotations
+
+from chatobs.recorders._base import Recorder, guarded
+
+__all__ = ["BudgetRecorder"]
+
+
+class BudgetRecorder(Recorder):
+    """Recording helpers for tenant budgets (``tenant`` is bounded: see ``CHATOBS_TENANTS``).
+
+    Example::
+
+        budgets = telemetry.budgets
+        budgets.tokens("acme", allowed=100_000, used=41_200)
+        budgets.token_overrun("acme")
+    """
+
+    @guarded("tenant_budget_tokens_used")
+    def tokens(self, tenant: str, *, allowed: int, used: int) -> None:
+        self._set("tenant_budget_tokens_allowed", allowed, tenant)
+        self._set("tenant_budget_tokens_used", used, tenant)
+
+    @guarded("tenant_budget_messages_used")
+    def messages(self, tenant: str, *, allowed: int, used: int) -> None:
+        self._set("tenant_budget_messages_allowed", allowed, tenant)
+        self._set("tenant_budget_messages_used", used, tenant)
+
+    @guarded("tenant_budget_tokens_overruns_total")
+    def token_overrun(self, tenant: str) -> None:
+        self._add("tenant_budget_tokens_overruns_total", 1, tenant)
+
+    @guarded("tenant_budget_messages_overruns_total")
+    def message_overrun(self, tenant: str) -> None:
+        self._add("tenant_budget_messages_overruns_total", 1, tenant)

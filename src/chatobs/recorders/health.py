@@ -1,0 +1,25 @@
+"""Health checks and tool calls."""
+
+from __future__ import annotations
+
+from chatobs.recorders._base import Recorder, guarded
+
+__all__ = ["HealthRecorder", "ToolRecorder"]
+
+
+class HealthRecorder(Recorder):
+    """Example: ``telemetry.health.check("postgres", ok=True)``."""
+
+    @guarded("health_checks_total")
+    def check(self, component: str, *, ok: bool) -> None:
+        self._add("health_checks_total", 1, component, "ok" if ok else "fail")
+
+
+class ToolRecorder(Recorder):
+    """Example: ``telemetry.tools.call("calculator", "success", seconds=0.004)``."""
+
+    @guarded("tool_calls_total")
+    def call(self, tool: str, result: str, *, seconds: float) -> None:
+        """One tool call (``result``: success, error, timeout, rejected)."""
+        self._add("tool_calls_total", 1, tool, result)
+        self._observe("tool_call_seconds", seconds, tool)

@@ -1,0 +1,302 @@
+"""Configuration from environment variables, validated at start-up.
+
+Two models, read by pydantic-settings (chosen over hand-written ``os.environ``
+parsing because it gives typed fields, defaults and per-field errors, and it
+documents itself for the README's configuration table):
+
+* :class:`OtelSettings`: the standard ``OTEL_*`` variables the SDK specification
+  defines, with the same names and meanings;
+* :class:`ChatobsSettings`: this project's own settings, all under ``CHATOBS_``.
+
+:func:`load_settings` reads both from a mapping (``os.environ`` by default) and
+turns every validation problem into one :class:`ConfigError` that names the
+variables at fault, so a service stops with a message an operator can act on.
+
+Example::
+
+    >>> settings = load_settings({"CHATOBS_METRICS_PORT": "9464"})
+    >>> settings.chatobs.metrics_port
+    9464
+    >>> load_settings({"CHATOBS_METRICS_PORT": "abc"})
+    Traceback (most recent call last):
+    ...
+    chatobs.settings.ConfigError: CHATOBS_METRICS_PORT='abc': Input should be a valid integer, ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote
+
+from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from chatobs.catalogue import OVERFLOW_VALUE, SERVICES
+
+__all__ = [
+    "CHATOBS_PREFIX",
+    "ChatobsSettings",
+    "ConfigError",
+    "OtelSettings",
+    "Settings",
+    "load_settings",
+    "settings_table",
+]
+
+CHATOBS_PREFIX = "CHATOBS_"
+
+MetricsExporter = Literal["prometheus", "otlp", "console", "none"]
+TracesExporter = Literal["otlp", "console", "none"]
+OtlpProtocol = Literal["grpc", "http/protobuf"]
+ExemplarFilter = Literal["always_on", "always_off", "trace_based"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed. ``variables`` lists the variable names at fault."""
+
+    def __init__(self, problems: Mapping[str, str]):
+        self.variables = tuple(problems)
+        super().__init__("; ".join(f"{name}{problem}" for name, problem in problems.items()))
+
+
+def _split_csv(value: object) -> object:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``; other types pass through to pydantic."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+CsvList = Annotated[tuple[str, ...], NoDecode]
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    """Parse the ``key1=value1,key2=value2`` format of ``OTEL_RESOURCE_ATTRIBUTES`` and
+    ``OTEL_EXPORTER_OTLP_HEADERS`` (values percent-decoded). Raises ``ValueError`` on a
+    member without ``=`` or with an empty key."""
+    pairs: dict[str, str] = {}
+    for member in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = member.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value pairs separated by commas, got {member!r}")
+        pairs[unquote(key.strip())] = unquote(value.strip())
+    return pairs
+
+
+class OtelSettings(BaseSettings):
+    """Standard OpenTelemetry SDK variables (see the OpenTelemetry specification)."""
+
+    model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore", frozen=True)
+
+    sdk_disabled: bool = Field(False, description="`true` turns every signal into a no-op.")
+    service_name: str | None = Field(None, description="`service.name` resource attribute; default: the service role.")
+    resource_attributes: str = Field("", description="Extra resource attributes, `key=value,key2=value2`.")
+    metrics_exporter: CsvList = Field(
+        ("prometheus",),
+        description="Comma list of `prometheus` (serve `/metrics`), `otlp` (push), `console`, or `none`.",
+    )
+    traces_exporter: CsvList = Field(
+        ("none",),
+        description="`otlp`, `console` or `none`. Default `none`: spans still exist (exemplars, log "
+        "correlation) but are not shipped until a collector is configured.",
+    )
+    exporter_otlp_endpoint: AnyHttpUrl | None = Field(None, description="Base URL of the OTLP receiver.")
+    exporter_otlp_protocol: OtlpProtocol = Field("http/protobuf", description="`http/protobuf` or `grpc`.")
+    exporter_otlp_headers: str = Field("", description="Headers sent with OTLP requests, `key=value,...`.")
+    exporter_otlp_metrics_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP metrics URL (overrides).")
+    exporter_otlp_metrics_protocol: OtlpProtocol | None = Field(None, description="Protocol for metrics (overrides).")
+    exporter_otlp_traces_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP traces URL (overrides).")
+    exporter_otlp_traces_protocol: OtlpProtocol | None = Field(None, description="Protocol for traces (overrides).")
+    metric_export_interval: int = Field(60_000, gt=0, description="Milliseconds between OTLP metric pushes.")
+    metric_export_timeout: int = Field(30_000, gt=0, description="Milliseconds allowed for one OTLP metric push.")
+    metrics_exemplar_filter: ExemplarFilter = Field(
+        "trace_based", description="Which measurements may become exemplars: `trace_based`, `always_on`, `always_off`."
+    )
+
+    @field_validator("metrics_exporter", "traces_exporter", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("metrics_exporter")
+    @classmethod
+    def _known_metrics_exporters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_exporters(value, ("prometheus", "otlp", "console", "none"))
+
+    @field_validator("traces_exporter")
+    @classmethod
+    def _known_traces_exporters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_exporters(value, ("otlp", "console", "none"))
+
+    @field_validator("resource_attributes", "exporter_otlp_headers")
+    @classmethod
+    def _key_values(cls, value: str) -> str:
+        parse_key_values(value)
+        return value
+
+    @property
+    def resource_attribute_map(self) -> dict[str, str]:
+        return parse_key_values(self.resource_attributes)
+
+    @property
+    def otlp_headers(self) -> dict[str, str]:
+        return parse_key_values(self.exporter_otlp_headers)
+
+
+def _check_exporters(value: tuple[str, ...], known: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(name.lower() for name in value) or ("none",)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown exporter {', '.join(map(repr, unknown))}; expected a comma list of {', '.join(known)}"
+        )
+    if "none" in names and len(names) > 1:
+        raise ValueError("`none` cannot be combined with other exporters")
+    return () if names == ("none",) else names
+
+
+class ChatobsSettings(BaseSettings):
+    """This project's own settings, every variable prefixed ``CHATOBS_``."""
+
+    model_config = SettingsConfigDict(env_prefix=CHATOBS_PREFIX, extra="ignore", frozen=True)
+
+    service: str | None = Field(
+        None,
+        description=f"Service role ({', '.join(SERVICES)}): which catalogue metrics the service declares. "
+        "`setup(service=...)` takes precedence; the zero-code path needs this variable.",
+    )
+    metrics_path: str = Field("/metrics", description="Path of the Prometheus scrape endpoint.")
+    metrics_host: str = Field("0.0.0.0", description="Bind address of the standalone metrics server.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the standalone metrics server, for services without an HTTP app (0: any free port).",
+    )  # fmt: skip
+    scrape_timeout_seconds: float = Field(5.0, gt=0, le=120, description="Longest time one scrape may collect for.")
+    expose_target_info: bool = Field(
+        True, description="Expose the `target_info` family carrying the resource attributes."
+    )
+    expose_scope_labels: bool = Field(
+        False, description="Add `otel_scope_name`/`otel_scope_version` labels to every series."
+    )
+    expose_uncatalogued: bool = Field(
+        False, description="Also expose instruments that are not in the catalogue (names translated)."
+    )
+    process_metrics: bool = Field(True, description="Report process CPU, memory, open fds and data-dir disk free.")
+    data_dir: Path = Field(Path("."), description="Directory whose file system `data_dir_free_bytes` reports.")
+    message_sources: CsvList = Field(
+        ("web", "api", "cli"), description="Allowed values of the `source` label of `chat_messages_in_total`."
+    )
+    llm_models: CsvList = Field((), description="Allowed `model` label values (empty: first N seen).")
+    llm_providers: CsvList = Field((), description="Allowed `provider` label values (empty: first N seen).")
+    tools: CsvList = Field((), description="Allowed `tool` label values (empty: first N seen).")
+    tenants: CsvList = Field((), description="Allowed `tenant` label values (empty: first N seen).")
+    max_label_values: int = Field(
+        50, ge=1, le=10_000, description="N: distinct values admitted for a label whose allowed list is empty."
+    )
+
+    @field_validator("message_sources", "llm_models", "llm_providers", "tools", "tenants", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("service")
+    @classmethod
+    def _known_service(cls, value: str | None) -> str | None:
+        if value is not None and value not in SERVICES:
+            raise ValueError(f"unknown service role {value!r}; expected one of {', '.join(SERVICES)}")
+        return value
+
+    @field_validator("metrics_path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+    @field_validator("message_sources", "llm_models", "llm_providers", "tools", "tenants")
+    @classmethod
+    def _overflow_is_reserved(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # `other` is the overflow value: allowing it explicitly would hide overflow.
+        if OVERFLOW_VALUE in value:
+            raise ValueError(f"{OVERFLOW_VALUE!r} is reserved for values outside the list")
+        return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Both settings models, as :func:`load_settings` returns them."""
+
+    otel: OtelSettings
+    chatobs: ChatobsSettings
+
+    def with_service(self, service: str) -> Settings:
+        """A copy whose service role is ``service`` (validated like ``CHATOBS_SERVICE``)."""
+        if service not in SERVICES:
+            raise ConfigError({"service": f"={service!r}: unknown service role; expected one of {', '.join(SERVICES)}"})
+        return Settings(self.otel, self.chatobs.model_copy(update={"service": service}))
+
+
+def _env_name(model: type[BaseSettings], field: str) -> str:
+    return f"{model.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _errors(model: type[BaseSettings], env: Mapping[str, str], exc: ValidationError) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = _env_name(model, field) if field in model.model_fields else model.__name__
+        shown = f"={env[name]!r}" if name in env else ""
+        problems[name] = f"{shown}: {error['msg']}"
+    return problems
+
+
+def _unknown_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """Catch typos such as ``CHATOBS_METRIC_PORT``: a prefixed variable that nothing reads."""
+    known = {_env_name(ChatobsSettings, field) for field in ChatobsSettings.model_fields}
+    problems = {}
+    for name in env:
+        if name.startswith(CHATOBS_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems[name] = f": unknown variable{hint}"
+    return problems
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting from ``env`` (default ``os.environ``).
+
+    Raises :class:`ConfigError` naming each bad variable, all at once.
+    """
+    env = dict(os.environ if env is None else env)
+    problems = _unknown_variables(env)
+    loaded: dict[type[BaseSettings], Any] = {}
+    for model in (OtelSettings, ChatobsSettings):
+        values = {field: env[_env_name(model, field)] for field in model.model_fields if _env_name(model, field) in env}
+        try:
+            # Pass values explicitly (not via the env source) so a test's mapping is
+            # the whole truth and os.environ cannot leak in.
+            loaded[model] = model.model_validate(values)
+        except ValidationError as exc:
+            problems.update(_errors(model, env, exc))
+    if problems:
+        raise ConfigError(problems)
+    return Settings(loaded[OtelSettings], loaded[ChatobsSettings])
+
+
+def settings_table() -> str:
+    """A Markdown table of every variable, its default and meaning (for the README)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for model in (OtelSettings, ChatobsSettings):
+        for field, info in model.model_fields.items():
+            default = info.default
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            elif isinstance(default, bool):
+                default = str(default).lower()
+            shown = "" if default in (None, "", ()) else f"`{default}`"
+            rows.append(f"| `{_env_name(model, field)}` | {shown} | {info.description or ''} |")
+    return "\n".join(rows) + "\n"

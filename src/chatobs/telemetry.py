@@ -1,0 +1,262 @@
+"""The per-service handle (:class:`Telemetry`) and the one-call bootstrap (:func:`setup`).
+
+Example::
+
+    from fastapi import FastAPI
+    import chatobs
+
+    app = FastAPI()
+    telemetry = chatobs.setup(service="gateway", app=app)   # /metrics is live
+    telemetry.traffic.message_in(role="user", source="web")
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.trace import NoOpTracerProvider
+
+from chatobs.exposition import Renderer, ScrapeReader, scrape_response
+from chatobs.instruments import Instruments, views
+from chatobs.labels import LabelPolicy
+from chatobs.process import register_process_metrics
+from chatobs.provider import build_metric_readers, build_resource, build_tracer_provider
+from chatobs.recorders import (
+    BacklogRecorder,
+    BudgetRecorder,
+    HealthRecorder,
+    LLMRecorder,
+    SomabrainRecorder,
+    ToolRecorder,
+    TrafficRecorder,
+)
+from chatobs.server import MetricsServer, mount_metrics_route
+from chatobs.settings import ConfigError, Settings, load_settings
+from chatobs.version import __version__
+
+__all__ = ["Telemetry", "current", "setup"]
+
+_logger = logging.getLogger("chatobs")
+
+#: Instrumentation scope of the catalogue instruments.
+SCOPE_NAME = "chatobs"
+
+_EXEMPLAR_FILTERS = {
+    "always_on": AlwaysOnExemplarFilter,
+    "always_off": AlwaysOffExemplarFilter,
+    "trace_based": TraceBasedExemplarFilter,
+}
+
+
+class Telemetry:
+    """Metrics and traces of one service, built from validated settings.
+
+    Build one directly in tests (``set_global=False`` leaves the process-wide
+    providers alone); services call :func:`setup`, which builds one per process.
+
+    Attributes:
+        traffic, llm, somabrain, backlog, budgets, health, tools: the typed recorders.
+        meter_provider, tracer_provider: the SDK providers (for instrumentations).
+
+    Example::
+
+        telemetry = Telemetry(load_settings(env), service="worker")
+        telemetry.llm.request("m", "p")
+        status, headers, body = telemetry.scrape("application/openmetrics-text", None)
+        telemetry.shutdown()
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        service: str | None = None,
+        set_global: bool = False,
+        metric_readers: Sequence[MetricReader] = (),
+        span_processors: Iterable[SpanProcessor] = (),
+    ):
+        role = service or settings.chatobs.service
+        if role is None:
+            raise ConfigError({"CHATOBS_SERVICE": ": not set; set it or pass setup(service=...)"})
+        self.settings = settings.with_service(role)
+        self.service = role
+        self.disabled = settings.otel.sdk_disabled
+        self._servers: list[MetricsServer] = []
+        self._mounted: set[int] = set()
+        self._shutdown_lock = threading.Lock()
+        self._is_shut_down = False
+        options = self.settings.chatobs
+
+        self.scrape_reader: ScrapeReader | None = None
+        if self.disabled:
+            self.meter_provider: Any = NoOpMeterProvider()
+            self.tracer_provider: Any = NoOpTracerProvider()
+        else:
+            readers = list(metric_readers) + build_metric_readers(self.settings)
+            if "prometheus" in settings.otel.metrics_exporter:
+                self.scrape_reader = ScrapeReader()
+                readers.append(self.scrape_reader)
+            resource = build_resource(self.settings, role)
+            self.meter_provider = MeterProvider(
+                metric_readers=readers,
+                resource=resource,
+                views=views(),
+                exemplar_filter=_EXEMPLAR_FILTERS[settings.otel.metrics_exemplar_filter](),
+                shutdown_on_exit=False,  # shutdown() below, or the atexit hook setup() installs
+            )
+            self.tracer_provider = build_tracer_provider(self.settings, resource)
+            for processor in span_processors:
+                self.tracer_provider.add_span_processor(processor)
+        self._renderer = Renderer(
+            role,
+            target_info=options.expose_target_info,
+            scope_labels=options.expose_scope_labels,
+            uncatalogued=options.expose_uncatalogued,
+        )
+
+        self.instruments = Instruments(self.meter_provider.get_meter(SCOPE_NAME, __version__))
+        self.labels = LabelPolicy(options, on_reject=self._label_rejected)
+        self._rejections = self.instruments["chatobs_label_rejections_total"]
+        self._recording_errors = self.instruments["chatobs_recording_errors_total"]
+        self._logged_errors: set[str] = set()
+        recorder_args = (self.instruments, self.labels, self._recording_failed)
+        self.traffic = TrafficRecorder(*recorder_args)
+        self.llm = LLMRecorder(*recorder_args)
+        self.somabrain = SomabrainRecorder(*recorder_args)
+        self.backlog = BacklogRecorder(*recorder_args)
+        self.budgets = BudgetRecorder(*recorder_args)
+        self.health = HealthRecorder(*recorder_args)
+        self.tools = ToolRecorder(*recorder_args)
+        if options.process_metrics:
+            register_process_metrics(self.instruments, options.data_dir)
+
+        if set_global and not self.disabled:
+            metrics.set_meter_provider(self.meter_provider)
+            trace.set_tracer_provider(self.tracer_provider)
+            if metrics.get_meter_provider() is not self.meter_provider:
+                _logger.warning("chatobs: another MeterProvider was already global; instrumentations will use it")
+
+    # -- self-metrics ----------------------------------------------------------
+    def _label_rejected(self, metric_name: str, label_name: str) -> None:
+        # Both values are catalogue names, so this cannot itself overflow.
+        self._rejections.add(1, {"metric": metric_name, "label": label_name})
+
+    def _recording_failed(self, metric_name: str, exc: BaseException) -> None:
+        try:
+            self._recording_errors.add(1, {"metric": metric_name})
+            if metric_name not in self._logged_errors:  # once per metric: no log floods
+                self._logged_errors.add(metric_name)
+                _logger.warning("chatobs: recording %s failed: %r (further failures counted only)", metric_name, exc)
+        except Exception:  # noqa: BLE001, S110 - the error path itself must not raise either
+            pass
+
+    # -- exposition --------------------------------------------------------------
+    def scrape(
+        self, accept: str | None = None, accept_encoding: str | None = None
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One scrape: ``(status, headers, body)``, negotiated from the request headers."""
+        if self.scrape_reader is None:
+            # Prometheus export is off (OTEL_METRICS_EXPORTER) or the SDK is disabled.
+            return 404, {"Content-Type": "text/plain; charset=utf-8"}, b"Prometheus export is disabled\n"
+        return scrape_response(
+            self.scrape_reader, self._renderer, accept, accept_encoding, self.settings.chatobs.scrape_timeout_seconds
+        )
+
+    def mount(self, app: Any) -> None:
+        """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent)."""
+        if id(app) in self._mounted:
+            return
+        mount_metrics_route(app, self.settings.chatobs.metrics_path, self.scrape)
+        self._mounted.add(id(app))
+
+    def serve(self, port: int | None = None, host: str | None = None) -> MetricsServer:
+        """Start a standalone metrics server (default: ``CHATOBS_METRICS_HOST``/``_PORT``)."""
+        options = self.settings.chatobs
+        port = options.metrics_port if port is None else port
+        if port is None:
+            raise ConfigError({"CHATOBS_METRICS_PORT": ": not set; a service without an HTTP app needs it"})
+        server = MetricsServer(self.scrape, host=host or options.metrics_host, port=port, path=options.metrics_path)
+        self._servers.append(server)
+        _logger.info("chatobs: %s metrics at %s", self.service, server.url)
+        return server
+
+    # -- lifecycle -----------------------------------------------------------------
+    def force_flush(self, timeout_millis: int = 10_000) -> bool:
+        """Push whatever the push exporters hold (OTLP metrics, batched spans)."""
+        if self.disabled:
+            return True
+        ok = self.meter_provider.force_flush(timeout_millis)
+        return bool(self.tracer_provider.force_flush(timeout_millis)) and bool(ok)
+
+    def shutdown(self, timeout_millis: int = 10_000) -> None:
+        """Flush and stop: push exporters send their last data, servers close. Idempotent."""
+        with self._shutdown_lock:
+            if self._is_shut_down:
+                return
+            self._is_shut_down = True
+        for server in self._servers:
+            server.stop()
+        if not self.disabled:
+            self.tracer_provider.shutdown()
+            self.meter_provider.shutdown(timeout_millis=timeout_millis)
+
+
+_setup_lock = threading.Lock()
+_current: Telemetry | None = None
+
+
+def setup(service: str | None = None, app: Any = None, *, env: Mapping[str, str] | None = None) -> Telemetry:
+    """Bootstrap this process's telemetry from the environment; idempotent.
+
+    The first call validates every setting (raising :class:`ConfigError` naming
+    any bad variable), builds the providers, makes them global so that
+    OpenTelemetry instrumentations use them, and starts the standalone metrics
+    server when ``CHATOBS_METRICS_PORT`` is set. Later calls return the same
+    handle; passing ``app`` mounts ``/metrics`` on it.
+
+    Example::
+
+        app = FastAPI()
+        telemetry = chatobs.setup(service="gateway", app=app)
+
+        # a worker without HTTP, CHATOBS_METRICS_PORT=9464:
+        telemetry = chatobs.setup(service="worker")
+    """
+    global _current
+    with _setup_lock:
+        if _current is None:
+            settings = load_settings(env)
+            telemetry = Telemetry(settings, service=service, set_global=True)
+            if settings.chatobs.metrics_port is not None and telemetry.scrape_reader is not None:
+                telemetry.serve()
+            elif app is None and telemetry.scrape_reader is not None:
+                _logger.warning(
+                    "chatobs: no app given and CHATOBS_METRICS_PORT unset: nothing serves /metrics "
+                    "until telemetry.mount(app) or telemetry.serve() is called"
+                )
+            atexit.register(telemetry.shutdown)
+            _current = telemetry
+        elif service is not None and service != _current.service:
+            _logger.warning("chatobs: setup(service=%r) ignored: already set up as %r", service, _current.service)
+        if app is not None:
+            _current.mount(app)
+        return _current
+
+
+def current() -> Telemetry | None:
+    """The handle :func:`setup` built in this process, if any."""
+    return _current

@@ -1,0 +1,180 @@
+"""Bootstrap and shutdown as a deployed service sees them: real processes, real sockets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from chatobs import catalogue
+from chatobs.cli import main
+from tests.conftest import ROOT, clean_env, free_port, wait_for
+from tests.otlp_receiver import OtlpReceiver
+
+
+@pytest.fixture
+def receiver():
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.apps.worker_main"],
+        env=clean_env(env),
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_standalone_server_and_setup_twice_is_harmless():
+    port = free_port()
+    process = start_worker({"CHATOBS_METRICS_PORT": str(port), "CHATOBS_METRICS_HOST": "127.0.0.1"})
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for(url, process)
+        text = httpx.get(url, timeout=5).text
+        assert text.count("# TYPE llm_requests_total counter") == 1
+        assert 'llm_requests_total{model="sim",provider="simulator",mode="normal"} 2' in text
+        assert httpx.get(f"http://127.0.0.1:{port}/other", timeout=5).status_code == 404
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert process.returncode == 0, process.stderr.read() if process.stderr else ""
+
+
+def test_shutdown_flushes_otlp_push_with_the_same_names_and_buckets(receiver):
+    port = free_port()
+    process = start_worker(
+        {
+            "CHATOBS_METRICS_PORT": str(port),
+            "OTEL_METRICS_EXPORTER": "prometheus,otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "3600000",  # never during the test: only shutdown can push
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+        }
+    )
+    wait_for(f"http://127.0.0.1:{port}/metrics", process)
+    assert not receiver.received.is_set()
+    process.terminate()
+    process.wait(timeout=20)
+    assert receiver.received.wait(5), "shutdown did not flush the OTLP exporter"
+    pushed = receiver.metrics()
+    requests = pushed["llm_requests_total"]
+    assert sum(point.as_int for point in requests.sum.data_points) == 2
+    assert receiver.resource_attributes()["deployment.environment"] == "test"
+    assert receiver.resource_attributes()["service.name"] == "worker"
+    cpu = pushed["process_cpu_seconds_total"]
+    assert cpu.sum.is_monotonic
+
+
+def test_unreachable_otlp_endpoint_does_not_block_scrapes():
+    port = free_port()
+    process = start_worker(
+        {
+            "CHATOBS_METRICS_PORT": str(port),
+            "OTEL_METRICS_EXPORTER": "prometheus,otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens
+            "OTEL_METRIC_EXPORT_INTERVAL": "200",
+        }
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for(url, process)
+        for _ in range(5):
+            assert httpx.get(url, timeout=1).status_code == 200
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_zero_code_path_gives_the_same_metrics_route(start_service):
+    port = free_port()
+    command = [
+        str(ROOT / ".venv/bin/opentelemetry-instrument")
+        if (ROOT / ".venv/bin").exists()
+        else "opentelemetry-instrument",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.apps.plain_app:app",
+        "--port",
+        str(port),
+    ]
+    service = start_service(
+        {"CHATOBS_SERVICE": "gateway", "OTEL_PYTHON_DISTRO": "chatobs", "OTEL_PYTHON_CONFIGURATOR": "chatobs"},
+        command=command,
+        port=port,
+    )
+    assert httpx.get(service.base_url + "/hello", timeout=5).json() == {"hello": "world"}
+    text = service.scrape().text
+    for metric in catalogue.for_service("gateway"):
+        assert f"# TYPE {metric.name} {metric.prometheus_type}\n" in text
+
+
+def test_check_passes_a_conforming_endpoint(start_service, capsys):
+    service = start_service({"CHATOBS_SERVICE": "worker"})
+    httpx.post(service.base_url + "/exercise", timeout=10).raise_for_status()
+    assert main(["check", "--quiet-missing", service.base_url + "/metrics"]) == 0, capsys.readouterr().out
+
+
+BAD_EXPOSITION = """\
+# HELP llm_latency_seconds LLM call duration.
+# TYPE llm_latency_seconds histogram
+llm_latency_seconds_bucket{model="m",provider="p",mode="warp",le="1.0"} 1
+llm_latency_seconds_bucket{model="m",provider="p",mode="warp",le="+Inf"} 1
+llm_latency_seconds_count{model="m",provider="p",mode="warp"} 1
+llm_latency_seconds_sum{model="m",provider="p",mode="warp"} 0.5
+# HELP somabrain_calls_total Somabrain calls.
+# TYPE somabrain_calls_total gauge
+somabrain_calls_total{result="success",pod="a"} 1
+# HELP http_requests_total Not ours.
+# TYPE http_requests_total counter
+http_requests_total 3
+"""
+
+
+@pytest.fixture
+def bad_endpoint():
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = BAD_EXPOSITION.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    server.shutdown()
+
+
+def test_check_reports_each_violation_and_fails(bad_endpoint, capsys):
+    assert main(["check", "--quiet-missing", bad_endpoint]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    for expected in (
+        "buckets",
+        "warp",
+        "TYPE gauge, catalogue says counter",
+        "pod",
+        "not in the catalogue",
+        "violation(s)",
+    ):
+        assert expected in out, expected
+
+
+def test_check_fails_on_an_unreachable_endpoint(capsys):
+    assert main(["check", f"http://127.0.0.1:{free_port()}/metrics"]) == 1
+    assert "scrape failed" in " ".join(capsys.readouterr().out.split())

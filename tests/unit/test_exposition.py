@@ -1,0 +1,177 @@
+"""In-process pipelines (fresh providers per test), asserting on the rendered scrape."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from chatobs import Telemetry, load_settings
+from chatobs.exposition import negotiate_openmetrics
+
+
+def build(role: str = "worker", **env: str) -> Telemetry:
+    return Telemetry(load_settings(env), service=role)
+
+
+def scrape(telemetry: Telemetry, accept: str | None = None) -> str:
+    status, _, body = telemetry.scrape(accept, None)
+    assert status == 200
+    return body.decode()
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in parse_text(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def test_unlabelled_metrics_show_zero_before_any_event():
+    text = scrape(build("worker"))
+    assert "somabrain_bypass_total 0\n" in text
+    assert 'context_build_seconds_bucket{le="+Inf"} 0\n' in text
+    assert "# TYPE llm_requests_total counter\n" in text  # labelled: declared, no series yet
+
+
+def test_counter_values_and_histogram_buckets_are_cumulative():
+    telemetry = build("worker")
+    for seconds in (0.04, 0.3, 0.3, 7.0, 25.0):
+        telemetry.llm.latency(seconds, "m", "p", "normal")
+    buckets = {
+        dict(labels)["le"]: value for labels, value in samples(scrape(telemetry), "llm_latency_seconds_bucket").items()
+    }
+    assert buckets == {
+        "0.05": 1,
+        "0.1": 1,
+        "0.25": 1,
+        "0.5": 3,
+        "1.0": 3,
+        "2.0": 3,
+        "5.0": 3,
+        "10.0": 4,
+        "20.0": 4,
+        "+Inf": 5,
+    }
+
+
+def test_first_seen_values_are_admitted_up_to_the_limit_then_other():
+    telemetry = build("worker", CHATOBS_MAX_LABEL_VALUES="2")
+    for model in ("a", "b", "c", "d", "a"):
+        telemetry.llm.request(model, "p")
+    text = scrape(telemetry)
+    models = {dict(labels)["model"]: value for labels, value in samples(text, "llm_requests_total").items()}
+    assert models == {"a": 2, "b": 1, "other": 2}
+    assert 'chatobs_label_rejections_total{metric="llm_requests_total",label="model"} 2' in text
+
+
+def test_configured_values_are_the_only_ones_admitted():
+    telemetry = build("worker", CHATOBS_TENANTS="acme,globex")
+    telemetry.budgets.token_overrun("acme")
+    telemetry.budgets.token_overrun("initech")
+    tenants = {dict(k)["tenant"] for k in samples(scrape(telemetry), "tenant_budget_tokens_overruns_total")}
+    assert tenants == {"acme", "other"}
+
+
+def test_recording_never_raises_and_failures_are_counted():
+    telemetry = build("worker")
+    telemetry.llm.latency("slow", "m", "p")  # type: ignore[arg-type]
+    telemetry.llm.tokens("m", "p", prompt=None, completion=3)  # type: ignore[arg-type]
+    telemetry.traffic.message_in(role=object(), source="web")  # type: ignore[arg-type]
+    text = scrape(telemetry)
+    assert 'chatobs_recording_errors_total{metric="llm_latency_seconds"} 1' in text
+    assert 'chatobs_recording_errors_total{metric="llm_tokens_total"} 1' in text
+    assert 'chat_messages_in_total{role="other",source="web"} 1' in text
+
+
+def test_exemplars_carry_the_trace_id_in_openmetrics_only():
+    telemetry = build("worker", OTEL_METRICS_EXEMPLAR_FILTER="trace_based")
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("turn") as span:
+        telemetry.somabrain.context_build(0.2)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    om = scrape(telemetry, "application/openmetrics-text")
+    bucket = next(
+        s
+        for f in parse_openmetrics(om)
+        for s in f.samples
+        if s.name == "context_build_seconds_bucket" and s.labels["le"] == "0.25"
+    )
+    assert bucket.exemplar is not None
+    assert bucket.exemplar.labels["trace_id"] == trace_id
+    assert bucket.exemplar.value == pytest.approx(0.2)
+    assert trace_id not in scrape(telemetry)  # the classic text format has no exemplars
+
+
+def test_target_info_and_scope_labels_follow_the_settings():
+    default = scrape(build("gateway", OTEL_SERVICE_NAME="gw-eu-1"))
+    assert 'service_name="gw-eu-1"' in default and "target_info{" in default
+    assert "otel_scope_name" not in default
+    flipped = build("gateway", CHATOBS_EXPOSE_TARGET_INFO="false", CHATOBS_EXPOSE_SCOPE_LABELS="true")
+    flipped.traffic.message_in("user", "web")
+    text = scrape(flipped)
+    assert "target_info" not in text
+    assert 'chat_messages_in_total{role="user",source="web",otel_scope_name="chatobs",otel_scope_version=' in text
+    list(parse_text(text))
+
+
+def test_resource_attributes_reach_target_info():
+    text = scrape(build("gateway", OTEL_RESOURCE_ATTRIBUTES="deployment.environment=staging"))
+    assert 'deployment_environment="staging"' in text
+
+
+def test_label_values_are_escaped():
+    telemetry = build("worker")
+    telemetry.llm.request('gpt "4"\\\n', "p")
+    text = scrape(telemetry, "application/openmetrics-text")
+    [family] = [f for f in parse_openmetrics(text) if f.name == "llm_requests"]
+    assert family.samples[0].labels["model"] == 'gpt "4"\\\n'
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        (None, False),
+        ("text/plain", False),
+        ("*/*", False),
+        ("application/openmetrics-text", True),
+        (
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+            "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            True,
+        ),
+        ("application/openmetrics-text;q=0.2,text/plain;q=0.9", False),
+        ("application/openmetrics-text;q=0", False),
+    ],
+)
+def test_content_negotiation(accept, openmetrics):
+    assert negotiate_openmetrics(accept) is openmetrics
+
+
+def test_gzip_body_and_headers():
+    telemetry = build("gateway")
+    _, headers, body = telemetry.scrape("text/plain", "deflate, gzip;q=0.8")
+    assert headers["Content-Encoding"] == "gzip"
+    assert b"# TYPE chat_messages_in_total counter" in gzip.decompress(body)
+    _, headers, _ = telemetry.scrape("text/plain", "gzip;q=0")
+    assert "Content-Encoding" not in headers
+
+
+def test_sdk_disabled_records_nothing_and_raises_nothing():
+    telemetry = build("worker", OTEL_SDK_DISABLED="true")
+    telemetry.llm.request("m", "p")
+    telemetry.backlog.outbox_pending(3)
+    status, _, _ = telemetry.scrape()
+    assert status == 404
+    telemetry.shutdown()
+
+
+def test_prometheus_export_off_means_no_scrape():
+    telemetry = build("worker", OTEL_METRICS_EXPORTER="none")
+    telemetry.llm.request("m", "p")
+    assert telemetry.scrape()[0] == 404

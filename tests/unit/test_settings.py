@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+
+from chatobs.settings import ConfigError, load_settings
+
+
+def test_defaults_need_no_environment():
+    settings = load_settings({})
+    assert settings.otel.metrics_exporter == ("prometheus",)
+    assert settings.otel.traces_exporter == ()
+    assert settings.chatobs.metrics_path == "/metrics"
+    assert settings.chatobs.expose_scope_labels is False
+
+
+def test_values_are_parsed():
+    settings = load_settings(
+        {
+            "OTEL_METRICS_EXPORTER": "prometheus, otlp",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=chat%20ops",
+            "CHATOBS_LLM_MODELS": "gpt-4o, sim-large",
+            "CHATOBS_METRICS_PORT": "9464",
+        }
+    )
+    assert settings.otel.metrics_exporter == ("prometheus", "otlp")
+    assert settings.otel.resource_attribute_map == {"deployment.environment": "prod", "team": "chat ops"}
+    assert settings.chatobs.llm_models == ("gpt-4o", "sim-large")
+    assert settings.chatobs.metrics_port == 9464
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"CHATOBS_METRICS_PORT": "abc"}, "CHATOBS_METRICS_PORT"),
+        ({"CHATOBS_METRICS_PORT": "70000"}, "CHATOBS_METRICS_PORT"),
+        ({"CHATOBS_MAX_LABEL_VALUES": "0"}, "CHATOBS_MAX_LABEL_VALUES"),
+        ({"CHATOBS_METRICS_PATH": "metrics"}, "CHATOBS_METRICS_PATH"),
+        ({"CHATOBS_TENANTS": "acme,other"}, "CHATOBS_TENANTS"),
+        ({"CHATOBS_EXPOSE_TARGET_INFO": "perhaps"}, "CHATOBS_EXPOSE_TARGET_INFO"),
+        ({"OTEL_METRICS_EXPORTER": "prometheus,carrier-pigeon"}, "OTEL_METRICS_EXPORTER"),
+        ({"OTEL_METRICS_EXPORTER": "none,otlp"}, "OTEL_METRICS_EXPORTER"),
+        ({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_METRIC_EXPORT_INTERVAL": "abc"}, "OTEL_METRIC_EXPORT_INTERVAL"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "no-equals-sign"}, "OTEL_RESOURCE_ATTRIBUTES"),
+        ({"OTEL_METRICS_EXEMPLAR_FILTER": "sometimes"}, "OTEL_METRICS_EXEMPLAR_FILTER"),
+        ({"OTEL_SDK_DISABLED": "maybe"}, "OTEL_SDK_DISABLED"),
+    ],
+)
+def test_a_bad_value_is_an_error_naming_the_variable(env, variable):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert caught.value.variables == (variable,)
+    assert str(caught.value).startswith(variable)
+
+
+def test_a_misspelt_variable_is_reported_with_a_suggestion():
+    with pytest.raises(
+        ConfigError, match=r"CHATOBS_METRIC_PORT: unknown variable \(did you mean CHATOBS_METRICS_PORT\?\)"
+    ):
+        load_settings({"CHATOBS_METRIC_PORT": "9464"})
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CHATOBS_METRICS_PORT": "abc", "OTEL_METRICS_EXPORTER": "bogus"})
+    assert set(caught.value.variables) == {"CHATOBS_METRICS_PORT", "OTEL_METRICS_EXPORTER"}
