@@ -105,3 +105,30 @@ def promtool() -> str:
     if path is None:
         pytest.fail("promtool not found: install the Debian package `prometheus` (.ci/run does)")
     return path
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[dict[str, str]]:
+    """Redis, PostgreSQL and a Kafka-protocol broker for the whole session: the servers named by
+    REDIS_URL / DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS if set, else embedded ones started here."""
+    from chatobs.stack import LocalStack
+
+    with LocalStack.from_environment() as local:
+        yield local.environment
+
+
+@pytest.fixture
+def own_stack() -> Iterator[Callable[..., object]]:
+    """A private embedded stack a test may stop and restart (fault injection)."""
+    from chatobs.stack import LocalStack
+
+    stacks: list[LocalStack] = []
+
+    def start() -> LocalStack:
+        local = LocalStack({}).start()
+        stacks.append(local)
+        return local
+
+    yield start
+    for local in stacks:
+        local.stop()

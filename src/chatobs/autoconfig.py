@@ -38,8 +38,11 @@ class ChatobsDistro(BaseDistro):
 
     def _configure(self, **kwargs: Any) -> None:
         path = os.environ.get("CHATOBS_METRICS_PATH", "/metrics")
+        health = os.environ.get("CHATOBS_HEALTH_PATHS", "/health")
         # Scrapes and probes would otherwise dominate the HTTP server metrics and traces.
-        os.environ.setdefault("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", f"{path},/health")
+        os.environ.setdefault("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", f"{path},{health}")
+        # The catalogue names the stable HTTP metrics (seconds, `http.route`).
+        os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
 
 
 class ChatobsConfigurator:
@@ -48,7 +51,8 @@ class ChatobsConfigurator:
     def configure(self, **kwargs: Any) -> None:
         from chatobs.telemetry import setup
 
-        setup()
+        # opentelemetry-instrument loads the library instrumentors itself, right after this.
+        setup(instrument=False)
 
 
 def _mount_after_init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

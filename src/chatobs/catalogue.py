@@ -92,21 +92,32 @@ class Label:
     values for a deployment (models, providers, tenants...). When that setting
     is empty, the first ``CHATOBS_MAX_LABEL_VALUES`` distinct values seen are
     admitted. Anything outside the set is recorded as :data:`OVERFLOW_VALUE`.
+    ``bounded_by`` is for labels an instrumentation library sets: it says what
+    bounds them (route templates, status codes), and their values are not checked.
     """
 
     name: str
     values: tuple[str, ...] = ()
     setting: str | None = None
+    bounded_by: str | None = None
+    #: The OpenTelemetry attribute key when it differs from the Prometheus label name.
+    attribute: str | None = None
+
+    @property
+    def attribute_key(self) -> str:
+        return self.attribute or self.name
 
     def __post_init__(self) -> None:
-        if bool(self.values) == bool(self.setting):
-            raise ValueError(f"label {self.name!r}: give exactly one of values= or setting=")
+        if sum(map(bool, (self.values, self.setting, self.bounded_by))) != 1:
+            raise ValueError(f"label {self.name!r}: give exactly one of values=, setting= or bounded_by=")
 
     def describe(self) -> str:
         """Human-readable allowed values, for docs and CLI output."""
         if self.values:
             return ", ".join(self.values)
-        return f"from `CHATOBS_{self.setting.upper()}`"  # type: ignore[union-attr]
+        if self.setting:
+            return f"from `CHATOBS_{self.setting.upper()}`"
+        return f"bounded by {self.bounded_by}"
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,11 @@ _REDIS_OPERATIONS = (
     "subscribe", "xadd", "xread", "ping", "pipeline", "connect",
 )  # fmt: skip
 _KAFKA_OPERATIONS = ("produce", "consume", "commit", "connect", "metadata")
+_REDIS_USERS = frozenset({"gateway", "worker"})
+_KAFKA_USERS = frozenset({"worker", "publisher", "replicator", "tool_executor"})
+_POSTGRES_USERS = frozenset({"gateway", "publisher", "replicator"})
+_HTTP_METHOD = Label("http_request_method", bounded_by="known methods, else `_OTHER`", attribute="http.request.method")
+_HTTP_STATUS = Label("http_response_status_code", bounded_by="status codes", attribute="http.response.status_code")
 _POSTGRES_OPERATIONS = (
     "select", "insert", "update", "delete", "begin", "commit", "rollback", "copy", "execute", "connect",
 )  # fmt: skip
@@ -226,11 +242,39 @@ def latency(
 def backend_errors(backend: str, title: str, *, owners: frozenset[str], operations: tuple[str, ...]) -> Metric:
     return counter(
         f"{backend}_errors_total",
-        f"Failed {title} client operations.",
+        f"Failed {title} client operations, derived from the client instrumentation's spans.",
         unit="{error}",
         owners=owners,
         domain="backends",
         labels=(Label("operation", values=operations),),
+    )
+
+
+def backend_latency(backend: str, title: str, *, owners: frozenset[str], operations: tuple[str, ...]) -> Metric:
+    return latency(
+        f"{backend}_operation_seconds",
+        f"{title} client operation duration, derived from the client instrumentation's spans.",
+        owners=owners,
+        domain="backends",
+        labels=(Label("operation", values=operations),),
+    )
+
+
+def http_latency(
+    name: str, description: str, *, source: str, owners: frozenset[str], labels: tuple[Label, ...]
+) -> Metric:
+    """An HTTP duration histogram produced by an OpenTelemetry instrumentation (stable semconv)."""
+    return Metric(
+        name,
+        Kind.HISTOGRAM,
+        "s",
+        description,
+        owners,
+        "http",
+        labels,
+        buckets=LATENCY_BUCKETS,
+        bucket_set="latency",
+        source_instrument=source,
     )
 
 
@@ -408,18 +452,34 @@ CATALOGUE: tuple[Metric, ...] = (
         domain="backlog",
         labels=(Label("operation", values=("produce", "flush", "serialize")),),
     ),
-    backend_errors("redis", "Redis", owners=frozenset({"gateway", "worker"}), operations=_REDIS_OPERATIONS),
-    backend_errors(
-        "kafka",
-        "Kafka",
-        owners=frozenset({"worker", "publisher", "replicator", "tool_executor"}),
-        operations=_KAFKA_OPERATIONS,
+    backend_errors("redis", "Redis", owners=_REDIS_USERS, operations=_REDIS_OPERATIONS),
+    backend_errors("kafka", "Kafka", owners=_KAFKA_USERS, operations=_KAFKA_OPERATIONS),
+    backend_errors("postgres", "PostgreSQL", owners=_POSTGRES_USERS, operations=_POSTGRES_OPERATIONS),
+    # --- Backends and HTTP (from the instrumentation libraries) ------------------------------
+    backend_latency("redis", "Redis", owners=_REDIS_USERS, operations=_REDIS_OPERATIONS),
+    backend_latency("kafka", "Kafka", owners=_KAFKA_USERS, operations=_KAFKA_OPERATIONS),
+    backend_latency("postgres", "PostgreSQL", owners=_POSTGRES_USERS, operations=_POSTGRES_OPERATIONS),
+    http_latency(
+        "http_server_request_duration_seconds",
+        "Inbound HTTP request duration, by route template (the scrape and health paths excluded).",
+        source="http.server.request.duration",
+        owners=_GATEWAY,
+        labels=(
+            _HTTP_METHOD,
+            Label("http_route", bounded_by="the app's route templates", attribute="http.route"),
+            _HTTP_STATUS,
+        ),
     ),
-    backend_errors(
-        "postgres",
-        "PostgreSQL",
-        owners=frozenset({"gateway", "publisher", "replicator"}),
-        operations=_POSTGRES_OPERATIONS,
+    http_latency(
+        "http_client_request_duration_seconds",
+        "Outbound HTTP request duration (LLM provider, Somabrain), by server.",
+        source="http.client.request.duration",
+        owners=_LLM_CALLERS,
+        labels=(
+            _HTTP_METHOD,
+            Label("server_address", bounded_by="the configured upstream hosts", attribute="server.address"),
+            _HTTP_STATUS,
+        ),
     ),
     # --- Budgets / quotas ------------------------------------------------------------------
     gauge(

@@ -77,6 +77,8 @@ def _allowed(metric: Metric, label: catalogue.Label, settings: ChatobsSettings) 
     """The allowed values of ``label``, or ``None`` when any value may be admitted (first seen)."""
     if label.values:
         return allowed_fixed_values(metric, label) | {OVERFLOW_VALUE}
+    if label.bounded_by:
+        return None
     configured = getattr(settings, label.setting or "", ())
     return frozenset(configured) | {OVERFLOW_VALUE} if configured else None
 
@@ -102,9 +104,11 @@ def _check_family(family: ParsedFamily, settings: ChatobsSettings) -> FamilyResu
     if family.type != metric.prometheus_type:
         result.problems.append(f"TYPE {family.type}, catalogue says {metric.prometheus_type}")
     expected_keys = set(metric.label_names)
+    # Recorders always set every label; an instrumentation may leave one out (no route on a 404).
+    optional = {label.name for label in metric.labels if label.bounded_by}
     for sample in family.samples:
         keys = set(sample.labels) - {"le"} - _ALWAYS_ALLOWED_LABELS
-        if keys != expected_keys:
+        if not (expected_keys - optional <= keys <= expected_keys):
             result.problems.append(f"labels {sorted(keys)}, catalogue says {sorted(expected_keys)}")
             break
     for label in metric.labels:

@@ -5,6 +5,7 @@ Examples::
     chatobs catalogue --format md          # the metric catalogue as Markdown (or json)
     chatobs check http://127.0.0.1:8010/metrics http://127.0.0.1:9464/metrics
     chatobs docs --check                   # are docs/metrics.md and the README table current?
+    eval "$(chatobs stack up)" &           # Redis, PostgreSQL, Kafka protocol on loopback ports
     chatobs demo --duration 60             # the instrumented example service
 
 Commands that other packages provide (``demo`` comes from ``chatpipe``) are
@@ -87,6 +88,31 @@ def _cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stack(args: argparse.Namespace) -> int:
+    import shlex
+    import signal
+    import threading
+
+    from chatobs.stack import LocalStack
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stack = LocalStack.from_environment()
+    for name in stack.given:
+        print(f"using the given {name} server", file=sys.stderr)
+    try:
+        stack.start(progress=lambda message: print(f"started {message}", file=sys.stderr, flush=True))
+        for variable, value in stack.environment.items():
+            print(f"export {variable}={shlex.quote(value)}", flush=True)
+        print("# local stack is up; Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        stack.stop()
+        print("local stack stopped, data removed", file=sys.stderr, flush=True)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatobs", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     docs.add_argument("--root", default=".", help="repository root (default: current directory)")
     docs.add_argument("--check", action="store_true", help="exit 1 if a generated file is out of date")
     docs.set_defaults(run=_cmd_docs)
+
+    stack = commands.add_parser("stack", help="the embedded local stack (Redis, PostgreSQL, Kafka protocol)")
+    stack.add_argument("action", choices=("up",), help="up: start, print `export` lines, run until Ctrl-C")
+    stack.set_defaults(run=_cmd_stack)
 
     for entry_point in entry_points(group="chatobs.commands"):
         entry_point.load()(commands)

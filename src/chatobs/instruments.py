@@ -32,7 +32,7 @@ def views(metrics: Iterable[Metric] = CATALOGUE) -> list[View]:
             View(
                 instrument_name=metric.source_instrument or metric.name,
                 name=metric.name if metric.source_instrument else None,
-                attribute_keys=set(metric.label_names),
+                attribute_keys={label.attribute_key for label in metric.labels},
                 aggregation=aggregation,
             )
         )

@@ -18,10 +18,12 @@ from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
+from chatobs.instrumentation.spanmetrics import RecordClientSpans
 from chatobs.settings import OtelSettings, Settings
 
-__all__ = ["build_metric_readers", "build_resource", "build_tracer_provider"]
+__all__ = ["build_metric_readers", "build_resource", "build_sampler", "build_tracer_provider"]
 
 
 def build_resource(settings: Settings, service: str) -> Resource:
@@ -88,13 +90,28 @@ def build_metric_readers(settings: Settings) -> list[MetricReader]:
     return readers
 
 
+def build_sampler(otel: OtelSettings) -> Sampler:
+    """The ``OTEL_TRACES_SAMPLER`` sampler, wrapped so client spans it drops are still
+    recorded for the backend metrics (see :class:`~chatobs.instrumentation.spanmetrics.RecordClientSpans`)."""
+    name = otel.traces_sampler
+    root_name = name.removeprefix("parentbased_")
+    root: Sampler
+    if root_name == "always_on":
+        root = ALWAYS_ON
+    elif root_name == "always_off":
+        root = ALWAYS_OFF
+    else:
+        root = TraceIdRatioBased(otel.traces_sampler_arg)
+    return RecordClientSpans(ParentBased(root) if name.startswith("parentbased_") else root)
+
+
 def build_tracer_provider(settings: Settings, resource: Resource) -> TracerProvider:
     """A TracerProvider with one batch processor per ``OTEL_TRACES_EXPORTER`` entry.
 
     With no exporter the provider still samples spans (``OTEL_TRACES_SAMPLER``):
     they carry the trace ids that exemplars and logs refer to.
     """
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, sampler=build_sampler(settings.otel), shutdown_on_exit=False)
     for name in settings.otel.traces_exporter:
         exporter = _otlp_span_exporter(settings.otel) if name == "otlp" else ConsoleSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))

@@ -54,6 +54,14 @@ MetricsExporter = Literal["prometheus", "otlp", "console", "none"]
 TracesExporter = Literal["otlp", "console", "none"]
 OtlpProtocol = Literal["grpc", "http/protobuf"]
 ExemplarFilter = Literal["always_on", "always_off", "trace_based"]
+TracesSampler = Literal[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+]
 
 
 class ConfigError(ValueError):
@@ -113,11 +121,19 @@ class OtelSettings(BaseSettings):
     exporter_otlp_traces_protocol: OtlpProtocol | None = Field(None, description="Protocol for traces (overrides).")
     metric_export_interval: int = Field(60_000, gt=0, description="Milliseconds between OTLP metric pushes.")
     metric_export_timeout: int = Field(30_000, gt=0, description="Milliseconds allowed for one OTLP metric push.")
+    traces_sampler: TracesSampler = Field(
+        "parentbased_always_on",
+        description="Sampler: `always_on`, `always_off`, `traceidratio` or `parentbased_*` of them.",
+    )
+    traces_sampler_arg: float = Field(1.0, ge=0, le=1, description="Ratio for the `*traceidratio` samplers.")
+    python_disabled_instrumentations: CsvList = Field(
+        (), description="Instrumentations not to enable: any of fastapi, httpx, redis, asyncpg, aiokafka."
+    )
     metrics_exemplar_filter: ExemplarFilter = Field(
         "trace_based", description="Which measurements may become exemplars: `trace_based`, `always_on`, `always_off`."
     )
 
-    @field_validator("metrics_exporter", "traces_exporter", mode="before")
+    @field_validator("metrics_exporter", "traces_exporter", "python_disabled_instrumentations", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -187,6 +203,10 @@ class ChatobsSettings(BaseSettings):
     )
     process_metrics: bool = Field(True, description="Report process CPU, memory, open fds and data-dir disk free.")
     data_dir: Path = Field(Path("."), description="Directory whose file system `data_dir_free_bytes` reports.")
+    health_paths: CsvList = Field(
+        ("/health",), description="Probe paths kept out of HTTP metrics and traces (as the scrape path is)."
+    )
+    wal_topic: str = Field("chat.wal", min_length=1, description="Kafka topic of the WAL (for `wal_publish_*`).")
     message_sources: CsvList = Field(
         ("web", "api", "cli"), description="Allowed values of the `source` label of `chat_messages_in_total`."
     )
@@ -198,7 +218,9 @@ class ChatobsSettings(BaseSettings):
         50, ge=1, le=10_000, description="N: distinct values admitted for a label whose allowed list is empty."
     )
 
-    @field_validator("message_sources", "llm_models", "llm_providers", "tools", "tenants", mode="before")
+    @field_validator(
+        "message_sources", "llm_models", "llm_providers", "tools", "tenants", "health_paths", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -16,6 +16,7 @@ import atexit
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -28,9 +29,10 @@ from opentelemetry.sdk.metrics import (
 )
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.trace import NoOpTracerProvider
+from opentelemetry.trace import NoOpTracerProvider, Span
 
 from chatobs.exposition import Renderer, ScrapeReader, scrape_response
+from chatobs.instrumentation import BackendSpanMetrics, consumer_span, instrument_app, instrument_libraries
 from chatobs.instruments import Instruments, views
 from chatobs.labels import LabelPolicy
 from chatobs.process import register_process_metrics
@@ -143,6 +145,9 @@ class Telemetry:
         self.tools = ToolRecorder(*recorder_args)
         if options.process_metrics:
             register_process_metrics(self.instruments, options.data_dir)
+        if not self.disabled:
+            self.tracer_provider.add_span_processor(BackendSpanMetrics(self.backlog, options.wal_topic))
+        self.tracer = self.tracer_provider.get_tracer(SCOPE_NAME, __version__)
 
         if set_global and not self.disabled:
             metrics.set_meter_provider(self.meter_provider)
@@ -194,6 +199,30 @@ class Telemetry:
         _logger.info("chatobs: %s metrics at %s", self.service, server.url)
         return server
 
+    # -- instrumentation -------------------------------------------------------------
+    def instrument(self, app: Any = None) -> list[str]:
+        """Instrument httpx, redis, asyncpg and aiokafka (process-wide) and, given one, a FastAPI app,
+        with this handle's providers; returns the library names instrumented. Idempotent.
+
+        ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` switches any of them off.
+        """
+        if self.disabled:
+            return []
+        disabled = set(self.settings.otel.python_disabled_instrumentations)
+        names = instrument_libraries(self.tracer_provider, self.meter_provider, disabled)
+        if app is not None and "fastapi" not in disabled:
+            options = self.settings.chatobs
+            instrument_app(
+                app, self.tracer_provider, self.meter_provider, [options.metrics_path, *options.health_paths]
+            )
+            names.append("fastapi")
+        return names
+
+    def consumer_span(self, record: Any) -> AbstractContextManager[Span]:
+        """``with telemetry.consumer_span(record):`` continues the producer's trace while handling a
+        Kafka record (context from its headers)."""
+        return consumer_span(self.tracer, record)
+
     # -- lifecycle -----------------------------------------------------------------
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         """Push whatever the push exporters hold (OTLP metrics, batched spans)."""
@@ -219,14 +248,18 @@ _setup_lock = threading.Lock()
 _current: Telemetry | None = None
 
 
-def setup(service: str | None = None, app: Any = None, *, env: Mapping[str, str] | None = None) -> Telemetry:
+def setup(
+    service: str | None = None, app: Any = None, *, env: Mapping[str, str] | None = None, instrument: bool = True
+) -> Telemetry:
     """Bootstrap this process's telemetry from the environment; idempotent.
 
     The first call validates every setting (raising :class:`ConfigError` naming
     any bad variable), builds the providers, makes them global so that
     OpenTelemetry instrumentations use them, and starts the standalone metrics
-    server when ``CHATOBS_METRICS_PORT`` is set. Later calls return the same
-    handle; passing ``app`` mounts ``/metrics`` on it.
+    server when ``CHATOBS_METRICS_PORT`` is set. It instruments httpx, redis,
+    asyncpg and aiokafka, and ``app`` when given (``instrument=False``: leave that
+    to ``opentelemetry-instrument``). Later calls return the same handle; passing
+    ``app`` mounts ``/metrics`` on it and instruments it.
 
     Example::
 
@@ -254,6 +287,8 @@ def setup(service: str | None = None, app: Any = None, *, env: Mapping[str, str]
             _logger.warning("chatobs: setup(service=%r) ignored: already set up as %r", service, _current.service)
         if app is not None:
             _current.mount(app)
+        if instrument:
+            _current.instrument(app)
         return _current
 
 

@@ -24,7 +24,8 @@ def receiver():
 
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """Start the worker script and wait until it has recorded (it prints `ready`)."""
+    process = subprocess.Popen(
         [sys.executable, "-m", "tests.apps.worker_main"],
         env=clean_env(env),
         cwd=ROOT,
@@ -32,6 +33,12 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if line.strip() != "ready":
+        process.kill()
+        raise AssertionError(f"worker did not start: {line!r}\n{process.communicate()[1][-3000:]}")
+    return process
 
 
 def test_standalone_server_and_setup_twice_is_harmless():

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
+from opentelemetry.context import Context
+
 from chatobs import catalogue
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
@@ -79,11 +81,13 @@ class Recorder:
     def _attributes(self, metric_name: str, *values: str) -> dict[str, str]:
         return self._labels.attributes(catalogue.get(metric_name), values)
 
-    def _add(self, metric_name: str, amount: float, *values: str) -> None:
-        self._instruments[metric_name].add(amount, self._attributes(metric_name, *values))
+    # `context` is for callers outside the measured span (a span processor): exemplars
+    # then carry that span's trace id instead of whatever is current.
+    def _add(self, metric_name: str, amount: float, *values: str, context: Context | None = None) -> None:
+        self._instruments[metric_name].add(amount, self._attributes(metric_name, *values), context=context)
 
-    def _observe(self, metric_name: str, value: float, *values: str) -> None:
-        self._instruments[metric_name].record(value, self._attributes(metric_name, *values))
+    def _observe(self, metric_name: str, value: float, *values: str, context: Context | None = None) -> None:
+        self._instruments[metric_name].record(value, self._attributes(metric_name, *values), context=context)
 
     def _set(self, metric_name: str, value: float, *values: str) -> None:
         self._instruments[metric_name].set(value, self._attributes(metric_name, *values))

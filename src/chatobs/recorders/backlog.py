@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from chatobs.instruments import Instruments
@@ -69,6 +70,23 @@ class BacklogRecorder(Recorder):
 
     def time_wal_consume(self) -> Timer:
         return Timer(self.wal_consumed)
+
+    @guarded("wal_publish_seconds")
+    def wal_publish(self, seconds: float, *, failed: bool, context: Context | None = None) -> None:
+        """One publish to the WAL topic, send to broker acknowledgement (or failure)."""
+        self._observe("wal_publish_seconds", seconds, context=context)
+        if failed:
+            self._add("wal_publish_errors_total", 1, "produce", context=context)
+
+    @guarded("redis_operation_seconds")
+    def backend_operation(
+        self, backend: str, operation: str, seconds: float, *, failed: bool, context: Context | None = None
+    ) -> None:
+        """One client operation on ``backend`` (redis, kafka, postgres): its duration and, if it
+        failed, an error. Fed by :class:`chatobs.instrumentation.spanmetrics.BackendSpanMetrics`."""
+        self._observe(f"{backend}_operation_seconds", seconds, operation, context=context)
+        if failed:
+            self._add(f"{backend}_errors_total", 1, operation, context=context)
 
     @guarded("redis_errors_total")
     def redis_error(self, operation: str) -> None:

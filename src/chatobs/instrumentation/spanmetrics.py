@@ -1,0 +1,106 @@
+"""Backend metrics derived from the client instrumentations' spans.
+
+The effect of the Collector's spanmetrics connector, inside the process and
+without a collector: every Redis, PostgreSQL and Kafka client span that ends
+becomes one ``{backend}_operation_seconds`` observation and, when its status
+is ERROR, one ``{backend}_errors_total`` increment. So the error counters count
+every failure of the real client, not only those application code remembers to
+count. Publishes to the WAL topic also feed ``wal_publish_seconds`` and
+``wal_publish_errors_total``.
+
+Spans that a sampler drops are never seen by span processors, so
+:class:`RecordClientSpans` wraps the configured sampler: a client, producer or
+consumer span it would drop is recorded (for these metrics) but still not
+sampled, so it is not exported and carries no exemplar.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, StatusCode
+from opentelemetry.util.types import Attributes
+
+from chatobs.recorders import BacklogRecorder
+
+__all__ = ["KAFKA_SCOPE", "BackendSpanMetrics", "RecordClientSpans"]
+
+_logger = logging.getLogger("chatobs")
+
+#: Instrumentation scope of chatobs's own Kafka delivery spans.
+KAFKA_SCOPE = "chatobs.instrumentation.kafka"
+
+_BACKEND_BY_SCOPE = {
+    "opentelemetry.instrumentation.redis": "redis",
+    "opentelemetry.instrumentation.asyncpg": "postgres",
+    "chatobs.instrumentation.asyncpg": "postgres",  # connection attempts
+    KAFKA_SCOPE: "kafka",
+}
+_RECORDED_KINDS = (SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
+
+
+def _operation(backend: str, span: ReadableSpan) -> str:
+    attributes = span.attributes or {}
+    if backend == "kafka":
+        return str(attributes.get("messaging.operation.name", "other"))
+    if backend == "redis":
+        # The span name is the command, or the commands of a pipeline joined by spaces.
+        return "pipeline" if " " in span.name else span.name.lower()
+    # asyncpg names spans by the statement's first word (`select`, `insert`, ...).
+    return span.name.split(" ", 1)[0].lower()
+
+
+class BackendSpanMetrics(SpanProcessor):
+    """Turns ended client spans into backend duration and error metrics."""
+
+    def __init__(self, backlog: BacklogRecorder, wal_topic: str):
+        self._backlog = backlog
+        self._wal_topic = wal_topic
+
+    def on_end(self, span: ReadableSpan) -> None:
+        scope = span.instrumentation_scope
+        backend = _BACKEND_BY_SCOPE.get(scope.name) if scope else None
+        if backend is None or span.start_time is None or span.end_time is None:
+            return
+        try:
+            seconds = (span.end_time - span.start_time) / 1e9
+            failed = span.status.status_code is StatusCode.ERROR
+            # The span has ended, so it is not current: hand its context over for exemplars.
+            context = trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
+            operation = _operation(backend, span)
+            self._backlog.backend_operation(backend, operation, seconds, failed=failed, context=context)
+            destination = (span.attributes or {}).get("messaging.destination.name")
+            if backend == "kafka" and operation == "produce" and destination == self._wal_topic:
+                self._backlog.wal_publish(seconds, failed=failed, context=context)
+        except Exception:
+            _logger.debug("chatobs: span metrics failed for %s", span.name, exc_info=True)
+
+
+class RecordClientSpans(Sampler):
+    """Wraps a sampler so dropped client/producer/consumer spans are still recorded (not sampled)."""
+
+    def __init__(self, inner: Sampler):
+        self._inner = inner
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        result = self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        if result.decision is Decision.DROP and kind in _RECORDED_KINDS:
+            return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+        return result
+
+    def get_description(self) -> str:
+        return f"RecordClientSpans{{{self._inner.get_description()}}}"
