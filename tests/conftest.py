@@ -132,3 +132,57 @@ def own_stack() -> Iterator[Callable[..., object]]:
     yield start
     for local in stacks:
         local.stop()
+
+
+@dataclass
+class Prometheus:
+    base_url: str
+
+    def query(self, expression: str) -> list[dict]:
+        response = httpx.get(f"{self.base_url}/api/v1/query", params={"query": expression}, timeout=10)
+        response.raise_for_status()
+        return response.json()["data"]["result"]
+
+    def query_exemplars(self, expression: str, seconds: float = 600) -> list[dict]:
+        now = time.time()
+        params = {"query": expression, "start": str(now - seconds), "end": str(now + 60)}
+        response = httpx.get(f"{self.base_url}/api/v1/query_exemplars", params=params, timeout=10)
+        response.raise_for_status()
+        return response.json()["data"]
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = predicate()
+            if result:
+                return result
+            time.sleep(0.5)
+        raise AssertionError(f"Prometheus: {what} not met within {timeout}s")
+
+
+@pytest.fixture
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
+    """Start a real Prometheus (Debian package) with exemplar storage on a scrape config."""
+    processes: list[subprocess.Popen[str]] = []
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus not found: install the Debian package `prometheus` (.ci/run does)")
+
+    def start(config_yaml: str) -> Prometheus:
+        config = tmp_path / "prometheus.yml"
+        config.write_text(config_yaml)
+        port = free_port()
+        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
+            stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        processes.append(process)
+        wait_for(f"http://127.0.0.1:{port}/-/ready", process)
+        return Prometheus(f"http://127.0.0.1:{port}")
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=20)

@@ -105,7 +105,9 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         stack.start(progress=lambda message: print(f"started {message}", file=sys.stderr, flush=True))
         for variable, value in stack.environment.items():
             print(f"export {variable}={shlex.quote(value)}", flush=True)
-        print("# local stack is up; Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+        print(
+            f"# local stack is up (data in {stack.data_dir}); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True
+        )
         stop.wait()
     finally:
         stack.stop()

@@ -237,6 +237,11 @@ class LocalStack:
     def started(self) -> tuple[str, ...]:
         return tuple(self._servers)
 
+    @property
+    def data_dir(self) -> Path | None:
+        """Where the started servers keep their data (removed by :meth:`stop`)."""
+        return self._root
+
     def start(self, progress: Callable[[str], None] | None = None) -> LocalStack:
         """Start every server not given, in parallel-friendly order; stop all on any failure."""
         self._root = Path(tempfile.mkdtemp(prefix="chatobs-stack-", dir=self._base_dir))

@@ -12,6 +12,7 @@ import os
 import asyncpg
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException
+from opentelemetry import trace
 
 import chatobs
 
@@ -38,7 +39,9 @@ async def put(key: str, value: str) -> dict[str, str]:
 @app.get("/kv/{key}")
 async def get(key: str) -> dict[str, str | None]:
     value = await redis_client.get(key)
-    return {"value": value.decode() if value else None}
+    # The request's trace id, so a test can look for it among Prometheus's exemplars.
+    trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+    return {"value": value.decode() if value else None, "trace_id": trace_id}
 
 
 @app.post("/kv/{key}/push")

@@ -26,7 +26,7 @@ def test_failing_redis_commands_are_counted_exactly(start_service, stack):
     service = start_service(stack, app="tests.apps.backend_app:app")
     base = service.base_url
     assert httpx.put(f"{base}/kv/greeting", params={"value": "hi"}).status_code == 200
-    assert httpx.get(f"{base}/kv/greeting").json() == {"value": "hi"}
+    assert httpx.get(f"{base}/kv/greeting").json()["value"] == "hi"
     before = service.scrape().text
     for _ in range(3):  # LPUSH on a string key: the server answers WRONGTYPE
         assert httpx.post(f"{base}/kv/greeting/push", params={"value": "x"}).status_code == 502
@@ -140,3 +140,28 @@ def test_one_trace_from_producer_process_to_consumer_with_exemplar(instrumented,
     assert consumer_traces == {trace_id}
     openmetrics = telemetry.scrape(OPENMETRICS)[2].decode()
     assert trace_id in exemplar_trace_ids(openmetrics, "wal_consume_seconds")
+
+
+def test_prometheus_stores_backend_series_and_trace_exemplars(start_service, stack, start_prometheus):
+    service = start_service(stack, app="tests.apps.backend_app:app")
+    base = service.base_url
+    httpx.put(f"{base}/kv/answer", params={"value": "42"}).raise_for_status()
+    trace_ids = {httpx.get(f"{base}/kv/answer").json()["trace_id"] for _ in range(5)}
+    target = base.removeprefix("http://")
+    prometheus = start_prometheus(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: gateway\n    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    series = prometheus.wait_for(
+        lambda: prometheus.query('redis_operation_seconds_count{job="gateway",operation="get"}'),
+        what="redis_operation_seconds_count scraped",
+    )
+    assert float(series[0]["value"][1]) == 5
+    assert prometheus.query('redis_errors_total{job="gateway"}') == []  # no failure, no series
+    exemplars = prometheus.wait_for(
+        lambda: prometheus.query_exemplars('redis_operation_seconds_bucket{job="gateway"}'),
+        what="exemplars stored",
+    )
+    stored = {exemplar["labels"]["trace_id"] for group in exemplars for exemplar in group["exemplars"]}
+    assert stored & trace_ids, f"no request trace id among the exemplars {stored}"
