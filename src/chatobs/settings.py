@@ -30,7 +30,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import unquote
 
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
@@ -42,13 +42,17 @@ __all__ = [
     "CHATOBS_PREFIX",
     "ChatobsSettings",
     "ConfigError",
+    "CsvList",
     "OtelSettings",
     "Settings",
+    "load_model",
     "load_settings",
+    "parse_key_values",
     "settings_table",
 ]
 
 CHATOBS_PREFIX = "CHATOBS_"
+M = TypeVar("M", bound=BaseSettings)
 
 MetricsExporter = Literal["prometheus", "otlp", "console", "none"]
 TracesExporter = Literal["otlp", "console", "none"]
@@ -276,16 +280,49 @@ def _errors(model: type[BaseSettings], env: Mapping[str, str], exc: ValidationEr
     return problems
 
 
-def _unknown_variables(env: Mapping[str, str]) -> dict[str, str]:
+def _unknown_variables(env: Mapping[str, str], model: type[BaseSettings]) -> dict[str, str]:
     """Catch typos such as ``CHATOBS_METRIC_PORT``: a prefixed variable that nothing reads."""
-    known = {_env_name(ChatobsSettings, field) for field in ChatobsSettings.model_fields}
+    prefix = str(model.model_config.get("env_prefix", ""))
+    known = {_env_name(model, field) for field in model.model_fields}
     problems = {}
     for name in env:
-        if name.startswith(CHATOBS_PREFIX) and name not in known:
+        if prefix and name.startswith(prefix) and name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems[name] = f": unknown variable{hint}"
     return problems
+
+
+def _validate(model: type[M], env: Mapping[str, str]) -> tuple[M | None, dict[str, str]]:
+    values = {field: env[_env_name(model, field)] for field in model.model_fields if _env_name(model, field) in env}
+    try:
+        # Pass values explicitly (not via the env source) so a test's mapping is
+        # the whole truth and os.environ cannot leak in.
+        return model.model_validate(values), {}
+    except ValidationError as exc:
+        return None, _errors(model, env, exc)
+
+
+def load_model(model: type[M], env: Mapping[str, str] | None = None, *, reject_unknown: bool = True) -> M:
+    """Validate one settings model from ``env`` (default ``os.environ``), the way :func:`load_settings`
+    does: every problem reported at once in a :class:`ConfigError` naming the variables, and
+    (``reject_unknown``) a variable with the model's prefix that no field reads is a problem too.
+
+    Example::
+
+        class WorkerSettings(BaseSettings):
+            model_config = SettingsConfigDict(env_prefix="MYAPP_")
+            batch_size: int = 10
+
+        settings = load_model(WorkerSettings)
+    """
+    env = dict(os.environ if env is None else env)
+    problems = _unknown_variables(env, model) if reject_unknown else {}
+    instance, errors = _validate(model, env)
+    problems.update(errors)
+    if problems or instance is None:
+        raise ConfigError(problems)
+    return instance
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -294,19 +331,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     Raises :class:`ConfigError` naming each bad variable, all at once.
     """
     env = dict(os.environ if env is None else env)
-    problems = _unknown_variables(env)
-    loaded: dict[type[BaseSettings], Any] = {}
-    for model in (OtelSettings, ChatobsSettings):
-        values = {field: env[_env_name(model, field)] for field in model.model_fields if _env_name(model, field) in env}
-        try:
-            # Pass values explicitly (not via the env source) so a test's mapping is
-            # the whole truth and os.environ cannot leak in.
-            loaded[model] = model.model_validate(values)
-        except ValidationError as exc:
-            problems.update(_errors(model, env, exc))
-    if problems:
+    problems = _unknown_variables(env, ChatobsSettings)
+    otel, otel_errors = _validate(OtelSettings, env)
+    chatobs, chatobs_errors = _validate(ChatobsSettings, env)
+    problems.update(otel_errors)
+    problems.update(chatobs_errors)
+    if problems or otel is None or chatobs is None:
         raise ConfigError(problems)
-    return Settings(loaded[OtelSettings], loaded[ChatobsSettings])
+    return Settings(otel, chatobs)
 
 
 def settings_table() -> str:

@@ -1,0 +1,70 @@
+"""PostgreSQL schema of the pipeline, applied idempotently by every service at start.
+
+Tables:
+
+* ``sessions``: chat sessions and their tenant;
+* ``outbox``: messages accepted by the gateway, stored in the same transaction as the
+  reply; the publisher moves them to the WAL topic and stamps ``sent_at``;
+* ``replicated_messages``: the replicator's copy of the WAL, keyed by ``message_id`` so a
+  record delivered twice is stored once;
+* ``attachments``: uploaded files' metadata (the bytes live under ``CHATPIPE_ATTACHMENT_DIR``).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+__all__ = ["SCHEMA", "connect_pool", "migrate"]
+
+SCHEMA = """
+create table if not exists sessions (
+    id text primary key,
+    tenant text not null,
+    created_at timestamptz not null default now(),
+    deleted_at timestamptz
+);
+create table if not exists outbox (
+    id bigserial primary key,
+    message_id text not null unique,
+    session_id text not null,
+    payload jsonb not null,
+    traceparent text,
+    created_at timestamptz not null default now(),
+    sent_at timestamptz
+);
+create index if not exists outbox_unsent on outbox (id) where sent_at is null;
+create table if not exists replicated_messages (
+    message_id text primary key,
+    session_id text not null,
+    tenant text not null,
+    role text not null,
+    content text not null,
+    accepted_at timestamptz not null,
+    replicated_at timestamptz not null default now()
+);
+create table if not exists attachments (
+    id text primary key,
+    session_id text not null references sessions (id),
+    filename text not null,
+    content_type text not null,
+    size_bytes bigint not null,
+    path text not null,
+    created_at timestamptz not null default now()
+);
+"""
+
+# Services start together; concurrent CREATE ... IF NOT EXISTS can still collide in the
+# catalogue, so migrations take a transaction-level advisory lock.
+_MIGRATION_LOCK = 0x636861747069  # "chatpi"
+
+
+async def migrate(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("select pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await connection.execute(SCHEMA)
+
+
+async def connect_pool(database_url: str, *, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:
+    """A pool whose connection attempts time out rather than hang on a dead server."""
+    return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=5,
+                                     command_timeout=10)  # fmt: skip

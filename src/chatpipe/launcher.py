@@ -1,0 +1,189 @@
+"""Run the whole pipeline locally as real processes: simulators and every service.
+
+Each service is its own process, bootstrapped only by environment variables and
+``chatobs.setup`` (as in production); the launcher only chooses free loopback ports
+and passes the addresses along. It is what ``chatobs demo`` and the end-to-end tests use.
+
+Example::
+
+    with LocalStack.from_environment() as stack, Pipeline(stack.environment, run_dir) as pipeline:
+        print(pipeline.gateway_url, pipeline.metrics_urls)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+__all__ = ["SERVICE_COMMANDS", "Pipeline", "PipelineError"]
+
+#: How each process of the pipeline is started (``{port}`` is its HTTP or metrics port).
+SERVICE_COMMANDS: dict[str, list[str]] = {
+    "llm_sim": ["-m", "uvicorn", "chatpipe.sim.llm:app", "--host", "127.0.0.1", "--port", "{port}"],
+    "somabrain_sim": ["-m", "uvicorn", "chatpipe.sim.somabrain:app", "--host", "127.0.0.1", "--port", "{port}"],
+    "gateway": ["-m", "uvicorn", "chatpipe.gateway:app", "--host", "127.0.0.1", "--port", "{port}"],
+    "publisher": ["-m", "chatpipe.outbox.publisher"],
+    "replicator": ["-m", "chatpipe.outbox.replicator"],
+    "worker": ["-m", "chatpipe.worker"],
+    "tool_executor": ["-m", "chatpipe.tools"],
+}
+#: Services whose metrics are served on their own HTTP port (the others get CHATOBS_METRICS_PORT).
+_HTTP_SERVICES = ("llm_sim", "somabrain_sim", "gateway")
+_START_TIMEOUT = 60.0
+
+
+class PipelineError(RuntimeError):
+    """A process of the pipeline did not start; the message holds the end of its log."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class _Process:
+    name: str
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+
+@dataclass
+class Pipeline:
+    """Starts the pipeline against ``backends`` (REDIS_URL, DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS).
+
+    ``env`` adds or overrides variables for every service (budgets, topics, faults...).
+    """
+
+    backends: Mapping[str, str]
+    run_dir: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    progress: Callable[[str], None] | None = None
+    _processes: dict[str, _Process] = field(default_factory=dict)
+
+    # -- addresses ---------------------------------------------------------------
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self._processes[name].port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return self.url("gateway")
+
+    @property
+    def llm_url(self) -> str:
+        return self.url("llm_sim")
+
+    @property
+    def somabrain_url(self) -> str:
+        return self.url("somabrain_sim")
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """``{service: /metrics URL}`` for the five pipeline services."""
+        return {name: f"{self.url(name)}/metrics" for name in self._processes if not name.endswith("_sim")}
+
+    # -- lifecycle -----------------------------------------------------------------
+    def _environment(self, name: str, port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATOBS_", "CHATPIPE_", "OTEL_"))}
+        if name.endswith("_sim"):
+            return env
+        env.update(self.backends)
+        env.update({
+            "CHATPIPE_LLM_BASE_URL": f"{self.llm_url}/v1",
+            "CHATPIPE_SOMABRAIN_URL": self.somabrain_url,
+            "CHATPIPE_ATTACHMENT_DIR": str(self.run_dir / "attachments"),
+            "CHATOBS_DATA_DIR": str(self.run_dir),
+            "CHATOBS_LLM_MODELS": "sim-large",
+            "CHATOBS_LLM_PROVIDERS": "simulator",
+            "CHATOBS_TOOLS": "calculator,clock,summarize",
+            "OTEL_SERVICE_NAME": name,
+        })  # fmt: skip
+        if name not in _HTTP_SERVICES:
+            env["CHATOBS_METRICS_PORT"] = str(port)
+            env["CHATOBS_METRICS_HOST"] = "127.0.0.1"
+        env.update(self.env)
+        return env
+
+    def _start(self, name: str) -> None:
+        port = _free_port()
+        log = self.run_dir / f"{name}.log"
+        command = [sys.executable, *(part.format(port=port) for part in SERVICE_COMMANDS[name])]
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, env=self._environment(name, port), stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=self.run_dir)  # fmt: skip
+        self._processes[name] = _Process(name, port, log, process)
+
+    def _wait_ready(self, name: str) -> None:
+        entry = self._processes[name]
+        path = "/health" if name.endswith("_sim") else "/metrics"
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if entry.process.poll() is not None:
+                raise PipelineError(f"{name} exited with {entry.process.returncode}:\n{entry.tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{entry.port}{path}", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise PipelineError(f"{name} not ready within {_START_TIMEOUT:.0f}s:\n{entry.tail()}")
+
+    def start(self) -> Pipeline:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for group in (("llm_sim", "somabrain_sim"), ("gateway", "publisher", "replicator", "worker", "tool_executor")):
+                began = time.monotonic()
+                for name in group:
+                    self._start(name)
+                for name in group:
+                    self._wait_ready(name)
+                if self.progress:
+                    self.progress(f"started {', '.join(group)} ({time.monotonic() - began:.1f}s)")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def _terminate(entry: _Process, timeout: float = 15.0) -> None:
+        if entry.process.poll() is None:
+            entry.process.terminate()
+            try:
+                entry.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                entry.process.kill()
+                entry.process.wait(timeout=timeout)
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop every process (services first, simulators last); their exit codes."""
+        codes: dict[str, int | None] = {}
+        for entry in reversed(list(self._processes.values())):
+            self._terminate(entry)
+            codes[entry.name] = entry.process.returncode
+        self._processes.clear()
+        return codes
+
+    def pids(self) -> dict[str, int]:
+        return {name: entry.process.pid for name, entry in self._processes.items()}
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

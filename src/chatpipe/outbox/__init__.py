@@ -1,0 +1,1 @@
+"""Outbox publisher (PostgreSQL outbox -> Kafka WAL) and memory replicator (WAL -> PostgreSQL)."""

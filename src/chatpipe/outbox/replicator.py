@@ -1,0 +1,76 @@
+"""The memory replicator: consumes the WAL and writes each message to PostgreSQL once.
+
+The write is idempotent (``on conflict do nothing`` on ``message_id``) and the offset is
+committed after the write, so a redelivered record is stored once and none is skipped.
+
+Run: ``python -m chatpipe.outbox.replicator`` (metrics on ``CHATOBS_METRICS_PORT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+
+import chatobs
+from chatpipe.db import connect_pool, migrate
+from chatpipe.kafka import start_consumer
+from chatpipe.runtime import forever, install_stop_signals
+from chatpipe.settings import load_backend_settings
+
+__all__ = ["Replicator", "main"]
+
+_logger = logging.getLogger("chatpipe.replicator")
+
+INSERT = (
+    "insert into replicated_messages (message_id, session_id, tenant, role, content, accepted_at)"
+    " values ($1, $2, $3, $4, $5, $6) on conflict (message_id) do nothing"
+)
+
+
+class Replicator:
+    def __init__(self, telemetry: chatobs.Telemetry, pool: asyncpg.Pool, consumer: AIOKafkaConsumer):
+        self._telemetry = telemetry
+        self._pool = pool
+        self._consumer = consumer
+
+    async def replicate_round(self) -> bool:
+        batches = await self._consumer.getmany(timeout_ms=500, max_records=200)
+        records = [record for batch in batches.values() for record in batch]
+        for record in records:
+            with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
+                event = json.loads(record.value)
+                await self._pool.execute(
+                    INSERT, event["message_id"], event["session_id"], event["tenant"], event["role"],
+                    event["content"], datetime.fromtimestamp(event["accepted_at"], UTC),
+                )  # fmt: skip
+        if records:
+            await self._consumer.commit()
+        return bool(records)
+
+
+async def main() -> None:
+    telemetry = chatobs.setup(service="replicator")
+    backends = load_backend_settings()
+    stopping = install_stop_signals()
+    pool = await connect_pool(backends.database_url)
+    await migrate(pool)
+    topic = telemetry.settings.chatobs.wal_topic
+    consumer = await start_consumer(topic, "replicator", backends.kafka_bootstrap_servers, stopping)
+    if consumer is None:
+        return
+    try:
+        await forever("replicate", Replicator(telemetry, pool, consumer).replicate_round, stopping, idle=0.05)
+    finally:
+        await asyncio.wait_for(consumer.stop(), 10)
+        await pool.close()
+        telemetry.shutdown()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main())

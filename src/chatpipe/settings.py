@@ -1,0 +1,115 @@
+"""The pipeline's settings, from environment variables, validated at start-up.
+
+Backends use their conventional names (``REDIS_URL``, ``DATABASE_URL``,
+``KAFKA_BOOTSTRAP_SERVERS``); everything else is under ``CHATPIPE_``. Telemetry
+settings (``OTEL_*``, ``CHATOBS_*``, including ``CHATOBS_WAL_TOPIC``) belong to chatobs.
+
+Each service asks for what it needs with :meth:`PipelineSettings.require`, so a
+worker without ``CHATPIPE_LLM_BASE_URL`` stops with an error naming it.
+
+Example::
+
+    settings = load_pipeline_settings()
+    settings.require("llm_base_url", "somabrain_url")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatobs.settings import ConfigError, CsvList, load_model, parse_key_values
+
+__all__ = ["BackendSettings", "PipelineSettings", "load_backend_settings", "load_pipeline_settings"]
+
+
+class BackendSettings(BaseSettings):
+    """Where the backends are (``chatobs stack up`` prints these)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    redis_url: str = Field(..., pattern=r"^rediss?://", description="Redis, `redis://host:port/db`.")
+    database_url: str = Field(..., pattern=r"^postgres(ql)?://", description="PostgreSQL connection URL.")
+    kafka_bootstrap_servers: str = Field(
+        ..., pattern=r"^[^,\s]+:\d+(,[^,\s]+:\d+)*$", description="Kafka-protocol brokers, `host:port,...`."
+    )
+
+
+class PipelineSettings(BaseSettings):
+    """Every ``CHATPIPE_`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATPIPE_", extra="ignore", frozen=True)
+
+    # --- LLM provider (worker, tool executor) --------------------------------
+    llm_base_url: AnyHttpUrl | None = Field(None, description="OpenAI-compatible API base, e.g. `http://host/v1`.")
+    llm_api_key: str = Field("", description="Bearer token for the LLM API (none for the simulator).")
+    llm_model: str = Field("sim-large", description="Model name sent to the provider.")
+    llm_provider: str = Field("simulator", description="Provider name, the `provider` label.")
+    llm_timeout_seconds: float = Field(30.0, gt=0, description="Whole-request timeout of an LLM call.")
+    # --- Somabrain (worker) ----------------------------------------------------
+    somabrain_url: AnyHttpUrl | None = Field(None, description="Somabrain base URL.")
+    somabrain_timeout_seconds: float = Field(0.5, gt=0, description="Timeout of one Somabrain call.")
+    breaker_failure_threshold: int = Field(3, ge=1, description="Consecutive failures that open the circuit.")
+    breaker_reset_seconds: float = Field(5.0, gt=0, description="Open time before a half-open trial call.")
+    degraded_replay_seconds: float = Field(2.0, gt=0, description="How often buffered memory writes are retried.")
+    # --- Budgets (worker) --------------------------------------------------------
+    budget_window_seconds: int = Field(3600, ge=1, description="Length of a tenant's budget window.")
+    token_budget: int = Field(50_000, ge=0, description="Tokens per tenant per window (default allowance).")
+    message_budget: int = Field(500, ge=0, description="Messages per tenant per window (default allowance).")
+    tenant_token_budgets: str = Field("", description="Per-tenant token allowances, `acme=100000,globex=500`.")
+    tenant_message_budgets: str = Field("", description="Per-tenant message allowances, `acme=1000`.")
+    # --- Gateway -----------------------------------------------------------------------
+    attachment_dir: Path = Field(Path("attachments"), description="Where uploaded attachments are stored.")
+    attachment_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest attachment accepted (413 above).")
+    attachment_types: CsvList = Field(
+        ("text/plain", "application/pdf", "image/png", "image/jpeg"),
+        description="Content types accepted for attachments (415 otherwise).",
+    )
+    message_max_chars: int = Field(8000, ge=1, description="Longest chat message accepted.")
+    sse_timeout_seconds: float = Field(300.0, gt=0, description="An SSE stream with no event for this long ends.")
+    # --- Messaging and backlogs ------------------------------------------------------------
+    tool_topic: str = Field("chat.tools", min_length=1, description="Kafka topic of tool-call requests.")
+    tool_timeout_seconds: float = Field(10.0, gt=0, description="How long the worker waits for a tool result.")
+    publisher_batch_size: int = Field(100, ge=1, le=10_000, description="Outbox rows published per round.")
+    publisher_idle_seconds: float = Field(0.1, gt=0, description="Pause between outbox rounds with nothing to send.")
+    backlog_poll_seconds: float = Field(2.0, gt=0, description="How often backlog gauges are measured.")
+    backlog_query_timeout_seconds: float = Field(1.0, gt=0, description="Time bound of one backlog measurement.")
+
+    @field_validator("attachment_types", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return tuple(part.strip() for part in value.split(",") if part.strip()) if isinstance(value, str) else value
+
+    @field_validator("tenant_token_budgets", "tenant_message_budgets")
+    @classmethod
+    def _allowances(cls, value: str) -> str:
+        for tenant, allowance in parse_key_values(value).items():
+            if not allowance.isdigit():
+                raise ValueError(f"allowance of {tenant!r} must be a whole number, got {allowance!r}")
+        return value
+
+    def token_allowance(self, tenant: str) -> int:
+        return int(parse_key_values(self.tenant_token_budgets).get(tenant, self.token_budget))
+
+    def message_allowance(self, tenant: str) -> int:
+        return int(parse_key_values(self.tenant_message_budgets).get(tenant, self.message_budget))
+
+    def require(self, *fields: str) -> PipelineSettings:
+        """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""
+        missing = {
+            f"CHATPIPE_{name.upper()}": ": required by this service" for name in fields if not getattr(self, name)
+        }
+        if missing:
+            raise ConfigError(missing)
+        return self
+
+
+def load_pipeline_settings(env: Mapping[str, str] | None = None) -> PipelineSettings:
+    return load_model(PipelineSettings, env)
+
+
+def load_backend_settings(env: Mapping[str, str] | None = None) -> BackendSettings:
+    return load_model(BackendSettings, env, reject_unknown=False)

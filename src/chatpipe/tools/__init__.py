@@ -1,0 +1,1 @@
+"""The tool executor (``python -m chatpipe.tools``) and the tools it runs."""

@@ -1,0 +1,107 @@
+"""The tool executor: runs the tool calls the worker asks for.
+
+Requests arrive on the ``CHATPIPE_TOOL_TOPIC`` Kafka topic; each result is pushed to the
+Redis list the worker waits on. ``summarize`` calls the LLM (non-streaming), so this
+service emits LLM metrics of its own next to ``tool_calls_total`` and ``tool_call_seconds``.
+
+Run: ``python -m chatpipe.tools`` (metrics on ``CHATOBS_METRICS_PORT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+
+import chatobs
+from chatpipe.events import tool_result_key
+from chatpipe.kafka import start_consumer
+from chatpipe.llm_client import LLMClient, LLMError
+from chatpipe.runtime import forever, install_stop_signals
+from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
+from chatpipe.tools.catalog import ToolError, calculate, clock
+
+__all__ = ["ToolExecutor", "main"]
+
+_logger = logging.getLogger("chatpipe.tools")
+_RESULT_TTL_SECONDS = 120
+
+
+class ToolExecutor:
+    def __init__(self, telemetry: chatobs.Telemetry, settings: PipelineSettings, redis: aioredis.Redis,
+                 http: httpx.AsyncClient):  # fmt: skip
+        self._telemetry = telemetry
+        self._settings = settings
+        self._redis = redis
+        self._llm = LLMClient(http, settings, telemetry.llm)
+
+    async def run(self, name: str, arguments: dict[str, Any]) -> Any:
+        if name == "calculator":
+            return calculate(str(arguments.get("expression", "")))
+        if name == "clock":
+            return clock()
+        if name == "summarize":
+            text = str(arguments.get("text", ""))[:4000]
+            reply = await self._llm.complete(
+                [{"role": "system", "content": "Summarize in one sentence."}, {"role": "user", "content": text}],
+                stream=False,
+            )
+            return reply.content
+        raise ToolError(f"unknown tool {name!r}")
+
+    async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = str(request.get("name"))
+        started = time.perf_counter()
+        try:
+            arguments = json.loads(request.get("arguments") or "{}")
+            result: dict[str, Any] = {"ok": True, "result": await asyncio.wait_for(
+                self.run(name, arguments), self._settings.tool_timeout_seconds)}  # fmt: skip
+            outcome = "success"
+        except (ToolError, ValueError) as error:
+            result, outcome = {"ok": False, "error": str(error)}, "rejected"
+        except TimeoutError:
+            result, outcome = {"ok": False, "error": "timed out"}, "timeout"
+        except (LLMError, Exception) as error:  # noqa: BLE001 - report every failure to the caller
+            result, outcome = {"ok": False, "error": f"{type(error).__name__}: {error}"}, "error"
+        self._telemetry.tools.call(name, outcome, seconds=time.perf_counter() - started)
+        return result
+
+    async def execute_round(self, consumer: AIOKafkaConsumer) -> bool:
+        batches = await consumer.getmany(timeout_ms=500, max_records=50)
+        records = [record for batch in batches.values() for record in batch]
+        for record in records:
+            with self._telemetry.consumer_span(record):
+                request = json.loads(record.value)
+                result = await self.execute(request)
+                key = tool_result_key(str(request.get("call_id")))
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.rpush(key, json.dumps(result)).expire(key, _RESULT_TTL_SECONDS).execute()
+        if records:
+            await consumer.commit()
+        return bool(records)
+
+
+async def main() -> None:
+    telemetry = chatobs.setup(service="tool_executor")
+    backends = load_backend_settings()
+    settings = load_pipeline_settings().require("llm_base_url")
+    stopping = install_stop_signals()
+    redis = aioredis.Redis.from_url(backends.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    async with httpx.AsyncClient() as http:
+        consumer = await start_consumer(settings.tool_topic, "tool_executor", backends.kafka_bootstrap_servers,
+                                        stopping)  # fmt: skip
+        if consumer is None:
+            return
+        executor = ToolExecutor(telemetry, settings, redis, http)
+        try:
+            await forever("tools", lambda: executor.execute_round(consumer), stopping, idle=0.05)
+        finally:
+            await asyncio.wait_for(consumer.stop(), 10)
+            await redis.aclose()
+            telemetry.shutdown()

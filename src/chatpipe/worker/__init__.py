@@ -1,0 +1,1 @@
+"""The conversation worker (``python -m chatpipe.worker``)."""

@@ -1,0 +1,7 @@
+import asyncio
+import logging
+
+from chatpipe.worker.service import main
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+asyncio.run(main())

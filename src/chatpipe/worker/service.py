@@ -1,0 +1,270 @@
+"""The conversation worker: WAL record in, streamed assistant reply out.
+
+For each user message on the WAL topic:
+
+1. budget check (Redis): an overrun is refused with a clear message to the client;
+2. context build: Somabrain recall, bounded by a timeout and a circuit breaker; if
+   Somabrain is down, slow, or the circuit is open, the turn goes on in **degraded
+   bypass**: the LLM answers without memories;
+3. LLM call (streaming): tokens are relayed to the gateway's SSE over Redis pub/sub; a
+   ``tool_calls`` answer is executed by the tool executor (Kafka request, Redis reply)
+   and the LLM is called again with the result;
+4. memory write: the turn is remembered in Somabrain, or buffered under Redis
+   ``degraded:*`` keys while it is unavailable and replayed when it recovers.
+
+Run: ``python -m chatpipe.worker`` (metrics on ``CHATOBS_METRICS_PORT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+import chatobs
+from chatpipe.breaker import CircuitBreaker
+from chatpipe.events import events_channel, tool_result_key
+from chatpipe.kafka import start_consumer, start_producer
+from chatpipe.llm_client import LLMClient, LLMError
+from chatpipe.runtime import forever, install_stop_signals, periodic
+from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
+from chatpipe.tools.catalog import TOOL_SPECS
+from chatpipe.worker.budgets import BudgetExceededError, Budgets
+
+__all__ = ["Worker", "main"]
+
+_logger = logging.getLogger("chatpipe.worker")
+
+DEGRADED_PREFIX = "degraded:"
+_SYSTEM_PROMPT = "You are a helpful assistant. Use the memories given when they are relevant."
+_CONCURRENCY = 16
+
+
+class Worker:
+    def __init__(
+        self,
+        telemetry: chatobs.Telemetry,
+        settings: PipelineSettings,
+        redis: aioredis.Redis,
+        http: httpx.AsyncClient,
+        producer: AIOKafkaProducer,
+    ):
+        self._telemetry = telemetry
+        self._settings = settings
+        self._redis = redis
+        self._http = http
+        self._producer = producer
+        self._soma = telemetry.somabrain
+        self._somabrain_url = str(settings.somabrain_url).rstrip("/")
+        self._breaker = CircuitBreaker(
+            "somabrain",
+            telemetry.somabrain,
+            failure_threshold=settings.breaker_failure_threshold,
+            reset_seconds=settings.breaker_reset_seconds,
+        )
+        self._llm = LLMClient(http, settings, telemetry.llm)
+        self._budgets = Budgets(redis, settings, telemetry.budgets)
+        self._slots = asyncio.Semaphore(_CONCURRENCY)
+
+    # -- consuming ---------------------------------------------------------------
+    async def consume_round(self, consumer: AIOKafkaConsumer) -> bool:
+        batches = await consumer.getmany(timeout_ms=500, max_records=_CONCURRENCY * 4)
+        records = [record for batch in batches.values() for record in batch]
+        if records:
+            await asyncio.gather(*(self._handle_record(record) for record in records))
+            await consumer.commit()
+        return bool(records)
+
+    async def _handle_record(self, record: ConsumerRecord) -> None:
+        async with self._slots:
+            with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
+                try:
+                    event = json.loads(record.value)
+                except ValueError:
+                    _logger.error("dropping malformed WAL record at offset %s", record.offset)
+                    return
+                if event.get("role") != "user":
+                    return  # only user messages are answered
+                try:
+                    await self.answer(event)
+                except Exception:
+                    _logger.exception("turn %s failed", event.get("message_id"))
+                    await self._emit(event["session_id"], {"type": "error", "error": "the assistant failed to answer"})
+
+    # -- one turn ------------------------------------------------------------------
+    async def answer(self, event: dict[str, Any]) -> None:
+        session_id, tenant = event["session_id"], event["tenant"]
+        try:
+            await self._budgets.admit(tenant)
+        except BudgetExceededError as refusal:
+            await self._emit(session_id, {"type": "error", "error": str(refusal), "reason": "budget"})
+            return
+        with self._soma.time_context_build():
+            memories = await self._recall(tenant, session_id, event["content"])
+        degraded = memories is None
+        if degraded:
+            self._soma.bypass()
+        messages = self._prompt(event["content"], memories or [])
+
+        async def relay(text: str) -> None:
+            await self._emit(session_id, {"type": "token", "text": text})
+
+        mode = "degraded_bypass_somabrain" if degraded else "normal"
+        try:
+            reply = await self._llm.complete(messages, mode=mode, tools=TOOL_SPECS, on_token=relay)
+            tokens = reply.prompt_tokens + reply.completion_tokens
+            if reply.tool_calls:
+                messages.append({"role": "assistant", "content": None, "tool_calls": reply.tool_calls})
+                for call in reply.tool_calls:
+                    messages.append(await self._run_tool(call, session_id, tenant))
+                reply = await self._llm.complete(messages, mode=mode, on_token=relay)
+                tokens += reply.prompt_tokens + reply.completion_tokens
+        except LLMError as error:
+            await self._emit(session_id, {"type": "error", "error": f"the language model failed ({error.code})"})
+            return
+        await self._budgets.charge(tenant, tokens=tokens)
+        emit_mode = "degraded" if degraded else "normal"
+        await self._emit(session_id, {"type": "message", "content": reply.content, "mode": emit_mode,
+                                      "reply_to": event["message_id"]})  # fmt: skip
+        self._soma.assistant_emitted(emit_mode)
+        self._soma.event_to_response(time.time() - float(event["accepted_at"]), emit_mode)
+        await self._remember(tenant, session_id, event, reply.content, degraded=degraded)
+
+    def _prompt(self, content: str, memories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = [{"role": "system", "content": _SYSTEM_PROMPT}]
+        if memories:
+            recalled = "\n".join(f"- {memory['text']}" for memory in memories)
+            messages.append({"role": "system", "content": f"Memories:\n{recalled}"})
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    async def _emit(self, session_id: str, event: dict[str, Any]) -> None:
+        await self._redis.publish(events_channel(session_id), json.dumps(event))
+
+    # -- Somabrain -------------------------------------------------------------------
+    async def _recall(self, tenant: str, session_id: str, query: str) -> list[dict[str, Any]] | None:
+        """Memories, or None when the turn must go on without Somabrain."""
+        if not self._breaker.allow():
+            self._soma.call("circuit_open")
+            return None
+        try:
+            response = await self._http.post(
+                f"{self._somabrain_url}/recall",
+                json={"tenant": tenant, "session_id": session_id, "query": query},
+                timeout=self._settings.somabrain_timeout_seconds,
+            )
+            response.raise_for_status()
+            memories = response.json()["memories"]
+        except httpx.TimeoutException:
+            self._soma.call("timeout")
+            self._breaker.failed()
+            return None
+        except (httpx.HTTPError, ValueError, KeyError):
+            self._soma.call("error")
+            self._breaker.failed()
+            return None
+        self._soma.call("success")
+        self._breaker.succeeded()
+        return list(memories)
+
+    async def _remember(self, tenant: str, session_id: str, event: dict[str, Any], reply: str, *,
+                        degraded: bool) -> None:  # fmt: skip
+        memory = {"id": event["message_id"], "tenant": tenant, "session_id": session_id,
+                  "text": f"user: {event['content']} | assistant: {reply}"}  # fmt: skip
+        if not degraded and await self._store_memory(memory):
+            return
+        # Somabrain is unavailable: keep the write until it is back (replay_round).
+        await self._redis.set(f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory))
+
+    async def _store_memory(self, memory: dict[str, Any]) -> bool:
+        if not self._breaker.allow():
+            self._soma.call("circuit_open")
+            return False
+        try:
+            response = await self._http.post(f"{self._somabrain_url}/remember", json=memory,
+                                             timeout=self._settings.somabrain_timeout_seconds)  # fmt: skip
+            response.raise_for_status()
+        except httpx.TimeoutException:
+            self._soma.call("timeout")
+            self._breaker.failed()
+            return False
+        except httpx.HTTPError:
+            self._soma.call("error")
+            self._breaker.failed()
+            return False
+        self._soma.call("success")
+        self._breaker.succeeded()
+        return True
+
+    async def replay_round(self) -> bool:
+        """Replay buffered memory writes while Somabrain accepts them; True if any was replayed."""
+        replayed = 0
+        async for key in self._redis.scan_iter(match=f"{DEGRADED_PREFIX}*", count=100):
+            raw = await self._redis.get(key)
+            if raw is None:
+                continue
+            if not await self._store_memory(json.loads(raw)):
+                break  # still down: try again next round
+            await self._redis.delete(key)
+            replayed += 1
+            if replayed >= 100:
+                break
+        return False  # pace rounds by degraded_replay_seconds either way
+
+    async def measure_degraded_buffer(self) -> None:
+        count = 0
+        async for _ in self._redis.scan_iter(match=f"{DEGRADED_PREFIX}*", count=500):
+            count += 1
+        self._telemetry.backlog.degraded_buffer_size(count)
+
+    # -- tools ---------------------------------------------------------------------------
+    async def _run_tool(self, call: dict[str, Any], session_id: str, tenant: str) -> dict[str, Any]:
+        call_id = call.get("id") or f"call_{uuid.uuid4().hex[:12]}"
+        request = {"call_id": call_id, "name": call["function"]["name"],
+                   "arguments": call["function"].get("arguments") or "{}", "session_id": session_id,
+                   "tenant": tenant}  # fmt: skip
+        await self._producer.send_and_wait(self._settings.tool_topic, json.dumps(request).encode(),
+                                           key=session_id.encode())  # fmt: skip
+        answer = await self._redis.blpop([tool_result_key(call_id)], timeout=self._settings.tool_timeout_seconds)
+        if answer is None:
+            content = f"tool {request['name']} did not answer in {self._settings.tool_timeout_seconds:g}s"
+        else:
+            result = json.loads(answer[1])
+            content = str(result.get("result") if result.get("ok") else f"error: {result.get('error')}")
+        return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+async def main() -> None:
+    telemetry = chatobs.setup(service="worker")
+    backends = load_backend_settings()
+    settings = load_pipeline_settings().require("llm_base_url", "somabrain_url")
+    stopping = install_stop_signals()
+    redis = aioredis.Redis.from_url(backends.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    topic = telemetry.settings.chatobs.wal_topic
+    async with httpx.AsyncClient() as http:
+        producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
+        consumer = await start_consumer(topic, "worker", backends.kafka_bootstrap_servers, stopping)
+        if producer is None or consumer is None:
+            return
+        worker = Worker(telemetry, settings, redis, http, producer)
+        _logger.info("worker: %s -> replies", topic)
+        try:
+            await asyncio.gather(
+                forever("consume", lambda: worker.consume_round(consumer), stopping, idle=0.05),
+                forever("replay", worker.replay_round, stopping, idle=settings.degraded_replay_seconds),
+                periodic("degraded_buffer_size", worker.measure_degraded_buffer, stopping,
+                         every=settings.backlog_poll_seconds, timeout=settings.backlog_query_timeout_seconds),
+            )  # fmt: skip
+        finally:
+            await asyncio.wait_for(consumer.stop(), 10)
+            await asyncio.wait_for(producer.stop(), 10)
+            await redis.aclose()
+            telemetry.shutdown()
