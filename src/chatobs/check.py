@@ -83,8 +83,11 @@ def _allowed(metric: Metric, label: catalogue.Label, settings: ChatobsSettings) 
     return frozenset(configured) | {OVERFLOW_VALUE} if configured else None
 
 
-def series_bound(metric: Metric, settings: ChatobsSettings) -> int:
-    """Most series ``metric`` can have: the product of its labels' value counts (``other`` included)."""
+def series_bound(metric: Metric, settings: ChatobsSettings) -> int | None:
+    """Most series ``metric`` can have: the product of its labels' value counts (``other`` included);
+    ``None`` when a label is bounded by its source rather than by chatobs (route templates)."""
+    if any(label.bounded_by for label in metric.labels):
+        return None
     bound = 1
     for label in metric.labels:
         allowed = _allowed(metric, label, settings)
@@ -116,7 +119,7 @@ def _check_family(family: ParsedFamily, settings: ChatobsSettings) -> FamilyResu
         values = {sample.labels.get(label.name) for sample in family.samples} - {None}
         if allowed is not None and values - allowed:
             result.problems.append(f"label {label.name} has values outside the allowed set: {sorted(values - allowed)}")
-        elif allowed is None and len(values) > settings.max_label_values + 1:
+        elif allowed is None and not label.bounded_by and len(values) > settings.max_label_values + 1:
             result.problems.append(
                 f"label {label.name} has {len(values)} values, bound is {settings.max_label_values + 1}"
             )
@@ -132,7 +135,7 @@ def _check_family(family: ParsedFamily, settings: ChatobsSettings) -> FamilyResu
                 result.problems.append(f"buckets {sorted(bounds)}, catalogue says {expected}")
                 break
     bound = series_bound(metric, settings)
-    if result.series > bound:
+    if bound is not None and result.series > bound:
         result.problems.append(f"{result.series} series, more than the catalogue's bound {bound}")
     return result
 
@@ -157,8 +160,8 @@ def check_endpoints(urls: Iterable[str], settings: ChatobsSettings, timeout: flo
                 report.families = check_exposition(response.text, openmetrics, settings)
             except httpx.HTTPError as exc:
                 report.error = f"scrape failed: {exc}"
-            except ValueError as exc:
-                report.error = f"exposition does not parse: {exc}"
+            except (ValueError, KeyError) as exc:
+                report.error = f"exposition does not parse: {exc!r}"
             reports.append(report)
     return reports
 

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import re
 import threading
@@ -58,6 +59,8 @@ CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
+_HISTOGRAM_RESERVED = frozenset({"le"})
+_logger = logging.getLogger("chatobs")
 _UNIT_SUFFIXES = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "ratio"}
 
 
@@ -65,23 +68,38 @@ class ScrapeReader(MetricReader):
     """A pull reader: collects cumulative metrics when a scrape asks.
 
     Scrapes are serialised, so two concurrent scrapes never interleave one
-    collection's callbacks with another's.
+    collection's callbacks with another's. A scrape never fails for a slow or
+    broken collection: it then gets the last good collection (stale beats empty,
+    and a counter that disappears for one scrape would read as a reset).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._latest: MetricsData | None = None
+        self._last_good: MetricsData | None = None
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
         self._latest = metrics_data
 
     def scrape(self, timeout_seconds: float = 5.0) -> MetricsData | None:
-        """Collect now and return the data (``None`` once the provider is shut down)."""
-        with self._lock:
+        """Collect now and return the data, or the last good data when another scrape holds
+        the collection past ``timeout_seconds`` or the collection fails (``None`` if there is none)."""
+        if not self._lock.acquire(timeout=timeout_seconds):
+            _logger.warning("chatobs: collection still busy after %.1fs; serving the previous one", timeout_seconds)
+            return self._last_good
+        try:
             self._latest = None
-            self.collect(timeout_millis=timeout_seconds * 1000)
+            try:
+                self.collect(timeout_millis=timeout_seconds * 1000)
+            except Exception:
+                _logger.warning("chatobs: collection failed; serving the previous one", exc_info=True)
+                return self._last_good
+            if self._latest is not None:
+                self._last_good = self._latest
             return self._latest
+        finally:
+            self._lock.release()
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return True
@@ -91,8 +109,12 @@ class ScrapeReader(MetricReader):
 
 
 def _num(value: float | int) -> str:
-    if isinstance(value, int):
+    if type(value) is int:
         return str(value)
+    try:
+        value = float(value)  # bool, Decimal, numpy scalars: their repr is not a Prometheus number
+    except (TypeError, ValueError):
+        return "NaN"
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
@@ -114,9 +136,19 @@ def _sanitize(name: str) -> str:
     return f"_{name}" if name[:1].isdigit() else name
 
 
-def _label_block(pairs: Iterable[tuple[str, Any]]) -> str:
-    inner = ",".join(f'{_sanitize(key)}="{_escape_label(str(value))}"' for key, value in pairs)
-    return f"{{{inner}}}" if inner else ""
+def _label_block(pairs: Iterable[tuple[str, Any]], reserved: frozenset[str] = frozenset()) -> str:
+    """``{k="v",...}``; a key that collides with an earlier one once sanitised (``a.b`` and
+    ``a_b``), or with a ``reserved`` name (``le`` on histograms), is dropped: a duplicate
+    label name would make the whole scrape unparseable."""
+    seen = set(reserved)
+    parts = []
+    for key, value in pairs:
+        name = _sanitize(key)
+        if name in seen:
+            continue
+        seen.add(name)
+        parts.append(f'{name}="{_escape_label(str(value))}"')
+    return f"{{{','.join(parts)}}}" if parts else ""
 
 
 def _with(labels: str, extra: str) -> str:
@@ -124,12 +156,16 @@ def _with(labels: str, extra: str) -> str:
     return f"{{{labels[1:-1]},{extra}}}" if labels else f"{{{extra}}}"
 
 
-def _exemplar_suffix(points_exemplars: Sequence[Any], lower: float, upper: float) -> str:
-    for exemplar in points_exemplars:
-        if exemplar.trace_id and lower < exemplar.value <= upper:
-            labels = f'trace_id="{exemplar.trace_id:032x}",span_id="{exemplar.span_id:016x}"'
-            return f" # {{{labels}}} {_num(exemplar.value)} {exemplar.time_unix_nano / 1e9:.3f}"
-    return ""
+def _exemplar_suffix(exemplar: Any) -> str:
+    labels = f'trace_id="{exemplar.trace_id:032x}",span_id="{exemplar.span_id:016x}"'
+    return f" # {{{labels}}} {_num(exemplar.value)} {exemplar.time_unix_nano / 1e9:.3f}"
+
+
+def _bucket_index(bounds: Sequence[float], value: float) -> int:
+    for index, upper in enumerate(bounds):
+        if value <= upper:
+            return index
+    return len(bounds)
 
 
 class _Family:
@@ -164,6 +200,10 @@ class Renderer:
         self._target_info = target_info
         self._scope_labels = scope_labels
         self._uncatalogued = uncatalogued
+        # The SDK hands each exemplar to one collection only; whichever scrape comes first
+        # (text format, a second Prometheus, `chatobs check`) would take it. Keep the last
+        # exemplar of each bucket so every OpenMetrics scrape shows it. Bounded by series x buckets.
+        self._exemplars: dict[tuple[str, str, int], str] = {}
 
     # -- public --------------------------------------------------------------
     def render(self, data: MetricsData | None, openmetrics: bool = False) -> str:
@@ -200,10 +240,13 @@ class Renderer:
     def _render_collected(
         self, out: list[str], entries: list[tuple[OtelMetric, str]], catalogued: Metric | None, openmetrics: bool
     ) -> None:
+        # One name from several scopes (another meter with a catalogue name, two HTTP client
+        # instrumentations) is one family: one header, and a label set seen twice kept once.
+        family = self._family(entries[0][0], catalogued)
+        self._header(out, family, openmetrics)
+        seen: set[str] = set()
         for otel_metric, scope_labels in entries:
-            family = self._family(otel_metric, catalogued)
-            self._header(out, family, openmetrics)
-            self._samples(out, family, otel_metric, scope_labels, openmetrics)
+            self._samples(out, family, otel_metric, scope_labels, openmetrics, seen)
 
     # -- families ------------------------------------------------------------
     @staticmethod
@@ -248,39 +291,53 @@ class Renderer:
 
     # -- samples -------------------------------------------------------------
     def _samples(
-        self, out: list[str], family: _Family, otel_metric: OtelMetric, scope_labels: str, openmetrics: bool
+        self,
+        out: list[str],
+        family: _Family,
+        otel_metric: OtelMetric,
+        scope_labels: str,
+        openmetrics: bool,
+        seen: set[str],
     ) -> None:
         data = otel_metric.data
         name = family.name
         if isinstance(data, Histogram):
             for point in data.data_points:
-                self._histogram_point(out, name, point, scope_labels, openmetrics)
+                labels = self._labels(point, scope_labels, _HISTOGRAM_RESERVED)
+                if labels not in seen:
+                    seen.add(labels)
+                    self._histogram_point(out, name, point, labels, openmetrics)
             return
         if isinstance(data, (Sum, Gauge)):
             for point in data.data_points:
-                out.append(f"{name}{self._labels(point, scope_labels)} {_num(point.value)}\n")
+                labels = self._labels(point, scope_labels)
+                if labels not in seen:
+                    seen.add(labels)
+                    out.append(f"{name}{labels} {_num(point.value)}\n")
 
-    def _labels(self, point: NumberDataPoint | HistogramDataPoint, scope_labels: str) -> str:
-        labels = _label_block((point.attributes or {}).items())
+    @staticmethod
+    def _labels(
+        point: NumberDataPoint | HistogramDataPoint, scope_labels: str, reserved: frozenset[str] = frozenset()
+    ) -> str:
+        labels = _label_block((point.attributes or {}).items(), reserved)
         if scope_labels:
             labels = _with(labels, scope_labels[1:-1]) if labels else scope_labels
         return labels
 
     def _histogram_point(
-        self, out: list[str], name: str, point: HistogramDataPoint, scope_labels: str, openmetrics: bool
+        self, out: list[str], name: str, point: HistogramDataPoint, labels: str, openmetrics: bool
     ) -> None:
-        labels = self._labels(point, scope_labels)
-        exemplars = point.exemplars if openmetrics else ()
+        bounds = point.explicit_bounds
+        for exemplar in point.exemplars:
+            if exemplar.trace_id:
+                self._exemplars[(name, labels, _bucket_index(bounds, exemplar.value))] = _exemplar_suffix(exemplar)
         cumulative = 0
-        lower = -math.inf
-        bounds = [*point.explicit_bounds, math.inf]
-        for upper, count in zip(bounds, point.bucket_counts, strict=False):
+        for index, count in enumerate(point.bucket_counts):
             cumulative += count
-            le = "+Inf" if math.isinf(upper) else _num(float(upper))
-            suffix = _exemplar_suffix(exemplars, lower, upper) if exemplars else ""
+            le = _num(float(bounds[index])) if index < len(bounds) else "+Inf"
+            suffix = self._exemplars.get((name, labels, index), "") if openmetrics else ""
             le_pair = f'le="{le}"'
             out.append(f"{name}_bucket{_with(labels, le_pair)} {cumulative}{suffix}\n")
-            lower = upper
         out.append(f"{name}_count{labels} {point.count}\n{name}_sum{labels} {_num(point.sum)}\n")
 
     def _render_target_info(self, out: list[str], resource: Resource, openmetrics: bool) -> None:
@@ -301,16 +358,9 @@ def negotiate_openmetrics(accept: str | None) -> bool:
         return False
     best_om, best_text = 0.0, 0.0
     for part in accept.split(","):
-        media, *params = (item.strip() for item in part.split(";"))
-        quality = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        media = media.lower()
+        media, *params = part.split(";")
+        quality = _quality(params)
+        media = media.strip().lower()
         if media == "application/openmetrics-text":
             best_om = max(best_om, quality)
         elif media in ("text/plain", "text/*", "*/*"):
@@ -318,10 +368,21 @@ def negotiate_openmetrics(accept: str | None) -> bool:
     return best_om > 0 and best_om >= best_text
 
 
+def _quality(params: Iterable[str]) -> float:
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
 def _accepts_gzip(accept_encoding: str | None) -> bool:
     for part in (accept_encoding or "").split(","):
-        coding, _, params = part.strip().partition(";")
-        if coding.strip().lower() == "gzip" and params.replace(" ", "") not in ("q=0", "q=0.0"):
+        coding, *params = part.split(";")
+        if coding.strip().lower() == "gzip" and _quality(params) > 0:
             return True
     return False
 
@@ -338,7 +399,11 @@ def scrape_response(
     Shared by the FastAPI route and the standalone server so both behave alike.
     """
     openmetrics = negotiate_openmetrics(accept)
-    body = renderer.render(reader.scrape(timeout_seconds), openmetrics).encode()
+    text = renderer.render(reader.scrape(timeout_seconds), openmetrics)
+    try:
+        body = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate in some label value: one '?' beats a failed scrape
+        body = text.encode("utf-8", "replace")
     headers = {
         "Content-Type": CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT,
         "Vary": "Accept, Accept-Encoding",

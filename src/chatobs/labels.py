@@ -72,12 +72,18 @@ class LabelPolicy:
         # admitted set, so the first-seen tenants are the same across metrics.
         self._by_setting: dict[str, _AllowedValues] = {}
         self._allowed: dict[tuple[str, str], _AllowedValues] = {}
+        self._lock = threading.Lock()
         self._caches: dict[str, dict[tuple[str, ...], tuple[dict[str, str], tuple[str, ...]]]] = {}
 
     def _allowed_for(self, metric: Metric, label: Label) -> _AllowedValues:
         key = (metric.name, label.name)
         allowed = self._allowed.get(key)
-        if allowed is None:
+        if allowed is not None:
+            return allowed
+        with self._lock:  # two threads must not build two admitted sets for one setting
+            allowed = self._allowed.get(key)
+            if allowed is not None:
+                return allowed
             if label.setting:
                 allowed = self._by_setting.get(label.setting)
                 if allowed is None:
@@ -120,8 +126,3 @@ class LabelPolicy:
                 rejected.append(label.name)
             attributes[label.name] = value
         return attributes, tuple(rejected)
-
-    def allowed_values(self, metric: Metric, label: Label) -> frozenset[str] | None:
-        """The values currently allowed for ``label`` (``None``: still admitting first-seen values)."""
-        allowed = self._allowed_for(metric, label)
-        return None if allowed.open else frozenset(allowed._admitted)

@@ -9,12 +9,14 @@ of the standalone server.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
+import anyio
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -42,9 +44,13 @@ def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction) -> None:
         mount_metrics_route(app, "/metrics", telemetry.scrape)
     """
 
+    # Scrapes get threads of their own (two), so they never queue behind the app's sync
+    # endpoints in Starlette's shared pool, and a stuck collection cannot exhaust that pool.
+    limiter = anyio.CapacityLimiter(2)
+
     async def metrics(request: Request) -> Response:
-        status, headers, body = await run_in_threadpool(
-            scrape, request.headers.get("accept"), request.headers.get("accept-encoding")
+        status, headers, body = await anyio.to_thread.run_sync(
+            scrape, request.headers.get("accept"), request.headers.get("accept-encoding"), limiter=limiter
         )
         return Response(body, status_code=status, headers=dict(headers))
 
@@ -61,8 +67,16 @@ def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    # A client that connects and sends nothing must not hold a thread for ever.
+    timeout = 30
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
 
     def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def _answer(self, send_body: bool) -> None:
         if self.path.split("?", 1)[0] != self.server.metrics_path:
             self.send_error(404, f"metrics are at {self.server.metrics_path}")
             return
@@ -77,7 +91,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if send_body:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         _logger.debug("metrics server: " + format, *args)
@@ -87,6 +102,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     metrics_path: str
     scrape: ScrapeFunction
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class MetricsServer:
@@ -100,7 +119,8 @@ class MetricsServer:
     """
 
     def __init__(self, scrape: ScrapeFunction, *, host: str, port: int, path: str = "/metrics"):
-        self._server = _Server((host, port), _Handler)
+        server_class = _Server6 if ":" in host else _Server
+        self._server = server_class((host, port), _Handler)
         self._server.metrics_path = path
         self._server.scrape = scrape
         self._thread = threading.Thread(target=self._server.serve_forever, name="chatobs-metrics", daemon=True)
@@ -110,7 +130,8 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.path}"
 
     def stop(self) -> None:
         self._server.shutdown()

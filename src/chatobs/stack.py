@@ -29,6 +29,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -103,6 +104,8 @@ class _Server:
     url: str
     user: str | None = None
     prepare: Callable[[], None] | None = None
+    #: SIGTERM asks PostgreSQL for a "smart" shutdown that waits for clients; it gets SIGINT (fast).
+    stop_signal: int = signal.SIGTERM
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -128,7 +131,7 @@ class _Server:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
+        process.send_signal(self.stop_signal)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -200,7 +203,7 @@ def _postgres_server(directory: Path) -> _Server:
                 "-c", "full_page_writes=off"]  # fmt: skip
 
     return _Server("postgres", port, directory, command, f"postgresql://postgres@127.0.0.1:{port}/postgres",
-                   user=user, prepare=prepare)  # fmt: skip
+                   user=user, prepare=prepare, stop_signal=signal.SIGINT)  # fmt: skip
 
 
 _FACTORIES: dict[str, Callable[[Path], _Server]] = {

@@ -149,11 +149,17 @@ class Telemetry:
             self.tracer_provider.add_span_processor(BackendSpanMetrics(self.backlog, options.wal_topic))
         self.tracer = self.tracer_provider.get_tracer(SCOPE_NAME, __version__)
 
-        if set_global and not self.disabled:
-            metrics.set_meter_provider(self.meter_provider)
-            trace.set_tracer_provider(self.tracer_provider)
-            if metrics.get_meter_provider() is not self.meter_provider:
-                _logger.warning("chatobs: another MeterProvider was already global; instrumentations will use it")
+        if set_global:
+            self.make_global()
+
+    def make_global(self) -> None:
+        """Make this handle's providers the process-wide ones (what instrumentations use)."""
+        if self.disabled:
+            return
+        metrics.set_meter_provider(self.meter_provider)
+        trace.set_tracer_provider(self.tracer_provider)
+        if metrics.get_meter_provider() is not self.meter_provider:
+            _logger.warning("chatobs: another MeterProvider was already global; instrumentations will use it")
 
     # -- self-metrics ----------------------------------------------------------
     def _label_rejected(self, metric_name: str, label_name: str) -> None:
@@ -194,7 +200,13 @@ class Telemetry:
         port = options.metrics_port if port is None else port
         if port is None:
             raise ConfigError({"CHATOBS_METRICS_PORT": ": not set; a service without an HTTP app needs it"})
-        server = MetricsServer(self.scrape, host=host or options.metrics_host, port=port, path=options.metrics_path)
+        host = host or options.metrics_host
+        try:
+            server = MetricsServer(self.scrape, host=host, port=port, path=options.metrics_path)
+        except OSError as error:
+            raise ConfigError(
+                {"CHATOBS_METRICS_PORT": f"={port}: cannot listen on {host}:{port}: {error.strerror}"}
+            ) from error
         self._servers.append(server)
         _logger.info("chatobs: %s metrics at %s", self.service, server.url)
         return server
@@ -273,14 +285,19 @@ def setup(
     with _setup_lock:
         if _current is None:
             settings = load_settings(env)
-            telemetry = Telemetry(settings, service=service, set_global=True)
+            telemetry = Telemetry(settings, service=service)
             if settings.chatobs.metrics_port is not None and telemetry.scrape_reader is not None:
-                telemetry.serve()
+                try:
+                    telemetry.serve()
+                except BaseException:
+                    telemetry.shutdown()  # nothing half-built stays behind, nothing was made global
+                    raise
             elif app is None and telemetry.scrape_reader is not None:
                 _logger.warning(
                     "chatobs: no app given and CHATOBS_METRICS_PORT unset: nothing serves /metrics "
                     "until telemetry.mount(app) or telemetry.serve() is called"
                 )
+            telemetry.make_global()
             atexit.register(telemetry.shutdown)
             _current = telemetry
         elif service is not None and service != _current.service:

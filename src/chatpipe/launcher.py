@@ -147,7 +147,10 @@ class Pipeline:
     def start(self) -> Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            for group in (("llm_sim", "somabrain_sim"), ("gateway", "publisher", "replicator", "worker", "tool_executor")):
+            for group in (
+                ("llm_sim", "somabrain_sim"),
+                ("gateway", "publisher", "replicator", "worker", "tool_executor"),
+            ):
                 began = time.monotonic()
                 for name in group:
                     self._start(name)

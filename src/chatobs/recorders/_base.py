@@ -11,6 +11,7 @@ from typing import Any, ParamSpec, TypeVar
 from opentelemetry.context import Context
 
 from chatobs import catalogue
+from chatobs.catalogue import OVERFLOW_VALUE
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 
@@ -24,14 +25,16 @@ R = TypeVar("R")
 ErrorCallback = Callable[[str, BaseException], None]
 
 
-def guarded(metric_name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
+def guarded(metric_name: str | Callable[..., str]) -> Callable[[Callable[P, None]], Callable[P, None]]:
     """Make a recording method swallow its own failures.
 
     Instrumentation must never break the host: an exception raised while
     recording is logged (once per metric) and counted in
     ``chatobs_recording_errors_total{metric=...}``, and the caller carries on.
+    ``metric_name`` may be a function of the method's arguments (``backend`` -> its metric).
     """
-    catalogue.get(metric_name)  # fail at import time on a typo, not at record time
+    if isinstance(metric_name, str):
+        catalogue.get(metric_name)  # fail at import time on a typo, not at record time
 
     def decorate(method: Callable[P, None]) -> Callable[P, None]:
         @functools.wraps(method)
@@ -40,11 +43,21 @@ def guarded(metric_name: str) -> Callable[[Callable[P, None]], Callable[P, None]
                 method(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - recording must never raise into the app
                 recorder: Recorder = args[0]  # type: ignore[assignment]
-                recorder._on_error(metric_name, exc)
+                name = metric_name if isinstance(metric_name, str) else _name_from(metric_name, args[1:], kwargs)
+                recorder._on_error(name, exc)
 
         return wrapper
 
     return decorate
+
+
+def _name_from(compute: Callable[..., str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    try:
+        name = compute(*args, **kwargs)
+        catalogue.get(name)
+        return name
+    except Exception:  # noqa: BLE001 - the arguments were the problem: still count the error
+        return OVERFLOW_VALUE
 
 
 class Timer:

@@ -78,7 +78,7 @@ class BacklogRecorder(Recorder):
         if failed:
             self._add("wal_publish_errors_total", 1, "produce", context=context)
 
-    @guarded("redis_operation_seconds")
+    @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds")
     def backend_operation(
         self, backend: str, operation: str, seconds: float, *, failed: bool, context: Context | None = None
     ) -> None:

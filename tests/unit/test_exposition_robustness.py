@@ -1,0 +1,117 @@
+"""Regressions: inputs that once broke the whole scrape."""
+
+from __future__ import annotations
+
+import socket
+import time
+from decimal import Decimal
+
+import pytest
+from opentelemetry.metrics import Observation
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from chatobs import ConfigError, Telemetry, load_settings
+
+OPENMETRICS = "application/openmetrics-text"
+
+
+def build(**env: str) -> Telemetry:
+    return Telemetry(load_settings(env), service="worker")
+
+
+def both_formats(telemetry: Telemetry) -> tuple[str, str]:
+    text = telemetry.scrape()[2].decode()
+    openmetrics = telemetry.scrape(OPENMETRICS)[2].decode()
+    list(parse_text(text))
+    list(parse_openmetrics(openmetrics))
+    return text, openmetrics
+
+
+def test_decimal_bool_and_other_number_types_render_as_numbers():
+    telemetry = build()
+    telemetry.backlog.outbox_pending(Decimal("5"))  # type: ignore[arg-type]
+    telemetry.budgets.tokens("acme", allowed=True, used=1)  # type: ignore[arg-type]
+    telemetry.somabrain.context_build(Decimal("0.3"))  # type: ignore[arg-type]
+    text, _ = both_formats(telemetry)
+    assert "outbox_pending 5.0\n" in text
+    assert 'tenant_budget_tokens_allowed{tenant="acme"} 1.0\n' in text
+
+
+def test_a_lone_surrogate_in_a_label_value_does_not_fail_the_scrape():
+    telemetry = build()
+    telemetry.llm.request("gpt\ud800", "p")
+    status, _, body = telemetry.scrape()
+    assert status == 200
+    assert 'llm_requests_total{model="gpt?",provider="p",mode="normal"} 1' in body.decode()
+
+
+def test_one_name_from_two_meters_is_one_family():
+    telemetry = build()
+    telemetry.llm.request("m", "p")
+    other = telemetry.meter_provider.get_meter("someone-else").create_counter("llm_requests_total")
+    other.add(1, {"model": "x", "provider": "p", "mode": "normal"})
+    text, openmetrics = both_formats(telemetry)
+    assert text.count("# TYPE llm_requests_total counter") == 1
+    assert openmetrics.count("# TYPE llm_requests counter") == 1
+
+
+def test_resource_attributes_that_collide_once_sanitised_keep_one_label():
+    telemetry = build(OTEL_RESOURCE_ATTRIBUTES="service_name=shadow", OTEL_SERVICE_NAME="worker-1")
+    text, _ = both_formats(telemetry)
+    [target] = [line for line in text.splitlines() if line.startswith("target_info{")]
+    assert target.count("service_name=") == 1
+    assert 'service_name="worker-1"' in target
+
+
+def test_exemplars_survive_a_text_scrape_in_between():
+    telemetry = build()
+    with TracerProvider().get_tracer("t").start_as_current_span("turn") as span:
+        telemetry.somabrain.context_build(0.2)
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    telemetry.scrape()  # a text-format scrape collects (and used to swallow) the exemplar
+    for _ in range(2):
+        assert trace_id in telemetry.scrape(OPENMETRICS)[2].decode()
+
+
+def test_a_collection_past_its_timeout_serves_the_previous_one():
+    telemetry = build(CHATOBS_SCRAPE_TIMEOUT_SECONDS="0.2")
+    state = {"value": 7, "delay": 0.0}
+
+    def reading(options):
+        time.sleep(state["delay"])
+        return [Observation(state["value"])]
+
+    telemetry.instruments.observe("outbox_pending", reading)
+    assert "outbox_pending 7\n" in telemetry.scrape()[2].decode()
+    state.update(value=8, delay=0.5)  # a measurement that blocks past the scrape timeout
+    status, _, body = telemetry.scrape()
+    assert status == 200
+    assert "outbox_pending 7\n" in body.decode(), "expected the previous collection, not an error"
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_variable():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        telemetry = build(CHATOBS_METRICS_HOST="127.0.0.1")
+        with pytest.raises(ConfigError) as caught:
+            telemetry.serve(port=port)
+    assert caught.value.variables == ("CHATOBS_METRICS_PORT",)
+    telemetry.shutdown()
+
+
+def test_head_and_unknown_paths_on_the_standalone_server():
+    import httpx
+
+    telemetry = build(CHATOBS_METRICS_HOST="127.0.0.1")
+    server = telemetry.serve(port=0)
+    try:
+        head = httpx.head(server.url, timeout=5)
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) > 0
+        assert httpx.get(server.url.replace("/metrics", "/nope"), timeout=5).status_code == 404
+    finally:
+        telemetry.shutdown()
