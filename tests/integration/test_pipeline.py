@@ -1,0 +1,177 @@
+"""The pipeline end to end: real processes, real Redis/PostgreSQL/Kafka protocol, simulated LLM and
+Somabrain; everything asserted is read back from the services' /metrics as Prometheus would."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from chatpipe.launcher import Pipeline
+from tests.chat_client import ChatClient, eventually
+from tests.metrics_text import value
+
+PIPELINE_ENV = {
+    "CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "0.3",
+    "CHATPIPE_BREAKER_FAILURE_THRESHOLD": "2",
+    "CHATPIPE_BREAKER_RESET_SECONDS": "1.5",
+    "CHATPIPE_DEGRADED_REPLAY_SECONDS": "0.5",
+    "CHATPIPE_BACKLOG_POLL_SECONDS": "0.3",
+    "CHATPIPE_TENANT_TOKEN_BUDGETS": "tiny=30",
+    "CHATPIPE_ATTACHMENT_MAX_BYTES": "1000",
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack, tmp_path_factory):
+    with Pipeline(stack, tmp_path_factory.mktemp("pipeline"), env=PIPELINE_ENV) as running:
+        yield running
+
+
+class Scrapes:
+    """Before/after readings of every service's /metrics."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.urls = pipeline.metrics_urls
+
+    def text(self, service: str) -> str:
+        return httpx.get(self.urls[service], timeout=5).text
+
+    def value(self, service: str, name: str, **labels: str) -> float:
+        return value(self.text(service), name, **labels)
+
+
+def control(url: str, **faults: object) -> None:
+    httpx.post(f"{url}/control", json=faults, timeout=5).raise_for_status()
+
+
+def test_a_chat_turn_streams_the_reply_and_moves_the_roadmap_metrics(pipeline):
+    scrapes = Scrapes(pipeline)
+    stats_before = httpx.get(f"{pipeline.llm_url}/stats").json()
+    before = {service: scrapes.text(service) for service in scrapes.urls}
+    chat = ChatClient(pipeline.gateway_url)
+    event, tokens = chat.turn(chat.new_session(), "hello pipeline")
+
+    assert event["type"] == "message" and event["mode"] == "normal"
+    assert event["content"].startswith("You said: hello pipeline.")
+    assert "".join(tokens) == event["content"]
+    stats = httpx.get(f"{pipeline.llm_url}/stats").json()
+
+    def moved(service: str, name: str, **labels: str) -> float:
+        return scrapes.value(service, name, **labels) - value(before[service], name, **labels)
+
+    assert moved("gateway", "chat_messages_in_total", role="user", source="web") == 1
+    assert moved("gateway", "chat_enqueue_seconds_count") == 1
+    assert moved("worker", "context_build_seconds_count") == 1
+    assert moved("worker", "llm_requests_total", mode="normal") == 1
+    assert moved("worker", "llm_tokens_total", direction="in") == stats["prompt_tokens"] - stats_before["prompt_tokens"]
+    assert moved("worker", "llm_tokens_total", direction="out") == (
+        stats["completion_tokens"] - stats_before["completion_tokens"]
+    )
+    assert moved("worker", "llm_latency_seconds_count") == 1
+    assert moved("worker", "llm_time_to_first_token_seconds_count") == 1
+    assert moved("worker", "event_to_response_seconds_count", mode="normal") == 1
+    assert moved("worker", "wal_consume_seconds_count") == 1
+    assert moved("worker", "assistant_emitted_total", mode="normal") == 1
+    assert moved("publisher", "wal_publish_seconds_count") == 1
+    eventually(lambda: moved("replicator", "wal_consume_seconds_count") == 1, what="replicated")
+
+
+def test_somabrain_outage_degrades_buffers_and_recovers(pipeline):
+    scrapes = Scrapes(pipeline)
+    before = scrapes.text("worker")
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    control(pipeline.somabrain_url, hang=True)
+    try:
+        replies = [chat.turn(session, f"degraded turn {n}")[0] for n in range(3)]
+    finally:
+        control(pipeline.somabrain_url, hang=False)
+    assert [reply["mode"] for reply in replies] == ["degraded"] * 3
+    after = scrapes.text("worker")
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("somabrain_calls_total", result="timeout") >= 2
+    assert moved("somabrain_calls_total", result="circuit_open") >= 1
+    assert moved("somabrain_bypass_total") == 3
+    assert moved("llm_requests_total", mode="degraded_bypass_somabrain") == 3
+    assert moved("assistant_emitted_total", mode="degraded") == 3
+    # Recovery: the breaker half-opens, the replay drains the buffer, the circuit closes.
+    eventually(lambda: scrapes.value("worker", "circuit_state", component="somabrain") == 0, what="circuit closed")
+    eventually(lambda: scrapes.value("worker", "degraded_buffer_size") == 0, what="buffer drained")
+    remembered = httpx.get(f"{pipeline.somabrain_url}/memories", params={"session_id": session}).json()
+    assert remembered["count"] == 3, "every buffered memory write was replayed once"
+
+
+def test_the_outage_is_visible_while_it_lasts(pipeline):
+    scrapes = Scrapes(pipeline)
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    control(pipeline.somabrain_url, outage=True)
+    try:
+        for n in range(3):
+            chat.turn(session, f"during outage {n}")
+        eventually(lambda: scrapes.value("worker", "circuit_state", component="somabrain") == 2, what="open")
+        eventually(lambda: scrapes.value("worker", "degraded_buffer_size") >= 3, what="buffered")
+    finally:
+        control(pipeline.somabrain_url, outage=False)
+    eventually(lambda: scrapes.value("worker", "degraded_buffer_size") == 0, what="drained")
+
+
+def test_llm_error_burst_is_counted_and_the_user_told(pipeline):
+    scrapes = Scrapes(pipeline)
+    before = scrapes.value("worker", "llm_errors_total", provider="simulator", code="http_5xx")
+    chat = ChatClient(pipeline.gateway_url)
+    control(pipeline.llm_url, error_rates={"503": 1.0})
+    try:
+        event, _ = chat.turn(chat.new_session(), "are you there?")
+    finally:
+        control(pipeline.llm_url, error_rates={})
+    assert event["type"] == "error" and "http_5xx" in event["error"]
+    assert scrapes.value("worker", "llm_errors_total", provider="simulator", code="http_5xx") == before + 1
+
+
+def test_a_tenant_over_its_budget_is_refused_clearly(pipeline):
+    scrapes = Scrapes(pipeline)
+    chat = ChatClient(pipeline.gateway_url, tenant="tiny")  # 30 tokens per window (PIPELINE_ENV)
+    session = chat.new_session()
+    tokens_before = scrapes.value("worker", "llm_tokens_total")
+    first, _ = chat.turn(session, "spend my tokens")
+    assert first["type"] == "message"  # admitted: nothing spent yet
+    first_turn_tokens = scrapes.value("worker", "llm_tokens_total") - tokens_before
+    refused, _ = chat.turn(session, "one more please")
+    assert refused["type"] == "error" and refused["reason"] == "budget"
+    assert f"Token budget exceeded for tenant tiny: {first_turn_tokens:.0f} of 30 tokens" in refused["error"]
+    text = scrapes.text("worker")
+    assert value(text, "tenant_budget_tokens_overruns_total", tenant="tiny") == 1
+    assert value(text, "tenant_budget_tokens_allowed", tenant="tiny") == 30
+    assert value(text, "tenant_budget_tokens_used", tenant="tiny") == first_turn_tokens > 30
+    assert value(text, "tenant_budget_messages_used", tenant="tiny") == 1
+
+
+def test_a_tool_call_is_executed_by_the_tool_executor(pipeline):
+    scrapes = Scrapes(pipeline)
+    before = scrapes.value("tool_executor", "tool_calls_total", tool="calculator", result="success")
+    chat = ChatClient(pipeline.gateway_url)
+    event, _ = chat.turn(chat.new_session(), "calc: 6*7")
+    assert event["type"] == "message" and "42" in event["content"]
+    assert scrapes.value("tool_executor", "tool_calls_total", tool="calculator", result="success") == before + 1
+    assert scrapes.value("tool_executor", "tool_call_seconds_count", tool="calculator") >= 1
+
+
+def test_attachments_limits_answer_json_errors(pipeline):
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    scrapes = Scrapes(pipeline)
+    before = scrapes.value("gateway", "attachments_uploaded_total")
+    ok = chat.http.post(f"/v1/sessions/{session}/attachments", files={"file": ("a.txt", b"hello", "text/plain")})
+    assert ok.status_code == 201 and ok.json()["size_bytes"] == 5
+    too_big = chat.http.post(f"/v1/sessions/{session}/attachments",
+                             files={"file": ("b.txt", b"x" * 1001, "text/plain")})  # fmt: skip
+    assert too_big.status_code == 413 and "larger than 1000 bytes" in too_big.json()["error"]
+    wrong_type = chat.http.post(f"/v1/sessions/{session}/attachments",
+                                files={"file": ("c.exe", b"MZ", "application/x-msdownload")})  # fmt: skip
+    assert wrong_type.status_code == 415 and "not accepted" in wrong_type.json()["error"]
+    assert scrapes.value("gateway", "attachments_uploaded_total") == before + 1
+    assert scrapes.value("gateway", "attachment_upload_seconds_count") >= 1
