@@ -186,3 +186,24 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     for process in processes:
         process.terminate()
         process.wait(timeout=20)
+
+
+#: Faults take effect fast in tests: short timeouts, a breaker that opens after two failures.
+PIPELINE_ENV = {
+    "CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "0.3",
+    "CHATPIPE_BREAKER_FAILURE_THRESHOLD": "2",
+    "CHATPIPE_BREAKER_RESET_SECONDS": "1.5",
+    "CHATPIPE_DEGRADED_REPLAY_SECONDS": "0.5",
+    "CHATPIPE_BACKLOG_POLL_SECONDS": "0.3",
+    "CHATPIPE_TENANT_TOKEN_BUDGETS": "tiny=30",
+    "CHATPIPE_ATTACHMENT_MAX_BYTES": "1000",
+}
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack, tmp_path_factory):
+    """The whole pipeline (simulators + five services as processes) on the session's stack."""
+    from chatpipe.launcher import Pipeline
+
+    with Pipeline(stack, tmp_path_factory.mktemp("pipeline"), env=PIPELINE_ENV) as running:
+        yield running

@@ -4,27 +4,10 @@ Somabrain; everything asserted is read back from the services' /metrics as Prome
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from chatpipe.launcher import Pipeline
 from tests.chat_client import ChatClient, eventually
 from tests.metrics_text import value
-
-PIPELINE_ENV = {
-    "CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "0.3",
-    "CHATPIPE_BREAKER_FAILURE_THRESHOLD": "2",
-    "CHATPIPE_BREAKER_RESET_SECONDS": "1.5",
-    "CHATPIPE_DEGRADED_REPLAY_SECONDS": "0.5",
-    "CHATPIPE_BACKLOG_POLL_SECONDS": "0.3",
-    "CHATPIPE_TENANT_TOKEN_BUDGETS": "tiny=30",
-    "CHATPIPE_ATTACHMENT_MAX_BYTES": "1000",
-}
-
-
-@pytest.fixture(scope="module")
-def pipeline(stack, tmp_path_factory):
-    with Pipeline(stack, tmp_path_factory.mktemp("pipeline"), env=PIPELINE_ENV) as running:
-        yield running
 
 
 class Scrapes:
@@ -134,7 +117,7 @@ def test_llm_error_burst_is_counted_and_the_user_told(pipeline):
 
 def test_a_tenant_over_its_budget_is_refused_clearly(pipeline):
     scrapes = Scrapes(pipeline)
-    chat = ChatClient(pipeline.gateway_url, tenant="tiny")  # 30 tokens per window (PIPELINE_ENV)
+    chat = ChatClient(pipeline.gateway_url, tenant="tiny")  # 30 tokens per window (PIPELINE_ENV in conftest)
     session = chat.new_session()
     tokens_before = scrapes.value("worker", "llm_tokens_total")
     first, _ = chat.turn(session, "spend my tokens")

@@ -1,0 +1,51 @@
+"""The chat page in a real browser (Debian Chromium driven by Playwright): what a person sees."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+
+from tests.chat_client import eventually
+from tests.metrics_text import value
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without these, Chromium tries the network at start, and this machine's network refuses it.
+CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which("chromium"):
+        pytest.fail("chromium not found: install the Debian package `chromium` (.ci/run does)")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_chat_page_streams_a_reply_and_counts_the_sse_client(pipeline, browser, tmp_path):
+    gateway_metrics = pipeline.metrics_urls["gateway"]
+
+    def sse_clients() -> float:
+        return value(httpx.get(gateway_metrics, timeout=5).text, "sse_clients_gauge")
+
+    eventually(lambda: sse_clients() == 0, what="no SSE client before the page opens")
+    page = browser.new_page()
+    page.goto(f"{pipeline.gateway_url}/")
+    page.click("#new-session")
+    page.wait_for_selector("#status[data-ready='1']")
+    eventually(lambda: sse_clients() == 1, what="the page's stream is counted")
+
+    page.fill("#message", "hello from the browser")
+    page.click("#send")
+    reply = page.wait_for_selector(".assistant.done", timeout=30_000)
+    assert reply.text_content().startswith("You said: hello from the browser.")
+    assert page.locator(".turn.user").first.text_content() == "hello from the browser"
+    page.screenshot(path=str(tmp_path / "chat.png"))
+
+    page.close()
+    eventually(lambda: sse_clients() == 0, what="the stream ends when the page closes")
