@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,5 +206,8 @@ def pipeline(stack, tmp_path_factory):
     """The whole pipeline (simulators + five services as processes) on the session's stack."""
     from chatpipe.launcher import Pipeline
 
-    with Pipeline(stack, tmp_path_factory.mktemp("pipeline"), env=PIPELINE_ENV) as running:
+    # Topics of its own: other tests publish to the session broker's default topics.
+    suffix = uuid.uuid4().hex[:8]
+    env = {**PIPELINE_ENV, "CHATOBS_WAL_TOPIC": f"chat.wal.{suffix}", "CHATPIPE_TOOL_TOPIC": f"chat.tools.{suffix}"}
+    with Pipeline(stack, tmp_path_factory.mktemp("pipeline"), env=env) as running:
         yield running

@@ -65,10 +65,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_models() -> list[type]:
+    """chatobs's settings models, then those other packages declare (entry points ``chatobs.settings``)."""
+    from chatobs.settings import ChatobsSettings, OtelSettings
+
+    models: list[type] = [OtelSettings, ChatobsSettings]
+    for entry_point in sorted(entry_points(group="chatobs.settings"), key=lambda ep: ep.name):
+        models.append(entry_point.load())
+    return models
+
+
 def render_readme(readme: str) -> str:
     """``readme`` with the settings table between its markers regenerated."""
     start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
-    return readme[:start] + "\n" + settings_table() + readme[end:]
+    return readme[:start] + "\n" + settings_table(_settings_models()) + readme[end:]
 
 
 def _cmd_docs(args: argparse.Namespace) -> int:

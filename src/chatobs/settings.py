@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -341,16 +341,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(otel, chatobs)
 
 
-def settings_table() -> str:
-    """A Markdown table of every variable, its default and meaning (for the README)."""
+def settings_table(models: Sequence[type[BaseSettings]] = (OtelSettings, ChatobsSettings)) -> str:
+    """A Markdown table of every variable of ``models``, its default and meaning (for the README)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for model in (OtelSettings, ChatobsSettings):
+    for model in models:
         for field, info in model.model_fields.items():
             default = info.default
             if isinstance(default, tuple):
                 default = ",".join(default)
             elif isinstance(default, bool):
                 default = str(default).lower()
-            shown = "" if default in (None, "", ()) else f"`{default}`"
+            shown = "" if default in (None, "", ()) or str(default) == "PydanticUndefined" else f"`{default}`"
+            if info.is_required():
+                shown = "required"
             rows.append(f"| `{_env_name(model, field)}` | {shown} | {info.description or ''} |")
     return "\n".join(rows) + "\n"

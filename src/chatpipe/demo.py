@@ -1,96 +1,398 @@
-"""``chatobs demo``: run the instrumented service locally and drive traffic through it.
+"""``chatobs demo``: the instrumented pipeline on the local stack, with live ``/metrics``.
+
+Starts the local stack (or uses ``REDIS_URL``/``DATABASE_URL``/``KAFKA_BOOTSTRAP_SERVERS``),
+the LLM and Somabrain simulators and every service; starts Prometheus with
+``otel/prometheus.yml`` when the binary is installed; drives chat traffic from several
+tenants through the gateway; plays a scenario (normal, Somabrain outage, recovery, LLM
+error burst, backend blips, budget overruns); prints every ``/metrics`` URL; ends with
+key metrics read back from the endpoints and the catalogue metrics that never moved.
 
 Example::
 
-    chatobs demo --duration 30 --rate 20
+    chatobs demo --duration 60 --rate 8
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import random
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.live import Live
 from rich.table import Table
+
+from chatobs import catalogue
+from chatobs.stack import LocalStack
+from chatpipe.launcher import Pipeline
 
 __all__ = ["register"]
 
-_TENANTS = ("acme", "globex", "initech")
-_SOURCES = ("web", "api", "cli")
-_SUMMARY = ("sessions_created_total", "chat_messages_in_total", "chat_enqueue_seconds_count")
+#: Tenants the traffic comes from; `tiny` and `quota` have small budgets so overruns happen.
+TENANTS = ("acme", "globex", "initech", "tiny", "quota")
+DEMO_ENV = {
+    "CHATPIPE_TENANT_TOKEN_BUDGETS": "tiny=400",
+    "CHATPIPE_TENANT_MESSAGE_BUDGETS": "quota=3",
+    "CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "0.4",
+    "CHATPIPE_BREAKER_RESET_SECONDS": "3",
+    "CHATPIPE_DEGRADED_REPLAY_SECONDS": "1",
+    "CHATPIPE_BACKLOG_POLL_SECONDS": "1",
+}
+#: A self-metric that moves only when chatobs itself fails: staying at 0 is the healthy outcome.
+EXPECTED_STILL = {"chatobs_recording_errors_total"}
+_SUMMARY = (
+    ("gateway", "chat_messages_in_total"),
+    ("gateway", "sessions_created_total"),
+    ("gateway", "attachments_uploaded_total"),
+    ("worker", "llm_requests_total"),
+    ("worker", "llm_tokens_total"),
+    ("worker", "llm_errors_total"),
+    ("worker", "somabrain_calls_total"),
+    ("worker", "assistant_emitted_total"),
+    ("worker", "tenant_budget_tokens_overruns_total"),
+    ("worker", "tenant_budget_messages_overruns_total"),
+    ("publisher", "wal_publish_errors_total"),
+    ("tool_executor", "tool_calls_total"),
+)
+_CONTENTS = (
+    "hello, how are you?",
+    "tell me something about observability",
+    "calc: 12*7",
+    "what time is it?",
+    "summarize: metrics are numbers over time; traces are requests across services; logs are events",
+    "remind me what we talked about",
+)
 
 
 def register(commands: Any) -> None:
     """Add the ``demo`` subcommand to the ``chatobs`` CLI (entry point ``chatobs.commands``)."""
-    demo = commands.add_parser("demo", help="run the instrumented example service and drive traffic through it")
-    demo.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    demo.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    demo = commands.add_parser("demo", help="run the instrumented pipeline on the local stack and drive traffic")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
-    demo.add_argument("--rate", type=float, default=10.0, help="messages per second (default 10)")
+    demo.add_argument("--rate", type=float, default=6.0, help="chat messages per second (default 6)")
+    demo.add_argument("--cycle", type=float, default=None,
+                      help="seconds per scenario cycle (default: the duration, else 90)")  # fmt: skip
+    demo.add_argument("--prometheus-config", default="otel/prometheus.yml",
+                      help="scrape config for the demo's Prometheus (default otel/prometheus.yml)")  # fmt: skip
+    demo.add_argument("--run-dir", default=None, help="where logs and data go (default: a temporary directory)")
     demo.set_defaults(run=lambda args: asyncio.run(_run(args)))
 
 
-def _summary(text: str) -> Table:
-    table = Table(title="key metrics, read back from /metrics")
-    table.add_column("series")
-    table.add_column("value", justify="right")
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in _SUMMARY:
-                labels = ",".join(f"{k}={v}" for k, v in sample.labels.items())
-                table.add_row(f"{sample.name}{{{labels}}}" if labels else sample.name, f"{sample.value:g}")
+# -- what moved ------------------------------------------------------------------------
+@dataclass
+class Tracker:
+    """Scrapes every service's /metrics and remembers which catalogue metrics ever moved."""
+
+    urls: dict[str, str]
+    moved: set[str] = field(default_factory=set)
+    last: dict[str, str] = field(default_factory=dict)
+
+    async def poll(self, http: httpx.AsyncClient) -> None:
+        for service, url in self.urls.items():
+            try:
+                text = (await http.get(url, timeout=5)).text
+            except httpx.HTTPError:
+                continue
+            self.last[service] = text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    name = sample.name
+                    if family.type == "histogram" and name.endswith("_count"):
+                        name = name.removesuffix("_count")
+                    elif family.type == "histogram":
+                        continue
+                    if sample.value != 0:
+                        self.moved.add(name)
+
+    def total(self, service: str, name: str) -> float:
+        text = self.last.get(service, "")
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+    def never_moved(self) -> list[str]:
+        return [m.name for m in catalogue.CATALOGUE if m.name not in self.moved and m.name not in EXPECTED_STILL]
+
+
+# -- traffic -----------------------------------------------------------------------------
+@dataclass
+class Counters:
+    sent: int = 0
+    replies: int = 0
+    refused: int = 0
+    errors: int = 0
+    phase: str = "starting"
+
+
+class Traffic:
+    """Chat traffic through the gateway, with SSE listeners as the chat page has."""
+
+    def __init__(self, gateway: str, counters: Counters):
+        self.gateway = gateway
+        self.counters = counters
+        self.sessions: dict[str, str] = {}
+        self._listeners: dict[str, asyncio.Task[None]] = {}
+
+    async def open_session(self, http: httpx.AsyncClient, tenant: str) -> None:
+        old = self.sessions.get(tenant)
+        if old:
+            self._listeners.pop(tenant).cancel()
+            with contextlib.suppress(httpx.HTTPError):
+                await http.delete(f"/v1/sessions/{old}")
+        response = await http.post("/v1/sessions", headers={"X-Tenant-ID": tenant})
+        response.raise_for_status()
+        self.sessions[tenant] = response.json()["session_id"]
+        self._listeners[tenant] = asyncio.create_task(self._listen(self.sessions[tenant]))
+
+    async def _listen(self, session_id: str) -> None:
+        url = f"{self.gateway}/v1/sessions/{session_id}/events"
+        while True:
+            try:
+                async with (
+                    httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as sse,
+                    sse.stream("GET", url) as stream,
+                ):
+                    kind = ""
+                    async for line in stream.aiter_lines():
+                        if line.startswith("event: "):
+                            kind = line[7:]
+                        elif line.startswith("data: ") and kind in ("message", "error"):
+                            event = json.loads(line[6:])
+                            if kind == "message":
+                                self.counters.replies += 1
+                            elif event.get("reason") == "budget":
+                                self.counters.refused += 1
+                            else:
+                                self.counters.errors += 1
+                    if stream.status_code == 404:
+                        return
+            except (httpx.HTTPError, ValueError):
+                await asyncio.sleep(1)
+
+    async def send_one(self, http: httpx.AsyncClient) -> None:
+        tenant = random.choice(TENANTS)  # noqa: S311 - load shaping, not security
+        if tenant not in self.sessions or random.random() < 0.02:  # noqa: S311
+            await self.open_session(http, tenant)
+        session = self.sessions[tenant]
+        # A client type the deployment does not list yet shows up now and then: it is recorded as `other`.
+        source = random.choice(("web", "web", "api", "cli", "mobile"))  # noqa: S311
+        body = {"role": "user", "content": random.choice(_CONTENTS), "source": source}  # noqa: S311
+        response = await http.post(f"/v1/sessions/{session}/messages", json=body)
+        self.counters.sent += 1
+        if response.status_code != 202:
+            self.counters.errors += 1
+        if random.random() < 0.1:  # noqa: S311
+            files = {"file": ("notes.txt", b"some notes about the chat\n" * 20, "text/plain")}
+            await http.post(f"/v1/sessions/{session}/attachments", files=files)
+
+    def stop(self) -> None:
+        for task in self._listeners.values():
+            task.cancel()
+
+
+# -- scenario ------------------------------------------------------------------------------
+PHASES = (  # (start fraction of the cycle, name)
+    (0.00, "normal"),
+    (0.22, "Somabrain slow (timeouts)"),
+    (0.32, "Somabrain down"),
+    (0.42, "recovery"),
+    (0.52, "LLM error burst"),
+    (0.62, "backend blips"),
+    (0.72, "normal"),
+)
+
+
+async def _scenario(pipeline: Pipeline, stack: LocalStack, counters: Counters, cycle: float,
+                    http: httpx.AsyncClient) -> None:  # fmt: skip
+    async def control(url: str, **faults: object) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await http.post(f"{url}/control", json=faults)
+
+    started = time.monotonic()
+    while True:
+        for start, name in PHASES:
+            await asyncio.sleep(max(0.0, started + start * cycle - time.monotonic()))
+            counters.phase = name
+            await control(pipeline.somabrain_url, hang=name.startswith("Somabrain slow"),
+                          outage=name == "Somabrain down")  # fmt: skip
+            await control(pipeline.llm_url, error_rates={"503": 0.5, "429": 0.2} if name == "LLM error burst" else {})
+            if name == "backend blips":
+                # Kafka stays down past the producer's 5 s request timeout, so deliveries really fail.
+                for server, seconds in (("redis", 3.0), ("postgres", 2.0), ("kafka", 7.0)):
+                    if server in stack.started:
+                        await asyncio.to_thread(stack.stop_server, server)
+                        await asyncio.sleep(seconds)
+                        await asyncio.to_thread(stack.start_server, server)
+        started += cycle
+        await asyncio.sleep(max(0.0, started - time.monotonic()))
+
+
+# -- Prometheus -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _prometheus(config_path: Path, pipeline: Pipeline, run_dir: Path, console: Console) -> Iterator[str | None]:
+    binary = shutil.which("prometheus")
+    if binary is None or not config_path.exists():
+        reason = "no prometheus binary" if binary is None else f"{config_path} not found"
+        console.print(f"[dim]Prometheus not started ({reason})[/dim]")
+        yield None
+        return
+    config = yaml.safe_load(config_path.read_text())
+    config.setdefault("global", {})["scrape_interval"] = "2s"  # a demo lasts minutes, not hours
+    config["global"]["evaluation_interval"] = "2s"
+    config["global"]["scrape_timeout"] = "2s"  # may not exceed the interval
+    targets = run_dir / "targets"
+    targets.mkdir(exist_ok=True)
+    for job in config["scrape_configs"]:
+        url = pipeline.metrics_urls.get(job["job_name"])
+        address = [url.removeprefix("http://").split("/", 1)[0]] if url else []
+        (targets / f"{job['job_name']}.json").write_text(json.dumps([{"targets": address}]))
+    (run_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = open(run_dir / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [binary, f"--config.file={run_dir / 'prometheus.yml'}", f"--storage.tsdb.path={run_dir / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if _wait_ready(f"{url}/-/ready", process):
+            yield url
+        else:
+            tail = (run_dir / "prometheus.log").read_text(errors="replace").splitlines()[-3:]
+            console.print("[yellow]Prometheus did not start:[/yellow] " + " ".join(tail))
+            yield None
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the run ------------------------------------------------------------------------------------
+def _status(counters: Counters, elapsed: float, duration: float | None) -> Table:
+    table = Table(show_header=False, box=None)
+    left = f" / {duration:.0f}s" if duration else ""
+    table.add_row("phase", f"[bold]{counters.phase}[/bold]", "elapsed", f"{elapsed:.0f}s{left}")
+    table.add_row("sent", str(counters.sent), "replies", str(counters.replies))
+    table.add_row("refused (budget)", str(counters.refused), "errors", str(counters.errors))
     return table
 
 
-async def _drive(base: str, rate: float, deadline: float | None, progress: Progress, task: Any) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=5.0) as client:
-        sessions = []
-        for tenant in _TENANTS:
-            response = await client.post("/v1/sessions", headers={"X-Tenant-ID": tenant})
-            sessions.append(response.json()["session_id"])
-        sent = 0
-        while deadline is None or time.monotonic() < deadline:
-            session = random.choice(sessions)  # noqa: S311 - load shaping, not security
-            body = {"role": "user", "content": f"hello {sent}", "source": random.choice(_SOURCES)}  # noqa: S311
-            await client.post(f"/v1/sessions/{session}/messages", json=body)
-            sent += 1
-            progress.update(task, advance=1, description=f"{sent} messages sent")
-            await asyncio.sleep(1.0 / rate)
+def _summary(tracker: Tracker) -> Table:
+    table = Table(title="key metrics, read back from /metrics")
+    table.add_column("service")
+    table.add_column("metric")
+    table.add_column("total", justify="right")
+    for service, name in _SUMMARY:
+        table.add_row(service, name, f"{tracker.total(service, name):g}")
+    return table
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from chatpipe.example import create_app
-
     console = Console()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(create_app(), log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.05)
-    base = f"http://{host}:{port}"
-    console.print(f"example gateway: {base}   metrics: [bold]{base}/metrics[/bold]   (Ctrl-C to stop)")
-    deadline = time.monotonic() + args.duration if args.duration else None
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="chatobs-demo-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cycle = args.cycle or args.duration or 90.0
+    counters = Counters()
+    console.print(f"[bold]chatobs demo[/bold]: logs and data in {run_dir}")
+    stack = LocalStack.from_environment()
+    await asyncio.to_thread(stack.start, lambda message: console.print(f"  stack: {message}"))
+    pipeline = Pipeline(stack.environment, run_dir, env=DEMO_ENV, progress=lambda m: console.print(f"  {m}"))
+    tasks: list[asyncio.Task[Any]] = []
+    traffic: Traffic | None = None
+    tracker = Tracker({})
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("starting", total=None)
-            await _drive(base, args.rate, deadline, progress, task)
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        pass
+        await asyncio.to_thread(pipeline.start)
+        tracker.urls = pipeline.metrics_urls
+        with _prometheus(Path(args.prometheus_config), pipeline, run_dir, console) as prometheus_url:
+            urls = Table(title="live endpoints")
+            urls.add_column("service")
+            urls.add_column("URL")
+            urls.add_row("chat page", f"{pipeline.gateway_url}/")
+            for service, url in pipeline.metrics_urls.items():
+                urls.add_row(service, url)
+            if prometheus_url:
+                urls.add_row("Prometheus", prometheus_url)
+            console.print(urls)
+            async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=10) as http:
+                traffic = Traffic(pipeline.gateway_url, counters)
+                tasks.append(asyncio.create_task(_scenario(pipeline, stack, counters, cycle, http)))
+                await _drive(http, traffic, tracker, counters, args, console)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                traffic.stop()
+                await asyncio.sleep(2)  # let the last replies and backlog measurements land
+                await tracker.poll(http)
     finally:
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            metrics_text = (await client.get(f"{base}/metrics")).text
-        console.print(_summary(metrics_text))
-        server.should_exit = True
-        await serving
+        for task in tasks:
+            task.cancel()
+        if traffic:
+            traffic.stop()
+        await asyncio.to_thread(pipeline.stop)
+        await asyncio.to_thread(stack.stop)
+    console.print(_summary(tracker))
+    never = tracker.never_moved()
+    if never:
+        console.print(f"[yellow]catalogue metrics that never moved ({len(never)}):[/yellow] {', '.join(never)}")
+    else:
+        console.print("[green]every catalogue metric moved[/green] (chatobs_recording_errors_total stays 0 "
+                      "unless chatobs itself fails)")  # fmt: skip
+    console.print("stopped: every process ended, stack data removed")
     return 0
+
+
+async def _drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, counters: Counters,
+                 args: argparse.Namespace, console: Console) -> None:  # fmt: skip
+    started = time.monotonic()
+    deadline = started + args.duration if args.duration else None
+    next_poll = next_health = started
+    try:
+        with Live(_status(counters, 0, args.duration), console=console, refresh_per_second=2) as live:
+            while deadline is None or time.monotonic() < deadline:
+                now = time.monotonic()
+                if now >= next_poll:
+                    await tracker.poll(http)
+                    next_poll = now + 2
+                if now >= next_health:
+                    with contextlib.suppress(httpx.HTTPError):
+                        await http.get("/health")
+                    next_health = now + 5
+                try:
+                    await traffic.send_one(http)
+                except httpx.HTTPError:
+                    counters.errors += 1
+                live.update(_status(counters, time.monotonic() - started, args.duration))
+                await asyncio.sleep(random.expovariate(args.rate))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("interrupted: stopping")

@@ -26,11 +26,23 @@ import httpx
 
 __all__ = ["SERVICE_COMMANDS", "Pipeline", "PipelineError"]
 
+# Open SSE streams never end by themselves: bound how long uvicorn waits for them at shutdown.
+_UVICORN = ("--timeout-graceful-shutdown", "3")
+
 #: How each process of the pipeline is started (``{port}`` is its HTTP or metrics port).
 SERVICE_COMMANDS: dict[str, list[str]] = {
-    "llm_sim": ["-m", "uvicorn", "chatpipe.sim.llm:app", "--host", "127.0.0.1", "--port", "{port}"],
-    "somabrain_sim": ["-m", "uvicorn", "chatpipe.sim.somabrain:app", "--host", "127.0.0.1", "--port", "{port}"],
-    "gateway": ["-m", "uvicorn", "chatpipe.gateway:app", "--host", "127.0.0.1", "--port", "{port}"],
+    "llm_sim": ["-m", "uvicorn", "chatpipe.sim.llm:app", "--host", "127.0.0.1", "--port", "{port}", *_UVICORN],
+    "somabrain_sim": [
+        "-m",
+        "uvicorn",
+        "chatpipe.sim.somabrain:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        *_UVICORN,
+    ],
+    "gateway": ["-m", "uvicorn", "chatpipe.gateway:app", "--host", "127.0.0.1", "--port", "{port}", *_UVICORN],
     "publisher": ["-m", "chatpipe.outbox.publisher"],
     "replicator": ["-m", "chatpipe.outbox.replicator"],
     "worker": ["-m", "chatpipe.worker"],
@@ -163,22 +175,24 @@ class Pipeline:
             raise
         return self
 
-    @staticmethod
-    def _terminate(entry: _Process, timeout: float = 15.0) -> None:
-        if entry.process.poll() is None:
-            entry.process.terminate()
-            try:
-                entry.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                entry.process.kill()
-                entry.process.wait(timeout=timeout)
-
-    def stop(self) -> dict[str, int | None]:
-        """Stop every process (services first, simulators last); their exit codes."""
+    def stop(self, timeout: float = 15.0) -> dict[str, int | None]:
+        """Stop every process, services first and simulators last, each group in parallel;
+        return their exit codes. Anything still running after ``timeout`` is killed."""
         codes: dict[str, int | None] = {}
-        for entry in reversed(list(self._processes.values())):
-            self._terminate(entry)
-            codes[entry.name] = entry.process.returncode
+        services = [entry for entry in self._processes.values() if not entry.name.endswith("_sim")]
+        simulators = [entry for entry in self._processes.values() if entry.name.endswith("_sim")]
+        for group in (services, simulators):
+            for entry in group:
+                if entry.process.poll() is None:
+                    entry.process.terminate()
+            deadline = time.monotonic() + timeout
+            for entry in group:
+                try:
+                    entry.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    entry.process.kill()
+                    entry.process.wait(timeout=timeout)
+                codes[entry.name] = entry.process.returncode
         self._processes.clear()
         return codes
 

@@ -54,7 +54,11 @@ async def _faults() -> JSONResponse | None:
     if faults.outage:
         return JSONResponse({"error": "simulated outage"}, status_code=503)
     if faults.hang:
-        await asyncio.sleep(3600)  # the client's timeout ends this
+        # Hold the request until the fault is lifted (the client's timeout usually ends it first).
+        for _ in range(600):
+            if not app.state.faults.hang:
+                break
+            await asyncio.sleep(0.1)
     await asyncio.sleep(faults.latency_seconds)
     return None
 
