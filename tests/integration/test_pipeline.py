@@ -158,3 +158,27 @@ def test_attachments_limits_answer_json_errors(pipeline):
     assert wrong_type.status_code == 415 and "not accepted" in wrong_type.json()["error"]
     assert scrapes.value("gateway", "attachments_uploaded_total") == before + 1
     assert scrapes.value("gateway", "attachment_upload_seconds_count") >= 1
+
+
+def test_session_lifecycle_and_health(pipeline):
+    scrapes = Scrapes(pipeline)
+    chat = ChatClient(pipeline.gateway_url)
+    before = scrapes.text("gateway")
+    session = chat.new_session()
+    assert chat.http.delete(f"/v1/sessions/{session}").status_code == 204
+    gone = chat.http.post(f"/v1/sessions/{session}/messages", json={"content": "still there?"})
+    assert gone.status_code == 410 and "deleted" in gone.json()["error"]
+    missing = chat.http.delete("/v1/sessions/no-such-session")
+    assert missing.status_code == 404 and missing.json() == {"error": "no session no-such-session"}
+    bad_tenant = chat.http.post("/v1/sessions", headers={"X-Tenant-ID": "no spaces allowed"})
+    assert bad_tenant.status_code == 400
+    health = chat.http.get("/health")
+    assert health.status_code == 200 and health.json() == {"redis": "ok", "postgres": "ok"}
+    after = scrapes.text("gateway")
+    assert value(after, "sessions_created_total") - value(before, "sessions_created_total") == 1
+    assert value(after, "sessions_deleted_total") - value(before, "sessions_deleted_total") == 1
+    assert value(after, "health_checks_total", component="postgres", result="ok") >= 1
+    # Probes and scrapes stay out of the HTTP metrics; API routes appear by template, never raw path.
+    assert 'http_route="/v1/sessions/{session_id}"' in after
+    assert "/health" not in after.split("http_server_request_duration_seconds", 1)[1]
+    assert session not in after
