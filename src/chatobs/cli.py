@@ -82,10 +82,17 @@ def render_readme(readme: str) -> str:
 
 
 def _cmd_docs(args: argparse.Namespace) -> int:
+    from chatobs import dashboards, rules
+
     root = Path(args.root)
+    recording, alerts = rules.render(rules.PRODUCTION)
     targets = {
         root / "docs" / "metrics.md": catalogue.to_markdown(),
         root / "README.md": render_readme((root / "README.md").read_text()),
+        root / "otel" / "rules" / "recording.yml": recording,
+        root / "otel" / "rules" / "alerts.yml": alerts,
+        root / "otel" / "rules" / "tests" / "alerts_test.yml": rules.promtool_tests(),
+        **{root / "otel" / "grafana" / name: text for name, text in dashboards.render().items()},
     }
     stale = [path for path, text in targets.items() if not path.exists() or path.read_text() != text]
     if args.check:
@@ -93,6 +100,7 @@ def _cmd_docs(args: argparse.Namespace) -> int:
             print(f"{path} is out of date: run `chatobs docs`", file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(targets[path])
         print(f"wrote {path}")
     return 0
@@ -139,7 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--quiet-missing", action="store_true", help="do not list catalogue metrics never seen")
     check.set_defaults(run=_cmd_check)
 
-    docs = commands.add_parser("docs", help="regenerate docs/metrics.md and the README settings table")
+    docs = commands.add_parser(
+        "docs", help="regenerate docs/metrics.md, the README settings table, otel/rules and otel/grafana"
+    )
     docs.add_argument("--root", default=".", help="repository root (default: current directory)")
     docs.add_argument("--check", action="store_true", help="exit 1 if a generated file is out of date")
     docs.set_defaults(run=_cmd_docs)

@@ -12,6 +12,7 @@ first = chatobs.setup(service="worker")
 second = chatobs.setup(service="worker")  # must be harmless: same handle, no second server
 first.llm.request("sim", "simulator")
 second.llm.request("sim", "simulator")
+first.llm.latency(0.3, "sim", "simulator")
 print("ready", flush=True)
 
 stop = threading.Event()

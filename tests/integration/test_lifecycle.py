@@ -80,6 +80,11 @@ def test_shutdown_flushes_otlp_push_with_the_same_names_and_buckets(receiver):
     assert receiver.resource_attributes()["service.name"] == "worker"
     cpu = pushed["process_cpu_seconds_total"]
     assert cpu.sum.is_monotonic
+    # What a collector would expose (add_metric_suffixes: false) is the catalogue's names, unchanged.
+    assert set(pushed) <= {metric.name for metric in catalogue.CATALOGUE}
+    [point] = pushed["llm_latency_seconds"].histogram.data_points
+    assert list(point.explicit_bounds) == list(catalogue.LATENCY_BUCKETS)
+    assert point.count == 1
 
 
 def test_unreachable_otlp_endpoint_does_not_block_scrapes():

@@ -1,35 +1,109 @@
+"""The operations assets in otel/ and collector-config.yaml, checked as Prometheus,
+promtool and Grafana would read them."""
+
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
 import yaml
 
+from chatobs import catalogue
 from chatobs.catalogue import SERVICES
+from chatobs.rules import ALERT_CASES, ALERTS
 
 ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "otel" / "rules"
+GRAFANA = ROOT / "otel" / "grafana"
+_IDENTIFIER = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def run_promtool(promtool_path: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool_path, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_prometheus_config_is_valid_and_scrapes_every_role(promtool):
-    result = subprocess.run(
-        [promtool, "check", "config", str(ROOT / "otel/prometheus.yml")], capture_output=True, text=True, timeout=60
-    )
+    result = run_promtool(promtool, "check", "config", "otel/prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load((ROOT / "otel/prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == set(SERVICES)
     for job in jobs.values():
         assert "static_configs" not in job, "targets come from file service discovery, not this file"
+    assert config["rule_files"] == ["rules/recording.yml", "rules/alerts.yml"]
+
+
+def test_rules_are_valid(promtool):
+    result = run_promtool(promtool, "check", "rules", "otel/rules/recording.yml", "otel/rules/alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_pass_and_cover_every_alert_both_ways(promtool):
+    result = run_promtool(promtool, "test", "rules", "alerts_test.yml", cwd=RULES / "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    firing = {case.alert for case in ALERT_CASES if case.fires}
+    quiet = {case.alert for case in ALERT_CASES if not case.fires}
+    assert firing == quiet == {alert.name for alert in ALERTS}
+
+
+def test_every_alert_has_severity_summary_and_runbook():
+    for group in yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["severity"] in {"page", "critical", "warning", "info"}
+            assert rule["annotations"]["summary"]
+            assert len(rule["annotations"]["runbook"].split()) >= 20, f"{rule['alert']}: a runbook paragraph"
+
+
+def _expressions() -> list[str]:
+    exprs = [rule["expr"] for path in (RULES / "recording.yml", RULES / "alerts.yml")
+             for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]  # fmt: skip
+    for path in GRAFANA.glob("*.json"):
+        exprs += [target["expr"] for panel in json.loads(path.read_text())["panels"] for target in panel["targets"]]
+    return exprs
+
+
+def test_every_catalogue_metric_is_used_by_a_dashboard_or_a_rule():
+    used = {name for expr in _expressions() for name in _IDENTIFIER.findall(expr)}
+    used |= {name.removesuffix("_bucket") for name in used}
+    unused = [metric.name for metric in catalogue.CATALOGUE if metric.name not in used]
+    assert unused == []
+
+
+def test_dashboards_import_anywhere_and_show_exemplars_on_latency():
+    files = sorted(GRAFANA.glob("*.json"))
+    assert [f.name for f in files] == sorted(
+        ["chat-overview.json", "chat-llm-budgets.json", "chat-degraded-backlog.json", "chat-backends.json"]
+    )
+    for path in files:
+        text = path.read_text()
+        dashboard = json.loads(text)
+        assert dashboard["schemaVersion"] >= 36  # Grafana 10+
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+        uids = set(re.findall(r'"uid": "([^"]*)"', text)) - {dashboard["uid"]}
+        assert uids == {"${datasource}"}, f"{path.name}: hard-coded datasource uid {uids}"
+        for panel in dashboard["panels"]:
+            if "_bucket[" in panel["targets"][0]["expr"]:
+                assert all(target["exemplar"] for target in panel["targets"]), panel["title"]
 
 
 def test_collector_pipelines_reference_only_defined_components():
     config = yaml.safe_load((ROOT / "collector-config.yaml").read_text())
-    assert config["service"]["pipelines"], "no pipeline"
-    for name, pipeline in config["service"]["pipelines"].items():
+    pipelines = config["service"]["pipelines"]
+    assert set(pipelines) == {"metrics", "traces"}
+    for name, pipeline in pipelines.items():
         for kind in ("receivers", "processors", "exporters"):
-            for component in pipeline.get(kind, []):
+            assert pipeline[kind], f"{name}: no {kind}"
+            for component in pipeline[kind]:
                 assert component in config[kind], f"{name}: {kind[:-1]} {component} is not defined"
-    exporter = config["exporters"]["prometheus"]
-    # The services' names already are Prometheus names: the collector must not add suffixes.
-    assert exporter["add_metric_suffixes"] is False
-    assert exporter["enable_open_metrics"] is True
+        assert pipeline["processors"] == ["memory_limiter", "batch"], "memory_limiter must come first"
+    assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
+    # The services' instrument names already are the catalogue's Prometheus names: a collector
+    # that added suffixes would expose llm_requests_total_total. (tests/integration/test_lifecycle.py
+    # shows the pushed names are the catalogue's.)
+    for exporter in ("prometheus", "prometheusremotewrite"):
+        assert config["exporters"][exporter]["add_metric_suffixes"] is False
+    assert config["exporters"]["prometheus"]["enable_open_metrics"] is True
