@@ -19,9 +19,6 @@ import asyncio
 import contextlib
 import json
 import random
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
@@ -39,6 +35,7 @@ from rich.table import Table
 from chatobs import catalogue
 from chatobs.stack import LocalStack
 from chatpipe.launcher import Pipeline
+from chatpipe.prometheus import LocalPrometheus, PrometheusUnavailableError
 
 __all__ = ["register"]
 
@@ -244,61 +241,22 @@ async def _scenario(pipeline: Pipeline, stack: LocalStack, counters: Counters, c
 # -- Prometheus -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _prometheus(config_path: Path, pipeline: Pipeline, run_dir: Path, console: Console) -> Iterator[str | None]:
-    binary = shutil.which("prometheus")
-    if binary is None or not config_path.exists():
-        reason = "no prometheus binary" if binary is None else f"{config_path} not found"
-        console.print(f"[dim]Prometheus not started ({reason})[/dim]")
+    if not config_path.exists():
+        console.print(f"[dim]Prometheus not started ({config_path} not found)[/dim]")
         yield None
         return
-    config = yaml.safe_load(config_path.read_text())
-    config.setdefault("global", {})["scrape_interval"] = "2s"  # a demo lasts minutes, not hours
-    config["global"]["evaluation_interval"] = "2s"
-    config["global"]["scrape_timeout"] = "2s"  # may not exceed the interval
-    targets = run_dir / "targets"
-    targets.mkdir(exist_ok=True)
-    for job in config["scrape_configs"]:
-        url = pipeline.metrics_urls.get(job["job_name"])
-        address = [url.removeprefix("http://").split("/", 1)[0]] if url else []
-        (targets / f"{job['job_name']}.json").write_text(json.dumps([{"targets": address}]))
-    (run_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    log = open(run_dir / "prometheus.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [binary, f"--config.file={run_dir / 'prometheus.yml'}", f"--storage.tsdb.path={run_dir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    # A demo lasts minutes, not hours: scrape and evaluate every 2 seconds.
+    prometheus = LocalPrometheus(config_path, pipeline.metrics_urls, run_dir, interval="2s")
     try:
-        if _wait_ready(f"{url}/-/ready", process):
-            yield url
-        else:
-            tail = (run_dir / "prometheus.log").read_text(errors="replace").splitlines()[-3:]
-            console.print("[yellow]Prometheus did not start:[/yellow] " + " ".join(tail))
-            yield None
+        prometheus.start()
+    except PrometheusUnavailableError as error:
+        console.print(f"[dim]Prometheus not started ({error})[/dim]")
+        yield None
+        return
+    try:
+        yield prometheus.url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return True
-        time.sleep(0.2)
-    return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        prometheus.stop()
 
 
 # -- the run ------------------------------------------------------------------------------------

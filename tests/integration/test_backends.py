@@ -160,7 +160,9 @@ def test_prometheus_stores_backend_series_and_trace_exemplars(start_service, sta
         what="redis_operation_seconds_count scraped",
     )
     assert float(series[0]["value"][1]) == 5
-    assert prometheus.query('redis_errors_total{job="gateway"}') == []  # no failure, no series
+    # No failure: the error series exist, at 0, so the first failure will show in increase().
+    errors = prometheus.query('redis_errors_total{job="gateway"}')
+    assert errors and all(float(sample["value"][1]) == 0 for sample in errors)
     exemplars = prometheus.wait_for(
         lambda: prometheus.query_exemplars('redis_operation_seconds_bucket{job="gateway"}'),
         what="exemplars stored",

@@ -75,8 +75,9 @@ class BacklogRecorder(Recorder):
     def wal_publish(self, seconds: float, *, failed: bool, context: Context | None = None) -> None:
         """One publish to the WAL topic, send to broker acknowledgement (or failure)."""
         self._observe("wal_publish_seconds", seconds, context=context)
-        if failed:
-            self._add("wal_publish_errors_total", 1, "produce", context=context)
+        # Adding 0 on success creates the error series before the first failure: Prometheus's
+        # increase() of a series that first appears at 1 is 0, so that failure would not alert.
+        self._add("wal_publish_errors_total", 1 if failed else 0, "produce", context=context)
 
     @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds")
     def backend_operation(
@@ -85,8 +86,8 @@ class BacklogRecorder(Recorder):
         """One client operation on ``backend`` (redis, kafka, postgres): its duration and, if it
         failed, an error. Fed by :class:`chatobs.instrumentation.spanmetrics.BackendSpanMetrics`."""
         self._observe(f"{backend}_operation_seconds", seconds, operation, context=context)
-        if failed:
-            self._add(f"{backend}_errors_total", 1, operation, context=context)
+        # 0 on success: the error series exists before the first failure (see wal_publish).
+        self._add(f"{backend}_errors_total", 1 if failed else 0, operation, context=context)
 
     @guarded("redis_errors_total")
     def redis_error(self, operation: str) -> None:

@@ -21,11 +21,15 @@ class BudgetRecorder(Recorder):
     def tokens(self, tenant: str, *, allowed: int, used: int) -> None:
         self._set("tenant_budget_tokens_allowed", allowed, tenant)
         self._set("tenant_budget_tokens_used", used, tenant)
+        # The overrun series exists (at 0) before the tenant's first overrun: Prometheus's
+        # increase() of a series that first appears at 1 is 0, and that overrun would not alert.
+        self._add("tenant_budget_tokens_overruns_total", 0, tenant)
 
     @guarded("tenant_budget_messages_used")
     def messages(self, tenant: str, *, allowed: int, used: int) -> None:
         self._set("tenant_budget_messages_allowed", allowed, tenant)
         self._set("tenant_budget_messages_used", used, tenant)
+        self._add("tenant_budget_messages_overruns_total", 0, tenant)
 
     @guarded("tenant_budget_tokens_overruns_total")
     def token_overrun(self, tenant: str) -> None:
