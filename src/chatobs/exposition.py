@@ -29,7 +29,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -393,13 +393,17 @@ def scrape_response(
     accept: str | None,
     accept_encoding: str | None,
     timeout_seconds: float = 5.0,
+    augment: Callable[[MetricsData | None], MetricsData | None] | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
     """Collect, render and encode one scrape: ``(status, headers, body)``.
 
     Shared by the FastAPI route and the standalone server so both behave alike.
     """
     openmetrics = negotiate_openmetrics(accept)
-    text = renderer.render(reader.scrape(timeout_seconds), openmetrics)
+    data = reader.scrape(timeout_seconds)
+    if augment is not None:
+        data = augment(data)  # metrics produced outside the SDK's instruments (histogram cells)
+    text = renderer.render(data, openmetrics)
     try:
         body = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in some label value: one '?' beats a failed scrape

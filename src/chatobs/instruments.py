@@ -3,8 +3,8 @@
 Example::
 
     >>> from opentelemetry.sdk.metrics import MeterProvider
-    >>> instruments = Instruments(MeterProvider(views=views()).get_meter("chatobs"))
-    >>> instruments["llm_requests_total"].add(1, {"model": "m", "provider": "p", "mode": "normal"})
+    >>> instruments = Instruments(MeterProvider(views=views()).get_meter("chatobs"), cells)
+    >>> instruments["sse_clients_gauge"].add(1)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from chatobs.catalogue import CATALOGUE, Kind, Metric
+from chatobs.cells import CellStore
 
 __all__ = ["Instruments", "ObservableCallback", "views"]
 
@@ -42,28 +43,29 @@ def views(metrics: Iterable[Metric] = CATALOGUE) -> list[View]:
 class Instruments:
     """Every catalogue instrument, created on one Meter, looked up by metric name.
 
-    Observable instruments call the callback registered for them with
-    :meth:`observe`; until then they report nothing.
+    Counters and histograms are recorded in ``cells`` (:mod:`chatobs.cells`): a counter is an
+    observable counter reading its cells, a histogram has no SDK instrument (its points are
+    produced from the cells at collection). Other observable instruments call the callback
+    registered for them with :meth:`observe`; until then they report nothing.
     """
 
-    def __init__(self, meter: Meter, metrics: Iterable[Metric] = CATALOGUE):
+    def __init__(self, meter: Meter, cells: CellStore, metrics: Iterable[Metric] = CATALOGUE):
         self._instruments: dict[str, Any] = {}
         self._callbacks: dict[str, ObservableCallback] = {}
+        self._cells = cells
         for metric in metrics:
-            if metric.source_instrument:
-                continue  # produced by an instrumentation library, renamed by its View
+            if metric.source_instrument or metric.kind is Kind.HISTOGRAM:
+                continue  # produced by an instrumentation library (renamed by a View), or by the cells
             self._instruments[metric.name] = self._create(meter, metric)
 
     def _create(self, meter: Meter, metric: Metric) -> Any:
         common = {"name": metric.name, "unit": metric.unit, "description": metric.description}
         if metric.kind is Kind.COUNTER:
-            return meter.create_counter(**common)
+            return meter.create_observable_counter(**common, callbacks=[self._cells.counter_callback(metric.name)])
         if metric.kind is Kind.UP_DOWN:
             return meter.create_up_down_counter(**common)
         if metric.kind is Kind.GAUGE:
             return meter.create_gauge(**common)
-        if metric.kind is Kind.HISTOGRAM:
-            return meter.create_histogram(**common, explicit_bucket_boundaries_advisory=list(metric.buckets or ()))
         callback = self._dispatcher(metric.name)
         if metric.kind is Kind.OBSERVABLE_GAUGE:
             return meter.create_observable_gauge(**common, callbacks=[callback])

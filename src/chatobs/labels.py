@@ -106,7 +106,7 @@ class LabelPolicy:
             cache = self._caches.setdefault(metric.name, {})
         hit = cache.get(values)
         if hit is None:
-            hit = self._resolve(metric, values)
+            hit = self.resolve(metric, values)
             if len(cache) < CACHE_LIMIT:
                 cache[values] = hit
         attributes, rejected = hit
@@ -114,7 +114,8 @@ class LabelPolicy:
             self._on_reject(metric.name, label_name)
         return attributes
 
-    def _resolve(self, metric: Metric, values: tuple[str, ...]) -> tuple[dict[str, str], tuple[str, ...]]:
+    def resolve(self, metric: Metric, values: tuple[str, ...]) -> tuple[dict[str, str], tuple[str, ...]]:
+        """``(attributes, names of the labels whose value was rejected)``, without reporting."""
         if len(values) != len(metric.labels):
             raise TypeError(f"{metric.name} takes labels {metric.label_names}, got {len(values)} values")
         attributes: dict[str, str] = {}

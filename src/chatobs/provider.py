@@ -14,7 +14,17 @@ Example::
 
 from __future__ import annotations
 
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -69,8 +79,31 @@ def _otlp_span_exporter(otel: OtelSettings) -> SpanExporter:
     return HttpExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
 
 
-def build_metric_readers(settings: Settings) -> list[MetricReader]:
-    """Push readers for ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``).
+class ProducingExporter(MetricExporter):
+    """Hands each export to ``inner`` with the metrics ``augment`` adds (the histogram cells,
+    which have no SDK instrument). Temporality is cumulative, as on ``/metrics``."""
+
+    def __init__(self, inner: MetricExporter, augment: Callable[[MetricsData | None], MetricsData | None]):
+        super().__init__()
+        self._inner = inner
+        self._augment = augment
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        data = self._augment(metrics_data) or metrics_data
+        return self._inner.export(data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def build_metric_readers(
+    settings: Settings, augment: Callable[[MetricsData | None], MetricsData | None] | None = None
+) -> list[MetricReader]:
+    """Push readers for ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``), each exporter given
+    what ``augment`` adds to every export.
 
     The ``prometheus`` exporter is the pull :class:`~chatobs.exposition.ScrapeReader`,
     which the caller adds because it also serves it.
@@ -80,9 +113,10 @@ def build_metric_readers(settings: Settings) -> list[MetricReader]:
     push = {"otlp": _otlp_metric_exporter, "console": lambda _: ConsoleMetricExporter()}
     for name in otel.metrics_exporter:
         if name in push:
+            exporter = push[name](otel)
             readers.append(
                 PeriodicExportingMetricReader(
-                    push[name](otel),
+                    ProducingExporter(exporter, augment) if augment else exporter,
                     export_interval_millis=otel.metric_export_interval,
                     export_timeout_millis=otel.metric_export_timeout,
                 )

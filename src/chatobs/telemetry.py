@@ -27,10 +27,12 @@ from opentelemetry.sdk.metrics import (
     MeterProvider,
     TraceBasedExemplarFilter,
 )
-from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
 from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NoOpTracerProvider, Span
 
+from chatobs.cells import CellStore, with_produced
 from chatobs.exposition import Renderer, ScrapeReader, scrape_response
 from chatobs.instrumentation import BackendSpanMetrics, consumer_span, instrument_app, instrument_libraries
 from chatobs.instruments import Instruments, views
@@ -103,24 +105,27 @@ class Telemetry:
         self._is_shut_down = False
         options = self.settings.chatobs
 
+        self.labels = LabelPolicy(options, on_reject=self._label_rejected)
+        self.cells = CellStore(self.labels, self._label_rejected, settings.otel.metrics_exemplar_filter)
+        self._scope = InstrumentationScope(SCOPE_NAME, __version__)
+        self._resource = build_resource(self.settings, role)
         self.scrape_reader: ScrapeReader | None = None
         if self.disabled:
             self.meter_provider: Any = NoOpMeterProvider()
             self.tracer_provider: Any = NoOpTracerProvider()
         else:
-            readers = list(metric_readers) + build_metric_readers(self.settings)
+            readers = list(metric_readers) + build_metric_readers(self.settings, self._with_histograms)
             if "prometheus" in settings.otel.metrics_exporter:
                 self.scrape_reader = ScrapeReader()
                 readers.append(self.scrape_reader)
-            resource = build_resource(self.settings, role)
             self.meter_provider = MeterProvider(
                 metric_readers=readers,
-                resource=resource,
+                resource=self._resource,
                 views=views(),
                 exemplar_filter=_EXEMPLAR_FILTERS[settings.otel.metrics_exemplar_filter](),
                 shutdown_on_exit=False,  # shutdown() below, or the atexit hook setup() installs
             )
-            self.tracer_provider = build_tracer_provider(self.settings, resource)
+            self.tracer_provider = build_tracer_provider(self.settings, self._resource)
             for processor in span_processors:
                 self.tracer_provider.add_span_processor(processor)
         self._renderer = Renderer(
@@ -130,12 +135,9 @@ class Telemetry:
             uncatalogued=options.expose_uncatalogued,
         )
 
-        self.instruments = Instruments(self.meter_provider.get_meter(SCOPE_NAME, __version__))
-        self.labels = LabelPolicy(options, on_reject=self._label_rejected)
-        self._rejections = self.instruments["chatobs_label_rejections_total"]
-        self._recording_errors = self.instruments["chatobs_recording_errors_total"]
+        self.instruments = Instruments(self.meter_provider.get_meter(SCOPE_NAME, __version__), self.cells)
         self._logged_errors: set[str] = set()
-        recorder_args = (self.instruments, self.labels, self._recording_failed)
+        recorder_args = (self.instruments, self.labels, self._recording_failed, self.cells)
         self.traffic = TrafficRecorder(*recorder_args)
         self.llm = LLMRecorder(*recorder_args)
         self.somabrain = SomabrainRecorder(*recorder_args)
@@ -164,11 +166,11 @@ class Telemetry:
     # -- self-metrics ----------------------------------------------------------
     def _label_rejected(self, metric_name: str, label_name: str) -> None:
         # Both values are catalogue names, so this cannot itself overflow.
-        self._rejections.add(1, {"metric": metric_name, "label": label_name})
+        self.cells.add("chatobs_label_rejections_total", 1, (metric_name, label_name))
 
     def _recording_failed(self, metric_name: str, exc: BaseException) -> None:
         try:
-            self._recording_errors.add(1, {"metric": metric_name})
+            self.cells.add("chatobs_recording_errors_total", 1, (metric_name,))
             if metric_name not in self._logged_errors:  # once per metric: no log floods
                 self._logged_errors.add(metric_name)
                 _logger.warning("chatobs: recording %s failed: %r (further failures counted only)", metric_name, exc)
@@ -184,8 +186,17 @@ class Telemetry:
             # Prometheus export is off (OTEL_METRICS_EXPORTER) or the SDK is disabled.
             return 404, {"Content-Type": "text/plain; charset=utf-8"}, b"Prometheus export is disabled\n"
         return scrape_response(
-            self.scrape_reader, self._renderer, accept, accept_encoding, self.settings.chatobs.scrape_timeout_seconds
+            self.scrape_reader,
+            self._renderer,
+            accept,
+            accept_encoding,
+            self.settings.chatobs.scrape_timeout_seconds,
+            augment=self._with_histograms,
         )
+
+    def _with_histograms(self, data: MetricsData | None) -> MetricsData | None:
+        """``data`` plus the histograms recorded in the cells (they have no SDK instrument)."""
+        return with_produced(data, self.cells.histogram_metrics(), self._scope, self._resource)
 
     def mount(self, app: Any) -> None:
         """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent)."""

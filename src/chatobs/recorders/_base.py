@@ -12,6 +12,7 @@ from opentelemetry.context import Context
 
 from chatobs import catalogue
 from chatobs.catalogue import OVERFLOW_VALUE
+from chatobs.cells import CellStore
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 
@@ -86,21 +87,28 @@ class Timer:
 class Recorder:
     """Base of the domain recorders: holds the instruments and the label policy."""
 
-    def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback):
+    def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback, cells: CellStore):
         self._instruments = instruments
         self._labels = labels
         self._on_error = on_error
+        # The hot path: counters and histograms go to bound cells (see chatobs.cells).
+        self._cell_add = cells.add
+        self._cell_observe = cells.observe
 
     def _attributes(self, metric_name: str, *values: str) -> dict[str, str]:
         return self._labels.attributes(catalogue.get(metric_name), values)
 
-    # `context` is for callers outside the measured span (a span processor): exemplars
-    # then carry that span's trace id instead of whatever is current.
-    def _add(self, metric_name: str, amount: float, *values: str, context: Context | None = None) -> None:
-        self._instruments[metric_name].add(amount, self._attributes(metric_name, *values), context=context)
+    def _add(self, metric_name: str, amount: float, *values: str) -> None:
+        self._cell_add(metric_name, amount, values)
 
+    # `context` is for callers outside the measured span (a span processor): the exemplar
+    # then carries that span's trace id instead of whatever is current.
     def _observe(self, metric_name: str, value: float, *values: str, context: Context | None = None) -> None:
-        self._instruments[metric_name].record(value, self._attributes(metric_name, *values), context=context)
+        self._cell_observe(metric_name, value, values, context)
+
+    def _move(self, metric_name: str, amount: float, *values: str) -> None:
+        """Move an up-down counter (a gauge moved by increments)."""
+        self._instruments[metric_name].add(amount, self._attributes(metric_name, *values))
 
     def _set(self, metric_name: str, value: float, *values: str) -> None:
         self._instruments[metric_name].set(value, self._attributes(metric_name, *values))

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from chatobs.cells import CellStore
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 from chatobs.recorders._base import ErrorCallback, Recorder, Timer, guarded
@@ -31,8 +32,8 @@ class BacklogRecorder(Recorder):
             await producer.send_and_wait(topic, record)
     """
 
-    def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback):
-        super().__init__(instruments, labels, on_error)
+    def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback, cells: CellStore):
+        super().__init__(instruments, labels, on_error, cells)
         self._latest: dict[str, float] = {}
         self._lock = threading.Lock()
         for name in ("outbox_pending", "degraded_buffer_size"):
@@ -77,7 +78,7 @@ class BacklogRecorder(Recorder):
         self._observe("wal_publish_seconds", seconds, context=context)
         # Adding 0 on success creates the error series before the first failure: Prometheus's
         # increase() of a series that first appears at 1 is 0, so that failure would not alert.
-        self._add("wal_publish_errors_total", 1 if failed else 0, "produce", context=context)
+        self._add("wal_publish_errors_total", 1 if failed else 0, "produce")
 
     @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds")
     def backend_operation(
@@ -87,7 +88,7 @@ class BacklogRecorder(Recorder):
         failed, an error. Fed by :class:`chatobs.instrumentation.spanmetrics.BackendSpanMetrics`."""
         self._observe(f"{backend}_operation_seconds", seconds, operation, context=context)
         # 0 on success: the error series exists before the first failure (see wal_publish).
-        self._add(f"{backend}_errors_total", 1 if failed else 0, operation, context=context)
+        self._add(f"{backend}_errors_total", 1 if failed else 0, operation)
 
     @guarded("redis_errors_total")
     def redis_error(self, operation: str) -> None:

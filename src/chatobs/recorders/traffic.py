@@ -39,11 +39,11 @@ class TrafficRecorder(Recorder):
 
     @guarded("sse_clients_gauge")
     def sse_client_connected(self) -> None:
-        self._add("sse_clients_gauge", 1)
+        self._move("sse_clients_gauge", 1)
 
     @guarded("sse_clients_gauge")
     def sse_client_disconnected(self) -> None:
-        self._add("sse_clients_gauge", -1)
+        self._move("sse_clients_gauge", -1)
 
     @guarded("sse_stream_errors_total")
     def sse_stream_error(self, reason: str) -> None:
