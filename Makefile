@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the tests need: prometheus (promtool and the server), chromium (UI tests,
-# driven by Playwright: no browser download is possible here).
-APT_PACKAGES := prometheus chromium
+# driven by Playwright: no browser download is possible here), wrk (HTTP load for bench/).
+APT_PACKAGES := prometheus chromium wrk
 
 .PHONY: demo test install system-deps lint docs
 
@@ -17,7 +17,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet --editable '.[test]'
 
 system-deps:
-	@command -v promtool >/dev/null && command -v chromium >/dev/null || { apt-get update && apt-get install -y $(APT_PACKAGES); }
+	@command -v promtool >/dev/null && command -v chromium >/dev/null && command -v wrk >/dev/null || { apt-get update && apt-get install -y $(APT_PACKAGES); }
 
 demo: install
 	$(BIN)/chatobs demo $(DEMO_ARGS)

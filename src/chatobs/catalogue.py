@@ -459,11 +459,11 @@ CATALOGUE: tuple[Metric, ...] = (
     backend_latency("redis", "Redis", owners=_REDIS_USERS, operations=_REDIS_OPERATIONS),
     backend_latency("kafka", "Kafka", owners=_KAFKA_USERS, operations=_KAFKA_OPERATIONS),
     backend_latency("postgres", "PostgreSQL", owners=_POSTGRES_USERS, operations=_POSTGRES_OPERATIONS),
-    http_latency(
+    latency(
         "http_server_request_duration_seconds",
         "Inbound HTTP request duration, by route template (the scrape and health paths excluded).",
-        source="http.server.request.duration",
         owners=_GATEWAY,
+        domain="http",
         labels=(
             _HTTP_METHOD,
             Label("http_route", bounded_by="the app's route templates", attribute="http.route"),

@@ -84,7 +84,10 @@ class LabelPolicy:
             allowed = self._allowed.get(key)
             if allowed is not None:
                 return allowed
-            if label.setting:
+            if label.bounded_by:
+                # Bounded by its source (route templates, status codes); the cap is a safety net.
+                allowed = _AllowedValues(frozenset(), self._settings.max_label_values)
+            elif label.setting:
                 allowed = self._by_setting.get(label.setting)
                 if allowed is None:
                     configured = frozenset(getattr(self._settings, label.setting))

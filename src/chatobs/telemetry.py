@@ -235,9 +235,7 @@ class Telemetry:
         names = instrument_libraries(self.tracer_provider, self.meter_provider, disabled)
         if app is not None and "fastapi" not in disabled:
             options = self.settings.chatobs
-            instrument_app(
-                app, self.tracer_provider, self.meter_provider, [options.metrics_path, *options.health_paths]
-            )
+            instrument_app(app, self.tracer, self.cells, [options.metrics_path, *options.health_paths])
             names.append("fastapi")
         return names
 

@@ -1,8 +1,10 @@
 """Auto-instrumentation of the pipeline's libraries, wired to one Telemetry's providers.
 
-One instrumentor per library, each from opentelemetry-python-contrib, plus
-chatobs's Kafka delivery instrumentor. Any of them can be switched off with the
-standard ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` (names: fastapi, httpx,
+One instrumentor per library from opentelemetry-python-contrib (httpx, redis, asyncpg,
+aiokafka), chatobs's Kafka delivery and asyncpg connect instrumentors, and for the
+inbound side of a FastAPI app chatobs's lean :class:`ServerMiddleware` (the contrib
+FastAPI instrumentation costs more than half the throughput; see docs/performance.md).
+Any of them can be switched off with the standard ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` (names: fastapi, httpx,
 redis, asyncpg, aiokafka). Calling again is harmless: an instrumentor already
 in place is left alone.
 
@@ -19,7 +21,11 @@ import os
 from collections.abc import Collection, Iterable
 from typing import Any
 
+from opentelemetry.trace import Tracer
+
+from chatobs.cells import CellStore
 from chatobs.instrumentation.asyncpg_connect import AsyncpgConnectInstrumentor
+from chatobs.instrumentation.http_server import ServerMiddleware
 from chatobs.instrumentation.kafka import KafkaDeliveryInstrumentor, consumer_span
 from chatobs.instrumentation.spanmetrics import BackendSpanMetrics, RecordClientSpans
 
@@ -29,6 +35,7 @@ __all__ = [
     "BackendSpanMetrics",
     "KafkaDeliveryInstrumentor",
     "RecordClientSpans",
+    "ServerMiddleware",
     "consumer_span",
     "instrument_app",
     "instrument_libraries",
@@ -95,17 +102,23 @@ def uninstrument_libraries() -> None:
             instrumentor.uninstrument()
 
 
-def instrument_app(app: Any, tracer_provider: Any, meter_provider: Any, excluded_urls: Iterable[str]) -> bool:
-    """Instrument one FastAPI app (route templates, never raw paths); False if already done."""
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-    _opt_in_to_stable_http_semconv()
-    if getattr(app, "_is_instrumented_by_opentelemetry", False):
+def instrument_app(app: Any, tracer: Tracer, cells: CellStore, excluded_paths: Iterable[str]) -> bool:
+    """Add :class:`ServerMiddleware` to a FastAPI/Starlette app (one span and one duration
+    observation per request, route templates only); False if it already has it."""
+    if getattr(app, "_chatobs_http_instrumented", False):
         return False
-    FastAPIInstrumentor.instrument_app(
-        app,
-        tracer_provider=tracer_provider,
-        meter_provider=meter_provider,
-        excluded_urls=",".join(excluded_urls),
-    )
+    _turn_off_native_fastapi_telemetry(app)
+    app.add_middleware(ServerMiddleware, tracer=tracer, cells=cells, excluded_paths=frozenset(excluded_paths))
+    app._chatobs_http_instrumented = True
     return True
+
+
+def _turn_off_native_fastapi_telemetry(app: Any) -> None:
+    """FastAPI 0.16x traces and meters requests itself once global providers exist: a second
+    SERVER span and five synchronous instruments per request (~250 us each on the benchmark
+    machine). chatobs owns HTTP server telemetry on the apps it instruments, so that is turned
+    off here. FastAPI offers the switch only as `FastAPI(telemetry={...})` at construction;
+    this edits that same configuration afterwards, and does nothing on FastAPI versions without it."""
+    config = getattr(app, "_telemetry", None)
+    if isinstance(config, dict) and "tracing" in config:
+        config.update(tracing=False, metrics=False, logs=False)

@@ -1,0 +1,82 @@
+"""chatobs benchmarks: ratios against prometheus_client and an uninstrumented service,
+measured side by side in one run (this machine is noisy; absolute times are not stable).
+
+    python bench/run.py           # full run (a few minutes)
+    python bench/run.py --quick   # under 2 minutes: fewer iterations and rounds
+
+The last line is machine-readable:
+``recording_ratio=<x> histogram_ratio=<x> http_ratio=<x> scrape_ratio=<x> scrape_bytes_ratio=<x>``
+(lower is better except ``http_ratio``). Results go in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import micro
+import throughput
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations, under 2 minutes")
+    args = parser.parse_args()
+    iterations, rounds = (30_000, 3) if args.quick else (200_000, 7)
+    http_seconds, http_rounds = (3, 2) if args.quick else (8, 4)
+    console = Console()
+    started = time.monotonic()
+    rows: list[micro.Comparison] = []
+
+    with console.status("recording"):
+        recording = micro.recording(iterations, rounds)
+        histogram = micro.histogram(iterations, rounds)
+        rows += [recording, histogram]
+    scrape_times, scrape_bytes = {}, {}
+    for series in (100, 1_000, 10_000):
+        with console.status(f"/metrics at {series} series"):
+            time_cmp, bytes_cmp = micro.scrape(series, max(3, rounds // 2))
+        scrape_times[series], scrape_bytes[series] = time_cmp, bytes_cmp
+        rows += [time_cmp, bytes_cmp]
+    with console.status("memory per series"):
+        rows.append(micro.memory_per_series(2_000 if args.quick else 10_000))
+    with console.status("HTTP throughput (wrk)"):
+        full, off = throughput.http_ratio(seconds=http_seconds, rounds=http_rounds)
+        sampled, off_sampled = throughput.http_ratio(seconds=http_seconds, rounds=http_rounds,
+                                                     full_env=throughput.SAMPLED_10_PERCENT)  # fmt: skip
+    with console.status("idle service memory"):
+        idle_rss = throughput.idle_rss_bytes()
+
+    table = Table(title=f"chatobs vs baseline ({'quick' if args.quick else 'full'} run)")
+    for column in ("measure", "chatobs", "baseline", "unit", "ratio"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+    for row in rows:
+        table.add_row(row.name, f"{row.ours:,.1f}", f"{row.baseline:,.1f}", row.unit, f"{row.ratio:.2f}")
+    table.add_row(
+        "HTTP rps: full setup, every trace sampled", f"{full:,.0f}", f"{off:,.0f}", "req/s", f"{full / off:.2f}"
+    )
+    table.add_row("HTTP rps: full setup, 10% of traces sampled", f"{sampled:,.0f}", f"{off_sampled:,.0f}", "req/s",
+                  f"{sampled / off_sampled:.2f}")  # fmt: skip
+    table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
+    console.print(table)
+    growth = " -> ".join(f"{n}: {scrape_times[n].ours:.1f} ms" for n in sorted(scrape_times))
+    console.print(f"/metrics cost as series grow: {growth}")
+    console.print(f"{platform.node()} {platform.machine()} python {platform.python_version()}, "
+                  f"{time.monotonic() - started:.0f} s")  # fmt: skip
+    print(
+        f"recording_ratio={recording.ratio:.2f} histogram_ratio={histogram.ratio:.2f} http_ratio={full / off:.2f} "
+        f"scrape_ratio={scrape_times[10_000].ratio:.2f} scrape_bytes_ratio={scrape_bytes[10_000].ratio:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Inbound HTTP: one SERVER span and one duration observation per request, and little else.
+
+The contrib FastAPI instrumentation opens three spans per request (the request, and an
+internal span for each ASGI receive and send) and records five synchronous SDK
+instruments; on this project's benchmark it cut a FastAPI service's throughput to about
+0.44x. This middleware keeps what an operator uses:
+
+* a SERVER span named ``METHOD /route/{template}``, continuing a ``traceparent`` from the
+  request, with the stable HTTP semantic-convention attributes, ERROR on 5xx;
+* ``http_server_request_duration_seconds{http_request_method, http_route,
+  http_response_status_code}`` recorded in a cell (see :mod:`chatobs.cells`), with the
+  request's span as the bucket's exemplar.
+
+The route template comes from Starlette (``scope["route"]``), never the raw path.
+
+Example::
+
+    app.add_middleware(ServerMiddleware, tracer=telemetry.tracer, cells=telemetry.cells,
+                       excluded_paths=frozenset({"/metrics", "/health"}))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from chatobs.cells import CellStore
+
+__all__ = ["ServerMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+METRIC = "http_server_request_duration_seconds"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
+    def get(self, carrier: list[tuple[bytes, bytes]], key: str) -> list[str] | None:
+        wanted = key.encode("latin-1")
+        found = [value.decode("latin-1") for name, value in carrier if name == wanted]
+        return found or None
+
+    def keys(self, carrier: list[tuple[bytes, bytes]]) -> list[str]:
+        return [name.decode("latin-1") for name, _ in carrier]
+
+
+_GETTER = _HeaderGetter()
+_TRACE_HEADERS = (b"traceparent", b"baggage")
+
+
+class ServerMiddleware:
+    def __init__(self, app: Callable[..., Awaitable[None]], *, tracer: Tracer, cells: CellStore,
+                 excluded_paths: frozenset[str]):  # fmt: skip
+        self.app = app
+        self._tracer = tracer
+        self._observe = cells.observe
+        self._excluded = excluded_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._excluded:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method = scope["method"] if scope["method"] in _KNOWN_METHODS else "_OTHER"
+        headers = scope.get("headers") or []
+        # Extracting costs a few microseconds: only when the caller sent trace context.
+        parent = propagate.extract(headers, getter=_GETTER) if any(n in _TRACE_HEADERS for n, _ in headers) else None
+        span = self._tracer.start_span(method, kind=SpanKind.SERVER, context=parent)
+        token = context.attach(trace.set_span_in_context(span))
+        status = 500
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except BaseException as error:
+            span.record_exception(error)
+            raise
+        finally:
+            try:
+                self._finish(span, scope, method, status, time.perf_counter() - started)
+            finally:
+                context.detach(token)
+                span.end()
+
+    def _finish(self, span: trace.Span, scope: Scope, method: str, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or ""
+        if span.is_recording():
+            span.update_name(f"{method} {route}" if route else method)
+            span.set_attributes({
+                "http.request.method": method,
+                "http.route": route,
+                "http.response.status_code": status,
+                "url.path": scope["path"],
+                "url.scheme": scope.get("scheme", "http"),
+            })  # fmt: skip
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+        # Still inside the request's context: the span becomes the bucket's exemplar.
+        self._observe(METRIC, seconds, (method, route, str(status)))

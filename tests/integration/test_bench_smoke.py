@@ -1,0 +1,19 @@
+"""`python bench/run.py --quick` runs and prints its machine-readable line (no thresholds:
+benchmarks are not timed tests; their results are recorded in docs/performance.md)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT, clean_env
+
+
+def test_bench_quick_prints_every_ratio():
+    result = subprocess.run([sys.executable, "bench/run.py", "--quick"], cwd=ROOT, env=clean_env({"COLUMNS": "160"}),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    names = ("recording_ratio", "histogram_ratio", "http_ratio", "scrape_ratio", "scrape_bytes_ratio")
+    assert re.fullmatch(" ".join(rf"{name}=\d+\.\d\d" for name in names), last), last
