@@ -295,7 +295,8 @@ def setup(
         if _current is None:
             settings = load_settings(env)
             telemetry = Telemetry(settings, service=service)
-            if settings.chatobs.metrics_port is not None and telemetry.scrape_reader is not None:
+            if settings.chatobs.metrics_port is not None:
+                # Served even with Prometheus export off: the port then says so (404) instead of refusing.
                 try:
                     telemetry.serve()
                 except BaseException:

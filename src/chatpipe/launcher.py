@@ -149,7 +149,8 @@ class Pipeline:
             if entry.process.poll() is not None:
                 raise PipelineError(f"{name} exited with {entry.process.returncode}:\n{entry.tail()}")
             try:
-                if httpx.get(f"http://127.0.0.1:{entry.port}{path}", timeout=1).status_code == 200:
+                # Any answer but a server error: with OTEL_SDK_DISABLED, /metrics answers 404 on purpose.
+                if httpx.get(f"http://127.0.0.1:{entry.port}{path}", timeout=1).status_code < 500:
                     return
             except httpx.TransportError:
                 pass

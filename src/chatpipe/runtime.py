@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
-__all__ = ["forever", "install_stop_signals", "periodic", "sleep_unless_stopped"]
+__all__ = ["forever", "install_stop_signals", "periodic", "run_service", "sleep_unless_stopped"]
 
 _logger = logging.getLogger("chatpipe")
 
@@ -61,3 +62,9 @@ async def periodic(name: str, step: Callable[[], Awaitable[None]], stopping: asy
         except Exception:
             _logger.debug("%s: measurement failed", name, exc_info=True)
         await sleep_unless_stopped(stopping, every)
+
+
+def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Entry point of a service process: timestamped log lines, then ``main`` until it stops."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main())

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind
 import chatobs
 from chatpipe.db import connect_pool, migrate
 from chatpipe.kafka import start_producer
-from chatpipe.runtime import forever, install_stop_signals, periodic
+from chatpipe.runtime import forever, install_stop_signals, periodic, run_service
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 
 __all__ = ["Publisher", "main"]
@@ -105,5 +105,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main())
+    run_service(main)

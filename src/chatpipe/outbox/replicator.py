@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 import chatobs
 from chatpipe.db import connect_pool, migrate
 from chatpipe.kafka import start_consumer
-from chatpipe.runtime import forever, install_stop_signals
+from chatpipe.runtime import forever, install_stop_signals, run_service
 from chatpipe.settings import load_backend_settings
 
 __all__ = ["Replicator", "main"]
@@ -72,5 +72,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main())
+    run_service(main)

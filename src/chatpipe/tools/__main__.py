@@ -1,7 +1,4 @@
-import asyncio
-import logging
-
+from chatpipe.runtime import run_service
 from chatpipe.tools.executor import main
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-asyncio.run(main())
+run_service(main)

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -46,6 +47,29 @@ _logger = logging.getLogger("chatpipe.worker")
 DEGRADED_PREFIX = "degraded:"
 _SYSTEM_PROMPT = "You are a helpful assistant. Use the memories given when they are relevant."
 _CONCURRENCY = 16
+
+
+class _TokenRelay:
+    """Streams tokens to the client in small batches: one Redis publish per few tokens or
+    50 ms, not per token (a reply is dozens of tokens; each publish is a round trip)."""
+
+    def __init__(self, publish: Callable[[str], Awaitable[None]], *, tokens: int = 8, seconds: float = 0.05):
+        self._publish = publish
+        self._limit = tokens
+        self._seconds = seconds
+        self._pending: list[str] = []
+        self._since = time.monotonic()
+
+    async def __call__(self, text: str) -> None:
+        self._pending.append(text)
+        if len(self._pending) >= self._limit or time.monotonic() - self._since >= self._seconds:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            await self._publish(text)
+        self._since = time.monotonic()
 
 
 class Worker:
@@ -114,8 +138,7 @@ class Worker:
             self._soma.bypass()
         messages = self._prompt(event["content"], memories or [])
 
-        async def relay(text: str) -> None:
-            await self._emit(session_id, {"type": "token", "text": text})
+        relay = _TokenRelay(lambda text: self._emit(session_id, {"type": "token", "text": text}))
 
         mode = "degraded_bypass_somabrain" if degraded else "normal"
         try:
@@ -128,8 +151,10 @@ class Worker:
                 reply = await self._llm.complete(messages, mode=mode, on_token=relay)
                 tokens += reply.prompt_tokens + reply.completion_tokens
         except LLMError as error:
+            await relay.flush()
             await self._emit(session_id, {"type": "error", "error": f"the language model failed ({error.code})"})
             return
+        await relay.flush()
         await self._budgets.charge(tenant, tokens=tokens)
         emit_mode = "degraded" if degraded else "normal"
         await self._emit(session_id, {"type": "message", "content": reply.content, "mode": emit_mode,

@@ -1,0 +1,59 @@
+"""Instrumentation's share of CPU under pipeline load, measured side by side.
+
+The same chat traffic goes through two pipelines on one local stack: one instrumented
+(every trace sampled, metrics, exemplars) and one with ``OTEL_SDK_DISABLED=true`` (the
+recording helpers still run, so this slightly undercounts). The share is
+``1 - cpu_off / cpu_on`` for the gateway and the worker, from psutil's CPU times.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from chatobs.stack import LocalStack
+from chatpipe.launcher import Pipeline
+
+SERVICES = ("gateway", "worker")
+
+
+def _drive(pipeline: Pipeline, turns: int) -> dict[str, float]:
+    processes = {name: psutil.Process(pid) for name, pid in pipeline.pids().items() if name in SERVICES}
+    before = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
+    with httpx.Client(base_url=pipeline.gateway_url, timeout=30) as http:
+        session = http.post("/v1/sessions", headers={"X-Tenant-ID": "acme"}).json()["session_id"]
+        for n in range(turns):
+            http.post(f"/v1/sessions/{session}/messages", json={"content": f"turn {n}"}).raise_for_status()
+            time.sleep(0.02)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the worker remembers every answered turn in Somabrain
+            memories = http.get(f"{pipeline.somabrain_url}/memories", params={"session_id": session}).json()
+            if memories["count"] >= turns:
+                break
+            time.sleep(0.5)
+    return {name: sum(p.cpu_times()[:2]) - before[name] for name, p in processes.items()}
+
+
+def cpu_share(turns: int = 200) -> dict[str, tuple[float, float]]:
+    """``{service: (cpu seconds instrumented, cpu seconds with the SDK off)}``."""
+    results: dict[str, tuple[float, float]] = {}
+    env_on = {"OTEL_TRACES_SAMPLER": "always_on", "CHATPIPE_TOKEN_BUDGET": "100000000"}
+    env_off = {**env_on, "OTEL_SDK_DISABLED": "true"}
+    with LocalStack.from_environment() as stack, tempfile.TemporaryDirectory() as run_dir:
+        measured = {}
+        for label, env in (("on", env_on), ("off", env_off)):
+            with Pipeline(stack.environment, Path(run_dir) / label, env=env) as pipeline:
+                _drive(pipeline, 20)  # warm-up
+                measured[label] = _drive(pipeline, turns)
+        for name in SERVICES:
+            results[name] = (measured["on"][name], measured["off"][name])
+    return results
+
+
+if __name__ == "__main__":
+    for service, (on, off) in cpu_share().items():
+        print(f"{service}: {on:.2f} s instrumented, {off:.2f} s SDK off, share {1 - off / on:.1%}")
