@@ -23,6 +23,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import micro
+import pipeline_cpu
 import throughput
 
 
@@ -66,6 +67,11 @@ def main() -> int:
     table.add_row("HTTP rps: full setup, 10% of traces sampled", f"{sampled:,.0f}", f"{off_sampled:,.0f}", "req/s",
                   f"{sampled / off_sampled:.2f}")  # fmt: skip
     table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
+    if not args.quick:
+        with console.status("CPU share under pipeline load"):
+            for service, (on, off) in pipeline_cpu.cpu_share().items():
+                table.add_row(f"{service} CPU, 200 chat turns (share: 1 - off/on)", f"{on:.2f}", f"{off:.2f}", "s",
+                              f"{1 - off / on:.0%}")  # fmt: skip
     console.print(table)
     growth = " -> ".join(f"{n}: {scrape_times[n].ours:.1f} ms" for n in sorted(scrape_times))
     console.print(f"/metrics cost as series grow: {growth}")
