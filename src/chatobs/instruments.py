@@ -24,10 +24,14 @@ ObservableCallback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
 def views(metrics: Iterable[Metric] = CATALOGUE) -> list[View]:
-    """One View per catalogue metric: exact buckets for histograms, and only the
-    catalogue's label keys kept, so a stray attribute can never add series."""
+    """One View per catalogue metric the SDK aggregates: exact buckets for histograms from
+    instrumentation libraries (renamed to the catalogue name), and only the catalogue's label
+    keys kept, so a stray attribute can never add series. Catalogue histograms recorded in
+    cells have no SDK instrument, so no View."""
     result = []
     for metric in metrics:
+        if metric.kind is Kind.HISTOGRAM and not metric.source_instrument:
+            continue
         aggregation = ExplicitBucketHistogramAggregation(boundaries=metric.buckets) if metric.buckets else None
         result.append(
             View(
