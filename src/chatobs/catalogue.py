@@ -260,24 +260,6 @@ def backend_latency(backend: str, title: str, *, owners: frozenset[str], operati
     )
 
 
-def http_latency(
-    name: str, description: str, *, source: str, owners: frozenset[str], labels: tuple[Label, ...]
-) -> Metric:
-    """An HTTP duration histogram produced by an OpenTelemetry instrumentation (stable semconv)."""
-    return Metric(
-        name,
-        Kind.HISTOGRAM,
-        "s",
-        description,
-        owners,
-        "http",
-        labels,
-        buckets=LATENCY_BUCKETS,
-        bucket_set="latency",
-        source_instrument=source,
-    )
-
-
 #: Every metric of the pipeline, in documentation (and exposition) order.
 CATALOGUE: tuple[Metric, ...] = (
     # --- Traffic (gateway) -------------------------------------------------------
@@ -470,11 +452,11 @@ CATALOGUE: tuple[Metric, ...] = (
             _HTTP_STATUS,
         ),
     ),
-    http_latency(
+    latency(
         "http_client_request_duration_seconds",
-        "Outbound HTTP request duration (LLM provider, Somabrain), by server.",
-        source="http.client.request.duration",
+        "Outbound HTTP request duration (LLM provider, Somabrain), by server, from the httpx client spans.",
         owners=_LLM_CALLERS,
+        domain="http",
         labels=(
             _HTTP_METHOD,
             Label("server_address", bounded_by="the configured upstream hosts", attribute="server.address"),

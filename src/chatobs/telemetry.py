@@ -148,7 +148,7 @@ class Telemetry:
         if options.process_metrics:
             register_process_metrics(self.instruments, options.data_dir)
         if not self.disabled:
-            self.tracer_provider.add_span_processor(BackendSpanMetrics(self.backlog, options.wal_topic))
+            self.tracer_provider.add_span_processor(BackendSpanMetrics(self.backlog, options.wal_topic, self.cells))
         self.tracer = self.tracer_provider.get_tracer(SCOPE_NAME, __version__)
 
         if set_global:
@@ -232,7 +232,7 @@ class Telemetry:
         if self.disabled:
             return []
         disabled = set(self.settings.otel.python_disabled_instrumentations)
-        names = instrument_libraries(self.tracer_provider, self.meter_provider, disabled)
+        names = instrument_libraries(self.tracer_provider, disabled)
         if app is not None and "fastapi" not in disabled:
             options = self.settings.chatobs
             instrument_app(app, self.tracer, self.cells, [options.metrics_path, *options.health_paths])

@@ -10,7 +10,7 @@ in place is left alone.
 
 Example::
 
-    names = instrument_libraries(telemetry.tracer_provider, telemetry.meter_provider, disabled=())
+    names = instrument_libraries(telemetry.tracer_provider, disabled=())
     instrument_app(app, telemetry.tracer_provider, telemetry.meter_provider, excluded_urls=["/metrics", "/health"])
 """
 
@@ -21,6 +21,7 @@ import os
 from collections.abc import Collection, Iterable
 from typing import Any
 
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import Tracer
 
 from chatobs.cells import CellStore
@@ -57,47 +58,46 @@ def _opt_in_to_stable_http_semconv() -> None:
         os.environ["OTEL_SEMCONV_STABILITY_OPT_IN"] = ",".join([*current, "http"])
 
 
-def _instrumentors(disabled: Collection[str]) -> list[tuple[str, Any, dict[str, bool]]]:
-    """(name, instrumentor, which providers it takes) for each enabled library."""
-    found: list[tuple[str, Any, dict[str, bool]]] = []
+def _instrumentors(disabled: Collection[str]) -> list[tuple[str, Any]]:
+    """(library name, instrumentor) for each enabled library."""
+    found: list[tuple[str, Any]] = []
     if "httpx" not in disabled:
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
-        found.append(("httpx", HTTPXClientInstrumentor(), {"meter": True}))
+        found.append(("httpx", HTTPXClientInstrumentor()))
     if "redis" not in disabled:
         from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-        found.append(("redis", RedisInstrumentor(), {}))
+        found.append(("redis", RedisInstrumentor()))
     if "asyncpg" not in disabled:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
-        found.append(("asyncpg", AsyncPGInstrumentor(), {}))
-        found.append(("asyncpg", AsyncpgConnectInstrumentor(), {}))
+        found.append(("asyncpg", AsyncPGInstrumentor()))
+        found.append(("asyncpg", AsyncpgConnectInstrumentor()))
     if "aiokafka" not in disabled:
         from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 
-        found.append(("aiokafka", AIOKafkaInstrumentor(), {}))
-        found.append(("aiokafka", KafkaDeliveryInstrumentor(), {}))
+        found.append(("aiokafka", AIOKafkaInstrumentor()))
+        found.append(("aiokafka", KafkaDeliveryInstrumentor()))
     return found
 
 
-def instrument_libraries(tracer_provider: Any, meter_provider: Any, disabled: Collection[str] = ()) -> list[str]:
+def instrument_libraries(tracer_provider: Any, disabled: Collection[str] = ()) -> list[str]:
     """Instrument httpx, redis, asyncpg and aiokafka; return the names now instrumented."""
     _opt_in_to_stable_http_semconv()
     names = []
-    for name, instrumentor, takes in _instrumentors(disabled):
+    for name, instrumentor in _instrumentors(disabled):
         if not instrumentor.is_instrumented_by_opentelemetry:
-            options: dict[str, Any] = {"tracer_provider": tracer_provider}
-            if takes.get("meter"):
-                options["meter_provider"] = meter_provider
-            instrumentor.instrument(**options)
+            # No instrumentor gets the real meter provider: their synchronous SDK instruments are
+            # what costs; the durations and errors come from their spans (BackendSpanMetrics).
+            instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
         names.append(name)
     return sorted(set(names))
 
 
 def uninstrument_libraries() -> None:
     """Undo :func:`instrument_libraries` (for tests that build several pipelines)."""
-    for _, instrumentor, _ in _instrumentors(()):
+    for _, instrumentor in _instrumentors(()):
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
 
