@@ -69,9 +69,9 @@ def main() -> int:
     table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
     if not args.quick:
         with console.status("CPU share under pipeline load"):
-            for service, (on, off) in pipeline_cpu.cpu_share().items():
-                table.add_row(f"{service} CPU, 200 chat turns (share: 1 - off/on)", f"{on:.2f}", f"{off:.2f}", "s",
-                              f"{1 - off / on:.0%}")  # fmt: skip
+            for service, (cpu_on, cpu_off) in pipeline_cpu.cpu_share().items():
+                table.add_row(f"{service} CPU, 200 chat turns (share: 1 - off/on)", f"{cpu_on:.2f}", f"{cpu_off:.2f}",
+                              "s", f"{1 - cpu_off / cpu_on:.0%}")  # fmt: skip
     console.print(table)
     growth = " -> ".join(f"{n}: {scrape_times[n].ours:.1f} ms" for n in sorted(scrape_times))
     console.print(f"/metrics cost as series grow: {growth}")
