@@ -1,6 +1,6 @@
 """The metric catalogue: every metric of the chat pipeline, as data.
 
-This module is the single source of truth. Instruments, explicit-bucket Views,
+This module is the single source of truth. Instruments, Views, histogram buckets,
 the exposition renderer, ``docs/metrics.md``, ``chatobs check`` and the tests
 all read it; adding a metric is adding one :class:`Metric` entry to
 :data:`CATALOGUE`.
@@ -100,12 +100,6 @@ class Label:
     values: tuple[str, ...] = ()
     setting: str | None = None
     bounded_by: str | None = None
-    #: The OpenTelemetry attribute key when it differs from the Prometheus label name.
-    attribute: str | None = None
-
-    @property
-    def attribute_key(self) -> str:
-        return self.attribute or self.name
 
     def __post_init__(self) -> None:
         if sum(map(bool, (self.values, self.setting, self.bounded_by))) != 1:
@@ -139,9 +133,6 @@ class Metric:
     buckets: tuple[float, ...] | None = None
     bucket_set: str | None = None
     notes: str = ""
-    #: Set for metrics produced by an instrumentation library: the name of its
-    #: instrument, renamed to ``name`` by a View.
-    source_instrument: str | None = None
     _label_index: dict[str, Label] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -203,8 +194,8 @@ _KAFKA_OPERATIONS = ("produce", "consume", "commit", "connect", "metadata")
 _REDIS_USERS = frozenset({"gateway", "worker"})
 _KAFKA_USERS = frozenset({"worker", "publisher", "replicator", "tool_executor"})
 _POSTGRES_USERS = frozenset({"gateway", "publisher", "replicator"})
-_HTTP_METHOD = Label("http_request_method", bounded_by="known methods, else `_OTHER`", attribute="http.request.method")
-_HTTP_STATUS = Label("http_response_status_code", bounded_by="status codes", attribute="http.response.status_code")
+_HTTP_METHOD = Label("http_request_method", bounded_by="known methods, else `_OTHER`")
+_HTTP_STATUS = Label("http_response_status_code", bounded_by="status codes")
 _POSTGRES_OPERATIONS = (
     "select", "insert", "update", "delete", "begin", "commit", "rollback", "copy", "execute", "connect",
 )  # fmt: skip
@@ -448,7 +439,7 @@ CATALOGUE: tuple[Metric, ...] = (
         domain="http",
         labels=(
             _HTTP_METHOD,
-            Label("http_route", bounded_by="the app's route templates", attribute="http.route"),
+            Label("http_route", bounded_by="the app's route templates"),
             _HTTP_STATUS,
         ),
     ),
@@ -459,7 +450,7 @@ CATALOGUE: tuple[Metric, ...] = (
         domain="http",
         labels=(
             _HTTP_METHOD,
-            Label("server_address", bounded_by="the configured upstream hosts", attribute="server.address"),
+            Label("server_address", bounded_by="the configured upstream hosts"),
             _HTTP_STATUS,
         ),
     ),

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.metrics.view import View
 
 from chatobs.catalogue import CATALOGUE, Kind, Metric
 from chatobs.cells import CellStore
@@ -24,24 +24,14 @@ ObservableCallback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
 def views(metrics: Iterable[Metric] = CATALOGUE) -> list[View]:
-    """One View per catalogue metric the SDK aggregates: exact buckets for histograms from
-    instrumentation libraries (renamed to the catalogue name), and only the catalogue's label
-    keys kept, so a stray attribute can never add series. Catalogue histograms recorded in
-    cells have no SDK instrument, so no View."""
-    result = []
-    for metric in metrics:
-        if metric.kind is Kind.HISTOGRAM and not metric.source_instrument:
-            continue
-        aggregation = ExplicitBucketHistogramAggregation(boundaries=metric.buckets) if metric.buckets else None
-        result.append(
-            View(
-                instrument_name=metric.source_instrument or metric.name,
-                name=metric.name if metric.source_instrument else None,
-                attribute_keys={label.attribute_key for label in metric.labels},
-                aggregation=aggregation,
-            )
-        )
-    return result
+    """One View per catalogue metric the SDK aggregates, keeping only the catalogue's label
+    keys, so a stray attribute can never add series. Histograms are recorded in cells and
+    have no SDK instrument (their buckets come from the catalogue there), so no View."""
+    return [
+        View(instrument_name=metric.name, attribute_keys=set(metric.label_names))
+        for metric in metrics
+        if metric.kind is not Kind.HISTOGRAM
+    ]
 
 
 class Instruments:
@@ -58,8 +48,8 @@ class Instruments:
         self._callbacks: dict[str, ObservableCallback] = {}
         self._cells = cells
         for metric in metrics:
-            if metric.source_instrument or metric.kind is Kind.HISTOGRAM:
-                continue  # produced by an instrumentation library (renamed by a View), or by the cells
+            if metric.kind is Kind.HISTOGRAM:
+                continue  # produced by the cells at collection
             self._instruments[metric.name] = self._create(meter, metric)
 
     def _create(self, meter: Meter, metric: Metric) -> Any:
