@@ -29,7 +29,8 @@ def free_port() -> int:
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The parent's environment without OTEL_*/CHATOBS_* (so the test decides), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHATOBS_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    # This checkout's src/ first: a git worktree's services must not import the editable install's.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
     env.update(extra)
     return env
 
