@@ -28,8 +28,10 @@ __all__ = [
     "CATALOGUE_NAMES",
     "LATENCY_BUCKETS",
     "OVERFLOW_VALUE",
+    "PROCESS_LABEL",
     "SERVICES",
     "TOKEN_BUCKETS",
+    "Combine",
     "Kind",
     "Label",
     "Metric",
@@ -51,6 +53,9 @@ OVERFLOW_VALUE = "other"
 
 #: Stands for "any catalogue name" in the self-metrics' label values.
 CATALOGUE_NAMES = "*catalogue*"
+
+#: The label a per-process metric carries when several worker processes share one scrape.
+PROCESS_LABEL = "pid"
 
 #: Roadmap latency buckets, in seconds.
 LATENCY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
@@ -81,6 +86,33 @@ class Kind(enum.Enum):
         if self is Kind.HISTOGRAM:
             return "histogram"
         return "gauge"
+
+
+class Combine(enum.Enum):
+    """How one scrape combines the values of several worker processes of a service
+    (``CHATOBS_MULTIPROCESS_DIR``, e.g. ``gunicorn -w 4``); single-process services ignore it."""
+
+    #: Sum over every process that ever ran, exited or killed ones included (counters and
+    #: histograms: a killed worker's requests still happened).
+    SUM = "sum"
+    #: Sum over the live processes only (gauges of things a process holds, such as connections).
+    LIVE_SUM = "live_sum"
+    #: Largest value among the live processes (states where the worst one matters).
+    LIVE_MAX = "live_max"
+    #: One series per live process, labelled ``pid`` (process CPU, memory, file descriptors).
+    PER_PROCESS = "per_process"
+    #: Measured at collection by the process that answers the scrape (a query of shared state).
+    SERVING_PROCESS = "serving_process"
+
+    @classmethod
+    def default_for(cls, kind: Kind) -> Combine:
+        if kind in (Kind.COUNTER, Kind.HISTOGRAM):
+            return cls.SUM
+        if kind is Kind.UP_DOWN:
+            return cls.LIVE_SUM
+        if kind is Kind.GAUGE:
+            return cls.LIVE_MAX
+        return cls.SERVING_PROCESS
 
 
 @dataclass(frozen=True)
@@ -133,6 +165,8 @@ class Metric:
     buckets: tuple[float, ...] | None = None
     bucket_set: str | None = None
     notes: str = ""
+    #: How several worker processes combine (``None``: the default for the kind, see :class:`Combine`).
+    combine: Combine | None = None
     _label_index: dict[str, Label] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +178,12 @@ class Metric:
         if unknown:
             raise ValueError(f"{self.name}: unknown owners {sorted(unknown)}")
         self._label_index.update({label.name: label for label in self.labels})
+        if self.combine is None:
+            object.__setattr__(self, "combine", Combine.default_for(self.kind))
+        if self.combine is Combine.PER_PROCESS and self.kind not in (Kind.OBSERVABLE_GAUGE, Kind.OBSERVABLE_COUNTER):
+            raise ValueError(f"{self.name}: only callback-read metrics are measured per process")
+        if self.combine is Combine.SUM and self.kind not in (Kind.COUNTER, Kind.HISTOGRAM):
+            raise ValueError(f"{self.name}: only recorded counters and histograms sum over every process")
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -217,8 +257,9 @@ def gauge(
     labels: tuple[Label, ...] = (),
     kind: Kind = Kind.GAUGE,
     notes: str = "",
+    combine: Combine | None = None,
 ) -> Metric:
-    return Metric(name, kind, unit, description, owners, domain, labels, notes=notes)
+    return Metric(name, kind, unit, description, owners, domain, labels, notes=notes, combine=combine)
 
 
 def latency(
@@ -529,6 +570,7 @@ CATALOGUE: tuple[Metric, ...] = (
         "User and system CPU time of the process.",
         _EVERY,
         "process",
+        combine=Combine.PER_PROCESS,
     ),
     gauge(
         "process_resident_memory_bytes",
@@ -537,6 +579,7 @@ CATALOGUE: tuple[Metric, ...] = (
         owners=_EVERY,
         domain="process",
         kind=Kind.OBSERVABLE_GAUGE,
+        combine=Combine.PER_PROCESS,
     ),
     gauge(
         "process_open_fds",
@@ -545,6 +588,7 @@ CATALOGUE: tuple[Metric, ...] = (
         owners=_EVERY,
         domain="process",
         kind=Kind.OBSERVABLE_GAUGE,
+        combine=Combine.PER_PROCESS,
     ),
     gauge(
         "data_dir_free_bytes",
@@ -622,8 +666,13 @@ def to_markdown(metrics: Iterable[Metric] = CATALOGUE) -> str:
         f"Buckets: latency `{', '.join(f'{b:g}' for b in LATENCY_BUCKETS)}` seconds; "
         f"tokens `{', '.join(f'{b:g}' for b in TOKEN_BUCKETS)}`.",
         "",
-        "| name | type | unit | labels (allowed values) | buckets | emitted by | description |",
-        "|---|---|---|---|---|---|---|",
+        "Several worker processes (`CHATOBS_MULTIPROCESS_DIR`) combine as the *workers* column says: "
+        "`sum` over every process that ran (killed ones too), `live_sum` or `live_max` over the live ones, "
+        f"`per_process` one series per live process labelled `{PROCESS_LABEL}`, `serving_process` measured "
+        "by the process answering the scrape.",
+        "",
+        "| name | type | unit | labels (allowed values) | buckets | emitted by | workers | description |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for metric in metrics:
         labels = "; ".join(f"`{lbl.name}`: {lbl.describe()}" for lbl in metric.labels)
@@ -631,7 +680,7 @@ def to_markdown(metrics: Iterable[Metric] = CATALOGUE) -> str:
         description = metric.description + (f" {metric.notes}" if metric.notes else "")
         lines.append(
             f"| `{metric.name}` | {metric.prometheus_type} | `{metric.unit}` | {labels} | "
-            f"{metric.bucket_set or ''} | {_owners_text(metric)} | {description} |"
+            f"{metric.bucket_set or ''} | {_owners_text(metric)} | {metric.combine.value} | {description} |"  # type: ignore[union-attr]
         )
     return "\n".join(lines) + "\n"
 

@@ -11,12 +11,18 @@ lock, as in prometheus_client; the SDK gets the data when it collects:
   with the catalogue's buckets, handed to each reader by :func:`with_produced`; each
   bucket keeps its latest exemplar (trace and span id of a sampled span).
 
+* gauge cells (set, or moved by increments) are read by an observable gauge's or
+  up-down counter's callback.
+
 Label values are validated once per distinct raw tuple (``LabelPolicy``) and the bound
-cell is cached under that tuple.
+cell is cached under that tuple. With a :class:`~chatobs.multiprocess.ProcessDirectory`
+(several worker processes behind one scrape) every cell also writes its values through to
+this process's file, and collection reads the combined values of every process instead.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from bisect import bisect_left
@@ -39,9 +45,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from chatobs import catalogue
+from chatobs.catalogue import Kind
 from chatobs.labels import LabelPolicy
+from chatobs.multiprocess import ProcessDirectory, ProcessFile, Snapshot, series_key, split_key
 
-__all__ = ["CellStore", "CounterCell", "HistogramCell", "exemplar_sampler", "with_produced"]
+__all__ = ["CellStore", "CounterCell", "GaugeCell", "HistogramCell", "exemplar_sampler", "with_produced"]
+
+_logger = logging.getLogger("chatobs")
 
 #: Distinct raw label tuples cached per metric (validation still bounds the series beyond it).
 _CACHE_LIMIT = 4096
@@ -58,6 +68,25 @@ class CounterCell:
     def add(self, amount: float) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
+        with self._lock:
+            self.value += amount
+
+
+class GaugeCell:
+    """A gauge's current value: set outright, or moved by increments (an up-down counter)."""
+
+    __slots__ = ("_lock", "attributes", "value")
+
+    def __init__(self, attributes: dict[str, str]):
+        self.attributes = attributes
+        self.value: float = 0
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        self.value = float(value)  # a str or None raises here, in the guarded recorder, not at scrape
+
+    def move(self, amount: float) -> None:
+        amount = float(amount)
         with self._lock:
             self.value += amount
 
@@ -82,28 +111,105 @@ class HistogramCell:
             self.count += 1
             self.sum += value
         if exemplar_span is not None:
-            self.exemplars[index] = Exemplar(
-                {}, value, time.time_ns(), span_id=exemplar_span.span_id, trace_id=exemplar_span.trace_id
-            )
+            self._keep_exemplar(index, value, exemplar_span)
+
+    def _keep_exemplar(self, index: int, value: float, span: trace.SpanContext) -> None:
+        self.exemplars[index] = Exemplar({}, value, time.time_ns(), span_id=span.span_id, trace_id=span.trace_id)
 
     def point(self, now: int) -> HistogramDataPoint:
         with self._lock:
             counts, count, total = list(self.counts), self.count, self.sum
-        return HistogramDataPoint(
-            attributes=self.attributes,
-            start_time_unix_nano=self.start,
-            time_unix_nano=now,
-            count=count,
-            sum=total,
-            bucket_counts=counts,
-            explicit_bounds=list(self._bounds),
-            min=float("nan"),
-            max=float("nan"),
-            exemplars=[exemplar for exemplar in self.exemplars if exemplar is not None],
-        )
+        return _histogram_point(self.attributes, self.start, now, counts, count, total, self._bounds, self.exemplars)
 
 
-Cell = CounterCell | HistogramCell
+def _histogram_point(
+    attributes: dict[str, str],
+    start: int,
+    now: int,
+    counts: list[int],
+    count: int,
+    total: float,
+    bounds: Sequence[float],
+    exemplars: Sequence[Exemplar | None],
+) -> HistogramDataPoint:
+    return HistogramDataPoint(
+        attributes=attributes,
+        start_time_unix_nano=start,
+        time_unix_nano=now,
+        count=count,
+        sum=total,
+        bucket_counts=counts,
+        explicit_bounds=list(bounds),
+        min=float("nan"),
+        max=float("nan"),
+        exemplars=[exemplar for exemplar in exemplars if exemplar is not None],
+    )
+
+
+# Write-through variants for several worker processes: the same recording, then the new
+# values into this process's file at the offset allocated for the series. Subclasses, so a
+# single-process service pays nothing for the feature.
+
+
+class FileCounterCell(CounterCell):
+    __slots__ = ("_file", "_offset")
+
+    def __init__(self, attributes: dict[str, str], file: ProcessFile, offset: int):
+        super().__init__(attributes)
+        self._file, self._offset = file, offset
+
+    def add(self, amount: float) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        with self._lock:
+            self.value += amount
+            self._file.write(self._offset, self.value)
+
+
+class FileGaugeCell(GaugeCell):
+    __slots__ = ("_file", "_offset")
+
+    def __init__(self, attributes: dict[str, str], file: ProcessFile, offset: int):
+        super().__init__(attributes)
+        self._file, self._offset = file, offset
+
+    def set(self, value: float) -> None:
+        value = float(value)
+        with self._lock:
+            self.value = value
+            self._file.write(self._offset, value)
+
+    def move(self, amount: float) -> None:
+        amount = float(amount)
+        with self._lock:
+            self.value += amount
+            self._file.write(self._offset, self.value)
+
+
+class FileHistogramCell(HistogramCell):
+    """Slots: count, sum, then one count per bucket (the last one ``+Inf``)."""
+
+    __slots__ = ("_file", "_offset")
+
+    def __init__(self, attributes: dict[str, str], bounds: Sequence[float], file: ProcessFile, offset: int):
+        super().__init__(attributes, bounds)
+        self._file, self._offset = file, offset
+
+    def observe(self, value: float, exemplar_span: trace.SpanContext | None) -> None:
+        index = bisect_left(self._bounds, value)
+        write, offset = self._file.write, self._offset
+        with self._lock:
+            self.counts[index] += 1
+            self.count += 1
+            self.sum += value
+            write(offset, self.count)
+            write(offset + 8, self.sum)
+            write(offset + 16 + 8 * index, self.counts[index])
+        if exemplar_span is not None:
+            self._keep_exemplar(index, value, exemplar_span)
+
+
+Cell = CounterCell | GaugeCell | HistogramCell
 ExemplarSampler = Callable[[Context | None], "trace.SpanContext | None"]
 
 
@@ -125,12 +231,26 @@ def exemplar_sampler(filter_name: str) -> ExemplarSampler:
 
 
 class CellStore:
-    """Bound cells of every catalogue counter and histogram, for one Telemetry."""
+    """Bound cells of every catalogue counter, gauge and histogram, for one Telemetry.
 
-    def __init__(self, labels: LabelPolicy, on_reject: Callable[[str, str], None], exemplar_filter: str):
+    ``directory``: several worker processes share the scrape (see :mod:`chatobs.multiprocess`);
+    call :meth:`refresh` before each collection so that every callback of that collection reads
+    the same combined snapshot.
+    """
+
+    def __init__(
+        self,
+        labels: LabelPolicy,
+        on_reject: Callable[[str, str], None],
+        exemplar_filter: str,
+        directory: ProcessDirectory | None = None,
+    ):
         self._labels = labels
         self._on_reject = on_reject
         self._sample_exemplar = exemplar_sampler(exemplar_filter)
+        self._directory = directory
+        self._snapshot: Snapshot | None = None
+        self._start = time.time_ns()
         # Hot-path cache: name -> raw label values -> (cell, labels of those values that were rejected).
         self._bound: dict[str, dict[tuple[str, ...], tuple[Cell, tuple[str, ...]]]] = {}
         # name -> resolved label values -> cell: raw values that resolve alike (two unknown
@@ -155,6 +275,25 @@ class CellStore:
             self._report(name, rejected)
         cell.observe(value, self._sample_exemplar(context))  # type: ignore[union-attr]
 
+    def set(self, name: str, value: float, values: tuple[str, ...]) -> None:
+        """Set a gauge."""
+        cell, rejected = self._cell(name, values)
+        if rejected:
+            self._report(name, rejected)
+        cell.set(value)  # type: ignore[union-attr]
+
+    def move(self, name: str, amount: float, values: tuple[str, ...]) -> None:
+        """Move a gauge by ``amount`` (an up-down counter)."""
+        cell, rejected = self._cell(name, values)
+        if rejected:
+            self._report(name, rejected)
+        cell.move(amount)  # type: ignore[union-attr]
+
+    def _cell(self, name: str, values: tuple[str, ...]) -> tuple[Cell, tuple[str, ...]]:
+        bound = self._bound.get(name)
+        entry = bound.get(values) if bound is not None else None
+        return entry if entry is not None else self._bind(name, values)
+
     def _report(self, name: str, rejected: tuple[str, ...]) -> None:
         for label in rejected:
             self._on_reject(name, label)
@@ -167,34 +306,97 @@ class CellStore:
             key = tuple(attributes.values())
             cell = series.get(key)
             if cell is None:
-                cell = HistogramCell(attributes, metric.buckets) if metric.buckets else CounterCell(attributes)
+                cell = self._new_cell(metric, attributes)
                 series[key] = cell
             bound = self._bound.setdefault(name, {})
             if len(bound) < _CACHE_LIMIT:
                 bound[values] = (cell, rejected)
             return cell, rejected
 
+    def _new_cell(self, metric: catalogue.Metric, attributes: dict[str, str]) -> Cell:
+        if self._directory is None:
+            if metric.buckets is not None:
+                return HistogramCell(attributes, metric.buckets)
+            return CounterCell(attributes) if metric.kind is Kind.COUNTER else GaugeCell(attributes)
+        file = self._directory.own
+        if metric.buckets is not None:
+            offset = file.allocate(series_key(metric.name, attributes), slots=len(metric.buckets) + 3)
+            return FileHistogramCell(attributes, metric.buckets, file, offset)
+        offset = file.allocate(series_key(metric.name, attributes), slots=1)
+        if metric.kind is Kind.COUNTER:
+            return FileCounterCell(attributes, file, offset)
+        return FileGaugeCell(attributes, file, offset)
+
     # -- collection --------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Read every worker process's values (no-op for a single process)."""
+        if self._directory is not None:
+            try:
+                self._snapshot = self._directory.snapshot()
+            except OSError:
+                # The directory went away or became unreadable: the previous values beat a failed scrape.
+                _logger.warning("chatobs: cannot read %s; serving the previous values", self._directory.path)
+
+    def live_pids(self) -> list[int]:
+        """The live worker processes of this server (this one alone without a directory)."""
+        if self._directory is None:
+            return []
+        snapshot = self._snapshot or self._directory.snapshot()
+        return snapshot.live_pids
+
+    def _combined(self, name: str) -> dict[str, list[float]] | None:
+        if self._directory is None:
+            return None
+        snapshot = self._snapshot or self._directory.snapshot()
+        return snapshot.combined(name, catalogue.get(name).combine)  # type: ignore[arg-type]
+
     def counter_callback(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        """The observable counter's callback: every series' cumulative value."""
+        """The observable counter's or gauge's callback: every series' current value."""
 
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(cell.value, cell.attributes) for cell in list(self._series.get(name, {}).values())]
+            combined = self._combined(name)
+            if combined is not None:
+                return [Observation(values[0], split_key(key)[1]) for key, values in combined.items()]
+            return [Observation(cell.value, cell.attributes) for cell in list(self._series.get(name, {}).values())]  # type: ignore[union-attr]
 
         return observe
+
+    gauge_callback = counter_callback
 
     def histogram_metrics(self) -> list[Metric]:
         """Every histogram's points, in the SDK's data model (cumulative)."""
         now = time.time_ns()
         metrics = []
-        for name, series in list(self._series.items()):
+        names = list(self._series) if self._directory is None else [m.name for m in catalogue.CATALOGUE if m.buckets]
+        for name in names:
             metric = catalogue.get(name)
-            if metric.buckets is None or not series:
+            if metric.buckets is None:
                 continue
-            points = [cell.point(now) for cell in list(series.values())]  # type: ignore[union-attr]
+            points = self._histogram_points(metric, now)
+            if not points:
+                continue
             data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
             metrics.append(Metric(name=name, description=metric.description, unit=metric.unit, data=data))
         return metrics
+
+    def _histogram_points(self, metric: catalogue.Metric, now: int) -> list[HistogramDataPoint]:
+        local = self._series.get(metric.name, {})
+        combined = self._combined(metric.name)
+        if combined is None:
+            return [cell.point(now) for cell in list(local.values())]  # type: ignore[union-attr]
+        points = []
+        for key, values in combined.items():
+            attributes = split_key(key)[1]
+            # Exemplars are this process's own: they point at traces, and any worker's will do.
+            cell = local.get(tuple(attributes.values()))
+            exemplars = cell.exemplars if isinstance(cell, HistogramCell) else ()
+            counts = [int(count) for count in values[2:]]
+            points.append(
+                _histogram_point(
+                    attributes, self._start, now, counts, int(values[0]), values[1], metric.buckets or (), exemplars
+                )
+            )
+        return points
 
 
 def with_produced(

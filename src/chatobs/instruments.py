@@ -4,7 +4,7 @@ Example::
 
     >>> from opentelemetry.sdk.metrics import MeterProvider
     >>> instruments = Instruments(MeterProvider(views=views()).get_meter("chatobs"), cells)
-    >>> instruments["sse_clients_gauge"].add(1)
+    >>> instruments.observe("outbox_pending", lambda options: [Observation(3)])
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import View
 
-from chatobs.catalogue import CATALOGUE, Kind, Metric
+from chatobs.catalogue import CATALOGUE, PROCESS_LABEL, Combine, Kind, Metric
 from chatobs.cells import CellStore
 
 __all__ = ["Instruments", "ObservableCallback", "views"]
@@ -25,21 +25,29 @@ ObservableCallback = Callable[[CallbackOptions], Iterable[Observation]]
 
 def views(metrics: Iterable[Metric] = CATALOGUE) -> list[View]:
     """One View per catalogue metric the SDK aggregates, keeping only the catalogue's label
-    keys, so a stray attribute can never add series. Histograms are recorded in cells and
-    have no SDK instrument (their buckets come from the catalogue there), so no View."""
+    keys (and ``pid`` on per-process metrics), so a stray attribute can never add series.
+    Histograms are recorded in cells and have no SDK instrument (their buckets come from the
+    catalogue there), so no View."""
     return [
-        View(instrument_name=metric.name, attribute_keys=set(metric.label_names))
+        View(instrument_name=metric.name, attribute_keys=_attribute_keys(metric))
         for metric in metrics
         if metric.kind is not Kind.HISTOGRAM
     ]
 
 
+def _attribute_keys(metric: Metric) -> set[str]:
+    keys = set(metric.label_names)
+    if metric.combine is Combine.PER_PROCESS:
+        keys.add(PROCESS_LABEL)
+    return keys
+
+
 class Instruments:
     """Every catalogue instrument, created on one Meter, looked up by metric name.
 
-    Counters and histograms are recorded in ``cells`` (:mod:`chatobs.cells`): a counter is an
-    observable counter reading its cells, a histogram has no SDK instrument (its points are
-    produced from the cells at collection). Other observable instruments call the callback
+    Counters, gauges and histograms are recorded in ``cells`` (:mod:`chatobs.cells`): a counter
+    or gauge is an observable instrument reading its cells, a histogram has no SDK instrument
+    (its points are produced from the cells at collection). Other observable instruments call the callback
     registered for them with :meth:`observe`; until then they report nothing.
     """
 
@@ -57,9 +65,10 @@ class Instruments:
         if metric.kind is Kind.COUNTER:
             return meter.create_observable_counter(**common, callbacks=[self._cells.counter_callback(metric.name)])
         if metric.kind is Kind.UP_DOWN:
-            return meter.create_up_down_counter(**common)
+            read = self._cells.gauge_callback(metric.name)
+            return meter.create_observable_up_down_counter(**common, callbacks=[read])
         if metric.kind is Kind.GAUGE:
-            return meter.create_gauge(**common)
+            return meter.create_observable_gauge(**common, callbacks=[self._cells.gauge_callback(metric.name)])
         callback = self._dispatcher(metric.name)
         if metric.kind is Kind.OBSERVABLE_GAUGE:
             return meter.create_observable_gauge(**common, callbacks=[callback])

@@ -1,7 +1,10 @@
 """Process gauges: CPU time, resident memory, open file descriptors, data-dir disk free.
 
 Read from ``/proc`` where it exists (Linux) with portable fallbacks; a source
-that fails reports nothing for that scrape rather than failing it.
+that fails reports nothing for that scrape rather than failing it. With several
+worker processes behind one scrape (``CHATOBS_MULTIPROCESS_DIR``) the process
+answering the scrape reads every live worker's ``/proc/<pid>`` and labels each
+series with its ``pid``.
 """
 
 from __future__ import annotations
@@ -15,50 +18,74 @@ from pathlib import Path
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from chatobs.catalogue import PROCESS_LABEL
 from chatobs.instruments import Instruments
 
 __all__ = ["register_process_metrics"]
 
 _logger = logging.getLogger("chatobs")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
+def _cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of stat(5)
 
 
-def _resident_bytes() -> float:
+def _resident_bytes(pid: int | None) -> float:
     try:
-        with open("/proc/self/statm", "rb") as statm:
+        with open(f"/proc/{pid or 'self'}/statm", "rb") as statm:
             return int(statm.read().split()[1]) * _PAGE_SIZE
     except OSError:
+        if pid is not None:
+            raise
         # Peak, not current, resident size: the best the portable API offers.
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _open_fds() -> float:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds(pid: int | None) -> float:
+    return len(os.listdir(f"/proc/{pid or 'self'}/fd"))
 
 
-def _reading(name: str, read: Callable[[], float]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+def _reading(name: str, read: Callable[[int | None], float], pids: Callable[[], list[int]] | None) -> Callback:
     def callback(options: CallbackOptions) -> Iterable[Observation]:
-        try:
-            return (Observation(read()),)
-        except Exception:
-            _logger.debug("cannot read %s", name, exc_info=True)
-            return ()
+        if pids is None:
+            try:
+                return (Observation(read(None)),)
+            except Exception:
+                _logger.debug("cannot read %s", name, exc_info=True)
+                return ()
+        observations = []
+        for pid in pids():
+            try:
+                observations.append(Observation(read(pid), {PROCESS_LABEL: str(pid)}))
+            except Exception:  # the worker exited between the listing and the read
+                _logger.debug("cannot read %s of %d", name, pid, exc_info=True)
+        return observations
 
     return callback
 
 
-def register_process_metrics(instruments: Instruments, data_dir: Path) -> None:
-    """Attach the process gauges' callbacks to ``instruments``."""
-    sources: dict[str, Callable[[], float]] = {
+def register_process_metrics(
+    instruments: Instruments, data_dir: Path, pids: Callable[[], list[int]] | None = None
+) -> None:
+    """Attach the process gauges' callbacks to ``instruments``: of this process, or, given
+    ``pids`` (the live worker processes), one series per worker labelled ``pid``."""
+    per_process: dict[str, Callable[[int | None], float]] = {
         "process_cpu_seconds_total": _cpu_seconds,
         "process_resident_memory_bytes": _resident_bytes,
         "process_open_fds": _open_fds,
-        "data_dir_free_bytes": lambda: shutil.disk_usage(data_dir).free,
     }
-    for name, read in sources.items():
-        instruments.observe(name, _reading(name, read))
+    for name, read in per_process.items():
+        instruments.observe(name, _reading(name, read, pids))
+    instruments.observe(
+        "data_dir_free_bytes", _reading("data_dir_free_bytes", lambda _: shutil.disk_usage(data_dir).free, None)
+    )

@@ -218,6 +218,12 @@ class ChatobsSettings(BaseSettings):
     llm_providers: CsvList = Field((), description="Allowed `provider` label values (empty: first N seen).")
     tools: CsvList = Field((), description="Allowed `tool` label values (empty: first N seen).")
     tenants: CsvList = Field((), description="Allowed `tenant` label values (empty: first N seen).")
+    multiprocess_dir: Path | None = Field(
+        None,
+        description="Shared directory for several worker processes behind one `/metrics` (gunicorn `-w N`, "
+        "uvicorn `--workers N`): each scrape combines every worker's values. Must exist and be writable; "
+        "pull only (OTLP metric push would count each worker's view again).",
+    )
     max_label_values: int = Field(
         50, ge=1, le=10_000, description="N: distinct values admitted for a label whose allowed list is empty."
     )
@@ -241,6 +247,13 @@ class ChatobsSettings(BaseSettings):
     def _absolute_path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+    @field_validator("multiprocess_dir")
+    @classmethod
+    def _writable_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value.is_dir() and os.access(value, os.W_OK | os.X_OK)):
+            raise ValueError(f"{str(value)!r} is not an existing, writable directory")
         return value
 
     @field_validator("message_sources", "llm_models", "llm_providers", "tools", "tenants")
@@ -336,6 +349,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     chatobs, chatobs_errors = _validate(ChatobsSettings, env)
     problems.update(otel_errors)
     problems.update(chatobs_errors)
+    if otel and chatobs and chatobs.multiprocess_dir and "otlp" in otel.metrics_exporter:
+        # Every worker would push the combined values: the collector would count them N times.
+        problems["OTEL_METRICS_EXPORTER"] = (
+            "=otlp: metric push is per process, but CHATOBS_MULTIPROCESS_DIR combines the workers "
+            "for the scrape; scrape /metrics (e.g. with the collector's prometheus receiver) instead"
+        )
     if problems or otel is None or chatobs is None:
         raise ConfigError(problems)
     return Settings(otel, chatobs)

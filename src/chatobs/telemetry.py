@@ -37,6 +37,7 @@ from chatobs.exposition import Renderer, ScrapeReader, scrape_response
 from chatobs.instrumentation import BackendSpanMetrics, consumer_span, instrument_app, instrument_libraries
 from chatobs.instruments import Instruments, views
 from chatobs.labels import LabelPolicy
+from chatobs.multiprocess import ProcessDirectory
 from chatobs.process import register_process_metrics
 from chatobs.provider import build_metric_readers, build_resource, build_tracer_provider
 from chatobs.recorders import (
@@ -106,7 +107,13 @@ class Telemetry:
         options = self.settings.chatobs
 
         self.labels = LabelPolicy(options, on_reject=self._label_rejected)
-        self.cells = CellStore(self.labels, self._label_rejected, settings.otel.metrics_exemplar_filter)
+        # Several worker processes behind one scrape: write through to, and combine from, a shared directory.
+        self._directory = (
+            ProcessDirectory(options.multiprocess_dir) if options.multiprocess_dir and not self.disabled else None
+        )
+        self.cells = CellStore(
+            self.labels, self._label_rejected, settings.otel.metrics_exemplar_filter, directory=self._directory
+        )
         self._scope = InstrumentationScope(SCOPE_NAME, __version__)
         self._resource = build_resource(self.settings, role)
         self.scrape_reader: ScrapeReader | None = None
@@ -146,7 +153,8 @@ class Telemetry:
         self.health = HealthRecorder(*recorder_args)
         self.tools = ToolRecorder(*recorder_args)
         if options.process_metrics:
-            register_process_metrics(self.instruments, options.data_dir)
+            pids = self.cells.live_pids if self._directory is not None else None
+            register_process_metrics(self.instruments, options.data_dir, pids)
         if not self.disabled:
             self.tracer_provider.add_span_processor(BackendSpanMetrics(self.backlog, options.wal_topic, self.cells))
         self.tracer = self.tracer_provider.get_tracer(SCOPE_NAME, __version__)
@@ -185,6 +193,7 @@ class Telemetry:
         if self.scrape_reader is None:
             # Prometheus export is off (OTEL_METRICS_EXPORTER) or the SDK is disabled.
             return 404, {"Content-Type": "text/plain; charset=utf-8"}, b"Prometheus export is disabled\n"
+        self.cells.refresh()  # one read of every worker's values, shared by this collection's callbacks
         return scrape_response(
             self.scrape_reader,
             self._renderer,
@@ -263,6 +272,8 @@ class Telemetry:
         if not self.disabled:
             self.tracer_provider.shutdown()
             self.meter_provider.shutdown(timeout_millis=timeout_millis)
+        if self._directory is not None:
+            self._directory.close()  # the file stays: this process's counts still count
 
 
 _setup_lock = threading.Lock()

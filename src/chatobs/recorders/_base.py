@@ -94,9 +94,8 @@ class Recorder:
         # The hot path: counters and histograms go to bound cells (see chatobs.cells).
         self._cell_add = cells.add
         self._cell_observe = cells.observe
-
-    def _attributes(self, metric_name: str, *values: str) -> dict[str, str]:
-        return self._labels.attributes(catalogue.get(metric_name), values)
+        self._cell_move = cells.move
+        self._cell_set = cells.set
 
     def _add(self, metric_name: str, amount: float, *values: str) -> None:
         self._cell_add(metric_name, amount, values)
@@ -108,7 +107,7 @@ class Recorder:
 
     def _move(self, metric_name: str, amount: float, *values: str) -> None:
         """Move an up-down counter (a gauge moved by increments)."""
-        self._instruments[metric_name].add(amount, self._attributes(metric_name, *values))
+        self._cell_move(metric_name, amount, values)
 
     def _set(self, metric_name: str, value: float, *values: str) -> None:
-        self._instruments[metric_name].set(value, self._attributes(metric_name, *values))
+        self._cell_set(metric_name, value, values)

@@ -1,0 +1,244 @@
+"""Several worker processes behind one ``/metrics``: every process's cells in a shared directory.
+
+Under ``gunicorn -k uvicorn.workers.UvicornWorker -w 4`` or ``uvicorn --workers 4`` each request
+is served by one of several processes, and so is each scrape. With ``CHATOBS_MULTIPROCESS_DIR``
+set, every process writes each cell's values through to its own memory-mapped file there (a
+recording stays a few hundred nanoseconds: one ``struct.pack_into``), and the process answering
+a scrape reads the files of every process of its server and combines them as the catalogue's
+:class:`~chatobs.catalogue.Combine` says: counters and histograms sum over every process that
+ever ran (a killed worker's requests still happened), gauges over the live ones.
+
+Files are named ``<server pid>-<pid>.cells``; the server is the parent process (the gunicorn
+arbiter, uvicorn's supervisor), so a restarted server never adds the previous one's counts, and
+files whose server has exited are removed when the next one starts. A process is live while its
+pid exists with the start time written in its file's header (a reused pid is not mistaken for it).
+
+File layout, little-endian::
+
+    header  b"CHOB", u32 version, u64 bytes used, u64 process start time, u64 reserved
+    record  u32 key length, u32 slot count, key (UTF-8 JSON, zero-padded to 8 bytes), f64 slots
+
+A record is written completely before the header's "bytes used" moves past it, so a reader
+never sees half a record.
+
+Example::
+
+    directory = ProcessDirectory(Path("/run/chatobs"))
+    offset = directory.own.allocate(series_key("requests_total", {"route": "/"}), slots=1)
+    directory.own.write(offset, 1.0)
+    directory.snapshot().combined("requests_total", Combine.SUM)   # {'{"route": "/"}': [1.0]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatobs.catalogue import Combine
+
+__all__ = ["ProcessDirectory", "ProcessFile", "Snapshot", "series_key", "split_key"]
+
+_logger = logging.getLogger("chatobs")
+
+_MAGIC = b"CHOB"
+_VERSION = 1
+_HEADER = struct.Struct("<4sIQQQ")
+_RECORD = struct.Struct("<II")
+_SLOT = struct.Struct("<d")
+_USED_OFFSET = 8
+_INITIAL_SIZE = 64 * 1024
+_SUFFIX = ".cells"
+
+
+def series_key(metric_name: str, attributes: dict[str, str]) -> str:
+    """The key of one series in a process file: metric name and label set, as JSON."""
+    return json.dumps([metric_name, attributes], ensure_ascii=False, separators=(",", ":"))
+
+
+def split_key(key: str) -> tuple[str, dict[str, str]]:
+    name, attributes = json.loads(key)
+    return name, attributes
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat(5)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _is_alive(pid: int, start_time: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return start_time == 0 or _start_time(pid) in (0, start_time)
+
+
+class ProcessFile:
+    """This process's values, written through to a memory-mapped file other processes read."""
+
+    def __init__(self, directory: Path, server_pid: int, pid: int | None = None):
+        self.pid = os.getpid() if pid is None else pid
+        self.path = directory / f"{server_pid}-{self.pid}{_SUFFIX}"
+        self._lock = threading.Lock()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, _INITIAL_SIZE)
+            self._mm = mmap.mmap(fd, _INITIAL_SIZE)
+        finally:
+            os.close(fd)  # the mapping keeps the file open
+        self._used = _HEADER.size
+        _HEADER.pack_into(self._mm, 0, _MAGIC, _VERSION, self._used, _start_time(self.pid), 0)
+
+    def allocate(self, key: str, slots: int) -> int:
+        """Append a record of ``slots`` zeroed values for ``key``; returns the first slot's offset."""
+        encoded = key.encode("utf-8", "surrogatepass")
+        padded = -(-len(encoded) // 8) * 8
+        size = _RECORD.size + padded + slots * _SLOT.size
+        with self._lock:
+            start = self._used
+            if start + size > len(self._mm):
+                self._mm.resize(max(2 * len(self._mm), start + size))  # the new space reads as zeros
+            _RECORD.pack_into(self._mm, start, len(encoded), slots)
+            self._mm[start + _RECORD.size : start + _RECORD.size + len(encoded)] = encoded
+            self._used = start + size
+            # Published last: a reader stops at the previous end until the record is whole.
+            struct.pack_into("<Q", self._mm, _USED_OFFSET, self._used)
+        return start + _RECORD.size + padded
+
+    def write(self, offset: int, value: float) -> None:
+        _SLOT.pack_into(self._mm, offset, value)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self._mm.close()
+
+
+def _read(path: Path) -> tuple[int, dict[str, tuple[float, ...]]] | None:
+    """A process file's start time and its records, or ``None`` if it is not one."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < _HEADER.size:
+        return None
+    magic, version, used, start_time, _ = _HEADER.unpack_from(data, 0)
+    if magic != _MAGIC or version != _VERSION:
+        return None
+    records: dict[str, tuple[float, ...]] = {}
+    position = _HEADER.size
+    end = min(used, len(data))
+    while position + _RECORD.size <= end:
+        key_length, slots = _RECORD.unpack_from(data, position)
+        key_start = position + _RECORD.size
+        values_start = key_start + -(-key_length // 8) * 8
+        position = values_start + slots * _SLOT.size
+        if position > end:
+            break
+        key = data[key_start : key_start + key_length].decode("utf-8", "surrogatepass")
+        records[key] = struct.unpack_from(f"<{slots}d", data, values_start)
+    return start_time, records
+
+
+@dataclass(frozen=True)
+class ProcessValues:
+    pid: int
+    alive: bool
+    records: dict[str, tuple[float, ...]]
+
+
+class Snapshot:
+    """Every process file of one server, read once, combined per metric on demand."""
+
+    def __init__(self, processes: list[ProcessValues]):
+        self.processes = processes
+        # metric name -> [(process, series key, values)]: one pass over the records per scrape.
+        self._by_metric: dict[str, list[tuple[ProcessValues, str, tuple[float, ...]]]] = {}
+        for process in processes:
+            for key, values in process.records.items():
+                name = key[2 : key.find('"', 2)]  # keys start with ["<metric name>"
+                self._by_metric.setdefault(name, []).append((process, key, values))
+
+    @property
+    def live_pids(self) -> list[int]:
+        return sorted(process.pid for process in self.processes if process.alive)
+
+    def combined(self, metric_name: str, combine: Combine) -> dict[str, list[float]]:
+        """Series key → combined slot values of ``metric_name`` (``SUM``, ``LIVE_SUM``, ``LIVE_MAX``)."""
+        result: dict[str, list[float]] = {}
+        for process, key, values in self._by_metric.get(metric_name, ()):
+            if combine is not Combine.SUM and not process.alive:
+                continue
+            current = result.get(key)
+            if current is None:
+                result[key] = list(values)
+            elif combine is Combine.LIVE_MAX:
+                result[key] = [max(a, b) for a, b in zip(current, values, strict=False)]
+            else:
+                result[key] = [a + b for a, b in zip(current, values, strict=False)]
+        return result
+
+
+class ProcessDirectory:
+    """The shared directory: this process's file, and the snapshot of its server's files.
+
+    Example::
+
+        directory = ProcessDirectory(Path(os.environ["CHATOBS_MULTIPROCESS_DIR"]))
+        snapshot = directory.snapshot()
+    """
+
+    def __init__(self, path: Path, server_pid: int | None = None):
+        self.path = path
+        self.server_pid = os.getppid() if server_pid is None else server_pid
+        self._remove_finished_servers()
+        self.own = ProcessFile(path, self.server_pid)
+
+    def _files(self) -> Iterator[tuple[int, int, Path]]:
+        for entry in self.path.glob(f"*{_SUFFIX}"):
+            server, _, pid = entry.name[: -len(_SUFFIX)].partition("-")
+            if server.isdigit() and pid.isdigit():
+                yield int(server), int(pid), entry
+
+    def _remove_finished_servers(self) -> None:
+        """Files of servers that have exited: their counts ended with them."""
+        checked: dict[int, bool] = {}
+        for server, _pid, path in self._files():
+            if server == self.server_pid:
+                continue
+            if server not in checked:
+                checked[server] = _is_alive(server, 0)
+            if not checked[server]:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def snapshot(self) -> Snapshot:
+        processes = []
+        for server, pid, path in self._files():
+            if server != self.server_pid:
+                continue  # another server sharing the directory (or one still shutting down)
+            read = _read(path)
+            if read is None:
+                continue
+            start_time, records = read
+            alive = pid == self.own.pid or _is_alive(pid, start_time)
+            processes.append(ProcessValues(pid, alive, records))
+        return Snapshot(processes)
+
+    def close(self) -> None:
+        self.own.close()

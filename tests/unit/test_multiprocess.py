@@ -1,0 +1,110 @@
+"""How a scrape combines worker processes (CHATOBS_MULTIPROCESS_DIR), read from the exposition.
+
+The other workers are real files written by :class:`ProcessFile`, as a worker would write them,
+under the pids of a live process (a sleeping child) and of one that has exited."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from chatobs import Telemetry
+from chatobs.catalogue import LATENCY_BUCKETS
+from chatobs.multiprocess import ProcessFile, series_key
+from chatobs.recorders import CircuitState
+from chatobs.settings import ConfigError, load_settings
+from tests.metrics_text import value
+
+
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    child = subprocess.Popen(["sleep", "60"])
+    yield child.pid
+    child.kill()
+    child.wait()
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def worker_file(directory, pid: int, values: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]) -> None:
+    """Write what a worker process with ``pid`` would have written."""
+    file = ProcessFile(directory, server_pid=os.getppid(), pid=pid)
+    for (name, labels), slots in values.items():
+        offset = file.allocate(series_key(name, dict(labels)), slots=len(slots))
+        for index, slot in enumerate(slots):
+            file.write(offset + 8 * index, slot)
+    file.close()
+
+
+def scrape(telemetry: Telemetry) -> str:
+    status, _, body = telemetry.scrape()
+    assert status == 200
+    return body.decode()
+
+
+def test_counters_sum_every_worker_gauges_only_live_ones(tmp_path, live_pid, dead_pid):
+    request = ("http_server_request_duration_seconds", (("http_request_method", "GET"), ("http_route", "/"),
+                                                         ("http_response_status_code", "200")))  # fmt: skip
+    buckets = len(LATENCY_BUCKETS) + 1
+    # count, sum, then per-bucket counts: two requests of 0.07 s (bucket le=0.1)
+    two_requests = [2.0, 0.14, 0.0, 2.0] + [0.0] * (buckets - 2)
+    worker_file(tmp_path, live_pid, {
+        ("sessions_created_total", ()): [5],
+        ("sse_clients_gauge", ()): [2],
+        ("circuit_state", (("component", "llm"),)): [0],
+        request: two_requests,
+    })  # fmt: skip
+    worker_file(tmp_path, dead_pid, {
+        ("sessions_created_total", ()): [3],
+        ("sse_clients_gauge", ()): [7],  # its clients went with it
+        ("circuit_state", (("component", "llm"),)): [2],
+        request: two_requests,
+    })  # fmt: skip
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="gateway")
+    try:
+        telemetry.traffic.session_created()
+        telemetry.traffic.sse_client_connected()
+        telemetry.somabrain.circuit_state("llm", CircuitState.HALF_OPEN)
+        text = scrape(telemetry)
+    finally:
+        telemetry.shutdown()
+
+    assert value(text, "sessions_created_total") == 5 + 3 + 1  # sum, the exited worker included
+    assert value(text, "sse_clients_gauge") == 2 + 1  # live_sum
+    assert value(text, "circuit_state", component="llm") == 1  # live_max
+    labels = dict(request[1])
+    assert value(text, "http_server_request_duration_seconds_count", **labels) == 4
+    assert value(text, "http_server_request_duration_seconds_bucket", le="0.1", **labels) == 4
+    assert value(text, "http_server_request_duration_seconds_sum", **labels) == pytest.approx(0.28)
+    pids = {line.split('"')[1] for line in text.splitlines() if line.startswith("process_open_fds{")}
+    assert pids == {str(os.getpid()), str(live_pid)}  # per_process: live workers only
+
+
+def test_files_of_a_finished_server_are_removed_and_another_servers_ignored(tmp_path, dead_pid, live_pid):
+    finished = ProcessFile(tmp_path, server_pid=dead_pid, pid=dead_pid + 1)
+    finished.allocate(series_key("sessions_created_total", {}), slots=1)
+    other_server = ProcessFile(tmp_path, server_pid=live_pid, pid=live_pid)
+    offset = other_server.allocate(series_key("sessions_created_total", {}), slots=1)
+    other_server.write(offset, 100)
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="gateway")
+    try:
+        assert value(scrape(telemetry), "sessions_created_total") == 0
+    finally:
+        telemetry.shutdown()
+    assert not finished.path.exists()
+    assert other_server.path.exists()
+
+
+def test_the_directory_must_exist_and_metric_push_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="CHATOBS_MULTIPROCESS_DIR"):
+        load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="OTEL_METRICS_EXPORTER"):
+        load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path), "OTEL_METRICS_EXPORTER": "prometheus,otlp"})
