@@ -23,8 +23,10 @@ this process's file, and collection reads the combined values of every process i
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 
@@ -257,6 +259,11 @@ class CellStore:
         # models both become `other`) share one cell, so one series.
         self._series: dict[str, dict[tuple[str, ...], Cell]] = {}
         self._lock = threading.Lock()
+        if directory is not None:
+            # A server that builds the app before forking its workers (gunicorn --preload) hands
+            # every worker this store: each must then write its own file, not the parent's.
+            store = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: (cells := store()) is not None and cells._after_fork())
 
     # -- recording ------------------------------------------------------------------
     def add(self, name: str, amount: float, values: tuple[str, ...]) -> None:
@@ -326,6 +333,19 @@ class CellStore:
         if metric.kind is Kind.COUNTER:
             return FileCounterCell(attributes, file, offset)
         return FileGaugeCell(attributes, file, offset)
+
+    def _after_fork(self) -> None:
+        """In a forked worker: a file of its own, and cells that start from zero (what the parent
+        recorded stays in the parent's file)."""
+        assert self._directory is not None
+        self._directory.reopen()
+        self._lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+        self._bound = {}
+        self._snapshot = None
+        for name, series in self._series.items():
+            metric = catalogue.get(name)
+            for key, cell in series.items():
+                series[key] = self._new_cell(metric, cell.attributes)
 
     # -- collection --------------------------------------------------------------------
     def refresh(self) -> None:

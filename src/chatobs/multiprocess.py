@@ -68,15 +68,21 @@ def split_key(key: str) -> tuple[str, dict[str, str]]:
     return name, attributes
 
 
-def _start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (Linux), 0 where unknown."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """The process's state letter and start time in clock ticks since boot (Linux ``/proc``)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             # The command name (field 2) may hold spaces and parentheses: split after its last ")".
             fields = stat.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])  # field 22 of stat(5)
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc_pid_stat(5)
     except (OSError, IndexError, ValueError):
-        return 0
+        return None
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time, 0 where unknown."""
+    stat = _stat(pid)
+    return stat[1] if stat else 0
 
 
 def _is_alive(pid: int, start_time: int) -> bool:
@@ -86,7 +92,12 @@ def _is_alive(pid: int, start_time: int) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    return start_time == 0 or _start_time(pid) in (0, start_time)
+    stat = _stat(pid)
+    if stat is None:
+        return True  # no /proc: the signal check is all there is
+    state, started = stat
+    # A killed worker is a zombie until its server reaps it; a reused pid started later.
+    return state != "Z" and (start_time == 0 or started == start_time)
 
 
 class ProcessFile:
@@ -239,6 +250,11 @@ class ProcessDirectory:
             alive = pid == self.own.pid or _is_alive(pid, start_time)
             processes.append(ProcessValues(pid, alive, records))
         return Snapshot(processes)
+
+    def reopen(self) -> None:
+        """After a fork: this process's own file, under the new parent (the forking server)."""
+        self.server_pid = os.getppid()
+        self.own = ProcessFile(self.path, self.server_pid)
 
     def close(self) -> None:
         self.own.close()
