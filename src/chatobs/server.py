@@ -124,6 +124,13 @@ class MetricsAuth:
         password_file = _FileSecret(settings.metrics_basic_auth_password_file, lambda text: prefix + text.encode())
         return cls("Basic", password_file.current, on_refused)
 
+    def credentials(self) -> str:
+        """The ``Authorization`` header value this check accepts (for clients such as ``chatobs check``)."""
+        secret = self._secret()
+        if self.scheme == "Bearer":
+            return f"Bearer {secret.decode()}"
+        return f"Basic {base64.b64encode(secret).decode()}"
+
     def allows(self, authorization: str | None) -> bool:
         """Whether an ``Authorization`` header value carries the expected credentials."""
         scheme, _, presented = (authorization or "").strip().partition(" ")

@@ -36,7 +36,7 @@ from urllib.parse import unquote
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from chatobs.catalogue import OVERFLOW_VALUE, SERVICES
 
@@ -133,7 +133,26 @@ def parse_key_values(text: str) -> dict[str, str]:
     return pairs
 
 
-class OtelSettings(BaseSettings):
+class _MappingOnly(BaseSettings):
+    """Settings whose values come only from the mapping :func:`load_settings` passes.
+
+    pydantic-settings would also read ``os.environ`` while validating; a test's mapping must be
+    the whole truth (``load_settings({})`` means defaults, whatever the shell exports).
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+class OtelSettings(_MappingOnly):
     """Standard OpenTelemetry SDK variables (see the OpenTelemetry specification)."""
 
     model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore", frozen=True)
@@ -213,7 +232,7 @@ def _check_exporters(value: tuple[str, ...], known: tuple[str, ...]) -> tuple[st
     return () if names == ("none",) else names
 
 
-class ChatobsSettings(BaseSettings):
+class ChatobsSettings(_MappingOnly):
     """This project's own settings, every variable prefixed ``CHATOBS_``."""
 
     model_config = SettingsConfigDict(env_prefix=CHATOBS_PREFIX, extra="ignore", frozen=True)
