@@ -50,6 +50,7 @@ class _FileSecret:
         self._render = render
         self._stamp: tuple[int, int, int] | None = None
         self._value = b""
+        self._warned = False
         self._lock = threading.Lock()
         self.current()  # settings validation has read it once already; a failure here is a race
 
@@ -65,14 +66,15 @@ class _FileSecret:
                     self._value = self._render(read_secret_file(self._path))
                 except ValueError as error:
                     return self._keep(error)
-                self._stamp = stamp
+                self._stamp, self._warned = stamp, False
         return self._value
 
     def _keep(self, error: Exception) -> bytes:
         # Mid-rotation the file can be briefly missing or empty: keep the last good secret
-        # rather than lock every scraper out (or, worse, let an empty secret match).
-        if self._value:
-            _logger.warning("chatobs: cannot re-read %s (%s); keeping the previous secret", self._path, error)
+        # rather than lock every scraper out (an empty one matches nothing). Said once, not per scrape.
+        if not self._warned:
+            self._warned = True
+            _logger.warning("chatobs: cannot read %s (%s); keeping the previous secret", self._path, error)
         return self._value
 
 

@@ -120,7 +120,19 @@ def _problems(errors: Any) -> list[dict[str, Any]]:
     return [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in errors]
 
 
+def _body_doc(media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI description of a request body an endpoint reads itself (FastAPI cannot see it)."""
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+
+
+_MESSAGE_BODY = _body_doc("application/json", MessageIn.model_json_schema())
+_FILE_FIELD = {"file": {"type": "string", "format": "binary"}}
+_UPLOAD_BODY = _body_doc("multipart/form-data", {"type": "object", "properties": _FILE_FIELD, "required": ["file"]})
+
+
 def _stored_filename(filename: str | None, fallback: str) -> str:
+    """The client's file name without control characters (PostgreSQL refuses NUL; others garble
+    listings and logs), at most 255 characters."""
     kept = "".join(char for char in (filename or "") if char.isprintable())[:255]
     return kept or fallback
 
@@ -187,10 +199,7 @@ def create_app() -> FastAPI:
         await app.state.pool.execute("update sessions set deleted_at = now() where id = $1", session_id)
         traffic.session_deleted()
 
-    message_body = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": MessageIn.model_json_schema()}}}}  # fmt: skip
-
-    @app.post("/v1/sessions/{session_id}/messages", status_code=202, openapi_extra=message_body)
+    @app.post("/v1/sessions/{session_id}/messages", status_code=202, openapi_extra=_MESSAGE_BODY)
     async def post_message(session_id: str, request: Request) -> dict[str, str]:
         # The body is read here rather than by FastAPI, so its type and size are checked before
         # it is read (413 and 415, not a 422 after buffering any amount).
@@ -223,22 +232,7 @@ def create_app() -> FastAPI:
         traffic.message_in(role=message.role, source=message.source)
         return {"message_id": message_id}
 
-    upload_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                        "required": ["file"],
-                    }
-                }
-            },
-        }
-    }
-
-    @app.post("/v1/sessions/{session_id}/attachments", status_code=201, openapi_extra=upload_body)
+    @app.post("/v1/sessions/{session_id}/attachments", status_code=201, openapi_extra=_UPLOAD_BODY)
     async def upload(session_id: str, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
         await live_session(app.state.pool, session_id)
