@@ -617,6 +617,14 @@ CATALOGUE: tuple[Metric, ...] = (
         domain="self",
         labels=(Label("metric", values=(CATALOGUE_NAMES,)),),
     ),
+    counter(
+        "chatobs_scrapes_refused_total",
+        "Scrapes of `/metrics` answered 401: missing or wrong credentials (`CHATOBS_METRICS_BEARER_TOKEN*`, "
+        "`CHATOBS_METRICS_BASIC_AUTH_*`).",
+        unit="{scrape}",
+        owners=_EVERY,
+        domain="self",
+    ),
 )
 
 _BY_NAME: dict[str, Metric] = {metric.name: metric for metric in CATALOGUE}

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from chatobs import catalogue
 from chatobs.catalogue import OVERFLOW_VALUE, Metric, allowed_fixed_values
+from chatobs.server import MetricsAuth
 from chatobs.settings import ChatobsSettings
 
 __all__ = ["ACCEPT_LIKE_PROMETHEUS", "EndpointReport", "FamilyResult", "check_endpoints", "check_exposition"]
@@ -148,13 +149,17 @@ def check_exposition(text: str, openmetrics: bool, settings: ChatobsSettings) ->
 
 
 def check_endpoints(urls: Iterable[str], settings: ChatobsSettings, timeout: float = 10.0) -> list[EndpointReport]:
-    """Scrape each URL as Prometheus would and check it."""
+    """Scrape each URL as Prometheus would and check it, with the scrape credentials ``settings``
+    configure (``CHATOBS_METRICS_BEARER_TOKEN*``, ``CHATOBS_METRICS_BASIC_AUTH_*``), if any."""
     reports = []
+    headers = {"Accept": ACCEPT_LIKE_PROMETHEUS}
+    if (auth := MetricsAuth.from_settings(settings)) is not None:
+        headers["Authorization"] = auth.credentials()
     with httpx.Client(timeout=timeout) as client:
         for url in urls:
             report = EndpointReport(url)
             try:
-                response = client.get(url, headers={"Accept": ACCEPT_LIKE_PROMETHEUS})
+                response = client.get(url, headers=headers)
                 response.raise_for_status()
                 openmetrics = response.headers.get("content-type", "").startswith("application/openmetrics-text")
                 report.families = check_exposition(response.text, openmetrics, settings)

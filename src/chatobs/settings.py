@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import unquote
 
-from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from chatobs.catalogue import OVERFLOW_VALUE, SERVICES
 
@@ -48,6 +50,7 @@ __all__ = [
     "load_model",
     "load_settings",
     "parse_key_values",
+    "read_secret_file",
     "settings_table",
 ]
 
@@ -69,10 +72,13 @@ TracesSampler = Literal[
 
 
 class ConfigError(ValueError):
-    """A setting is missing or malformed. ``variables`` lists the variable names at fault."""
+    """A setting is missing or malformed. ``variables`` lists the variable names at fault.
+
+    ``problems`` maps a variable name (or ``"A, B"`` for settings wrong only together) to its problem.
+    """
 
     def __init__(self, problems: Mapping[str, str]):
-        self.variables = tuple(problems)
+        self.variables = tuple(name for key in problems for name in key.split(", "))
         super().__init__("; ".join(f"{name}{problem}" for name, problem in problems.items()))
 
 
@@ -84,6 +90,34 @@ def _split_csv(value: object) -> object:
 
 
 CsvList = Annotated[tuple[str, ...], NoDecode]
+
+
+def read_secret_file(path: Path) -> str:
+    """The secret held in ``path``, surrounding whitespace removed (as Prometheus reads its
+    ``credentials_file`` and ``password_file``, so one file can serve both sides).
+
+    Raises ``ValueError`` when it cannot be read or is empty; the message never holds the content.
+    """
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ValueError(f"cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    if not text:
+        raise ValueError("is empty")
+    return text
+
+
+def _is_token(token: str) -> bool:
+    # A bearer token goes verbatim into an HTTP header: no spaces or control characters
+    # (RFC 6750's token68 is stricter still, but opaque tokens vary).
+    return bool(token) and not any(char.isspace() or not char.isprintable() for char in token)
+
+
+def _conflict(message: str, *variables: str) -> PydanticCustomError:
+    """A problem of several settings together; :func:`_errors` reports it under each variable."""
+    return PydanticCustomError("chatobs_conflict", message, {"variables": ",".join(variables)})
 
 
 def parse_key_values(text: str) -> dict[str, str]:
@@ -99,7 +133,26 @@ def parse_key_values(text: str) -> dict[str, str]:
     return pairs
 
 
-class OtelSettings(BaseSettings):
+class _MappingOnly(BaseSettings):
+    """Settings whose values come only from the mapping :func:`load_settings` passes.
+
+    pydantic-settings would also read ``os.environ`` while validating; a test's mapping must be
+    the whole truth (``load_settings({})`` means defaults, whatever the shell exports).
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+class OtelSettings(_MappingOnly):
     """Standard OpenTelemetry SDK variables (see the OpenTelemetry specification)."""
 
     model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore", frozen=True)
@@ -179,7 +232,7 @@ def _check_exporters(value: tuple[str, ...], known: tuple[str, ...]) -> tuple[st
     return () if names == ("none",) else names
 
 
-class ChatobsSettings(BaseSettings):
+class ChatobsSettings(_MappingOnly):
     """This project's own settings, every variable prefixed ``CHATOBS_``."""
 
     model_config = SettingsConfigDict(env_prefix=CHATOBS_PREFIX, extra="ignore", frozen=True)
@@ -195,6 +248,30 @@ class ChatobsSettings(BaseSettings):
         None, ge=0, le=65535,
         description="Port of the standalone metrics server, for services without an HTTP app (0: any free port).",
     )  # fmt: skip
+    metrics_on_app: bool = Field(
+        True,
+        description="Serve the scrape on the service's own app too. `false`: only on the standalone server "
+        "(`CHATOBS_METRICS_PORT`, e.g. an internal port), and the app's metrics path answers 404.",
+    )
+    metrics_bearer_token: SecretStr | None = Field(
+        None, description="Scrapes must send `Authorization: Bearer <token>` (401 otherwise). Never printed."
+    )
+    metrics_bearer_token_file: Path | None = Field(
+        None,
+        description="File holding that token instead (re-read when it changes); Prometheus: "
+        "`authorization.credentials_file`.",
+    )
+    metrics_basic_auth_user: str | None = Field(
+        None, description="User name scrapes must send with HTTP basic auth (401 otherwise)."
+    )
+    metrics_basic_auth_password: SecretStr | None = Field(
+        None, description="Password of `CHATOBS_METRICS_BASIC_AUTH_USER`. Never printed."
+    )
+    metrics_basic_auth_password_file: Path | None = Field(
+        None,
+        description="File holding that password instead (re-read when it changes); Prometheus: "
+        "`basic_auth.password_file`.",
+    )
     scrape_timeout_seconds: float = Field(5.0, gt=0, le=120, description="Longest time one scrape may collect for.")
     expose_target_info: bool = Field(
         True, description="Expose the `target_info` family carrying the resource attributes."
@@ -256,6 +333,78 @@ class ChatobsSettings(BaseSettings):
             raise ValueError(f"{str(value)!r} is not an existing, writable directory")
         return value
 
+    @field_validator("metrics_bearer_token")
+    @classmethod
+    def _bearer_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _is_token(value.get_secret_value()):
+            raise ValueError("must be a non-empty token without spaces or control characters")
+        return value
+
+    @field_validator("metrics_bearer_token_file")
+    @classmethod
+    def _bearer_token_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                token = read_secret_file(value)
+            except ValueError as error:
+                raise ValueError(f"the file {error}") from None
+            if not _is_token(token):  # what the file holds is never shown
+                raise ValueError("the file must hold one token without spaces or control characters")
+        return value
+
+    @field_validator("metrics_basic_auth_user")
+    @classmethod
+    def _basic_user(cls, value: str | None) -> str | None:
+        # RFC 7617: the user-id cannot contain a colon, and neither part control characters.
+        if value is not None and (not value or ":" in value or not value.isprintable()):
+            raise ValueError("must be a non-empty name without ':' or control characters")
+        return value
+
+    @field_validator("metrics_basic_auth_password")
+    @classmethod
+    def _basic_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (not value.get_secret_value() or not value.get_secret_value().isprintable()):
+            raise ValueError("must be a non-empty password without control characters")
+        return value
+
+    @field_validator("metrics_basic_auth_password_file")
+    @classmethod
+    def _basic_password_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                read_secret_file(value)
+            except ValueError as error:
+                raise ValueError(f"the file {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _scrape_protection(self) -> ChatobsSettings:
+        def env(*fields: str) -> list[str]:
+            return [_env_name(ChatobsSettings, name) for name in fields if getattr(self, name) is not None]
+
+        bearer = env("metrics_bearer_token", "metrics_bearer_token_file")
+        password = env("metrics_basic_auth_password", "metrics_basic_auth_password_file")
+        user = env("metrics_basic_auth_user")
+        if len(bearer) > 1:
+            raise _conflict("set one of these, not both", *bearer)
+        if len(password) > 1:
+            raise _conflict("set one of these, not both", *password)
+        if bearer and (user or password):
+            raise _conflict(
+                "scrapes are protected by a bearer token or basic auth, not both", *bearer, *user, *password
+            )
+        if user and not password:
+            raise _conflict("needs a password too: CHATOBS_METRICS_BASIC_AUTH_PASSWORD or _PASSWORD_FILE", *user)
+        if password and not user:
+            raise _conflict("needs CHATOBS_METRICS_BASIC_AUTH_USER too", *password)
+        if not self.metrics_on_app and self.metrics_port is None:
+            raise _conflict(
+                "ON_APP=false needs the port set: the standalone server is then the only one serving the scrape",
+                "CHATOBS_METRICS_ON_APP",
+                "CHATOBS_METRICS_PORT",
+            )
+        return self
+
     @field_validator("message_sources", "llm_models", "llm_providers", "tools", "tenants")
     @classmethod
     def _overflow_is_reserved(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -283,12 +432,26 @@ def _env_name(model: type[BaseSettings], field: str) -> str:
     return f"{model.model_config.get('env_prefix', '')}{field}".upper()
 
 
+def _is_secret(model: type[BaseSettings], field: str) -> bool:
+    annotation = model.model_fields[field].annotation
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
 def _errors(model: type[BaseSettings], env: Mapping[str, str], exc: ValidationError) -> dict[str, str]:
     problems: dict[str, str] = {}
     for error in exc.errors():
+        context = error.get("ctx") or {}
+        if error["type"] == "chatobs_conflict":
+            problems[str(context["variables"]).replace(",", ", ")] = f": {error['msg']}"
+            continue
         field = str(error["loc"][0]) if error["loc"] else ""
         name = _env_name(model, field) if field in model.model_fields else model.__name__
-        shown = f"={env[name]!r}" if name in env else ""
+        if name not in env:
+            shown = ""
+        elif field in model.model_fields and _is_secret(model, field):
+            shown = "=<hidden>"  # a malformed secret is still a secret: never echo it
+        else:
+            shown = f"={env[name]!r}"
         problems[name] = f"{shown}: {error['msg']}"
     return problems
 

@@ -49,7 +49,7 @@ from chatobs.recorders import (
     ToolRecorder,
     TrafficRecorder,
 )
-from chatobs.server import MetricsServer, mount_metrics_route
+from chatobs.server import MetricsAuth, MetricsServer, mount_metrics_route, vacate_path
 from chatobs.settings import ConfigError, Settings, load_settings
 from chatobs.version import __version__
 
@@ -158,6 +158,9 @@ class Telemetry:
         if not self.disabled:
             self.tracer_provider.add_span_processor(BackendSpanMetrics(self.backlog, options.wal_topic, self.cells))
         self.tracer = self.tracer_provider.get_tracer(SCOPE_NAME, __version__)
+        #: What a scrape must present (``CHATOBS_METRICS_BEARER_TOKEN*``/``_BASIC_AUTH_*``), on the app
+        #: route and the standalone server alike; ``None``: nothing.
+        self.metrics_auth = MetricsAuth.from_settings(options, on_refused=self._scrape_refused)
 
         if set_global:
             self.make_global()
@@ -175,6 +178,9 @@ class Telemetry:
     def _label_rejected(self, metric_name: str, label_name: str) -> None:
         # Both values are catalogue names, so this cannot itself overflow.
         self.cells.add("chatobs_label_rejections_total", 1, (metric_name, label_name))
+
+    def _scrape_refused(self) -> None:
+        self.cells.add("chatobs_scrapes_refused_total", 1, ())
 
     def _recording_failed(self, metric_name: str, exc: BaseException) -> None:
         try:
@@ -208,10 +214,19 @@ class Telemetry:
         return with_produced(data, self.cells.histogram_metrics(), self._scope, self._resource)
 
     def mount(self, app: Any) -> None:
-        """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent)."""
+        """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent).
+
+        With ``CHATOBS_METRICS_ON_APP=false`` the scrape is served only on the standalone
+        server's port: the app gets no route, and a route the app itself had at that path
+        is removed too, so the public port answers 404 there like on any unknown path.
+        """
         if id(app) in self._mounted:
             return
-        mount_metrics_route(app, self.settings.chatobs.metrics_path, self.scrape)
+        options = self.settings.chatobs
+        if options.metrics_on_app:
+            mount_metrics_route(app, options.metrics_path, self.scrape, self.metrics_auth)
+        else:
+            vacate_path(app, options.metrics_path, "CHATOBS_METRICS_ON_APP=false")
         self._mounted.add(id(app))
 
     def serve(self, port: int | None = None, host: str | None = None) -> MetricsServer:
@@ -222,7 +237,7 @@ class Telemetry:
             raise ConfigError({"CHATOBS_METRICS_PORT": ": not set; a service without an HTTP app needs it"})
         host = host or options.metrics_host
         try:
-            server = MetricsServer(self.scrape, host=host, port=port, path=options.metrics_path)
+            server = MetricsServer(self.scrape, host=host, port=port, path=options.metrics_path, auth=self.metrics_auth)
         except OSError as error:
             raise ConfigError(
                 {"CHATOBS_METRICS_PORT": f"={port}: cannot listen on {host}:{port}: {error.strerror}"}
@@ -244,7 +259,9 @@ class Telemetry:
         names = instrument_libraries(self.tracer_provider, disabled)
         if app is not None and "fastapi" not in disabled:
             options = self.settings.chatobs
-            instrument_app(app, self.tracer, self.cells, [options.metrics_path, *options.health_paths])
+            # Off the app, the metrics path is an unknown path like any other, and counted like one.
+            scrape_paths = [options.metrics_path] if options.metrics_on_app else []
+            instrument_app(app, self.tracer, self.cells, [*scrape_paths, *options.health_paths])
             names.append("fastapi")
         return names
 

@@ -69,6 +69,12 @@ class PipelineSettings(BaseSettings):
         description="Content types accepted for attachments (415 otherwise).",
     )
     message_max_chars: int = Field(8000, ge=1, description="Longest chat message accepted.")
+    request_max_bytes: int = Field(
+        262_144,
+        ge=1024,
+        description="Largest JSON request body accepted, in bytes (413 above, before it is read; attachments "
+        "have `CHATPIPE_ATTACHMENT_MAX_BYTES`).",
+    )
     sse_timeout_seconds: float = Field(300.0, gt=0, description="An SSE stream with no event for this long ends.")
     # --- Messaging and backlogs ------------------------------------------------------------
     tool_topic: str = Field("chat.tools", min_length=1, description="Kafka topic of tool-call requests.")

@@ -1,4 +1,11 @@
-"""The gateway application. Configured by the environment only (see ``chatpipe.settings``)."""
+"""The gateway application. Configured by the environment only (see ``chatpipe.settings``).
+
+Every error a client can cause is a 4xx with a JSON body ``{"error": "...", "detail": ...}``
+(``detail`` only where there is more to say), never a 500: malformed or non-JSON bodies,
+bodies over ``CHATPIPE_REQUEST_MAX_BYTES`` / ``CHATPIPE_ATTACHMENT_MAX_BYTES`` (refused from
+their ``Content-Length`` before they are read, or as soon as a streamed body passes the
+limit), unknown or malformed session ids, unknown routes and methods.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +23,14 @@ from typing import Annotated, Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from opentelemetry import propagate
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive
 
 import chatobs
 from chatpipe.db import connect_pool, migrate
@@ -30,7 +41,11 @@ __all__ = ["app", "create_app"]  # noqa: F822 - `app` is built lazily by __getat
 
 _logger = logging.getLogger("chatpipe.gateway")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: Session ids are what create_session makes (uuid4 hex); anything else names no session.
+_SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 _UPLOAD_CHUNK = 64 * 1024
+#: Room for the multipart boundaries and part headers around an attachment of the largest size.
+_MULTIPART_OVERHEAD = 16 * 1024
 _KEEPALIVE_SECONDS = 15.0
 
 
@@ -39,9 +54,87 @@ class MessageIn(BaseModel):
     content: str = Field(..., min_length=1)
     source: str = Field("api", max_length=64, description="Where the message came from (web, api, cli...).")
 
+    @field_validator("role", "content", "source")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        # PostgreSQL text and jsonb hold neither NUL nor unpaired surrogates (which JSON's \u
+        # escapes can carry): refuse them here rather than fail in the database with a 500.
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (unpaired surrogate escape)") from None
+        return value
 
-def _error(status: int, message: str) -> HTTPException:
-    return HTTPException(status_code=status, detail={"error": message})
+
+def _error(status: int, message: str, detail: Any = None) -> HTTPException:
+    body = {"error": message} if detail is None else {"error": message, "detail": detail}
+    return HTTPException(status_code=status, detail=body)
+
+
+def _media_type(request: Request) -> str:
+    return (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+
+
+def _limit_declared_size(request: Request, limit: int, refusal: str) -> None:
+    """413 at once when the declared ``Content-Length`` is over ``limit``: nothing is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _error(413, refusal)
+
+
+def _limited_receive(receive: Receive, limit: int, refusal: str) -> Receive:
+    """``receive`` that answers 413 once the body passes ``limit`` bytes (a chunked body
+    declares no length, so it is counted as it arrives)."""
+    received = 0
+
+    async def limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _error(413, refusal)
+        return message
+
+    return limited
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body: 415 if it is not JSON, 413 over ``limit`` bytes, 400 if malformed."""
+    media_type = _media_type(request)
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise _error(415, "expected a JSON body (Content-Type: application/json)")
+    refusal = f"request body larger than {limit} bytes"
+    _limit_declared_size(request, limit, refusal)
+    body = await Request(request.scope, _limited_receive(request.receive, limit, refusal)).body()
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
+        raise _error(400, "malformed JSON body", str(error)[:200]) from None
+
+
+def _problems(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors without the offending input (it may be large, and is the client's own)."""
+    return [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in errors]
+
+
+def _body_doc(media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI description of a request body an endpoint reads itself (FastAPI cannot see it)."""
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+
+
+_MESSAGE_BODY = _body_doc("application/json", MessageIn.model_json_schema())
+_FILE_FIELD = {"file": {"type": "string", "format": "binary"}}
+_UPLOAD_BODY = _body_doc("multipart/form-data", {"type": "object", "properties": _FILE_FIELD, "required": ["file"]})
+
+
+def _stored_filename(filename: str | None, fallback: str) -> str:
+    """The client's file name without control characters (PostgreSQL refuses NUL; others garble
+    listings and logs), at most 255 characters."""
+    kept = "".join(char for char in (filename or "") if char.isprintable())[:255]
+    return kept or fallback
 
 
 def create_app() -> FastAPI:
@@ -65,15 +158,28 @@ def create_app() -> FastAPI:
     telemetry = chatobs.setup(service="gateway", app=app)
     traffic = telemetry.traffic
 
-    @app.exception_handler(HTTPException)
-    async def json_errors(request: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's HTTPException too: unknown routes (404) and methods (405) answer in the same shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def json_errors(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         body = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "invalid request", "detail": _problems(exc.errors())}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # A real fault (a backend down): still 500, logged by the server, but in the same JSON shape.
+        return JSONResponse({"error": "internal error"}, status_code=500)
 
     async def live_session(pool: asyncpg.Pool, session_id: str) -> asyncpg.Record:
+        shown = session_id if len(session_id) <= 64 else f"{session_id[:64]}..."
+        if not _SESSION_ID.fullmatch(session_id):
+            raise _error(404, f"no session {shown}")  # not even a well-formed id: no query
         row = await pool.fetchrow("select id, tenant, deleted_at from sessions where id = $1", session_id)
         if row is None:
-            raise _error(404, f"no session {session_id}")
+            raise _error(404, f"no session {shown}")
         if row["deleted_at"] is not None:
             raise _error(410, f"session {session_id} was deleted")
         return row
@@ -93,8 +199,14 @@ def create_app() -> FastAPI:
         await app.state.pool.execute("update sessions set deleted_at = now() where id = $1", session_id)
         traffic.session_deleted()
 
-    @app.post("/v1/sessions/{session_id}/messages", status_code=202)
-    async def post_message(session_id: str, message: MessageIn) -> dict[str, str]:
+    @app.post("/v1/sessions/{session_id}/messages", status_code=202, openapi_extra=_MESSAGE_BODY)
+    async def post_message(session_id: str, request: Request) -> dict[str, str]:
+        # The body is read here rather than by FastAPI, so its type and size are checked before
+        # it is read (413 and 415, not a 422 after buffering any amount).
+        try:
+            message = MessageIn.model_validate(await _read_json(request, settings.request_max_bytes))
+        except ValidationError as error:
+            raise _error(422, "invalid message", _problems(error.errors())) from None
         if message.role not in ROLES:
             raise _error(422, f"role must be one of {', '.join(ROLES)}")
         if len(message.content) > settings.message_max_chars:
@@ -120,10 +232,27 @@ def create_app() -> FastAPI:
         traffic.message_in(role=message.role, source=message.source)
         return {"message_id": message_id}
 
-    @app.post("/v1/sessions/{session_id}/attachments", status_code=201)
-    async def upload(session_id: str, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
+    @app.post("/v1/sessions/{session_id}/attachments", status_code=201, openapi_extra=_UPLOAD_BODY)
+    async def upload(session_id: str, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
         await live_session(app.state.pool, session_id)
+        if _media_type(request) != "multipart/form-data":
+            raise _error(415, "expected a multipart/form-data upload with a `file` field")
+        # The form parser spools files to disk: bound what it may take before it starts.
+        refusal = f"attachment larger than {settings.attachment_max_bytes} bytes"
+        limit = settings.attachment_max_bytes + _MULTIPART_OVERHEAD
+        _limit_declared_size(request, limit, refusal)
+        limited = Request(request.scope, _limited_receive(request.receive, limit, refusal))
+        form = await limited.form(max_files=1, max_fields=8)
+        try:
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
+                raise _error(422, "the upload needs a `file` field holding the file")
+            return await store_attachment(session_id, file, started)
+        finally:
+            await form.close()
+
+    async def store_attachment(session_id: str, file: UploadFile, started: float) -> dict[str, Any]:
         content_type = (file.content_type or "application/octet-stream").split(";")[0].strip()
         if content_type not in settings.attachment_types:
             raise _error(
@@ -137,7 +266,7 @@ def create_app() -> FastAPI:
         await app.state.pool.execute(
             "insert into attachments (id, session_id, filename, content_type, size_bytes, path)"
             " values ($1, $2, $3, $4, $5, $6)",
-            attachment_id, session_id, file.filename or attachment_id, content_type, size, str(path),
+            attachment_id, session_id, _stored_filename(file.filename, attachment_id), content_type, size, str(path),
         )  # fmt: skip
         traffic.attachment_uploaded(time.perf_counter() - started)
         return {"attachment_id": attachment_id, "size_bytes": size, "content_type": content_type}

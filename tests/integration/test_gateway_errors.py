@@ -1,0 +1,129 @@
+"""Whatever a client sends, the real gateway answers a 4xx with a JSON ``{"error": ...}`` body,
+never a 500, and its HTTP metrics show the answer under the route template, never the raw path."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from tests.chat_client import ChatClient
+from tests.metrics_text import value
+
+JSON = {"Content-Type": "application/json"}
+SESSIONS = "/v1/sessions"
+SESSION = "/v1/sessions/{session_id}"
+MESSAGES = "/v1/sessions/{session_id}/messages"
+ATTACHMENTS = "/v1/sessions/{session_id}/attachments"
+EVENTS = "/v1/sessions/{session_id}/events"
+
+
+@dataclass
+class Case:
+    what: str
+    method: str
+    route: str  # the template the HTTP metrics must show ("" when no route matches)
+    status: int
+    error: str  # expected in the body's "error"
+    request: dict[str, Any] = field(default_factory=dict)
+    session: str | None = None  # None: the test's live session
+    path: str | None = None  # a raw path instead of the route filled with the session
+
+
+def chunked(*parts: bytes):
+    """A body without Content-Length (httpx sends an iterator chunked): only counting can stop it."""
+    yield from parts
+
+
+def multipart(size: int) -> tuple[bytes, str]:
+    boundary = "chatobs-test-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n'
+    head += "Content-Type: text/plain\r\n\r\n"
+    body = head.encode() + b"x" * size + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+BIG_UPLOAD, BIG_UPLOAD_TYPE = multipart(60_000)  # the pipeline allows 1000 bytes (tests/conftest.py)
+UNKNOWN = uuid.uuid4().hex
+LONG_ID = "a" * 3000
+
+CASES = [
+    Case("malformed JSON", "POST", MESSAGES, 400, "malformed JSON body",
+         {"content": b'{"content": "unfinished', "headers": JSON}),
+    Case("JSON nested beyond the parser", "POST", MESSAGES, 400, "malformed JSON body",
+         {"content": b"[" * 100_000 + b"]" * 100_000, "headers": JSON}),
+    Case("not UTF-8", "POST", MESSAGES, 400, "malformed JSON body",
+         {"content": b'{"content": "\xff\xfe"}', "headers": JSON}),
+    Case("text/plain body", "POST", MESSAGES, 415, "expected a JSON body",
+         {"content": b'{"content": "hi"}', "headers": {"Content-Type": "text/plain"}}),
+    Case("no content type", "POST", MESSAGES, 415, "expected a JSON body", {"content": b'{"content": "hi"}'}),
+    Case("form body", "POST", MESSAGES, 415, "expected a JSON body", {"data": {"content": "hi"}}),
+    Case("content of the wrong type", "POST", MESSAGES, 422, "invalid message", {"json": {"content": 5}}),
+    Case("a list, not an object", "POST", MESSAGES, 422, "invalid message", {"json": ["hi"]}),
+    Case("no content", "POST", MESSAGES, 422, "invalid message", {"json": {"role": "user"}}),
+    Case("empty content", "POST", MESSAGES, 422, "invalid message", {"json": {"content": ""}}),
+    Case("unknown role", "POST", MESSAGES, 422, "role must be one of", {"json": {"content": "hi", "role": "robot"}}),
+    Case("source too long", "POST", MESSAGES, 422, "invalid message", {"json": {"content": "hi", "source": "s" * 65}}),
+    # PostgreSQL stores neither: these were 500s from the database.
+    Case("NUL in the text", "POST", MESSAGES, 422, "invalid message", {"json": {"content": "a\x00b"}}),
+    Case("unpaired surrogate", "POST", MESSAGES, 422, "invalid message",
+         {"content": b'{"content": "a\\ud800b"}', "headers": JSON}),
+    Case("over CHATPIPE_MESSAGE_MAX_CHARS", "POST", MESSAGES, 413, "longer than 8000 characters",
+         {"json": {"content": "x" * 8001}}),
+    Case("over CHATPIPE_REQUEST_MAX_BYTES", "POST", MESSAGES, 413, "larger than 262144 bytes",
+         {"json": {"content": "x" * 2_000_000}}),
+    Case("chunked over CHATPIPE_REQUEST_MAX_BYTES", "POST", MESSAGES, 413, "larger than 262144 bytes",
+         {"content": chunked(b'{"content": "', b"x" * 300_000, b'"}'), "headers": JSON}),
+    Case("unknown session", "POST", MESSAGES, 404, f"no session {UNKNOWN}", {"json": {"content": "hi"}}, UNKNOWN),
+    Case("session id with NUL", "POST", MESSAGES, 404, "no session", {"json": {"content": "hi"}}, "not%00a-session"),
+    Case("very long session id", "DELETE", SESSION, 404, "no session", {}, LONG_ID),
+    Case("events of an unknown session", "GET", EVENTS, 404, "no session", {}, UNKNOWN),
+    Case("attachment for an unknown session", "POST", ATTACHMENTS, 404, "no session",
+         {"files": {"file": ("a.txt", b"hi", "text/plain")}}, UNKNOWN),
+    Case("attachment over the limit, by its Content-Length", "POST", ATTACHMENTS, 413,
+         "attachment larger than 1000 bytes", {"content": BIG_UPLOAD, "headers": {"Content-Type": BIG_UPLOAD_TYPE}}),
+    Case("attachment over the limit, chunked", "POST", ATTACHMENTS, 413, "attachment larger than 1000 bytes",
+         {"content": chunked(BIG_UPLOAD[:100], BIG_UPLOAD[100:]), "headers": {"Content-Type": BIG_UPLOAD_TYPE}}),
+    Case("attachment as JSON", "POST", ATTACHMENTS, 415, "expected a multipart/form-data upload", {"json": {}}),
+    Case("attachment without a file field", "POST", ATTACHMENTS, 422, "needs a `file` field",
+         {"files": {"other": ("a.txt", b"hi", "text/plain")}}),
+    Case("broken multipart", "POST", ATTACHMENTS, 400, "multipart",
+         {"content": b"garbage", "headers": {"Content-Type": "multipart/form-data; boundary=xyz"}}),
+    Case("attachment of a refused type", "POST", ATTACHMENTS, 415, "not accepted",
+         {"files": {"file": ("a.exe", b"MZ", "application/x-msdownload")}}),
+    Case("no tenant header", "POST", SESSIONS, 422, "invalid request", {}),
+    Case("malformed tenant", "POST", SESSIONS, 400, "X-Tenant-ID", {"headers": {"X-Tenant-ID": "no spaces"}}),
+    Case("unknown method", "PUT", MESSAGES, 405, "Method Not Allowed", {"json": {"content": "hi"}}),
+    Case("unknown route", "GET", "", 404, "Not Found", {}, path=f"/v1/no-such-route/{UNKNOWN}"),
+]  # fmt: skip
+
+
+def test_every_client_error_is_a_4xx_json_answer_counted_by_route_template(pipeline):
+    chat = ChatClient(pipeline.gateway_url)
+    live = chat.new_session()
+    metrics_url = pipeline.metrics_urls["gateway"]
+    before = httpx.get(metrics_url, timeout=5).text
+    expected: Counter[tuple[str, str, str]] = Counter()
+    for case in CASES:
+        path = case.path or case.route.replace("{session_id}", case.session or live)
+        response = chat.http.request(case.method, path, **case.request)
+        assert response.status_code == case.status, (case.what, response.status_code, response.text[:300])
+        assert response.headers["content-type"] == "application/json", case.what
+        body = response.json()
+        assert set(body) <= {"error", "detail"} and isinstance(body["error"], str), (case.what, body)
+        assert case.error in body["error"], (case.what, body)
+        expected[(case.method, case.route, str(case.status))] += 1
+
+    after = httpx.get(metrics_url, timeout=5).text
+    for (method, route, status), count in expected.items():
+        labels = {"http_request_method": method, "http_route": route, "http_response_status_code": status}
+        moved = value(after, "http_server_request_duration_seconds_count", **labels) - value(
+            before, "http_server_request_duration_seconds_count", **labels
+        )
+        assert moved == count, (labels, moved, count)
+    assert 'http_response_status_code="500"' not in after
+    for raw in (UNKNOWN, LONG_ID[:100], "no-such-route", "not\\u0000a"):
+        assert raw not in after, f"{raw!r} reached a label"
