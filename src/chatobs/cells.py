@@ -18,6 +18,12 @@ Label values are validated once per distinct raw tuple (``LabelPolicy``) and the
 cell is cached under that tuple. With a :class:`~chatobs.multiprocess.ProcessDirectory`
 (several worker processes behind one scrape) every cell also writes its values through to
 this process's file, and collection reads the combined values of every process instead.
+
+Amounts and observations are checked before anything is recorded: a finite real number
+from 0 to :data:`MAX_AMOUNT`; anything else raises (the recorders count it in
+``chatobs_recording_errors_total``) and leaves every cell as it was. One NaN or negative
+observation would otherwise poison a histogram's ``_sum`` for good, and Prometheus and
+the OpenMetrics parsers reject a NaN or negative ``_sum``.
 """
 
 from __future__ import annotations
@@ -48,15 +54,56 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from chatobs import catalogue
 from chatobs.catalogue import Kind
-from chatobs.labels import LabelPolicy
+from chatobs.labels import LabelPolicy, cacheable
 from chatobs.multiprocess import ProcessDirectory, ProcessFile, Snapshot, series_key, split_key
 
-__all__ = ["CellStore", "CounterCell", "GaugeCell", "HistogramCell", "exemplar_sampler", "with_produced"]
+__all__ = [
+    "MAX_AMOUNT",
+    "CellStore",
+    "CounterCell",
+    "GaugeCell",
+    "HistogramCell",
+    "checked_amount",
+    "exemplar_sampler",
+    "with_produced",
+]
 
 _logger = logging.getLogger("chatobs")
 
 #: Distinct raw label tuples cached per metric (validation still bounds the series beyond it).
 _CACHE_LIMIT = 4096
+
+#: Largest increment or observation accepted: 2**53, the largest integer a float holds
+#: exactly. Nothing the catalogue counts or measures comes near it in one event, and it
+#: keeps every sum within float range, so a sum always renders as a Prometheus number.
+MAX_AMOUNT = float(2**53)
+
+
+def checked_amount(value: object) -> int | float:
+    """``value`` as an amount to record: a finite real number from 0 to :data:`MAX_AMOUNT`.
+
+    ``int`` and ``float`` pass as they are; other real numbers (``Decimal`` from a
+    database, ``bool``, numpy scalars) are converted to ``float`` so they cannot turn a
+    cell's running sum into a type that later additions fail on. Raises ``TypeError``
+    or ``ValueError`` for anything else.
+
+    >>> checked_amount(3), checked_amount(0.25)
+    (3, 0.25)
+    >>> checked_amount(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: amount must be a finite number from 0 to 2**53, got nan
+    """
+    number: int | float
+    if value.__class__ is int or value.__class__ is float:
+        number = value  # type: ignore[assignment]
+    elif isinstance(value, (str, bytes, bytearray)) or value is None:
+        raise TypeError(f"amount must be a number, got {type(value).__name__}")
+    else:
+        number = float(value)  # type: ignore[arg-type]
+    if not 0 <= number <= MAX_AMOUNT:  # also False for NaN
+        raise ValueError(f"amount must be a finite number from 0 to 2**53, got {number!r}")
+    return number
 
 
 class CounterCell:
@@ -68,8 +115,7 @@ class CounterCell:
         self._lock = threading.Lock()
 
     def add(self, amount: float) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
+        """Add ``amount``, already checked (see :func:`checked_amount`)."""
         with self._lock:
             self.value += amount
 
@@ -107,6 +153,7 @@ class HistogramCell:
         self._lock = threading.Lock()
 
     def observe(self, value: float, exemplar_span: trace.SpanContext | None) -> None:
+        """Count ``value``, already checked (see :func:`checked_amount`)."""
         index = bisect_left(self._bounds, value)  # buckets are upper-inclusive, as Prometheus's `le`
         with self._lock:
             self.counts[index] += 1
@@ -161,8 +208,6 @@ class FileCounterCell(CounterCell):
         self._file, self._offset = file, offset
 
     def add(self, amount: float) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
         with self._lock:
             self.value += amount
             self._file.write(self._offset, self.value)
@@ -267,20 +312,34 @@ class CellStore:
 
     # -- recording ------------------------------------------------------------------
     def add(self, name: str, amount: float, values: tuple[str, ...]) -> None:
+        """Add ``amount`` to the series of ``values``; raises, recording nothing, for a bad amount."""
+        # The plain case costs two type checks and one chained comparison (NaN fails it too).
+        if (amount.__class__ is not int and amount.__class__ is not float) or not 0 <= amount <= MAX_AMOUNT:
+            amount = checked_amount(amount)
         bound = self._bound.get(name)
-        entry = bound.get(values) if bound is not None else None
+        try:
+            entry = bound.get(values) if bound is not None else None
+        except Exception:  # noqa: BLE001 - an unhashable label value: bound (as `other`) without the cache
+            entry = None
         cell, rejected = entry if entry is not None else self._bind(name, values)
         if rejected:
             self._report(name, rejected)
         cell.add(amount)  # type: ignore[union-attr]
 
     def observe(self, name: str, value: float, values: tuple[str, ...], context: Context | None = None) -> None:
+        """Count ``value`` in the series of ``values``; raises, recording nothing, for a bad value."""
+        if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
+            value = checked_amount(value)
+        exemplar = self._sample_exemplar(context)  # before binding: a bad context records nothing
         bound = self._bound.get(name)
-        entry = bound.get(values) if bound is not None else None
+        try:
+            entry = bound.get(values) if bound is not None else None
+        except Exception:  # noqa: BLE001 - as in add()
+            entry = None
         cell, rejected = entry if entry is not None else self._bind(name, values)
         if rejected:
             self._report(name, rejected)
-        cell.observe(value, self._sample_exemplar(context))  # type: ignore[union-attr]
+        cell.observe(value, exemplar)  # type: ignore[union-attr]
 
     def set(self, name: str, value: float, values: tuple[str, ...]) -> None:
         """Set a gauge."""
@@ -298,7 +357,10 @@ class CellStore:
 
     def _cell(self, name: str, values: tuple[str, ...]) -> tuple[Cell, tuple[str, ...]]:
         bound = self._bound.get(name)
-        entry = bound.get(values) if bound is not None else None
+        try:
+            entry = bound.get(values) if bound is not None else None
+        except Exception:  # noqa: BLE001 - as in add()
+            entry = None
         return entry if entry is not None else self._bind(name, values)
 
     def _report(self, name: str, rejected: tuple[str, ...]) -> None:
@@ -308,15 +370,21 @@ class CellStore:
     def _bind(self, name: str, values: tuple[str, ...]) -> tuple[Cell, tuple[str, ...]]:
         metric = catalogue.get(name)
         attributes, rejected = self._labels.resolve(metric, values)
+        key = tuple(attributes.values())
+        series = self._series.get(name)
+        cell = series.get(key) if series is not None else None
+        bound = self._bound.get(name)
+        if cell is not None and bound is not None and len(bound) >= _CACHE_LIMIT:
+            # A flood of new raw values (overflowing to `other`, say): nothing to create or cache.
+            return cell, rejected
         with self._lock:
             series = self._series.setdefault(name, {})
-            key = tuple(attributes.values())
             cell = series.get(key)
             if cell is None:
                 cell = self._new_cell(metric, attributes)
                 series[key] = cell
             bound = self._bound.setdefault(name, {})
-            if len(bound) < _CACHE_LIMIT:
+            if len(bound) < _CACHE_LIMIT and cacheable(values):
                 bound[values] = (cell, rejected)
             return cell, rejected
 

@@ -59,7 +59,9 @@ CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
+_INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 _HISTOGRAM_RESERVED = frozenset({"le"})
+_BUCKET_LABELS = frozenset({"le", "quantile"})
 _logger = logging.getLogger("chatobs")
 _UNIT_SUFFIXES = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "ratio"}
 
@@ -136,6 +138,15 @@ def _sanitize(name: str) -> str:
     return f"_{name}" if name[:1].isdigit() else name
 
 
+def _label_name(key: str) -> str:
+    """A valid, unreserved Prometheus label name for an attribute key, which can be anything."""
+    name = _INVALID_LABEL_CHARS.sub("_", key)  # unlike a metric name, no `:`
+    if name[:1].isdigit():
+        name = f"_{name}"
+    # Prometheus reserves `__*` label names (a `__name__` label makes the line unparseable).
+    return f"key{name}" if name.startswith("__") else name
+
+
 def _label_block(pairs: Iterable[tuple[str, Any]], reserved: frozenset[str] = frozenset()) -> str:
     """``{k="v",...}``; a key that collides with an earlier one once sanitised (``a.b`` and
     ``a_b``), or with a ``reserved`` name (``le`` on histograms), is dropped: a duplicate
@@ -143,7 +154,7 @@ def _label_block(pairs: Iterable[tuple[str, Any]], reserved: frozenset[str] = fr
     seen = set(reserved)
     parts = []
     for key, value in pairs:
-        name = _sanitize(key)
+        name = _label_name(key)
         if name in seen:
             continue
         seen.add(name)
@@ -194,8 +205,11 @@ class Renderer:
         target_info: bool = True,
         scope_labels: bool = False,
         uncatalogued: bool = False,
+        resource: Resource | None = None,
     ):
         self._catalogue = {metric.name: metric for metric in catalogue}
+        # `target_info` from the first scrape, even before any instrument has data to carry the resource.
+        self._resource = resource
         self._declared = frozenset(metric.name for metric in catalogue if metric.owned_by(service))
         self._target_info = target_info
         self._scope_labels = scope_labels
@@ -210,7 +224,7 @@ class Renderer:
         """The exposition text for ``data`` (``None`` renders the declarations only)."""
         out: list[str] = []
         collected: dict[str, list[tuple[OtelMetric, str]]] = {}
-        resource: Resource | None = None
+        resource: Resource | None = self._resource
         for resource_metrics in data.resource_metrics if data else ():
             resource = resource_metrics.resource
             for scope_metrics in resource_metrics.scope_metrics:
@@ -341,7 +355,10 @@ class Renderer:
         out.append(f"{name}_count{labels} {point.count}\n{name}_sum{labels} {_num(point.sum)}\n")
 
     def _render_target_info(self, out: list[str], resource: Resource, openmetrics: bool) -> None:
-        labels = _label_block(sorted(resource.attributes.items()))
+        # A resource attribute may be called anything; `le` and `quantile` mean buckets and
+        # quantiles to Prometheus (promtool flags them on a gauge), so they are renamed.
+        pairs = [(f"key_{key}" if key in _BUCKET_LABELS else key, value) for key, value in resource.attributes.items()]
+        labels = _label_block(sorted(pairs))
         if openmetrics:
             out.append(f"# TYPE target info\n# HELP target Target metadata\ntarget_info{labels} 1\n")
         else:

@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,22 +18,42 @@ from opentelemetry.sdk.metrics.view import View
 
 from chatobs.catalogue import CATALOGUE, PROCESS_LABEL, Combine, Kind, Metric
 from chatobs.cells import CellStore
+from chatobs.labels import series_bound
+from chatobs.settings import ChatobsSettings
 
-__all__ = ["Instruments", "ObservableCallback", "views"]
+__all__ = ["SDK_HAS_CARDINALITY_LIMIT", "Instruments", "ObservableCallback", "views"]
 
 ObservableCallback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
-def views(metrics: Iterable[Metric] = CATALOGUE) -> list[View]:
+#: Whether the installed SDK's View takes a per-stream cardinality limit (the specification's
+#: ``aggregation_cardinality_limit``; SDKs that have one default it to 2000 and fold the rest
+#: into one ``otel.metric.overflow=true`` series).
+SDK_HAS_CARDINALITY_LIMIT = "aggregation_cardinality_limit" in inspect.signature(View).parameters
+
+
+def views(metrics: Iterable[Metric] = CATALOGUE, settings: ChatobsSettings | None = None) -> list[View]:
     """One View per catalogue metric the SDK aggregates, keeping only the catalogue's label
     keys (and ``pid`` on per-process metrics), so a stray attribute can never add series.
     Histograms are recorded in cells and have no SDK instrument (their buckets come from the
-    catalogue there), so no View."""
-    return [
-        View(instrument_name=metric.name, attribute_keys=_attribute_keys(metric))
-        for metric in metrics
-        if metric.kind is not Kind.HISTOGRAM
-    ]
+    catalogue there), so no View.
+
+    The label policy bounds every metric's series (``other`` takes the overflow, counted in
+    ``chatobs_label_rejections_total``), and that bound can exceed an SDK's default
+    cardinality limit (51 models x 51 providers x 3 modes = 7803 > 2000). With an SDK that
+    has the limit, each View gets the catalogue's bound (plus the SDK's own overflow slot),
+    so the SDK never folds a series silently; the installed SDK has no limit at all.
+    """
+    settings = settings or ChatobsSettings.model_validate({})  # the defaults, not os.environ
+    result = []
+    for metric in metrics:
+        if metric.kind is Kind.HISTOGRAM:
+            continue
+        limit: dict[str, int] = {}
+        if SDK_HAS_CARDINALITY_LIMIT:
+            limit["aggregation_cardinality_limit"] = series_bound(metric, settings) + 1
+        result.append(View(instrument_name=metric.name, attribute_keys=_attribute_keys(metric), **limit))
+    return result
 
 
 def _attribute_keys(metric: Metric) -> set[str]:

@@ -4,6 +4,13 @@ Validation happens once per distinct raw label tuple; the resulting attribute
 dict is cached, so the recording hot path is one dict lookup. The cache itself
 is bounded, so a flood of distinct bad values costs CPU, never memory.
 
+A value is rejected (recorded as ``other``, reported through ``on_reject``) when it
+is outside the label's allowed set, and also, whatever the set, when it is not a
+string or an integer (``None``, bytes, floats, objects), longer than
+``CHATOBS_MAX_LABEL_LENGTH``, not encodable as UTF-8 (a lone surrogate would be
+rendered as ``?``, and two such values would collide into one series), or ``other``
+itself (which would otherwise take a first-seen slot and merge with the overflow).
+
 Example::
 
     >>> from chatobs import catalogue
@@ -27,11 +34,47 @@ from typing import Final
 from chatobs.catalogue import OVERFLOW_VALUE, Label, Metric, allowed_fixed_values
 from chatobs.settings import ChatobsSettings
 
-__all__ = ["LabelPolicy"]
+__all__ = ["LabelPolicy", "cacheable", "label_bound", "label_text", "series_bound"]
 
 #: Most distinct raw label tuples remembered per metric. Past it, values are
 #: still validated (and still bounded) but no longer cached.
 CACHE_LIMIT: Final = 4096
+
+#: Marks a raw value that is no label value at all (see :func:`label_text`).
+_INVALID: Final = object()
+
+
+def label_text(raw: object, max_length: int) -> str | object:
+    """``raw`` as a label value, or ``_INVALID`` (never raises).
+
+    Strings are used as they are (a ``str`` subclass, such as an enum, by its string
+    content, since ``str()`` of a ``(str, Enum)`` member is its qualified name); integers
+    (not bools) by their decimal text; nothing else is a label value.
+    """
+    if raw.__class__ is str:
+        value = raw
+    elif isinstance(raw, str):
+        value = str.__str__(raw)
+    elif raw.__class__ is int and raw.bit_length() <= 3 * max_length:
+        # 3 bits per digit bounds the text at max_length digits: str() of a huge int is slow (or raises).
+        value = str(raw)
+    else:
+        return _INVALID
+    if len(value) > max_length or value == OVERFLOW_VALUE:
+        return _INVALID
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return _INVALID
+    return value
+
+
+def cacheable(values: tuple[object, ...]) -> bool:
+    """Whether a raw label tuple may key a cache: only exact strings. Python's equality would
+    let ``True``, ``1`` and ``1.0`` share an entry, and an unhashable value cannot key one."""
+    return all(value.__class__ is str for value in values)
+
 
 RejectCallback = Callable[[str, str], None]
 
@@ -51,7 +94,8 @@ class _AllowedValues:
     def admit(self, value: str) -> bool:
         if value in self._admitted:
             return True
-        if not self.open:
+        # Full is final (the set only grows): a flood of new values is turned away without the lock.
+        if not self.open or len(self._admitted) >= self._limit:
             return False
         with self._lock:
             if value in self._admitted:
@@ -60,6 +104,29 @@ class _AllowedValues:
                 self._admitted.add(value)
                 return True
         return False
+
+
+def label_bound(metric: Metric, label: Label, settings: ChatobsSettings) -> int:
+    """Most distinct values :class:`LabelPolicy` can record for ``label`` of ``metric``, ``other`` included."""
+    if label.values:
+        return len(allowed_fixed_values(metric, label)) + 1
+    configured = getattr(settings, label.setting) if label.setting else ()
+    # A configured list is closed; an empty one (and a `bounded_by` label) admits the first N.
+    return (len(configured) if configured else settings.max_label_values) + 1
+
+
+def series_bound(metric: Metric, settings: ChatobsSettings) -> int:
+    """Most series :class:`LabelPolicy` lets ``metric`` have: the product of its labels' bounds.
+
+    >>> from chatobs import catalogue
+    >>> from chatobs.settings import load_settings
+    >>> series_bound(catalogue.get("llm_requests_total"), load_settings({}).chatobs)  # 51 x 51 x 3
+    7803
+    """
+    bound = 1
+    for label in metric.labels:
+        bound *= label_bound(metric, label, settings)
+    return bound
 
 
 class LabelPolicy:
@@ -107,10 +174,13 @@ class LabelPolicy:
         cache = self._caches.get(metric.name)
         if cache is None:
             cache = self._caches.setdefault(metric.name, {})
-        hit = cache.get(values)
+        try:
+            hit = cache.get(values)
+        except Exception:  # noqa: BLE001 - an unhashable value: resolved (to `other`) below, never cached
+            hit = None
         if hit is None:
             hit = self.resolve(metric, values)
-            if len(cache) < CACHE_LIMIT:
+            if len(cache) < CACHE_LIMIT and cacheable(values):
                 cache[values] = hit
         attributes, rejected = hit
         for label_name in rejected:
@@ -123,10 +193,11 @@ class LabelPolicy:
             raise TypeError(f"{metric.name} takes labels {metric.label_names}, got {len(values)} values")
         attributes: dict[str, str] = {}
         rejected: list[str] = []
+        max_length = self._settings.max_label_length
         for label, raw in zip(metric.labels, values, strict=True):
-            value = raw if isinstance(raw, str) else str(raw)
-            if not self._allowed_for(metric, label).admit(value):
+            value = label_text(raw, max_length)
+            if value is _INVALID or not self._allowed_for(metric, label).admit(value):  # type: ignore[arg-type]
                 value = OVERFLOW_VALUE
                 rejected.append(label.name)
-            attributes[label.name] = value
+            attributes[label.name] = value  # type: ignore[assignment]
         return attributes, tuple(rejected)

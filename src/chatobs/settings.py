@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import unquote
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 CHATOBS_PREFIX = "CHATOBS_"
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
 M = TypeVar("M", bound=BaseSettings)
 
 MetricsExporter = Literal["prometheus", "otlp", "console", "none"]
@@ -288,6 +290,11 @@ class ChatobsSettings(_MappingOnly):
         ("/health",), description="Probe paths kept out of HTTP metrics and traces (as the scrape path is)."
     )
     wal_topic: str = Field("chat.wal", min_length=1, description="Kafka topic of the WAL (for `wal_publish_*`).")
+    # Before the label lists: their validator reads it. At least 64: every catalogue value
+    # (fixed label values, and metric names in the self-metrics' labels) must fit.
+    max_label_length: int = Field(
+        256, ge=64, le=4096, description="Longest label value recorded; a longer one is recorded as `other`."
+    )
     message_sources: CsvList = Field(
         ("web", "api", "cli"), description="Allowed values of the `source` label of `chat_messages_in_total`."
     )
@@ -324,6 +331,10 @@ class ChatobsSettings(_MappingOnly):
     def _absolute_path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"must start with '/', got {value!r}")
+        # A plain URL path: `{name}` would be a Starlette path parameter (`{x:bogus}` fails to
+        # mount), and a space, `?` or `#` could never be requested as it is written.
+        if not _PLAIN_PATH.fullmatch(value):
+            raise ValueError(f"must be a plain URL path (letters, digits and -._~!$&'()*+,;=:@%/), got {value!r}")
         return value
 
     @field_validator("multiprocess_dir")
@@ -407,10 +418,19 @@ class ChatobsSettings(_MappingOnly):
 
     @field_validator("message_sources", "llm_models", "llm_providers", "tools", "tenants")
     @classmethod
-    def _overflow_is_reserved(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _valid_label_values(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         # `other` is the overflow value: allowing it explicitly would hide overflow.
         if OVERFLOW_VALUE in value:
             raise ValueError(f"{OVERFLOW_VALUE!r} is reserved for values outside the list")
+        # A listed value that no recording could match (recordings outside these rules become `other`).
+        max_length = info.data.get("max_label_length", cls.model_fields["max_label_length"].default)
+        for item in value:
+            if len(item) > max_length:
+                raise ValueError(f"{item[:40]!r}... is longer than CHATOBS_MAX_LABEL_LENGTH={max_length}")
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise ValueError(f"{item!r} is not valid UTF-8") from None
         return value
 
 

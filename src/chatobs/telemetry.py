@@ -128,7 +128,7 @@ class Telemetry:
             self.meter_provider = MeterProvider(
                 metric_readers=readers,
                 resource=self._resource,
-                views=views(),
+                views=views(settings=options),
                 exemplar_filter=_EXEMPLAR_FILTERS[settings.otel.metrics_exemplar_filter](),
                 shutdown_on_exit=False,  # shutdown() below, or the atexit hook setup() installs
             )
@@ -140,6 +140,7 @@ class Telemetry:
             target_info=options.expose_target_info,
             scope_labels=options.expose_scope_labels,
             uncatalogued=options.expose_uncatalogued,
+            resource=self._resource,
         )
 
         self.instruments = Instruments(self.meter_provider.get_meter(SCOPE_NAME, __version__), self.cells)

@@ -39,12 +39,23 @@ def test_decimal_bool_and_other_number_types_render_as_numbers():
     assert 'tenant_budget_tokens_allowed{tenant="acme"} 1.0\n' in text
 
 
-def test_a_lone_surrogate_in_a_label_value_does_not_fail_the_scrape():
+def test_a_lone_surrogate_in_a_label_value_is_other_not_a_failed_scrape():
     telemetry = build()
+    # Rendered as UTF-8 these two would both read `gpt?`: one series twice, which Prometheus rejects.
     telemetry.llm.request("gpt\ud800", "p")
+    telemetry.llm.request("gpt\ud801", "p")
     status, _, body = telemetry.scrape()
     assert status == 200
-    assert 'llm_requests_total{model="gpt?",provider="p",mode="normal"} 1' in body.decode()
+    text = body.decode()
+    assert 'llm_requests_total{model="other",provider="p",mode="normal"} 2' in text
+    assert 'chatobs_label_rejections_total{metric="llm_requests_total",label="model"} 2' in text
+
+
+def test_a_lone_surrogate_in_a_resource_attribute_does_not_fail_the_scrape():
+    telemetry = build(OTEL_RESOURCE_ATTRIBUTES="deployment.environment=dev\udc80")
+    status, _, body = telemetry.scrape()
+    assert status == 200
+    assert 'deployment_environment="dev?"' in body.decode()
 
 
 def test_one_name_from_two_meters_is_one_family():

@@ -54,17 +54,30 @@ _GETTER = _HeaderGetter()
 
 @contextmanager
 def consumer_span(tracer: Tracer, record: Any, name: str | None = None) -> Iterator[Span]:
-    """A CONSUMER span for handling ``record``, child of the producer's span (from its headers)."""
-    context = propagate.extract(record.headers, getter=_GETTER)
-    attributes = {
-        "messaging.system": "kafka",
-        "messaging.destination.name": record.topic,
-        "messaging.operation.name": "process",
-        "messaging.destination.partition.id": str(record.partition),
-        "messaging.kafka.message.offset": record.offset,
-    }
+    """A CONSUMER span for handling ``record``, child of the producer's span (from its headers).
+
+    A record it cannot read (no headers, malformed headers, odd attribute types) still gets a
+    span, a root one, with what could be read: instrumentation never fails the handler.
+    """
+    try:
+        context = propagate.extract(record.headers, getter=_GETTER)
+    except Exception:  # noqa: BLE001 - a malformed record: no parent, but still a span
+        context = None
+    attributes: dict[str, str | int] = {"messaging.system": "kafka", "messaging.operation.name": "process"}
+    topic = getattr(record, "topic", None)
+    if isinstance(topic, str):
+        attributes["messaging.destination.name"] = topic
+    else:
+        topic = "kafka"  # for the span name only
+    partition = getattr(record, "partition", None)
+    if partition.__class__ is int:
+        attributes["messaging.destination.partition.id"] = str(partition)
+    offset = getattr(record, "offset", None)
+    if offset.__class__ is int:
+        attributes["messaging.kafka.message.offset"] = offset
+    span_name = name if isinstance(name, str) and name else f"{topic} process"
     with tracer.start_as_current_span(
-        name or f"{record.topic} process", context=context, kind=SpanKind.CONSUMER, attributes=attributes
+        span_name, context=context, kind=SpanKind.CONSUMER, attributes=attributes
     ) as span:
         yield span
 

@@ -12,11 +12,11 @@ from opentelemetry.context import Context
 
 from chatobs import catalogue
 from chatobs.catalogue import OVERFLOW_VALUE
-from chatobs.cells import CellStore
+from chatobs.cells import CellStore, checked_amount
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 
-__all__ = ["Recorder", "Timer", "guarded"]
+__all__ = ["Recorder", "Timer", "checked_amount", "guarded"]
 
 _logger = logging.getLogger("chatobs")
 
@@ -103,11 +103,15 @@ class Recorder:
     # `context` is for callers outside the measured span (a span processor): the exemplar
     # then carries that span's trace id instead of whatever is current.
     def _observe(self, metric_name: str, value: float, *values: str, context: Context | None = None) -> None:
+        if context is not None and not isinstance(context, Context):
+            raise TypeError(f"context must be an opentelemetry Context, got {type(context).__name__}")
         self._cell_observe(metric_name, value, values, context)
 
-    def _move(self, metric_name: str, amount: float, *values: str) -> None:
-        """Move an up-down counter (a gauge moved by increments)."""
+    def _move(self, metric_name: str, amount: int, *values: str) -> None:
+        """Move an up-down counter (a gauge moved by increments of the recorder's own choosing)."""
         self._cell_move(metric_name, amount, values)
 
     def _set(self, metric_name: str, value: float, *values: str) -> None:
-        self._cell_set(metric_name, value, values)
+        """Set a gauge; ``value`` must pass :func:`checked_amount` (every catalogue gauge is a
+        count, an allowance or a state: never negative), else nothing is recorded."""
+        self._cell_set(metric_name, checked_amount(value), values)

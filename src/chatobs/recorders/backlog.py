@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -11,9 +12,13 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from chatobs.cells import CellStore
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
-from chatobs.recorders._base import ErrorCallback, Recorder, Timer, guarded
+from chatobs.recorders._base import ErrorCallback, Recorder, Timer, checked_amount, guarded
 
-__all__ = ["BacklogRecorder"]
+__all__ = ["BACKENDS", "Backend", "BacklogRecorder"]
+
+#: Backends with `{backend}_operation_seconds` and `{backend}_errors_total` in the catalogue.
+Backend = Literal["redis", "kafka", "postgres"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 class BacklogRecorder(Recorder):
@@ -46,13 +51,15 @@ class BacklogRecorder(Recorder):
 
         return read
 
+    # Checked here, not at collection: a bad value read by the SDK's callback would be
+    # dropped there with a logged traceback on every scrape, and never counted.
     @guarded("outbox_pending")
     def outbox_pending(self, rows: int) -> None:
-        self._latest["outbox_pending"] = rows
+        self._latest["outbox_pending"] = checked_amount(rows)
 
     @guarded("degraded_buffer_size")
     def degraded_buffer_size(self, keys: int) -> None:
-        self._latest["degraded_buffer_size"] = keys
+        self._latest["degraded_buffer_size"] = checked_amount(keys)
 
     @guarded("wal_publish_seconds")
     def wal_published(self, seconds: float) -> None:
@@ -75,20 +82,24 @@ class BacklogRecorder(Recorder):
     @guarded("wal_publish_seconds")
     def wal_publish(self, seconds: float, *, failed: bool, context: Context | None = None) -> None:
         """One publish to the WAL topic, send to broker acknowledgement (or failure)."""
+        errors = 1 if failed else 0  # before recording anything: a bad `failed` records nothing
         self._observe("wal_publish_seconds", seconds, context=context)
         # Adding 0 on success creates the error series before the first failure: Prometheus's
         # increase() of a series that first appears at 1 is 0, so that failure would not alert.
-        self._add("wal_publish_errors_total", 1 if failed else 0, "produce")
+        self._add("wal_publish_errors_total", errors, "produce")
 
-    @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds")
+    @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds" if backend in BACKENDS else "other")
     def backend_operation(
-        self, backend: str, operation: str, seconds: float, *, failed: bool, context: Context | None = None
+        self, backend: Backend, operation: str, seconds: float, *, failed: bool, context: Context | None = None
     ) -> None:
         """One client operation on ``backend`` (redis, kafka, postgres): its duration and, if it
         failed, an error. Fed by :class:`chatobs.instrumentation.spanmetrics.BackendSpanMetrics`."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        errors = 1 if failed else 0
         self._observe(f"{backend}_operation_seconds", seconds, operation, context=context)
         # 0 on success: the error series exists before the first failure (see wal_publish).
-        self._add(f"{backend}_errors_total", 1 if failed else 0, operation)
+        self._add(f"{backend}_errors_total", errors, operation)
 
     @guarded("redis_errors_total")
     def redis_error(self, operation: str) -> None:

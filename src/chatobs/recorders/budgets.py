@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatobs.recorders._base import Recorder, guarded
+from chatobs.recorders._base import Recorder, checked_amount, guarded
 
 __all__ = ["BudgetRecorder"]
 
@@ -17,8 +17,10 @@ class BudgetRecorder(Recorder):
         budgets.token_overrun("acme")
     """
 
+    # Both numbers are checked before either is recorded: one call, all or nothing.
     @guarded("tenant_budget_tokens_used")
     def tokens(self, tenant: str, *, allowed: int, used: int) -> None:
+        allowed, used = checked_amount(allowed), checked_amount(used)
         self._set("tenant_budget_tokens_allowed", allowed, tenant)
         self._set("tenant_budget_tokens_used", used, tenant)
         # The overrun series exists (at 0) before the tenant's first overrun: Prometheus's
@@ -27,6 +29,7 @@ class BudgetRecorder(Recorder):
 
     @guarded("tenant_budget_messages_used")
     def messages(self, tenant: str, *, allowed: int, used: int) -> None:
+        allowed, used = checked_amount(allowed), checked_amount(used)
         self._set("tenant_budget_messages_allowed", allowed, tenant)
         self._set("tenant_budget_messages_used", used, tenant)
         self._add("tenant_budget_messages_overruns_total", 0, tenant)

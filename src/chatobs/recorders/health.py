@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatobs.recorders._base import Recorder, guarded
+from chatobs.recorders._base import Recorder, checked_amount, guarded
 
 __all__ = ["HealthRecorder", "ToolRecorder"]
 
@@ -21,5 +21,6 @@ class ToolRecorder(Recorder):
     @guarded("tool_calls_total")
     def call(self, tool: str, result: str, *, seconds: float) -> None:
         """One tool call (``result``: success, error, timeout, rejected)."""
+        seconds = checked_amount(seconds)  # before recording anything: all or nothing
         self._add("tool_calls_total", 1, tool, result)
         self._observe("tool_call_seconds", seconds, tool)

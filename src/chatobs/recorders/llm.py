@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatobs.recorders._base import Recorder, Timer, guarded
+from chatobs.recorders._base import Recorder, Timer, checked_amount, guarded
 
 __all__ = ["LLMRecorder", "llm_error_code"]
 
@@ -13,16 +13,22 @@ def llm_error_code(status: int | None = None, *, timeout: bool = False, connecti
     >>> llm_error_code(429), llm_error_code(503), llm_error_code(timeout=True)
     ('rate_limited', 'http_5xx', 'timeout')
     """
-    if timeout:
-        return "timeout"
-    if connection:
-        return "connection"
-    if status == 429:
-        return "rate_limited"
-    if status is not None and 400 <= status < 500:
-        return "http_4xx"
-    if status is not None and 500 <= status < 600:
-        return "http_5xx"
+    # Never raises (it sits in error handlers): a status that is not an int is just `other`.
+    try:
+        if timeout:
+            return "timeout"
+        if connection:
+            return "connection"
+        if status.__class__ is not int:
+            return "other"
+        if status == 429:
+            return "rate_limited"
+        if 400 <= status < 500:  # type: ignore[operator]
+            return "http_4xx"
+        if 500 <= status < 600:  # type: ignore[operator]
+            return "http_5xx"
+    except Exception:  # noqa: BLE001 - a flag whose truth value raises
+        return "other"
     return "other"
 
 
@@ -59,7 +65,8 @@ class LLMRecorder(Recorder):
     @guarded("llm_tokens_total")
     def tokens(self, model: str, provider: str, *, prompt: int, completion: int) -> None:
         """Usage reported by the provider for one request."""
-        for direction, count in (("in", prompt), ("out", completion)):
+        # Both counts checked before either is recorded: one call, all or nothing.
+        for direction, count in (("in", checked_amount(prompt)), ("out", checked_amount(completion))):
             self._add("llm_tokens_total", count, model, provider, direction)
             self._observe("llm_request_tokens", count, model, provider, direction)
 

@@ -47,7 +47,7 @@ class SomabrainRecorder(Recorder):
 
     @guarded("circuit_state")
     def circuit_state(self, component: str, state: CircuitState) -> None:
-        self._set("circuit_state", int(state), component)
+        self._set("circuit_state", int(CircuitState(state)), component)  # 0, 1 or 2, nothing else
 
     @guarded("context_build_seconds")
     def context_build(self, seconds: float) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatobs.recorders._base import Recorder, Timer, guarded
+from chatobs.recorders._base import Recorder, Timer, checked_amount, guarded
 
 __all__ = ["TrafficRecorder"]
 
@@ -34,6 +34,7 @@ class TrafficRecorder(Recorder):
     @guarded("attachments_uploaded_total")
     def attachment_uploaded(self, seconds: float) -> None:
         """One attachment stored, having taken ``seconds`` to receive and store."""
+        seconds = checked_amount(seconds)  # before recording anything: all or nothing
         self._add("attachments_uploaded_total", 1)
         self._observe("attachment_upload_seconds", seconds)
 
