@@ -62,6 +62,11 @@ class PipelineSettings(BaseSettings):
     tenant_token_budgets: str = Field("", description="Per-tenant token allowances, `acme=100000,globex=500`.")
     tenant_message_budgets: str = Field("", description="Per-tenant message allowances, `acme=1000`.")
     # --- Gateway -----------------------------------------------------------------------
+    gateway_host: str = Field("0.0.0.0", min_length=1, description="Bind address of `python -m chatpipe.gateway`.")
+    gateway_port: int = Field(8000, ge=0, le=65535, description="Port of `python -m chatpipe.gateway`.")
+    gateway_graceful_shutdown_seconds: float = Field(
+        10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut.",
+    )  # fmt: skip
     attachment_dir: Path = Field(Path("attachments"), description="Where uploaded attachments are stored.")
     attachment_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest attachment accepted (413 above).")
     attachment_types: CsvList = Field(
