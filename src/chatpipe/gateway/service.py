@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from opentelemetry import propagate
@@ -32,6 +33,18 @@ _logger = logging.getLogger("chatpipe.gateway")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UPLOAD_CHUNK = 64 * 1024
 _KEEPALIVE_SECONDS = 15.0
+_RETRY_AFTER_SECONDS = 2
+#: Errors that mean PostgreSQL or Redis cannot be reached (down, restarting, refusing): 503, not 500.
+BACKEND_UNAVAILABLE: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,  # the connection broke
+    asyncpg.InterfaceError,  # the connection or pool is closed
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, statement cancelled
+    asyncpg.exceptions.TooManyConnectionsError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,  # refused, reset (asyncpg connecting; Redis wraps its own)
+    TimeoutError,  # no connection from the pool in time
+)
 
 
 class MessageIn(BaseModel):
@@ -69,6 +82,16 @@ def create_app() -> FastAPI:
     async def json_errors(request: Request, exc: HTTPException) -> JSONResponse:
         body = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
         return JSONResponse(body, status_code=exc.status_code)
+
+    async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Nothing was accepted (the outbox insert is the acceptance): the client may simply retry.
+        backend = "redis" if type(exc).__module__.startswith("redis") else "postgres"
+        _logger.warning("%s %s: %s unavailable: %r", request.method, request.url.path, backend, exc)
+        return JSONResponse({"error": f"{backend} is unavailable; nothing was stored, retry shortly"},
+                            status_code=503, headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})  # fmt: skip
+
+    for unavailable in BACKEND_UNAVAILABLE:
+        app.add_exception_handler(unavailable, backend_unavailable)
 
     async def live_session(pool: asyncpg.Pool, session_id: str) -> asyncpg.Record:
         row = await pool.fetchrow("select id, tenant, deleted_at from sessions where id = $1", session_id)
