@@ -625,6 +625,25 @@ CATALOGUE: tuple[Metric, ...] = (
         owners=_EVERY,
         domain="self",
     ),
+    counter(
+        "chatobs_export_failures_total",
+        "OTLP pushes that did not reach the collector: failed after the exporter's retries (refused, silent, "
+        "erroring), or skipped while it is known to be down (backoff from 1 s to 30 s). A lost metric push is made "
+        "good by the next one (cumulative values); a lost span push loses its spans.",
+        unit="{export}",
+        owners=_EVERY,
+        domain="self",
+        labels=(Label("signal", values=("metrics", "traces")),),
+    ),
+    counter(
+        "chatobs_spans_dropped_total",
+        "Sampled spans that never reached the collector: the export queue (`OTEL_BSP_MAX_QUEUE_SIZE`) was full, "
+        "or their export failed.",
+        unit="{span}",
+        owners=_EVERY,
+        domain="self",
+        labels=(Label("reason", values=("queue_full", "export_failed")),),
+    ),
 )
 
 _BY_NAME: dict[str, Metric] = {metric.name: metric for metric in CATALOGUE}

@@ -14,9 +14,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
@@ -26,14 +32,75 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
 from chatobs.instrumentation.spanmetrics import RecordClientSpans
 from chatobs.settings import OtelSettings, Settings
 
-__all__ = ["build_metric_readers", "build_resource", "build_sampler", "build_tracer_provider"]
+__all__ = [
+    "AccountedSpanExporter",
+    "BoundedBatchSpanProcessor",
+    "ExportAccounting",
+    "ExportBackoff",
+    "ProducingExporter",
+    "build_metric_readers",
+    "build_resource",
+    "build_sampler",
+    "build_tracer_provider",
+]
+
+_logger = logging.getLogger("chatobs")
+
+
+@dataclass(frozen=True)
+class ExportAccounting:
+    """Where telemetry that never reached the collector is counted (the handle's self-metrics).
+
+    ``export_failed(signal)``: one OTLP export (``metrics`` or ``traces``) failed after the
+    exporter's own retries. ``spans_dropped(reason, count)``: spans lost, because the batch
+    queue was full (``queue_full``) or their export failed (``export_failed``).
+    Neither may raise: they run on the SDK's export threads.
+    """
+
+    export_failed: Callable[[str], None]
+    spans_dropped: Callable[[str, int], None]
+
+
+NO_ACCOUNTING = ExportAccounting(lambda signal: None, lambda reason, count: None)
+
+#: After a failed export, the next one waits this long, doubling per failure up to the maximum.
+_EXPORT_BACKOFF_FIRST_SECONDS = 1.0
+_EXPORT_BACKOFF_MAX_SECONDS = 30.0
+
+
+class ExportBackoff:
+    """When the collector is known to be down, skip exports instead of attempting them.
+
+    An export to a dead collector costs the exporter its whole timeout (a silent socket) or a
+    round of retries, and it serializes the batch first: tens of milliseconds of CPU that
+    the request threads wait for. After a failure, exports are skipped (their data counted
+    as lost) for a backoff that doubles per failure, from 1 s up to 30 s; the first export
+    after it is the probe that finds the collector back.
+    """
+
+    def __init__(self, first: float = _EXPORT_BACKOFF_FIRST_SECONDS, maximum: float = _EXPORT_BACKOFF_MAX_SECONDS):
+        self._first = first
+        self._maximum = maximum
+        self._delay = 0.0
+        self._next_attempt = 0.0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self._next_attempt
+
+    def failed(self) -> None:
+        self._delay = min(self._maximum, max(self._first, self._delay * 2))
+        self._next_attempt = time.monotonic() + self._delay
+
+    def succeeded(self) -> None:
+        self._delay = 0.0
+        self._next_attempt = 0.0
 
 
 def build_resource(settings: Settings, service: str) -> Resource:
@@ -57,40 +124,74 @@ def _otlp_target(otel: OtelSettings, signal: str) -> tuple[str, str | None]:
     return protocol, base if protocol == "grpc" else f"{base}/v1/{signal}"
 
 
+def _otlp_timeout_seconds(otel: OtelSettings, signal: str) -> float:
+    """``OTEL_EXPORTER_OTLP[_{signal}]_TIMEOUT`` (milliseconds, as the specification says) in seconds.
+
+    Passed explicitly because the Python exporters read those variables as *seconds*: the
+    specification's ``10000`` would let one export to a dead collector hang for hours.
+    """
+    millis = getattr(otel, f"exporter_otlp_{signal}_timeout") or otel.exporter_otlp_timeout
+    return millis / 1000
+
+
 def _otlp_metric_exporter(otel: OtelSettings):
     protocol, endpoint = _otlp_target(otel, "metrics")
+    options: dict[str, Any] = {"headers": otel.otlp_headers or None, "timeout": _otlp_timeout_seconds(otel, "metrics")}
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
-        return GrpcExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+        return GrpcExporter(endpoint=endpoint, **options)
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-    return HttpExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+    return HttpExporter(endpoint=endpoint, **options)
 
 
 def _otlp_span_exporter(otel: OtelSettings) -> SpanExporter:
     protocol, endpoint = _otlp_target(otel, "traces")
+    options: dict[str, Any] = {"headers": otel.otlp_headers or None, "timeout": _otlp_timeout_seconds(otel, "traces")}
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-        return GrpcExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+        return GrpcExporter(endpoint=endpoint, **options)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    return HttpExporter(endpoint=endpoint, headers=otel.otlp_headers or None)
+    return HttpExporter(endpoint=endpoint, **options)
 
 
 class ProducingExporter(MetricExporter):
     """Hands each export to ``inner`` with the metrics ``augment`` adds (the histogram cells,
-    which have no SDK instrument). Temporality is cumulative, as on ``/metrics``."""
+    which have no SDK instrument), and counts the exports that fail in ``accounting``.
+    Temporality is cumulative, as on ``/metrics``, so the next successful push carries what a
+    failed one lost."""
 
-    def __init__(self, inner: MetricExporter, augment: Callable[[MetricsData | None], MetricsData | None]):
+    def __init__(
+        self,
+        inner: MetricExporter,
+        augment: Callable[[MetricsData | None], MetricsData | None] | None = None,
+        accounting: ExportAccounting = NO_ACCOUNTING,
+    ):
         super().__init__()
         self._inner = inner
         self._augment = augment
+        self._accounting = accounting
+        self._backoff = ExportBackoff()
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        data = self._augment(metrics_data) or metrics_data
-        return self._inner.export(data, timeout_millis=timeout_millis, **kwargs)
+        if not self._backoff.allow():  # the collector is down: the next push after the backoff carries the totals
+            self._accounting.export_failed("metrics")
+            return MetricExportResult.FAILURE
+        data = (self._augment(metrics_data) if self._augment else None) or metrics_data
+        try:
+            result = self._inner.export(data, timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            _logger.debug("chatobs: metric export raised", exc_info=True)
+            result = MetricExportResult.FAILURE
+        if result is MetricExportResult.SUCCESS:
+            self._backoff.succeeded()
+        else:
+            self._backoff.failed()
+            self._accounting.export_failed("metrics")
+        return result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return self._inner.force_flush(timeout_millis)
@@ -100,10 +201,12 @@ class ProducingExporter(MetricExporter):
 
 
 def build_metric_readers(
-    settings: Settings, augment: Callable[[MetricsData | None], MetricsData | None] | None = None
+    settings: Settings,
+    augment: Callable[[MetricsData | None], MetricsData | None] | None = None,
+    accounting: ExportAccounting = NO_ACCOUNTING,
 ) -> list[MetricReader]:
     """Push readers for ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``), each exporter given
-    what ``augment`` adds to every export.
+    what ``augment`` adds to every export, its failures counted in ``accounting``.
 
     The ``prometheus`` exporter is the pull :class:`~chatobs.exposition.ScrapeReader`,
     which the caller adds because it also serves it.
@@ -116,7 +219,7 @@ def build_metric_readers(
             exporter = push[name](otel)
             readers.append(
                 PeriodicExportingMetricReader(
-                    ProducingExporter(exporter, augment) if augment else exporter,
+                    ProducingExporter(exporter, augment, accounting),
                     export_interval_millis=otel.metric_export_interval,
                     export_timeout_millis=otel.metric_export_timeout,
                 )
@@ -139,14 +242,132 @@ def build_sampler(otel: OtelSettings) -> Sampler:
     return RecordClientSpans(ParentBased(root) if name.startswith("parentbased_") else root)
 
 
-def build_tracer_provider(settings: Settings, resource: Resource) -> TracerProvider:
-    """A TracerProvider with one batch processor per ``OTEL_TRACES_EXPORTER`` entry.
+class AccountedSpanExporter(SpanExporter):
+    """Exports through ``inner``; a failed export counts one ``traces`` failure and its spans
+    as dropped, and while the collector is known down (:class:`ExportBackoff`) batches are
+    dropped and counted the same way without being serialized. ``on_taken(count)`` is told of
+    every batch handed over, whatever its fate."""
+
+    def __init__(self, inner: SpanExporter, accounting: ExportAccounting, on_taken: Callable[[int], None]):
+        self._inner = inner
+        self._accounting = accounting
+        self._on_taken = on_taken
+        self._backoff = ExportBackoff()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self._on_taken(len(spans))
+        if self._backoff.allow():
+            try:
+                result = self._inner.export(spans)
+            except Exception:
+                _logger.debug("chatobs: span export raised", exc_info=True)
+                result = SpanExportResult.FAILURE
+            if result is SpanExportResult.SUCCESS:
+                self._backoff.succeeded()
+                return result
+            self._backoff.failed()
+        self._accounting.export_failed("traces")
+        self._accounting.spans_dropped("export_failed", len(spans))
+        return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class BoundedBatchSpanProcessor(SpanProcessor):
+    """The SDK's :class:`BatchSpanProcessor` behind a queue bound that chatobs keeps itself,
+    so every span dropped for want of room is counted (the SDK drops them with a log line only).
+
+    A span is admitted while fewer than ``max_queue_size`` admitted spans have not yet been
+    handed to the exporter; the SDK's own queue is given room for a batch more, so it never
+    reaches its limit and never drops silently. Memory stays bounded by ``max_queue_size``
+    spans whatever the collector does (refuses, never answers).
+
+    Example::
+
+        provider.add_span_processor(BoundedBatchSpanProcessor(exporter, accounting=accounting))
+    """
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        max_queue_size: int = 2048,
+        schedule_delay_millis: float = 5000,
+        max_export_batch_size: int = 512,
+        accounting: ExportAccounting = NO_ACCOUNTING,
+    ):
+        self._limit = max_queue_size
+        self._accounting = accounting
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._warned = False
+        self._batch = BatchSpanProcessor(
+            AccountedSpanExporter(exporter, accounting, self._taken),
+            max_queue_size=max_queue_size + max_export_batch_size,
+            schedule_delay_millis=schedule_delay_millis,
+            max_export_batch_size=max_export_batch_size,
+        )
+        if hasattr(os, "register_at_fork"):  # the SDK empties its queue in a forked child: so do we
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._queued = 0
+
+    def _taken(self, count: int) -> None:
+        with self._lock:
+            self._queued = max(0, self._queued - count)
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._batch.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return  # recorded for the span metrics only: never exported, never queued
+        with self._lock:
+            full = self._queued >= self._limit
+            if not full:
+                self._queued += 1
+        if full:
+            self._accounting.spans_dropped("queue_full", 1)
+            if not self._warned:
+                self._warned = True
+                _logger.warning("chatobs: span export queue full (%d); dropping spans, counted in "
+                                "chatobs_spans_dropped_total", self._limit)  # fmt: skip
+            return
+        self._batch.on_end(span)
+
+    def shutdown(self) -> None:
+        self._batch.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._batch.force_flush(timeout_millis)
+
+
+def build_tracer_provider(
+    settings: Settings, resource: Resource, accounting: ExportAccounting = NO_ACCOUNTING
+) -> TracerProvider:
+    """A TracerProvider with one bounded batch processor per ``OTEL_TRACES_EXPORTER`` entry
+    (``OTEL_BSP_*`` sizes; lost spans and failed exports counted in ``accounting``).
 
     With no exporter the provider still samples spans (``OTEL_TRACES_SAMPLER``):
     they carry the trace ids that exemplars and logs refer to.
     """
-    provider = TracerProvider(resource=resource, sampler=build_sampler(settings.otel), shutdown_on_exit=False)
-    for name in settings.otel.traces_exporter:
-        exporter = _otlp_span_exporter(settings.otel) if name == "otlp" else ConsoleSpanExporter()
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    otel = settings.otel
+    provider = TracerProvider(resource=resource, sampler=build_sampler(otel), shutdown_on_exit=False)
+    for name in otel.traces_exporter:
+        exporter = _otlp_span_exporter(otel) if name == "otlp" else ConsoleSpanExporter()
+        provider.add_span_processor(
+            BoundedBatchSpanProcessor(
+                exporter,
+                max_queue_size=otel.bsp_max_queue_size,
+                schedule_delay_millis=otel.bsp_schedule_delay,
+                max_export_batch_size=otel.bsp_max_export_batch_size,
+                accounting=accounting,
+            )
+        )
     return provider

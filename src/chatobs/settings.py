@@ -178,6 +178,18 @@ class OtelSettings(_MappingOnly):
     exporter_otlp_metrics_protocol: OtlpProtocol | None = Field(None, description="Protocol for metrics (overrides).")
     exporter_otlp_traces_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP traces URL (overrides).")
     exporter_otlp_traces_protocol: OtlpProtocol | None = Field(None, description="Protocol for traces (overrides).")
+    exporter_otlp_timeout: int = Field(
+        10_000, gt=0, description="Milliseconds one OTLP export may take, retries included (the specification's "
+        "unit; chatobs hands the Python exporters seconds, which is what they expect).",
+    )  # fmt: skip
+    exporter_otlp_metrics_timeout: int | None = Field(None, gt=0, description="Timeout for metrics (overrides).")
+    exporter_otlp_traces_timeout: int | None = Field(None, gt=0, description="Timeout for traces (overrides).")
+    bsp_schedule_delay: int = Field(5_000, gt=0, description="Milliseconds between two span batch exports.")
+    bsp_max_queue_size: int = Field(
+        2048, gt=0, description="Spans waiting for export; beyond it new spans are dropped and counted in "
+        "`chatobs_spans_dropped_total{reason=\"queue_full\"}`.",
+    )  # fmt: skip
+    bsp_max_export_batch_size: int = Field(512, gt=0, description="Most spans sent in one export.")
     metric_export_interval: int = Field(60_000, gt=0, description="Milliseconds between OTLP metric pushes.")
     metric_export_timeout: int = Field(30_000, gt=0, description="Milliseconds allowed for one OTLP metric push.")
     traces_sampler: TracesSampler = Field(
@@ -206,6 +218,14 @@ class OtelSettings(_MappingOnly):
     @classmethod
     def _known_traces_exporters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return _check_exporters(value, ("otlp", "console", "none"))
+
+    @field_validator("bsp_max_export_batch_size")
+    @classmethod
+    def _batch_fits_queue(cls, value: int, info: ValidationInfo) -> int:
+        queue = info.data.get("bsp_max_queue_size")
+        if queue is not None and value > queue:
+            raise ValueError(f"must not exceed OTEL_BSP_MAX_QUEUE_SIZE ({queue})")
+        return value
 
     @field_validator("resource_attributes", "exporter_otlp_headers")
     @classmethod
@@ -275,6 +295,10 @@ class ChatobsSettings(_MappingOnly):
         "`basic_auth.password_file`.",
     )
     scrape_timeout_seconds: float = Field(5.0, gt=0, le=120, description="Longest time one scrape may collect for.")
+    shutdown_timeout_seconds: float = Field(
+        5.0, gt=0, le=120, description="Longest time shutdown waits for the last OTLP push: an unreachable "
+        "collector cannot hold a stopping service up.",
+    )  # fmt: skip
     expose_target_info: bool = Field(
         True, description="Expose the `target_info` family carrying the resource attributes."
     )

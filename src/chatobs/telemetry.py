@@ -13,12 +13,14 @@ Example::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+import anyio.to_thread
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import (
@@ -39,7 +41,7 @@ from chatobs.instruments import Instruments, views
 from chatobs.labels import LabelPolicy
 from chatobs.multiprocess import ProcessDirectory
 from chatobs.process import register_process_metrics
-from chatobs.provider import build_metric_readers, build_resource, build_tracer_provider
+from chatobs.provider import ExportAccounting, build_metric_readers, build_resource, build_tracer_provider
 from chatobs.recorders import (
     BacklogRecorder,
     BudgetRecorder,
@@ -121,7 +123,8 @@ class Telemetry:
             self.meter_provider: Any = NoOpMeterProvider()
             self.tracer_provider: Any = NoOpTracerProvider()
         else:
-            readers = list(metric_readers) + build_metric_readers(self.settings, self._with_histograms)
+            accounting = ExportAccounting(self._export_failed, self._spans_dropped)
+            readers = list(metric_readers) + build_metric_readers(self.settings, self._with_histograms, accounting)
             if "prometheus" in settings.otel.metrics_exporter:
                 self.scrape_reader = ScrapeReader()
                 readers.append(self.scrape_reader)
@@ -132,7 +135,7 @@ class Telemetry:
                 exemplar_filter=_EXEMPLAR_FILTERS[settings.otel.metrics_exemplar_filter](),
                 shutdown_on_exit=False,  # shutdown() below, or the atexit hook setup() installs
             )
-            self.tracer_provider = build_tracer_provider(self.settings, self._resource)
+            self.tracer_provider = build_tracer_provider(self.settings, self._resource, accounting)
             for processor in span_processors:
                 self.tracer_provider.add_span_processor(processor)
         self._renderer = Renderer(
@@ -183,6 +186,14 @@ class Telemetry:
     def _scrape_refused(self) -> None:
         self.cells.add("chatobs_scrapes_refused_total", 1, ())
 
+    def _export_failed(self, signal: str) -> None:
+        with contextlib.suppress(Exception):  # runs on the SDK's export thread: never raise there
+            self.cells.add("chatobs_export_failures_total", 1, (signal,))
+
+    def _spans_dropped(self, reason: str, count: int) -> None:
+        with contextlib.suppress(Exception):  # as above
+            self.cells.add("chatobs_spans_dropped_total", count, (reason,))
+
     def _recording_failed(self, metric_name: str, exc: BaseException) -> None:
         try:
             self.cells.add("chatobs_recording_errors_total", 1, (metric_name,))
@@ -215,7 +226,8 @@ class Telemetry:
         return with_produced(data, self.cells.histogram_metrics(), self._scope, self._resource)
 
     def mount(self, app: Any) -> None:
-        """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent).
+        """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent), and
+        push what the exporters hold when the app stops (see :meth:`_flush_when_app_stops`).
 
         With ``CHATOBS_METRICS_ON_APP=false`` the scrape is served only on the standalone
         server's port: the app gets no route, and a route the app itself had at that path
@@ -224,11 +236,35 @@ class Telemetry:
         if id(app) in self._mounted:
             return
         options = self.settings.chatobs
+        self._flush_when_app_stops(app)
         if options.metrics_on_app:
             mount_metrics_route(app, options.metrics_path, self.scrape, self.metrics_auth)
         else:
             vacate_path(app, options.metrics_path, "CHATOBS_METRICS_ON_APP=false")
         self._mounted.add(id(app))
+
+    def _flush_when_app_stops(self, app: Any) -> None:
+        """Wrap the app's lifespan so that its end flushes the push exporters (bounded).
+
+        The atexit hook is not enough under uvicorn: after its graceful stop on SIGTERM it raises
+        the signal again, and a process ended by a signal runs no atexit hook, so the last spans
+        and metric push would be lost. The lifespan ends after the last request finished.
+        """
+        router = getattr(app, "router", None)
+        original = getattr(router, "lifespan_context", None)
+        if original is None:
+            return
+        timeout_millis = int(self.settings.chatobs.shutdown_timeout_seconds * 1000)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(lifespan_app: Any) -> AsyncIterator[Any]:
+            try:
+                async with original(lifespan_app) as state:
+                    yield state
+            finally:
+                await anyio.to_thread.run_sync(self.force_flush, timeout_millis)
+
+        router.lifespan_context = lifespan
 
     def serve(self, port: int | None = None, host: str | None = None) -> MetricsServer:
         """Start a standalone metrics server (default: ``CHATOBS_METRICS_HOST``/``_PORT``)."""
@@ -273,25 +309,68 @@ class Telemetry:
 
     # -- lifecycle -----------------------------------------------------------------
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
-        """Push whatever the push exporters hold (OTLP metrics, batched spans)."""
+        """Push whatever the push exporters hold (OTLP metrics, batched spans); False if that
+        did not finish within ``timeout_millis`` (the SDK's span flush ignores its timeout, so
+        the bound is kept here)."""
         if self.disabled:
             return True
-        ok = self.meter_provider.force_flush(timeout_millis)
-        return bool(self.tracer_provider.force_flush(timeout_millis)) and bool(ok)
+        outcome: list[bool] = []
 
-    def shutdown(self, timeout_millis: int = 10_000) -> None:
-        """Flush and stop: push exporters send their last data, servers close. Idempotent."""
+        def flush() -> None:
+            ok = self.meter_provider.force_flush(timeout_millis)
+            outcome.append(bool(self.tracer_provider.force_flush(timeout_millis)) and bool(ok))
+
+        return _run_bounded(flush, timeout_millis / 1000, "force_flush") and all(outcome)
+
+    def shutdown(self, timeout_millis: int | None = None) -> None:
+        """Flush and stop: push exporters send their last data, servers close. Idempotent.
+
+        Bounded by ``timeout_millis`` (default ``CHATOBS_SHUTDOWN_TIMEOUT_SECONDS``): with the
+        collector unreachable or silent, the last push is given up rather than holding the
+        stopping process (the SDK's own waits add up to tens of seconds).
+        """
         with self._shutdown_lock:
             if self._is_shut_down:
                 return
             self._is_shut_down = True
         for server in self._servers:
             server.stop()
-        if not self.disabled:
+        if self.disabled:
+            return
+        seconds = self.settings.chatobs.shutdown_timeout_seconds if timeout_millis is None else timeout_millis / 1000
+
+        def flush_and_stop() -> None:
+            # Traces first: ending the span batches may still count failures the last metric push reports.
             self.tracer_provider.shutdown()
-            self.meter_provider.shutdown(timeout_millis=timeout_millis)
+            self.meter_provider.shutdown(timeout_millis=seconds * 1000)
+
+        if not _run_bounded(flush_and_stop, seconds, "shutdown"):
+            _logger.warning("chatobs: the last OTLP push did not finish within %.1fs (collector unreachable?); "
+                            "stopping without it", seconds)  # fmt: skip
         if self._directory is not None:
             self._directory.close()  # the file stays: this process's counts still count
+
+
+def _run_bounded(work: Callable[[], None], seconds: float, what: str) -> bool:
+    """Run ``work`` on a daemon thread and wait at most ``seconds``; True if it finished.
+
+    A thread left behind is blocked on a socket of the exporter: it ends with the process.
+    """
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        except Exception:
+            _logger.warning("chatobs: %s failed", what, exc_info=True)
+        finally:
+            finished.set()
+
+    try:
+        threading.Thread(target=run, name=f"chatobs-{what}", daemon=True).start()
+    except RuntimeError:  # no new threads this late in interpreter shutdown: run it here, unbounded
+        run()
+    return finished.wait(max(0.0, seconds))
 
 
 _setup_lock = threading.Lock()

@@ -4,7 +4,9 @@ Tables:
 
 * ``sessions``: chat sessions and their tenant;
 * ``outbox``: messages accepted by the gateway, stored in the same transaction as the
-  reply; the publisher moves them to the WAL topic and stamps ``sent_at``;
+  reply; the publisher moves them to the WAL topic and stamps ``sent_at``; the replicator
+  stamps ``confirmed_at`` once the message is in ``replicated_messages``. A row sent but
+  never confirmed (a broker that lost it) is sent again (``deliveries`` counts the sends);
 * ``replicated_messages``: the replicator's copy of the WAL, keyed by ``message_id`` so a
   record delivered twice is stored once;
 * ``attachments``: uploaded files' metadata (the bytes live under ``CHATPIPE_ATTACHMENT_DIR``).
@@ -33,6 +35,9 @@ create table if not exists outbox (
     sent_at timestamptz
 );
 create index if not exists outbox_unsent on outbox (id) where sent_at is null;
+alter table outbox add column if not exists confirmed_at timestamptz;
+alter table outbox add column if not exists deliveries integer not null default 0;
+create index if not exists outbox_unconfirmed on outbox (sent_at) where confirmed_at is null and sent_at is not null;
 create table if not exists replicated_messages (
     message_id text primary key,
     session_id text not null,
@@ -42,6 +47,9 @@ create table if not exists replicated_messages (
     accepted_at timestamptz not null,
     replicated_at timestamptz not null default now()
 );
+-- Rows replicated before outbox.confirmed_at existed are confirmed (cheap once done: the index is small).
+update outbox o set confirmed_at = r.replicated_at from replicated_messages r
+where o.confirmed_at is null and o.sent_at is not null and r.message_id = o.message_id;
 create table if not exists attachments (
     id text primary key,
     session_id text not null references sessions (id),

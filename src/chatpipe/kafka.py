@@ -1,16 +1,28 @@
-"""Kafka clients that wait for the broker instead of failing the service at start."""
+"""Kafka clients that wait for the broker instead of failing the service at start, and the
+consumers' at-least-once rule: an offset is committed only past records that were handled.
+
+Example::
+
+    batches = await consumer.getmany(timeout_ms=500)
+    failed = [record for record in records if not await handle(record)]
+    await commit_handled(consumer, batches, failed)   # failed records come again
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from chatpipe.runtime import sleep_unless_stopped
 
-__all__ = ["start_consumer", "start_producer"]
+__all__ = ["RecordsPostponedError", "commit_handled", "start_consumer", "start_producer"]
 
 _logger = logging.getLogger("chatpipe")
 
@@ -43,3 +55,53 @@ async def start_consumer(
         auto_offset_reset="earliest", **options,
     )  # fmt: skip
     return consumer if await _start(consumer, f"consumer {group}", stopping) else None
+
+
+class RecordsPostponedError(RuntimeError):
+    """Some records could not be handled now (a backend is down); they will be delivered again."""
+
+
+async def commit_handled(
+    consumer: AIOKafkaConsumer,
+    batches: Mapping[TopicPartition, Sequence[ConsumerRecord]],
+    failed: Iterable[ConsumerRecord] = (),
+    *,
+    commit_timeout: float = 2.0,
+) -> None:
+    """Commit each partition of ``batches`` up to its first ``failed`` record and rewind the consumer
+    there, so that record and the ones after it are delivered again (handlers are idempotent).
+    If any failed, raise :class:`RecordsPostponedError` once that is done (for the caller's backoff).
+
+    Without the rewind, a failed record would be skipped: the consumer's position is already
+    past it, and the next round's commit would commit past it for good.
+
+    A commit that fails or takes longer than ``commit_timeout`` is logged and left to the next
+    round's commit, which covers it: the records were handled, and at worst a restart delivers
+    them again. aiokafka retries a commit the broker refuses with a retriable error for ever
+    (a broker that lost its log refuses them for good: Tansu's in-memory storage after a
+    restart), and a consumer waiting on it would never handle another record.
+    """
+    retry_from: dict[TopicPartition, int] = {}
+    for record in failed:
+        partition = TopicPartition(record.topic, record.partition)
+        retry_from[partition] = min(retry_from.get(partition, record.offset), record.offset)
+    for partition, offset in retry_from.items():
+        # Revoked meanwhile (a rebalance): its new owner starts from the committed offset anyway.
+        with contextlib.suppress(IllegalStateError):
+            consumer.seek(partition, offset)
+    offsets = {
+        partition: retry_from.get(partition, records[-1].offset + 1)
+        for partition, records in batches.items()
+        if records
+    }
+    if offsets:
+        try:
+            await asyncio.wait_for(consumer.commit(offsets), commit_timeout)
+        except (KafkaError, TimeoutError) as error:
+            _logger.warning("commit of %s failed (%r); the next commit covers it", _describe(offsets), error)
+    if retry_from:
+        raise RecordsPostponedError(f"records of {len(retry_from)} partition(s) postponed; they come again")
+
+
+def _describe(offsets: Mapping[TopicPartition, int]) -> str:
+    return ", ".join(f"{partition.topic}[{partition.partition}]@{offset}" for partition, offset in offsets.items())

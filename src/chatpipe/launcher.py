@@ -28,7 +28,8 @@ from chatobs.stack import free_port
 __all__ = ["SERVICE_COMMANDS", "Pipeline", "PipelineError"]
 
 # Open SSE streams never end by themselves: bound how long uvicorn waits for them at shutdown.
-_UVICORN = ("--timeout-graceful-shutdown", "3")
+_GRACEFUL_SECONDS = "3"
+_UVICORN = ("--timeout-graceful-shutdown", _GRACEFUL_SECONDS)
 
 #: How each process of the pipeline is started (``{port}`` is its HTTP or metrics port).
 SERVICE_COMMANDS: dict[str, list[str]] = {
@@ -43,7 +44,7 @@ SERVICE_COMMANDS: dict[str, list[str]] = {
         "{port}",
         *_UVICORN,
     ],
-    "gateway": ["-m", "uvicorn", "chatpipe.gateway:app", "--host", "127.0.0.1", "--port", "{port}", *_UVICORN],
+    "gateway": ["-m", "chatpipe.gateway"],  # CHATPIPE_GATEWAY_PORT: see _environment
     "publisher": ["-m", "chatpipe.outbox.publisher"],
     "replicator": ["-m", "chatpipe.outbox.replicator"],
     "worker": ["-m", "chatpipe.worker"],
@@ -121,14 +122,18 @@ class Pipeline:
             "CHATOBS_TOOLS": "calculator,clock,summarize",
             "OTEL_SERVICE_NAME": name,
         })  # fmt: skip
-        if name not in _HTTP_SERVICES:
+        if name == "gateway":
+            env["CHATPIPE_GATEWAY_HOST"] = "127.0.0.1"
+            env["CHATPIPE_GATEWAY_PORT"] = str(port)
+            env["CHATPIPE_GATEWAY_GRACEFUL_SHUTDOWN_SECONDS"] = _GRACEFUL_SECONDS
+        elif name not in _HTTP_SERVICES:
             env["CHATOBS_METRICS_PORT"] = str(port)
             env["CHATOBS_METRICS_HOST"] = "127.0.0.1"
         env.update(self.env)
         return env
 
-    def _start(self, name: str) -> None:
-        port = free_port()
+    def _start(self, name: str, port: int | None = None) -> None:
+        port = port or free_port()
         log = self.run_dir / f"{name}.log"
         command = [sys.executable, *(part.format(port=port) for part in SERVICE_COMMANDS[name])]
         with open(log, "ab") as out:
@@ -170,6 +175,29 @@ class Pipeline:
             self.stop()
             raise
         return self
+
+    def stop_process(self, name: str, timeout: float = 15.0) -> int | None:
+        """SIGTERM one process (fault injection, or a rolling restart) and wait for it; return its
+        exit code (``None`` if it had to be killed after ``timeout``). Its port stays reserved
+        for :meth:`start_process`."""
+        entry = self._processes[name]
+        if entry.process.poll() is None:
+            entry.process.terminate()
+            try:
+                entry.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                entry.process.kill()
+                entry.process.wait(timeout=timeout)
+                return None
+        return entry.process.returncode
+
+    def start_process(self, name: str) -> None:
+        """Start a process stopped by :meth:`stop_process` again, on the same port, and wait until it is ready."""
+        entry = self._processes[name]
+        if entry.process.poll() is None:
+            return
+        self._start(name, entry.port)
+        self._wait_ready(name)
 
     def stop(self, timeout: float = 15.0) -> dict[str, int | None]:
         """Stop every process, services first and simulators last, each group in parallel;

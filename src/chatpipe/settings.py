@@ -55,6 +55,10 @@ class PipelineSettings(BaseSettings):
     breaker_failure_threshold: int = Field(3, ge=1, description="Consecutive failures that open the circuit.")
     breaker_reset_seconds: float = Field(5.0, gt=0, description="Open time before a half-open trial call.")
     degraded_replay_seconds: float = Field(2.0, gt=0, description="How often buffered memory writes are retried.")
+    answered_ttl_seconds: int = Field(
+        86_400, ge=1, description="How long the worker remembers a turn it answered (a record delivered again "
+        "within it is not answered twice).",
+    )  # fmt: skip
     # --- Budgets (worker) --------------------------------------------------------
     budget_window_seconds: int = Field(3600, ge=1, description="Length of a tenant's budget window.")
     token_budget: int = Field(50_000, ge=0, description="Tokens per tenant per window (default allowance).")
@@ -62,6 +66,11 @@ class PipelineSettings(BaseSettings):
     tenant_token_budgets: str = Field("", description="Per-tenant token allowances, `acme=100000,globex=500`.")
     tenant_message_budgets: str = Field("", description="Per-tenant message allowances, `acme=1000`.")
     # --- Gateway -----------------------------------------------------------------------
+    gateway_host: str = Field("0.0.0.0", min_length=1, description="Bind address of `python -m chatpipe.gateway`.")
+    gateway_port: int = Field(8000, ge=0, le=65535, description="Port of `python -m chatpipe.gateway`.")
+    gateway_graceful_shutdown_seconds: float = Field(
+        10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut.",
+    )  # fmt: skip
     attachment_dir: Path = Field(Path("attachments"), description="Where uploaded attachments are stored.")
     attachment_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest attachment accepted (413 above).")
     attachment_types: CsvList = Field(
@@ -81,6 +90,10 @@ class PipelineSettings(BaseSettings):
     tool_timeout_seconds: float = Field(10.0, gt=0, description="How long the worker waits for a tool result.")
     publisher_batch_size: int = Field(100, ge=1, le=10_000, description="Outbox rows published per round.")
     publisher_idle_seconds: float = Field(0.1, gt=0, description="Pause between outbox rounds with nothing to send.")
+    outbox_redeliver_seconds: float = Field(
+        30.0, gt=0, description="A WAL record the replicator has not confirmed this long after it was sent is sent "
+        "again (the broker lost it); the wait doubles per send.",
+    )  # fmt: skip
     backlog_poll_seconds: float = Field(2.0, gt=0, description="How often backlog gauges are measured.")
     backlog_query_timeout_seconds: float = Field(1.0, gt=0, description="Time bound of one backlog measurement.")
 

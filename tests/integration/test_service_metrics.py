@@ -21,6 +21,8 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 EMPTY_HERE = (
     "chatobs_label_rejections_total",
     "chatobs_recording_errors_total",
+    "chatobs_export_failures_total",
+    "chatobs_spans_dropped_total",
     "redis_operation_seconds",
     "kafka_operation_seconds",
     "postgres_operation_seconds",

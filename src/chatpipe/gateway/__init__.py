@@ -1,6 +1,7 @@
 """The gateway: HTTP ingress, sessions, messages (outbox), attachments, SSE, the chat page.
 
-Run: ``uvicorn chatpipe.gateway:app`` (the app is built, from the environment, on first access).
+Run: ``python -m chatpipe.gateway`` (exits 0 after a graceful SIGTERM) or ``uvicorn chatpipe.gateway:app``
+(the app is built, from the environment, on first access).
 """
 
 from typing import Any

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -47,6 +48,18 @@ _UPLOAD_CHUNK = 64 * 1024
 #: Room for the multipart boundaries and part headers around an attachment of the largest size.
 _MULTIPART_OVERHEAD = 16 * 1024
 _KEEPALIVE_SECONDS = 15.0
+_RETRY_AFTER_SECONDS = 2
+#: Errors that mean PostgreSQL or Redis cannot be reached (down, restarting, refusing): 503, not 500.
+BACKEND_UNAVAILABLE: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,  # the connection broke
+    asyncpg.InterfaceError,  # the connection or pool is closed
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, statement cancelled
+    asyncpg.exceptions.TooManyConnectionsError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,  # refused, reset (asyncpg connecting; Redis wraps its own)
+    TimeoutError,  # no connection from the pool in time
+)
 
 
 class MessageIn(BaseModel):
@@ -172,6 +185,16 @@ def create_app() -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # A real fault (a backend down): still 500, logged by the server, but in the same JSON shape.
         return JSONResponse({"error": "internal error"}, status_code=500)
+
+    async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Nothing was accepted (the outbox insert is the acceptance): the client may simply retry.
+        backend = "redis" if type(exc).__module__.startswith("redis") else "postgres"
+        _logger.warning("%s %s: %s unavailable: %r", request.method, request.url.path, backend, exc)
+        return JSONResponse({"error": f"{backend} is unavailable; nothing was stored, retry shortly"},
+                            status_code=503, headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})  # fmt: skip
+
+    for unavailable in BACKEND_UNAVAILABLE:
+        app.add_exception_handler(unavailable, backend_unavailable)
 
     async def live_session(pool: asyncpg.Pool, session_id: str) -> asyncpg.Record:
         shown = session_id if len(session_id) <= 64 else f"{session_id[:64]}..."

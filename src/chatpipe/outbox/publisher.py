@@ -3,8 +3,12 @@
 A row is marked sent only after the broker acknowledged it, so a broker outage leaves
 rows pending (``outbox_pending`` grows) and nothing is lost; a crash between the
 acknowledgement and the mark sends a row twice, which the replicator's idempotent write
-absorbs. Rows are locked with ``FOR UPDATE SKIP LOCKED``, so several publishers can run.
-Each record continues the trace of the HTTP request that created the row.
+absorbs. An acknowledgement is not the end of it: a broker can lose what it acknowledged
+(a restart without durable storage, an unclean leader election), so a row the replicator
+has not confirmed within ``CHATPIPE_OUTBOX_REDELIVER_SECONDS`` of being sent is sent again,
+with the wait doubling per send. Rows are locked with ``FOR UPDATE SKIP LOCKED``, so
+several publishers can run. Each record continues the trace of the HTTP request that
+created the row.
 
 Run: ``python -m chatpipe.outbox.publisher`` (metrics on ``CHATOBS_METRICS_PORT``).
 """
@@ -66,10 +70,29 @@ class Publisher:
                 if isinstance(result, BaseException):
                     break
                 delivered.append(row["id"])
-            await connection.execute("update outbox set sent_at = now() where id = any($1::bigint[])", delivered)
+            await connection.execute(
+                "update outbox set sent_at = now(), deliveries = deliveries + 1 where id = any($1::bigint[])", delivered
+            )
         if len(delivered) < len(rows):
             raise RuntimeError(f"{len(rows) - len(delivered)} of {len(rows)} outbox rows not acknowledged")
         return True
+
+    async def redeliver_round(self) -> None:
+        """Make rows sent but never confirmed by the replicator pending again (they are sent again).
+
+        The wait before a row's next send doubles per send (up to 32 times the setting), so a
+        replicator that is merely down does not make the WAL fill with copies.
+        """
+        rows = await self._pool.fetch(
+            "update outbox set sent_at = null where id in ("
+            " select id from outbox where confirmed_at is null and sent_at is not null"
+            " and sent_at < now() - make_interval(secs => $1 * power(2, least(deliveries - 1, 5)))"
+            " order by id limit $2 for update skip locked) returning message_id",
+            self._settings.outbox_redeliver_seconds,
+            self._settings.publisher_batch_size,
+        )
+        if rows:
+            _logger.warning("publisher: %d row(s) sent but never confirmed; sending them again", len(rows))
 
     async def measure_backlog(self) -> None:
         # Bounded by the caller's timeout and by the statement timeout on the server side.
@@ -97,6 +120,8 @@ async def main() -> None:
             forever("publish", publisher.publish_round, stopping, idle=settings.publisher_idle_seconds),
             periodic("outbox_pending", publisher.measure_backlog, stopping, every=settings.backlog_poll_seconds,
                      timeout=settings.backlog_query_timeout_seconds),
+            periodic("redeliver", publisher.redeliver_round, stopping, every=settings.outbox_redeliver_seconds / 2,
+                     timeout=settings.outbox_redeliver_seconds),
         )  # fmt: skip
     finally:
         await asyncio.wait_for(producer.stop(), 10)

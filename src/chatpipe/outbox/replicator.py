@@ -1,7 +1,10 @@
 """The memory replicator: consumes the WAL and writes each message to PostgreSQL once.
 
 The write is idempotent (``on conflict do nothing`` on ``message_id``) and the offset is
-committed after the write, so a redelivered record is stored once and none is skipped.
+committed after the write, so a redelivered record is stored once and none is skipped:
+when PostgreSQL is down the batch is rolled back and the consumer rewound to it. Each
+write also confirms the message's outbox row, so the publisher knows it arrived (and
+sends again what a broker lost).
 
 Run: ``python -m chatpipe.outbox.replicator`` (metrics on ``CHATOBS_METRICS_PORT``).
 """
@@ -18,7 +21,7 @@ from aiokafka import AIOKafkaConsumer
 
 import chatobs
 from chatpipe.db import connect_pool, migrate
-from chatpipe.kafka import start_consumer
+from chatpipe.kafka import commit_handled, start_consumer
 from chatpipe.runtime import forever, install_stop_signals, run_service
 from chatpipe.settings import load_backend_settings
 
@@ -30,6 +33,7 @@ INSERT = (
     "insert into replicated_messages (message_id, session_id, tenant, role, content, accepted_at)"
     " values ($1, $2, $3, $4, $5, $6) on conflict (message_id) do nothing"
 )
+CONFIRM = "update outbox set confirmed_at = now() where message_id = any($1::text[]) and confirmed_at is null"
 
 
 class Replicator:
@@ -41,16 +45,29 @@ class Replicator:
     async def replicate_round(self) -> bool:
         batches = await self._consumer.getmany(timeout_ms=500, max_records=200)
         records = [record for batch in batches.values() for record in batch]
-        for record in records:
-            with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
-                event = json.loads(record.value)
-                await self._pool.execute(
-                    INSERT, event["message_id"], event["session_id"], event["tenant"], event["role"],
-                    event["content"], datetime.fromtimestamp(event["accepted_at"], UTC),
-                )  # fmt: skip
-        if records:
-            await self._consumer.commit()
-        return bool(records)
+        if not records:
+            return False
+        try:
+            # One transaction per batch: all of it is stored and confirmed, or none (and it comes again).
+            async with self._pool.acquire() as connection, connection.transaction():
+                stored = []
+                for record in records:
+                    with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
+                        try:
+                            event = json.loads(record.value)
+                            values = (event["message_id"], event["session_id"], event["tenant"], event["role"],
+                                      event["content"], datetime.fromtimestamp(event["accepted_at"], UTC))  # fmt: skip
+                        except (ValueError, KeyError, TypeError, OverflowError):
+                            _logger.error("skipping malformed WAL record at offset %s", record.offset)
+                            continue
+                        await connection.execute(INSERT, *values)
+                        stored.append(values[0])
+                await connection.execute(CONFIRM, stored)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the batch must come again
+            _logger.warning("replicate: a batch of %d was not stored (%s); it comes again", len(records), error)
+            await commit_handled(self._consumer, batches, failed=records)  # raises RecordsPostponedError
+        await commit_handled(self._consumer, batches)
+        return True
 
 
 async def main() -> None:

@@ -17,11 +17,12 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+import redis.exceptions
 from aiokafka import AIOKafkaConsumer
 
 import chatobs
 from chatpipe.events import tool_result_key
-from chatpipe.kafka import start_consumer
+from chatpipe.kafka import commit_handled, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import forever, install_stop_signals
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -75,15 +76,24 @@ class ToolExecutor:
     async def execute_round(self, consumer: AIOKafkaConsumer) -> bool:
         batches = await consumer.getmany(timeout_ms=500, max_records=50)
         records = [record for batch in batches.values() for record in batch]
-        for record in records:
+        for index, record in enumerate(records):
             with self._telemetry.consumer_span(record):
-                request = json.loads(record.value)
+                try:
+                    request = json.loads(record.value)
+                    key = tool_result_key(str(request.get("call_id")))
+                except (ValueError, AttributeError):
+                    _logger.error("dropping malformed tool request at offset %s", record.offset)
+                    continue
                 result = await self.execute(request)
-                key = tool_result_key(str(request.get("call_id")))
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    await pipe.rpush(key, json.dumps(result)).expire(key, _RESULT_TTL_SECONDS).execute()
+                try:
+                    async with self._redis.pipeline(transaction=True) as pipe:
+                        await pipe.rpush(key, json.dumps(result)).expire(key, _RESULT_TTL_SECONDS).execute()
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+                    # Redis is down: the result cannot reach the worker; this request and the rest come again.
+                    _logger.warning("tool results wait for Redis (%r)", error)
+                    await commit_handled(consumer, batches, failed=records[index:])  # raises RecordsPostponedError
         if records:
-            await consumer.commit()
+            await commit_handled(consumer, batches)
         return bool(records)
 
 

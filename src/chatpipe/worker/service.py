@@ -12,6 +12,13 @@ For each user message on the WAL topic:
 4. memory write: the turn is remembered in Somabrain, or buffered under Redis
    ``degraded:*`` keys while it is unavailable and replayed when it recovers.
 
+A turn is answered once. When Redis or the broker is down, the turn cannot be answered
+(budgets and replies go through Redis): its record is not committed and comes again once
+they are back. A finished turn leaves an ``answered:<message_id>`` key in Redis, so a
+record delivered twice (that retry, or the outbox sending again what a broker lost) is
+not answered twice. On SIGTERM the worker finishes the turns it is streaming, commits,
+and stops.
+
 Run: ``python -m chatpipe.worker`` (metrics on ``CHATOBS_METRICS_PORT``).
 """
 
@@ -27,13 +34,15 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 import chatobs
 from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
-from chatpipe.kafka import start_consumer, start_producer
+from chatpipe.kafka import commit_handled, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import forever, install_stop_signals, periodic
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -45,6 +54,9 @@ __all__ = ["Worker", "main"]
 _logger = logging.getLogger("chatpipe.worker")
 
 DEGRADED_PREFIX = "degraded:"
+ANSWERED_PREFIX = "answered:"
+#: Failures of the backends a turn cannot do without: the turn waits for them (its record comes again).
+BACKEND_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, KafkaError, OSError, TimeoutError)
 _SYSTEM_PROMPT = "You are a helpful assistant. Use the memories given when they are relevant."
 _CONCURRENCY = 16
 
@@ -97,31 +109,50 @@ class Worker:
         self._llm = LLMClient(http, settings, telemetry.llm)
         self._budgets = Budgets(redis, settings, telemetry.budgets)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
+        self._in_flight: set[str] = set()  # message ids being answered here, against a duplicate in one batch
 
     # -- consuming ---------------------------------------------------------------
     async def consume_round(self, consumer: AIOKafkaConsumer) -> bool:
         batches = await consumer.getmany(timeout_ms=500, max_records=_CONCURRENCY * 4)
         records = [record for batch in batches.values() for record in batch]
-        if records:
-            await asyncio.gather(*(self._handle_record(record) for record in records))
-            await consumer.commit()
-        return bool(records)
+        if not records:
+            return False
+        outcomes = await asyncio.gather(*(self._handle_record(record) for record in records), return_exceptions=True)
+        failed = [
+            record for record, outcome in zip(records, outcomes, strict=True) if isinstance(outcome, BaseException)
+        ]
+        if failed:
+            first = next(outcome for outcome in outcomes if isinstance(outcome, BaseException))
+            _logger.warning("%d of %d turns wait for a backend (%r); they come again", len(failed), len(records), first)
+        await commit_handled(consumer, batches, failed)
+        return True
 
     async def _handle_record(self, record: ConsumerRecord) -> None:
+        """Answer one WAL record; raises (the record comes again) only when a backend is down."""
         async with self._slots:
             with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
                 try:
                     event = json.loads(record.value)
-                except ValueError:
+                    message_id, session_id = str(event["message_id"]), str(event["session_id"])
+                except (ValueError, KeyError, TypeError):
                     _logger.error("dropping malformed WAL record at offset %s", record.offset)
                     return
                 if event.get("role") != "user":
                     return  # only user messages are answered
+                if message_id in self._in_flight or await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
+                    return  # delivered again: answered already (or being answered right now)
+                self._in_flight.add(message_id)
                 try:
-                    await self.answer(event)
-                except Exception:
-                    _logger.exception("turn %s failed", event.get("message_id"))
-                    await self._emit(event["session_id"], {"type": "error", "error": "the assistant failed to answer"})
+                    try:
+                        await self.answer(event)
+                    except BACKEND_DOWN:
+                        raise
+                    except Exception:
+                        _logger.exception("turn %s failed", message_id)
+                        await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
+                    await self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1", ex=self._settings.answered_ttl_seconds)
+                finally:
+                    self._in_flight.discard(message_id)
 
     # -- one turn ------------------------------------------------------------------
     async def answer(self, event: dict[str, Any]) -> None:
