@@ -49,9 +49,15 @@ DEMO_ENV = {
     "CHATPIPE_DEGRADED_REPLAY_SECONDS": "1",
     "CHATPIPE_BACKLOG_POLL_SECONDS": "1",
 }
-#: Self-metrics that move only when chatobs itself fails or, with OTLP push (the demo has none), the
-#: collector does: staying at 0 is the healthy outcome.
-EXPECTED_STILL = {"chatobs_recording_errors_total", "chatobs_export_failures_total", "chatobs_spans_dropped_total"}
+#: Self-metrics that move only when chatobs itself fails, with OTLP push (the demo has none) the
+#: collector does, or a scraper without credentials knocks (the demo's /metrics is open): staying
+#: at 0 is the healthy outcome.
+EXPECTED_STILL = {
+    "chatobs_recording_errors_total",
+    "chatobs_export_failures_total",
+    "chatobs_spans_dropped_total",
+    "chatobs_scrapes_refused_total",
+}
 _SUMMARY = (
     ("gateway", "chat_messages_in_total"),
     ("gateway", "sessions_created_total"),
@@ -328,8 +334,9 @@ async def _run(args: argparse.Namespace) -> int:
     if never:
         console.print(f"[yellow]catalogue metrics that never moved ({len(never)}):[/yellow] {', '.join(never)}")
     else:
-        console.print("[green]every catalogue metric moved[/green] (chatobs_recording_errors_total and the "
-                      "export self-metrics stay 0 unless chatobs or a collector fails)")  # fmt: skip
+        console.print("[green]every catalogue metric moved[/green] (chatobs_recording_errors_total, the "
+                      "export and refused-scrape self-metrics stay 0 unless chatobs, a collector or a "
+                      "scraper's credentials fail)")  # fmt: skip
     console.print("stopped: every process ended, stack data removed")
     return 0
 
