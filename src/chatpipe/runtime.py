@@ -5,8 +5,7 @@ Example::
 
     async def main() -> None:
         stopping = install_stop_signals()
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(forever("publish", publish_round, stopping, idle=0.1))
+        await run_until_stopped(stopping, forever("publish", publish_round, stopping, idle=0.1), grace=5)
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-__all__ = ["forever", "install_stop_signals", "periodic", "run_service", "sleep_unless_stopped"]
+__all__ = ["forever", "install_stop_signals", "periodic", "run_service", "run_until_stopped", "sleep_unless_stopped"]
 
 _logger = logging.getLogger("chatpipe")
 
@@ -62,6 +61,30 @@ async def periodic(name: str, step: Callable[[], Awaitable[None]], stopping: asy
         except Exception:
             _logger.debug("%s: measurement failed", name, exc_info=True)
         await sleep_unless_stopped(stopping, every)
+
+
+async def run_until_stopped(stopping: asyncio.Event, *loops: Coroutine[Any, Any, None], grace: float) -> None:
+    """Run the service's ``loops`` (:func:`forever`, :func:`periodic`) until ``stopping``; then give
+    the work they have in flight ``grace`` seconds to finish, and cancel what is left.
+
+    Cancelled work is work not acknowledged: a Kafka record not committed comes again to the
+    next consumer, an outbox transaction rolled back leaves its rows pending. So a stop is
+    prompt even when a turn waits on a slow tool or a produce on a dead broker, and loses nothing.
+    """
+    tasks = [asyncio.create_task(loop) for loop in loops]
+    waiter = asyncio.create_task(stopping.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    _, unfinished = await asyncio.wait(tasks, timeout=grace)
+    if unfinished:
+        _logger.warning("stopping: %d loop(s) still busy after %.1fs; cancelling (their work comes again)",
+                        len(unfinished), grace)  # fmt: skip
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+    waiter.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            _logger.error("a service loop ended with an error", exc_info=task.exception())
 
 
 def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -94,6 +94,10 @@ class PipelineSettings(BaseSettings):
         30.0, gt=0, description="A WAL record the replicator has not confirmed this long after it was sent is sent "
         "again (the broker lost it); the wait doubles per send.",
     )  # fmt: skip
+    shutdown_grace_seconds: float = Field(
+        5.0, gt=0, description="On SIGTERM, how long work in flight may take to finish; what is left is cancelled "
+        "unacknowledged, and comes again to the next instance.",
+    )  # fmt: skip
     backlog_poll_seconds: float = Field(2.0, gt=0, description="How often backlog gauges are measured.")
     backlog_query_timeout_seconds: float = Field(1.0, gt=0, description="Time bound of one backlog measurement.")
 

@@ -5,14 +5,9 @@ accepted is in the replicated store exactly once, and every accepted turn was an
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import asyncpg
 import httpx
 import pytest
 import redis
@@ -20,6 +15,7 @@ import redis
 from chatpipe.launcher import Pipeline
 from tests.chat_client import eventually
 from tests.conftest import PIPELINE_ENV
+from tests.load import SteadyLoad, stored
 from tests.metrics_text import value
 
 OUTAGE_SECONDS = 4.0
@@ -31,55 +27,6 @@ ENV = {
     "CHATPIPE_TOKEN_BUDGET": "10000000",
     "CHATPIPE_OUTBOX_REDELIVER_SECONDS": "3",  # the in-memory broker forgets on restart: send again soon
 }
-
-
-@dataclass
-class Load:
-    """Chat messages posted at a steady rate from a thread; what the gateway answered is kept."""
-
-    gateway: str
-    sessions: list[str]
-    accepted: list[str] = field(default_factory=list)  # message ids of 2xx answers
-    statuses: Counter[int] = field(default_factory=Counter)
-    refusals: list[dict[str, object]] = field(default_factory=list)  # 503 bodies
-    unexpected: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Load:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        # A generous timeout: a request given up on by the client might still have been stored.
-        with httpx.Client(base_url=self.gateway, timeout=20) as client:
-            number = 0
-            while not self._stop.is_set():
-                session = self.sessions[number % len(self.sessions)]
-                number += 1
-                try:
-                    response = client.post(f"/v1/sessions/{session}/messages",
-                                           json={"content": f"steady message {number}", "source": "api"})  # fmt: skip
-                except httpx.HTTPError as error:
-                    self.unexpected.append(f"message {number}: {error!r}")
-                else:
-                    self.statuses[response.status_code] += 1
-                    if response.status_code == 202:
-                        self.accepted.append(response.json()["message_id"])
-                    elif response.status_code == 503:
-                        self.refusals.append(response.json())
-                    else:
-                        self.unexpected.append(f"message {number}: {response.status_code} {response.text[:200]}")
-                self._stop.wait(SEND_INTERVAL_SECONDS)
-
-    def accepted_count(self) -> int:
-        return len(self.accepted)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
 
 class Scrapes:
@@ -110,21 +57,6 @@ class Scrapes:
         return last
 
 
-def stored(database_url: str) -> tuple[int, set[str], int]:
-    """(rows, distinct message ids) of the replicated store, and outbox rows not yet confirmed."""
-
-    async def query() -> tuple[int, set[str], int]:
-        connection = await asyncpg.connect(database_url)
-        try:
-            ids = [row["message_id"] for row in await connection.fetch("select message_id from replicated_messages")]
-            unconfirmed = await connection.fetchval("select count(*) from outbox where confirmed_at is null")
-            return len(ids), set(ids), unconfirmed
-        finally:
-            await connection.close()
-
-    return asyncio.run(query())
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_every_outage_in_turn_loses_nothing_and_metrics_keep_answering(own_stack, tmp_path):
@@ -135,7 +67,7 @@ def test_every_outage_in_turn_loses_nothing_and_metrics_keep_answering(own_stack
         gateway = httpx.Client(base_url=pipeline.gateway_url, timeout=10)
         sessions = [gateway.post("/v1/sessions", headers={"X-Tenant-ID": "acme"}).json()["session_id"]
                     for _ in range(3)]  # fmt: skip
-        load = Load(pipeline.gateway_url, sessions).start()
+        load = SteadyLoad(pipeline.gateway_url, sessions, interval=SEND_INTERVAL_SECONDS).start()
         try:
             eventually(lambda: load.accepted_count() >= 10, what="load flowing")
 
@@ -224,7 +156,7 @@ def test_every_outage_in_turn_loses_nothing_and_metrics_keep_answering(own_stack
 
         slowest = {service: round(seconds, 3) for service, seconds in scrapes.slowest.items()}
         print(f"\noutages: {dict(load.statuses)} answers; slowest scrape per service (s): {slowest}")
-        assert load.unexpected == [], load.unexpected[:5]
+        assert load.unexpected == [] and load.transport_errors == [], (load.unexpected + load.transport_errors)[:5]
         assert max(slowest.values()) < SCRAPE_LIMIT_SECONDS, slowest
 
         # After recovery: every accepted message replicated exactly once, every accepted turn answered.

@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind
 import chatobs
 from chatpipe.db import connect_pool, migrate
 from chatpipe.kafka import start_producer
-from chatpipe.runtime import forever, install_stop_signals, periodic, run_service
+from chatpipe.runtime import forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 
 __all__ = ["Publisher", "main"]
@@ -116,12 +116,14 @@ async def main() -> None:
     publisher = Publisher(telemetry, pool, producer, settings)
     _logger.info("publisher: outbox -> %s", publisher._topic)
     try:
-        await asyncio.gather(
+        await run_until_stopped(
+            stopping,
             forever("publish", publisher.publish_round, stopping, idle=settings.publisher_idle_seconds),
             periodic("outbox_pending", publisher.measure_backlog, stopping, every=settings.backlog_poll_seconds,
                      timeout=settings.backlog_query_timeout_seconds),
             periodic("redeliver", publisher.redeliver_round, stopping, every=settings.outbox_redeliver_seconds / 2,
                      timeout=settings.outbox_redeliver_seconds),
+            grace=settings.shutdown_grace_seconds,
         )  # fmt: skip
     finally:
         await asyncio.wait_for(producer.stop(), 10)

@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaConsumer
 import chatobs
 from chatpipe.db import connect_pool, migrate
 from chatpipe.kafka import commit_handled, start_consumer
-from chatpipe.runtime import forever, install_stop_signals, run_service
-from chatpipe.settings import load_backend_settings
+from chatpipe.runtime import forever, install_stop_signals, run_service, run_until_stopped
+from chatpipe.settings import load_backend_settings, load_pipeline_settings
 
 __all__ = ["Replicator", "main"]
 
@@ -73,6 +73,7 @@ class Replicator:
 async def main() -> None:
     telemetry = chatobs.setup(service="replicator")
     backends = load_backend_settings()
+    settings = load_pipeline_settings()
     stopping = install_stop_signals()
     pool = await connect_pool(backends.database_url)
     await migrate(pool)
@@ -81,7 +82,9 @@ async def main() -> None:
     if consumer is None:
         return
     try:
-        await forever("replicate", Replicator(telemetry, pool, consumer).replicate_round, stopping, idle=0.05)
+        replicator = Replicator(telemetry, pool, consumer)
+        await run_until_stopped(stopping, forever("replicate", replicator.replicate_round, stopping, idle=0.05),
+                                grace=settings.shutdown_grace_seconds)  # fmt: skip
     finally:
         await asyncio.wait_for(consumer.stop(), 10)
         await pool.close()

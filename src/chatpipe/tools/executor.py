@@ -24,7 +24,7 @@ import chatobs
 from chatpipe.events import tool_result_key
 from chatpipe.kafka import commit_handled, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
-from chatpipe.runtime import forever, install_stop_signals
+from chatpipe.runtime import forever, install_stop_signals, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 from chatpipe.tools.catalog import ToolError, calculate, clock
 
@@ -110,7 +110,8 @@ async def main() -> None:
             return
         executor = ToolExecutor(telemetry, settings, redis, http)
         try:
-            await forever("tools", lambda: executor.execute_round(consumer), stopping, idle=0.05)
+            await run_until_stopped(stopping, forever("tools", lambda: executor.execute_round(consumer), stopping,
+                                                      idle=0.05), grace=settings.shutdown_grace_seconds)  # fmt: skip
         finally:
             await asyncio.wait_for(consumer.stop(), 10)
             await redis.aclose()

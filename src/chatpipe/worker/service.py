@@ -44,7 +44,7 @@ from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
 from chatpipe.kafka import commit_handled, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
-from chatpipe.runtime import forever, install_stop_signals, periodic
+from chatpipe.runtime import forever, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 from chatpipe.tools.catalog import TOOL_SPECS
 from chatpipe.worker.budgets import BudgetExceededError, Budgets
@@ -92,10 +92,14 @@ class Worker:
         redis: aioredis.Redis,
         http: httpx.AsyncClient,
         producer: AIOKafkaProducer,
+        waits: aioredis.Redis | None = None,
     ):
+        """``waits`` is the Redis client for blocking reads (tool results): its socket timeout must
+        outlast ``CHATPIPE_TOOL_TIMEOUT_SECONDS``, or the read fails before the wait is over."""
         self._telemetry = telemetry
         self._settings = settings
         self._redis = redis
+        self._waits = waits or redis
         self._http = http
         self._producer = producer
         self._soma = telemetry.somabrain
@@ -150,7 +154,9 @@ class Worker:
                     except Exception:
                         _logger.exception("turn %s failed", message_id)
                         await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
-                    await self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1", ex=self._settings.answered_ttl_seconds)
+                    # Shielded: a stop cancelling the turn now must not lose the mark of an answer already sent.
+                    await asyncio.shield(self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1",
+                                                         ex=self._settings.answered_ttl_seconds))  # fmt: skip
                 finally:
                     self._in_flight.discard(message_id)
 
@@ -289,7 +295,7 @@ class Worker:
                    "tenant": tenant}  # fmt: skip
         await self._producer.send_and_wait(self._settings.tool_topic, json.dumps(request).encode(),
                                            key=session_id.encode())  # fmt: skip
-        answer = await self._redis.blpop([tool_result_key(call_id)], timeout=self._settings.tool_timeout_seconds)
+        answer = await self._waits.blpop([tool_result_key(call_id)], timeout=self._settings.tool_timeout_seconds)
         if answer is None:
             content = f"tool {request['name']} did not answer in {self._settings.tool_timeout_seconds:g}s"
         else:
@@ -304,23 +310,29 @@ async def main() -> None:
     settings = load_pipeline_settings().require("llm_base_url", "somabrain_url")
     stopping = install_stop_signals()
     redis = aioredis.Redis.from_url(backends.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    # A blocking read waits up to the tool timeout: the socket must not give up first.
+    waits = aioredis.Redis.from_url(backends.redis_url, socket_timeout=settings.tool_timeout_seconds + 5,
+                                    socket_connect_timeout=2)  # fmt: skip
     topic = telemetry.settings.chatobs.wal_topic
     async with httpx.AsyncClient() as http:
         producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
         consumer = await start_consumer(topic, "worker", backends.kafka_bootstrap_servers, stopping)
         if producer is None or consumer is None:
             return
-        worker = Worker(telemetry, settings, redis, http, producer)
+        worker = Worker(telemetry, settings, redis, http, producer, waits)
         _logger.info("worker: %s -> replies", topic)
         try:
-            await asyncio.gather(
+            await run_until_stopped(
+                stopping,
                 forever("consume", lambda: worker.consume_round(consumer), stopping, idle=0.05),
                 forever("replay", worker.replay_round, stopping, idle=settings.degraded_replay_seconds),
                 periodic("degraded_buffer_size", worker.measure_degraded_buffer, stopping,
                          every=settings.backlog_poll_seconds, timeout=settings.backlog_query_timeout_seconds),
+                grace=settings.shutdown_grace_seconds,
             )  # fmt: skip
         finally:
             await asyncio.wait_for(consumer.stop(), 10)
             await asyncio.wait_for(producer.stop(), 10)
             await redis.aclose()
+            await waits.aclose()
             telemetry.shutdown()
