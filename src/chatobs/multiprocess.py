@@ -44,7 +44,7 @@ from pathlib import Path
 
 from chatobs.catalogue import Combine
 
-__all__ = ["ProcessDirectory", "ProcessFile", "Snapshot", "series_key", "split_key"]
+__all__ = ["ProcessDirectory", "ProcessFile", "Snapshot", "proc_stat_fields", "series_key", "split_key"]
 
 _logger = logging.getLogger("chatobs")
 
@@ -68,13 +68,19 @@ def split_key(key: str) -> tuple[str, dict[str, str]]:
     return name, attributes
 
 
+def proc_stat_fields(pid: int) -> list[bytes]:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (Linux; ``proc_pid_stat(5)``): index 0 is field 3.
+    Raises ``OSError`` where the process or ``/proc`` is not there."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+        return stat.read().rsplit(b")", 1)[1].split()
+
+
 def _stat(pid: int) -> tuple[str, int] | None:
-    """The process's state letter and start time in clock ticks since boot (Linux ``/proc``)."""
+    """The process's state letter and start time in clock ticks since boot."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # The command name (field 2) may hold spaces and parentheses: split after its last ")".
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc_pid_stat(5)
+        fields = proc_stat_fields(pid)
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22
     except (OSError, IndexError, ValueError):
         return None
 

@@ -20,6 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from chatobs.catalogue import PROCESS_LABEL
 from chatobs.instruments import Instruments
+from chatobs.multiprocess import proc_stat_fields
 
 __all__ = ["register_process_metrics"]
 
@@ -32,9 +33,8 @@ def _cpu_seconds(pid: int | None) -> float:
     if pid is None:
         times = os.times()
         return times.user + times.system
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        fields = stat.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of stat(5)
+    fields = proc_stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of proc_pid_stat(5)
 
 
 def _resident_bytes(pid: int | None) -> float:
