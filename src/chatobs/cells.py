@@ -21,7 +21,9 @@ this process's file, and collection reads the combined values of every process i
 
 Amounts and observations are checked before anything is recorded: a finite real number
 from 0 to :data:`MAX_AMOUNT`; anything else raises (the recorders count it in
-``chatobs_recording_errors_total``) and leaves every cell as it was. One NaN or negative
+``chatobs_recording_errors_total``) and leaves every cell as it was. Observations are
+checked by :meth:`CellStore.observe`; counter increments by the recorders, which mostly
+add constants. One NaN or negative
 observation would otherwise poison a histogram's ``_sum`` for good, and Prometheus and
 the OpenMetrics parsers reject a NaN or negative ``_sum``.
 """
@@ -312,10 +314,11 @@ class CellStore:
 
     # -- recording ------------------------------------------------------------------
     def add(self, name: str, amount: float, values: tuple[str, ...]) -> None:
-        """Add ``amount`` to the series of ``values``; raises, recording nothing, for a bad amount."""
-        # The plain case costs two type checks and one chained comparison (NaN fails it too).
-        if (amount.__class__ is not int and amount.__class__ is not float) or not 0 <= amount <= MAX_AMOUNT:
-            amount = checked_amount(amount)
+        """Add ``amount`` to the series of ``values``.
+
+        ``amount`` is not checked here, the hottest path of all: callers pass a constant or
+        what :func:`checked_amount` returned (the recorders do; their fuzz test holds them to it).
+        """
         bound = self._bound.get(name)
         try:
             entry = bound.get(values) if bound is not None else None
@@ -328,6 +331,8 @@ class CellStore:
 
     def observe(self, name: str, value: float, values: tuple[str, ...], context: Context | None = None) -> None:
         """Count ``value`` in the series of ``values``; raises, recording nothing, for a bad value."""
+        # Checked here: durations come straight from callers. The plain case costs two type
+        # checks and one chained comparison (which NaN fails too).
         if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
             value = checked_amount(value)
         exemplar = self._sample_exemplar(context)  # before binding: a bad context records nothing
