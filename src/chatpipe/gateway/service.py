@@ -55,6 +55,7 @@ BACKEND_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,  # the connection or pool is closed
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, statement cancelled
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InternalClientError,  # a connection left in a broken state by the server going away
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     ConnectionError,  # refused, reset (asyncpg connecting; Redis wraps its own)
@@ -196,11 +197,11 @@ def create_app() -> FastAPI:
     for unavailable in BACKEND_UNAVAILABLE:
         app.add_exception_handler(unavailable, backend_unavailable)
 
-    async def live_session(pool: asyncpg.Pool, session_id: str) -> asyncpg.Record:
+    async def live_session(database: asyncpg.Pool | asyncpg.Connection, session_id: str) -> asyncpg.Record:
         shown = session_id if len(session_id) <= 64 else f"{session_id[:64]}..."
         if not _SESSION_ID.fullmatch(session_id):
             raise _error(404, f"no session {shown}")  # not even a well-formed id: no query
-        row = await pool.fetchrow("select id, tenant, deleted_at from sessions where id = $1", session_id)
+        row = await database.fetchrow("select id, tenant, deleted_at from sessions where id = $1", session_id)
         if row is None:
             raise _error(404, f"no session {shown}")
         if row["deleted_at"] is not None:
@@ -234,24 +235,34 @@ def create_app() -> FastAPI:
             raise _error(422, f"role must be one of {', '.join(ROLES)}")
         if len(message.content) > settings.message_max_chars:
             raise _error(413, f"message longer than {settings.message_max_chars} characters")
+        message_id = uuid.uuid4().hex
+        stored = False
         with traffic.time_enqueue():
-            session = await live_session(app.state.pool, session_id)
-            message_id = uuid.uuid4().hex
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)  # the publisher continues this request's trace
-            payload = {
-                "message_id": message_id,
-                "session_id": session_id,
-                "tenant": session["tenant"],
-                "role": message.role,
-                "content": message.content,
-                "source": message.source,
-                "accepted_at": time.time(),
-            }
-            await app.state.pool.execute(
-                "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)",
-                message_id, session_id, json.dumps(payload), carrier.get("traceparent"),
-            )  # fmt: skip
+            try:
+                async with app.state.pool.acquire() as connection:
+                    session = await live_session(connection, session_id)
+                    carrier: dict[str, str] = {}
+                    propagate.inject(carrier)  # the publisher continues this request's trace
+                    payload = {
+                        "message_id": message_id,
+                        "session_id": session_id,
+                        "tenant": session["tenant"],
+                        "role": message.role,
+                        "content": message.content,
+                        "source": message.source,
+                        "accepted_at": time.time(),
+                    }
+                    await connection.execute(
+                        "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)",
+                        message_id, session_id, json.dumps(payload), carrier.get("traceparent"),
+                    )  # fmt: skip
+                    stored = True
+            except BACKEND_UNAVAILABLE:
+                # PostgreSQL going away can break the connection as the pool takes it back, after the
+                # insert: the message is stored then, and refusing it would make the client send it twice.
+                if not stored:
+                    raise
+                _logger.warning("message %s stored; its connection broke afterwards", message_id)
         traffic.message_in(role=message.role, source=message.source)
         return {"message_id": message_id}
 

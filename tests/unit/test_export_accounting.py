@@ -1,0 +1,113 @@
+"""Telemetry that never reaches the collector is counted, and waiting on a dead collector is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from chatobs import ConfigError, Telemetry, load_settings
+from chatobs.provider import BoundedBatchSpanProcessor, ExportAccounting
+from tests.metrics_text import value
+
+
+class StuckExporter(SpanExporter):
+    """Blocks in export until released, then fails: a collector that hangs, then errors."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[int] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.batches.append(len(spans))
+        self.entered.set()
+        self.release.wait(10)
+        return SpanExportResult.FAILURE
+
+
+def test_every_span_the_queue_has_no_room_for_is_counted_and_failed_exports_too():
+    failures: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    accounting = ExportAccounting(lambda signal: failures.update([signal]),
+                                  lambda reason, count: dropped.update({reason: count}))  # fmt: skip
+    exporter = StuckExporter()
+    processor = BoundedBatchSpanProcessor(exporter, max_queue_size=10, max_export_batch_size=10,
+                                          schedule_delay_millis=3_600_000, accounting=accounting)  # fmt: skip
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("test")
+    for _ in range(10):
+        tracer.start_span("first").end()
+    assert exporter.entered.wait(5), "a full batch is exported at once"
+    for _ in range(25):  # the first batch is stuck in export: room for 10 more
+        tracer.start_span("more").end()
+    assert dropped == {"queue_full": 15}
+    exporter.release.set()
+    processor.force_flush()
+    assert exporter.batches == [10], "after a failure the next batch is dropped without an attempt (backoff)"
+    assert failures == {"traces": 2}
+    assert dropped == {"queue_full": 15, "export_failed": 20}
+    provider.shutdown()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for connection in held:
+        connection.close()
+
+
+def otlp_env(endpoint: str, **extra: str) -> dict[str, str]:
+    return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "prometheus,otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, **extra}  # fmt: skip
+
+
+def test_the_otlp_timeout_is_milliseconds_and_a_silent_collector_is_counted(blackhole):
+    telemetry = Telemetry(load_settings(otlp_env(blackhole, OTEL_EXPORTER_OTLP_TIMEOUT="300")), service="gateway")
+    telemetry.tracer.start_span("request").end()
+    started = time.monotonic()
+    # Read as seconds (what the Python exporters do with the variable), 300 would be five minutes.
+    assert telemetry.force_flush(timeout_millis=5_000)
+    assert time.monotonic() - started < 3
+    text = telemetry.scrape()[2].decode()
+    assert value(text, "chatobs_export_failures_total", signal="traces") == 1
+    assert value(text, "chatobs_export_failures_total", signal="metrics") == 1
+    assert value(text, "chatobs_spans_dropped_total", reason="export_failed") == 1
+    telemetry.shutdown()
+
+
+def test_shutdown_gives_up_on_a_silent_collector_after_its_timeout(blackhole):
+    env = otlp_env(blackhole, OTEL_EXPORTER_OTLP_TIMEOUT="60000", CHATOBS_SHUTDOWN_TIMEOUT_SECONDS="1")
+    telemetry = Telemetry(load_settings(env), service="gateway")
+    telemetry.tracer.start_span("request").end()
+    started = time.monotonic()
+    telemetry.shutdown()
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_batch_larger_than_the_queue_is_a_config_error_naming_the_variable():
+    with pytest.raises(ConfigError) as error:
+        load_settings({"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "500"})
+    assert error.value.variables == ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",)
+    assert "must not exceed OTEL_BSP_MAX_QUEUE_SIZE (100)" in str(error.value)
