@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -55,6 +56,13 @@ class Scrapes:
             time.sleep(0.25)
             last = self.all()
         return last
+
+
+def first_request_error(log: Path, lines: int = 40) -> str:
+    """The first exception the server logged for a request: what an unexpected 500 was."""
+    text = log.read_text(errors="replace").splitlines() if log.exists() else []
+    starts = [number for number, line in enumerate(text) if "Exception in ASGI application" in line]
+    return "\n".join(text[starts[0] : starts[0] + lines]) if starts else f"(no request error in {log})"
 
 
 @pytest.mark.slow
@@ -156,7 +164,10 @@ def test_every_outage_in_turn_loses_nothing_and_metrics_keep_answering(own_stack
 
         slowest = {service: round(seconds, 3) for service, seconds in scrapes.slowest.items()}
         print(f"\noutages: {dict(load.statuses)} answers; slowest scrape per service (s): {slowest}")
-        assert load.unexpected == [] and load.transport_errors == [], (load.unexpected + load.transport_errors)[:5]
+        assert load.unexpected == [] and load.transport_errors == [], (
+            (load.unexpected + load.transport_errors)[:5],
+            first_request_error(tmp_path / "gateway.log"),
+        )
         assert max(slowest.values()) < SCRAPE_LIMIT_SECONDS, slowest
 
         # After recovery: every accepted message replicated exactly once, every accepted turn answered.
