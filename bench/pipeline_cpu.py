@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from profile_share import Profiler, Share
 
 from chatobs.stack import LocalStack
 from chatpipe.launcher import Pipeline
@@ -54,6 +55,23 @@ def cpu_share(turns: int = 200) -> dict[str, tuple[float, float]]:
     return results
 
 
+def profiled_share(turns: int = 200, env: dict[str, str] | None = None) -> dict[str, Share]:
+    """py-spy's view: the share of the gateway's and the worker's CPU samples spent in
+    instrumentation while ``turns`` chat turns go through an instrumented pipeline."""
+    env = {"OTEL_TRACES_SAMPLER": "always_on", "CHATPIPE_TOKEN_BUDGET": "100000000", **(env or {})}
+    with LocalStack.from_environment() as stack, tempfile.TemporaryDirectory() as run_dir:
+        with Pipeline(stack.environment, Path(run_dir), env=env) as pipeline:
+            _drive(pipeline, 20)  # warm-up
+            pids = {name: pid for name, pid in pipeline.pids().items() if name in SERVICES}
+            with Profiler(pids) as profiler:
+                _drive(pipeline, turns)
+            return profiler.results()
+
+
 if __name__ == "__main__":
+    for service, result in profiled_share().items():
+        print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation")
+        for function, share in result.top(12):
+            print(f"    {share:6.1%}  {function}")
     for service, (on, off) in cpu_share().items():
         print(f"{service}: {on:.2f} s instrumented, {off:.2f} s SDK off, share {1 - off / on:.1%}")

@@ -26,9 +26,12 @@ class SteadyLoad:
     unexpected: list[str] = field(default_factory=list)  # other statuses: never expected
     transport_errors: list[str] = field(default_factory=list)  # no answer (the gateway restarting)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _running: threading.Event = field(default_factory=threading.Event)  # cleared: paused
+    _idle: threading.Lock = field(default_factory=threading.Lock)  # held while a message is in flight
     _thread: threading.Thread | None = None
 
     def start(self) -> SteadyLoad:
+        self._running.set()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -38,13 +41,16 @@ class SteadyLoad:
         with httpx.Client(base_url=self.gateway, timeout=20) as client:
             number = 0
             while not self._stop.is_set():
+                if not self._running.wait(timeout=0.1):
+                    continue
                 session = self.sessions[number % len(self.sessions)]
                 number += 1
                 try:
-                    content = self.content(number)
-                    response = client.post(
-                        f"/v1/sessions/{session}/messages", json={"content": content, "source": "api"}
-                    )
+                    with self._idle:
+                        content = self.content(number)
+                        response = client.post(
+                            f"/v1/sessions/{session}/messages", json={"content": content, "source": "api"}
+                        )
                 except httpx.HTTPError as error:
                     self.transport_errors.append(f"message {number}: {error!r}")
                 else:
@@ -56,6 +62,15 @@ class SteadyLoad:
                     else:
                         self.unexpected.append(f"message {number}: {response.status_code} {response.text[:200]}")
                 self._stop.wait(self.interval)
+
+    def pause(self) -> None:
+        """No new message after this returns (one in flight is waited for)."""
+        self._running.clear()
+        with self._idle:
+            pass
+
+    def resume(self) -> None:
+        self._running.set()
 
     def accepted_count(self) -> int:
         return len(self.accepted)

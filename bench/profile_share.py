@@ -1,0 +1,120 @@
+"""The share of a process's CPU samples spent in instrumentation, from py-spy.
+
+py-spy samples the process's Python stacks (idle threads excluded). A sample is charged to
+instrumentation when its innermost frame outside the standard library belongs to
+OpenTelemetry, chatobs or wrapt: a lock taken or a random id drawn by the SDK counts as
+the SDK's, while the application's own work below an instrumentation wrapper (the wrapped
+Redis command, the handler under the ASGI middleware) counts as the application's.
+
+Example::
+
+    with Profiler({"worker": pid}) as profiler:
+        drive_load()
+    for service, result in profiler.results().items():
+        print(service, f"{result.share:.1%}", result.top(5))
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Path fragments of instrumentation code.
+INSTRUMENTATION = ("/opentelemetry/", "/chatobs/", "/wrapt/")
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def _owner(frame: str) -> str | None:
+    """``"instrumentation"``, ``"application"``, or None for a standard-library/native frame."""
+    match = _FRAME.match(frame)
+    path = match.group("file") if match else frame
+    if any(part in path for part in INSTRUMENTATION):
+        return "instrumentation"
+    if "site-packages" in path or not (path.startswith(_STDLIB) or path.startswith("<")):
+        return "application"
+    return None
+
+
+@dataclass
+class Share:
+    samples: int = 0
+    instrumentation: int = 0
+    by_function: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def share(self) -> float:
+        return self.instrumentation / self.samples if self.samples else 0.0
+
+    def top(self, count: int = 8) -> list[tuple[str, float]]:
+        """The instrumentation functions with the most samples, as shares of all samples."""
+        return [(name, n / self.samples) for name, n in self.by_function.most_common(count)]
+
+
+def share_of(raw: str) -> Share:
+    """Classify py-spy ``--format raw`` output (``frame;frame;... count`` per line, root first)."""
+    result = Share()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        result.samples += samples
+        for frame in reversed(stack.split(";")):
+            owner = _owner(frame)
+            if owner == "instrumentation":
+                result.instrumentation += samples
+                match = _FRAME.match(frame)
+                name = f"{match.group('function')} ({Path(match.group('file')).name})" if match else frame
+                result.by_function[name] += samples
+                break
+            if owner == "application":
+                break
+    return result
+
+
+class Profiler:
+    """py-spy attached to each ``{name: pid}`` until the ``with`` block ends."""
+
+    def __init__(self, pids: dict[str, int], rate: int = 250):
+        executable = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(executable).exists():
+            raise RuntimeError("py-spy not found: pip install py-spy")
+        self._executable = executable
+        self._pids = pids
+        self._rate = rate
+        self._dir = tempfile.TemporaryDirectory()
+        self._running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _output(self, name: str) -> Path:
+        return Path(self._dir.name) / f"{name}.txt"
+
+    def __enter__(self) -> Profiler:
+        for name, pid in self._pids.items():
+            self._running[name] = subprocess.Popen(
+                [self._executable, "record", "--pid", str(pid), "--rate", str(self._rate), "--format", "raw",
+                 "--full-filenames", "--nonblocking", "--output", str(self._output(name))],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name, process in self._running.items():
+            process.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then exits
+            _, error = process.communicate(timeout=60)
+            if not self._output(name).exists():
+                raise RuntimeError(f"py-spy on {name} wrote nothing: {error.decode(errors='replace')[-500:]}")
+
+    def results(self) -> dict[str, Share]:
+        try:
+            return {name: share_of(self._output(name).read_text()) for name in self._pids}
+        finally:
+            self._dir.cleanup()
