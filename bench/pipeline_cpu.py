@@ -59,13 +59,16 @@ def profiled_share(turns: int = 200, env: dict[str, str] | None = None) -> dict[
     """py-spy's view: the share of the gateway's and the worker's CPU samples spent in
     instrumentation while ``turns`` chat turns go through an instrumented pipeline."""
     env = {"OTEL_TRACES_SAMPLER": "always_on", "CHATPIPE_TOKEN_BUDGET": "100000000", **(env or {})}
-    with LocalStack.from_environment() as stack, tempfile.TemporaryDirectory() as run_dir:
-        with Pipeline(stack.environment, Path(run_dir), env=env) as pipeline:
-            _drive(pipeline, 20)  # warm-up
-            pids = {name: pid for name, pid in pipeline.pids().items() if name in SERVICES}
-            with Profiler(pids) as profiler:
-                _drive(pipeline, turns)
-            return profiler.results()
+    with (
+        LocalStack.from_environment() as stack,
+        tempfile.TemporaryDirectory() as run_dir,
+        Pipeline(stack.environment, Path(run_dir), env=env) as pipeline,
+    ):
+        _drive(pipeline, 20)  # warm-up
+        pids = {name: pid for name, pid in pipeline.pids().items() if name in SERVICES}
+        with Profiler(pids) as profiler:
+            _drive(pipeline, turns)
+        return profiler.results()
 
 
 if __name__ == "__main__":

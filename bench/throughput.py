@@ -7,9 +7,11 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -53,23 +55,45 @@ def _wrk(url: str, seconds: int, connections: int) -> float:
 FULL = {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_METRICS_EXEMPLAR_FILTER": "trace_based"}
 #: The same with a common production sampling rate.
 SAMPLED_10_PERCENT = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+#: The full setup on the OpenTelemetry SDK's tracer instead of chatobs's lean one.
+FULL_SDK_TRACER = {**FULL, "CHATOBS_TRACER": "sdk"}
 OFF = {"OTEL_SDK_DISABLED": "true"}
 
 
-def http_ratio(
-    seconds: int = 5, rounds: int = 3, connections: int = 16, full_env: dict[str, str] = FULL
-) -> tuple[float, float]:
-    """(instrumented rps, uninstrumented rps), best of ``rounds`` alternating runs."""
+@dataclass
+class HttpResult:
+    """Median requests/s per variant, and the median over rounds of each variant's
+    requests/s divided by the uninstrumented server's in the same round."""
+
+    rps: dict[str, float]
+    ratios: dict[str, float]
+
+
+def http_ratios(
+    variants: dict[str, dict[str, str]], seconds: int = 5, rounds: int = 5, connections: int = 16
+) -> HttpResult:
+    """Each variant's server against one with instrumentation off, measured in pairs.
+
+    Every round measures every server once, in a rotated order; a variant's ratio is the
+    median of its per-round ratios to the uninstrumented server. Pairing within a round,
+    rather than comparing best rounds, keeps this machine's minute-to-minute swings (up
+    to 30% in its baseline throughput) out of the ratio.
+    """
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk not found: apt-get install -y wrk")
-    servers = {name: _serve(env) for name, env in (("full", full_env), ("off", OFF))}
+    servers = {name: _serve(env) for name, env in {"off": OFF, **variants}.items()}
     try:
-        best = {"full": 0.0, "off": 0.0}
-        for _ in range(rounds):
-            for name, (_, url) in servers.items():
+        measured: dict[str, list[float]] = {name: [] for name in servers}
+        names = list(servers)
+        for round_number in range(rounds):
+            shift = round_number % len(names)
+            for name in names[shift:] + names[:shift]:
+                url = servers[name][1]
                 _wrk(url, 1, connections)  # warm-up
-                best[name] = max(best[name], _wrk(url, seconds, connections))
-        return best["full"], best["off"]
+                measured[name].append(_wrk(url, seconds, connections))
+        ratios = {name: statistics.median(v / o for v, o in zip(measured[name], measured["off"], strict=True))
+                  for name in variants}  # fmt: skip
+        return HttpResult({name: statistics.median(values) for name, values in measured.items()}, ratios)
     finally:
         for process, _ in servers.values():
             process.terminate()

@@ -38,6 +38,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased,
 
 from chatobs.instrumentation.spanmetrics import RecordClientSpans
 from chatobs.settings import OtelSettings, Settings
+from chatobs.tracing import LeanTracerProvider
 
 __all__ = [
     "AccountedSpanExporter",
@@ -350,15 +351,20 @@ class BoundedBatchSpanProcessor(SpanProcessor):
 
 def build_tracer_provider(
     settings: Settings, resource: Resource, accounting: ExportAccounting = NO_ACCOUNTING
-) -> TracerProvider:
-    """A TracerProvider with one bounded batch processor per ``OTEL_TRACES_EXPORTER`` entry
-    (``OTEL_BSP_*`` sizes; lost spans and failed exports counted in ``accounting``).
+) -> TracerProvider | LeanTracerProvider:
+    """A tracer provider with one bounded batch processor per ``OTEL_TRACES_EXPORTER`` entry
+    (``OTEL_BSP_*`` sizes; lost spans and failed exports counted in ``accounting``): chatobs's
+    :class:`~chatobs.tracing.LeanTracerProvider`, or the SDK's with ``CHATOBS_TRACER=sdk``.
 
     With no exporter the provider still samples spans (``OTEL_TRACES_SAMPLER``):
     they carry the trace ids that exemplars and logs refer to.
     """
     otel = settings.otel
-    provider = TracerProvider(resource=resource, sampler=build_sampler(otel), shutdown_on_exit=False)
+    provider: TracerProvider | LeanTracerProvider
+    if settings.chatobs.tracer == "lean":
+        provider = LeanTracerProvider(sampler=build_sampler(otel), resource=resource)
+    else:
+        provider = TracerProvider(resource=resource, sampler=build_sampler(otel), shutdown_on_exit=False)
     for name in otel.traces_exporter:
         exporter = _otlp_span_exporter(otel) if name == "otlp" else ConsoleSpanExporter()
         provider.add_span_processor(

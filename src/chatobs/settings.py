@@ -63,6 +63,7 @@ MetricsExporter = Literal["prometheus", "otlp", "console", "none"]
 TracesExporter = Literal["otlp", "console", "none"]
 OtlpProtocol = Literal["grpc", "http/protobuf"]
 ExemplarFilter = Literal["always_on", "always_off", "trace_based"]
+TracerKind = Literal["lean", "sdk"]
 TracesSampler = Literal[
     "always_on",
     "always_off",
@@ -299,6 +300,11 @@ class ChatobsSettings(_MappingOnly):
         5.0, gt=0, le=120, description="Longest time shutdown waits for the last OTLP push: an unreachable "
         "collector cannot hold a stopping service up.",
     )  # fmt: skip
+    tracer: TracerKind = Field(
+        "lean",
+        description="`lean`: chatobs's tracer (the SDK's samplers, processors and exporters at a fraction "
+        "of the SDK span's cost; no `OTEL_SPAN_*_LIMIT`s); `sdk`: the OpenTelemetry SDK's `TracerProvider`.",
+    )
     expose_target_info: bool = Field(
         True, description="Expose the `target_info` family carrying the resource attributes."
     )

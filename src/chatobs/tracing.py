@@ -1,0 +1,301 @@
+"""A lean tracer: OpenTelemetry API spans at a fraction of the SDK's cost per span.
+
+The Python SDK's span costs 10-30 microseconds from start to end on this project's
+machine kind (a sampler call, bounded and re-validated attribute maps behind locks,
+events lists, a resource lookup, two processor fan-outs). chatobs puts a SERVER span on
+every request and instrumentations put a CLIENT span on every Redis command, statement
+and broker call, so that cost was most of the instrumentation's share of CPU
+(docs/performance.md). :class:`LeanTracerProvider` keeps what those spans are for:
+
+* the sampler (``OTEL_TRACES_SAMPLER``, with chatobs's client-span recording), the
+  trace/span ids of the SDK's :class:`RandomIdGenerator`, the resource;
+* a span that *is* an SDK :class:`ReadableSpan`, so the SDK's span processors and
+  exporters (batch, OTLP, console) and chatobs's span metrics take it as it is;
+* the API's whole span surface: attributes, events, exceptions, status, names, links.
+
+It leaves out the SDK's span limits (``OTEL_SPAN_*_LIMIT``): attribute values are
+checked for type, not counted. ``CHATOBS_TRACER=sdk`` switches back to the SDK's
+``TracerProvider``.
+
+Example::
+
+    provider = LeanTracerProvider(sampler=ParentBased(ALWAYS_ON), resource=Resource.create({}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    tracer = provider.get_tracer("my.library")
+    with tracer.start_as_current_span("work", kind=SpanKind.CLIENT) as span:
+        span.set_attribute("db.system.name", "redis")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+)
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.semconv.attributes.exception_attributes import (
+    EXCEPTION_MESSAGE,
+    EXCEPTION_STACKTRACE,
+    EXCEPTION_TYPE,
+)
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util import types
+
+__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider"]
+
+_logger = logging.getLogger("chatobs")
+_UNSET = Status(StatusCode.UNSET)
+_PRIMITIVES = (str, bool, int, float)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+
+
+def _clean(value: Any) -> Any:
+    """The value as OTLP can carry it, or None (dropped, logged) when it cannot."""
+    if value.__class__ in _PRIMITIVES:
+        return value
+    if isinstance(value, _PRIMITIVES):  # subclasses: enums, numpy-free bools...
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        items = tuple(value)
+        kinds = {item.__class__ for item in items if item is not None}
+        if len(kinds) <= 1 and kinds <= set(_PRIMITIVES):
+            return items
+    _logger.debug("chatobs: span attribute value of type %s dropped", type(value).__name__)
+    return None
+
+
+def _cleaned(attributes: types.Attributes) -> dict[str, Any]:
+    if not attributes:
+        return {}
+    cleaned = {}
+    for key, value in attributes.items():
+        value = _clean(value)
+        if value is not None and isinstance(key, str) and key:
+            cleaned[key] = value
+    return cleaned
+
+
+class LeanSpan(trace_api.Span, ReadableSpan):
+    """A recording span that is also the :class:`ReadableSpan` its processors receive.
+
+    The fields are :class:`ReadableSpan`'s own, so every SDK exporter reads it unchanged.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: Sequence[Link],
+        scope: InstrumentationScope,
+        resource: Resource,
+        processor: SpanProcessor,
+        start_time: int,
+        record_exception: bool,
+        set_status_on_exception: bool,
+    ):
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._kind = kind
+        self._attributes = attributes
+        self._events: list[Event] = []
+        self._links = tuple(links)
+        self._instrumentation_scope = scope
+        self._instrumentation_info = None
+        self._resource = resource
+        self._status = _UNSET
+        self._start_time = start_time
+        self._end_time: int | None = None
+        self._processor = processor
+        self._record_exception = record_exception
+        self._set_status_on_exception = set_status_on_exception
+
+    # -- the API span --------------------------------------------------------------
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return self._end_time is None
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if self._end_time is None:
+            value = _clean(value)
+            if value is not None and isinstance(key, str) and key:
+                self._attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        if self._end_time is None:
+            self._attributes.update(_cleaned(attributes))
+
+    def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
+        if self._end_time is None:
+            self._events.append(Event(name, _cleaned(attributes), timestamp or time.time_ns()))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if self._end_time is None and context.is_valid:
+            self._links = (*self._links, Link(context, _cleaned(attributes)))
+
+    def update_name(self, name: str) -> None:
+        if self._end_time is None:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        # As the SDK: OK is final, UNSET never overrides.
+        if self._end_time is not None or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        event = {
+            EXCEPTION_TYPE: type(exception).__qualname__,
+            EXCEPTION_MESSAGE: str(exception),
+            EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+        }
+        event.update(attributes or {})
+        self.add_event("exception", event, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end_time is not None:
+            return
+        self._end_time = end_time or time.time_ns()
+        self._processor.on_end(self)
+
+    def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
+        if exc_value is not None and self.is_recording():
+            if self._record_exception:
+                self.record_exception(exc_value, escaped=True)
+            if self._set_status_on_exception:
+                self.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {exc_value}"))
+        self.end()
+
+
+class LeanTracer(trace_api.Tracer):
+    """Starts :class:`LeanSpan` s for one instrumentation scope (see :class:`LeanTracerProvider`)."""
+
+    def __init__(self, provider: LeanTracerProvider, scope: InstrumentationScope):
+        self._provider = provider
+        self._scope = scope
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+        links: Sequence[Link] | None = (),
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace_api.Span:
+        provider = self._provider
+        parent: SpanContext | None = trace_api.get_current_span(context).get_span_context()
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+        else:
+            parent = None
+            trace_id = provider.id_generator.generate_trace_id()
+        links = links or ()
+        sampled = provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        decision = sampled.decision
+        span_context = SpanContext(
+            trace_id,
+            provider.id_generator.generate_span_id(),
+            is_remote=False,
+            trace_flags=_SAMPLED if decision.is_sampled() else _NOT_SAMPLED,
+            trace_state=sampled.trace_state,
+        )
+        if not decision.is_recording():
+            return NonRecordingSpan(span_context)
+        span = LeanSpan(name, span_context, parent, kind, _cleaned(sampled.attributes), links, self._scope,
+                        provider.resource, provider.span_processor, start_time or time.time_ns(),
+                        record_exception, set_status_on_exception)  # fmt: skip
+        provider.span_processor.on_start(span, parent_context=context)
+        return span
+
+    @contextmanager
+    def start_as_current_span(  # type: ignore[override]
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+        links: Sequence[Link] | None = (),
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace_api.Span]:
+        span = self.start_span(name, context, kind, attributes, links, start_time, record_exception,
+                               set_status_on_exception)  # fmt: skip
+        with trace_api.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
+                                set_status_on_exception=set_status_on_exception) as current:  # fmt: skip
+            yield current
+
+
+class LeanTracerProvider(trace_api.TracerProvider):
+    """A tracer provider of :class:`LeanTracer` s, with SDK span processors.
+
+    Example::
+
+        provider = LeanTracerProvider(sampler=ALWAYS_ON, resource=resource)
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        trace.set_tracer_provider(provider)
+    """
+
+    def __init__(self, *, sampler: Sampler, resource: Resource, id_generator: IdGenerator | None = None):
+        self.sampler = sampler
+        self.resource = resource
+        self.id_generator = id_generator or RandomIdGenerator()
+        self.span_processor = SynchronousMultiSpanProcessor()
+        self._tracers: dict[tuple[str, str | None, str | None], LeanTracer] = {}
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: types.Attributes = None,
+    ) -> trace_api.Tracer:
+        key = (instrumenting_module_name or "", instrumenting_library_version, schema_url)
+        tracer = self._tracers.get(key)
+        if tracer is None:
+            scope = InstrumentationScope(key[0], instrumenting_library_version, schema_url, attributes)
+            tracer = self._tracers.setdefault(key, LeanTracer(self, scope))
+        return tracer
+
+    def add_span_processor(self, processor: SpanProcessor) -> None:
+        """Every span that ends goes to ``processor`` too (in the order they were added)."""
+        self.span_processor.add_span_processor(processor)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.span_processor.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self.span_processor.shutdown()

@@ -1,0 +1,152 @@
+"""chatobs's lean tracer exports what the SDK's tracer exports for the same calls.
+
+Each scenario runs once on the SDK's TracerProvider and once on LeanTracerProvider, both
+with an in-memory exporter; the exported spans (and their OTLP encoding) must agree on
+everything but ids and times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from opentelemetry import context, trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from chatobs.instrumentation import RecordClientSpans
+from chatobs.tracing import LeanTracerProvider
+
+RESOURCE = Resource.create({"service.name": "lean-test"})
+
+
+def _providers(sampler: Sampler) -> list[tuple[Any, InMemorySpanExporter]]:
+    made = []
+    for provider in (TracerProvider(resource=RESOURCE, sampler=sampler, shutdown_on_exit=False),
+                     LeanTracerProvider(resource=RESOURCE, sampler=sampler)):  # fmt: skip
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        made.append((provider, exporter))
+    return made
+
+
+def _shape(span: ReadableSpan, ids: dict[int, str]) -> dict[str, Any]:
+    """What a backend sees of a span, with ids replaced by their order of appearance."""
+
+    def name_of(span_id: int | None) -> str | None:
+        return None if span_id is None else ids.setdefault(span_id, f"span{len(ids)}")
+
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "id": name_of(span.context.span_id),
+        "parent": name_of(span.parent.span_id) if span.parent else None,
+        "sampled": span.context.trace_flags.sampled,
+        "attributes": dict(span.attributes or {}),
+        "status": (span.status.status_code, span.status.description),
+        "events": [(e.name, sorted(k for k in e.attributes or {} if k != "exception.escaped")) for e in span.events],
+        "links": len(span.links),
+        "scope": (span.instrumentation_scope.name, span.instrumentation_scope.version),
+        "resource": dict(span.resource.attributes),
+        "timed": span.start_time is not None and span.end_time is not None and span.end_time >= span.start_time,
+    }
+
+
+def _run(scenario: Callable[[trace.Tracer], None], sampler: Sampler = ALWAYS_ON) -> list[list[dict[str, Any]]]:
+    shapes = []
+    for provider, exporter in _providers(sampler):
+        scenario(provider.get_tracer("test.scope", "1.2.3"))
+        spans = exporter.get_finished_spans()
+        encode_spans(spans)  # what the OTLP exporters do with them: must not raise
+        for span in spans:
+            span.to_json()  # what the console exporter does
+        ids: dict[int, str] = {}
+        shapes.append([_shape(span, ids) for span in sorted(spans, key=lambda s: s.start_time or 0)])
+    return shapes
+
+
+def nested_request(tracer: trace.Tracer) -> None:
+    with tracer.start_as_current_span("GET", kind=SpanKind.SERVER, attributes={"url.path": "/a"}) as server:
+        server.update_name("GET /a/{id}")
+        server.set_attributes({"http.route": "/a/{id}", "http.response.status_code": 200, "tags": ["x", "y"]})
+        with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as client:
+            client.set_attribute("server.port", 6379)
+            client.add_event("retry", {"attempt": 2})
+        server.set_status(Status(StatusCode.OK))
+        server.set_status(Status(StatusCode.ERROR, "ignored: OK is final"))
+
+
+def failing_operation(tracer: trace.Tracer) -> None:
+    with pytest.raises(ValueError), tracer.start_as_current_span("work") as span:
+        span.set_attribute("db.operation.name", "select")
+        raise ValueError("boom")
+
+
+def manual_span(tracer: trace.Tracer) -> None:
+    parent = tracer.start_span("publish", kind=SpanKind.PRODUCER, attributes={"messaging.system": "kafka"})
+    token = context.attach(trace.set_span_in_context(parent))
+    try:
+        child = tracer.start_span("commit", kind=SpanKind.CLIENT)
+        child.record_exception(TimeoutError("late"))
+        child.set_status(StatusCode.ERROR, "TimeoutError")
+        child.end()
+    finally:
+        context.detach(token)
+    parent.set_attribute("after.end", "not kept")
+    parent.end()
+    parent.set_attribute("after.end", "not kept")  # ended: ignored
+    parent.end()  # twice: exported once
+
+
+@pytest.mark.parametrize("scenario", [nested_request, failing_operation, manual_span])
+def test_lean_spans_export_like_sdk_spans(scenario):
+    sdk, lean = _run(scenario)
+    assert lean == sdk
+    assert lean, "the scenario produced spans"
+
+
+def test_sampling_decisions_are_the_samplers():
+    # A dropped root: no span exported, on either provider; client spans under it are recorded
+    # (RecordClientSpans) but not sampled, so a span processor sees them and they say so.
+    def scenario(tracer: trace.Tracer) -> None:
+        with tracer.start_as_current_span("root", kind=SpanKind.SERVER) as root:
+            assert not root.is_recording()
+            with tracer.start_as_current_span("SET", kind=SpanKind.CLIENT) as client:
+                assert client.is_recording()
+                assert client.get_span_context().trace_id == root.get_span_context().trace_id
+
+    sampler = RecordClientSpans(ParentBased(ALWAYS_OFF))
+    assert _run(scenario, sampler) == [[], []], "nothing sampled, nothing exported"
+    for provider, _ in _providers(sampler):  # what span processors (the span metrics) see
+        ended: list[ReadableSpan] = []
+        provider.add_span_processor(Collect(ended))
+        scenario(provider.get_tracer("test.scope"))
+        assert [(span.name, span.kind, span.context.trace_flags.sampled) for span in ended] == [
+            ("SET", SpanKind.CLIENT, False)
+        ], type(provider).__name__
+
+
+class Collect(SpanProcessor):
+    def __init__(self, ended: list[ReadableSpan]):
+        self.ended = ended
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended.append(span)
+
+
+def test_odd_attribute_values_are_dropped_not_raised():
+    provider, exporter = _providers(ALWAYS_ON)[1]
+    span = provider.get_tracer("t").start_span("odd", attributes={"ok": 1, "bad": object(), "": "no key"})
+    span.set_attribute("mixed", [1, "a"])
+    span.set_attribute("nested", {"a": 1})
+    span.set_attribute("fine", (1.5, 2.5))
+    span.end()
+    (exported,) = exporter.get_finished_spans()
+    assert dict(exported.attributes) == {"ok": 1, "fine": (1.5, 2.5)}
+    encode_spans([exported])
