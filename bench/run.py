@@ -69,6 +69,11 @@ def main() -> int:
                       f"{http.rps['off']:,.0f}", "req/s", f"{http.ratios[variant]:.2f}")  # fmt: skip
     table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
     if not args.quick:
+        with console.status("instrumentation's share of CPU samples under pipeline load (py-spy)"):
+            for service, result in pipeline_cpu.profiled_share().items():
+                table.add_row(f"{service}: CPU samples in instrumentation, 200 chat turns (py-spy)",
+                              f"{result.instrumentation:,}", f"{result.samples:,}", "samples",
+                              f"{result.share:.1%}")  # fmt: skip
         with console.status("CPU share under pipeline load"):
             for service, (cpu_on, cpu_off) in pipeline_cpu.cpu_share().items():
                 table.add_row(f"{service} CPU, 200 chat turns (share: 1 - off/on)", f"{cpu_on:.2f}", f"{cpu_off:.2f}",
