@@ -7,15 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import psutil
-import pytest
 
 from tests.conftest import free_port
 from tests.metrics_text import value
@@ -27,26 +24,6 @@ WARM_UP = 300
 P99_RATIO_LIMIT = 1.05
 #: The span queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE spans); growth beyond this is a leak.
 RSS_GROWTH_LIMIT_BYTES = 16 * 1024 * 1024
-
-
-@pytest.fixture
-def blackhole() -> Iterator[str]:
-    """An OTLP endpoint that accepts TCP connections and never answers a byte."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                held.append(server.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
-    for connection in held:
-        connection.close()
 
 
 @contextlib.contextmanager

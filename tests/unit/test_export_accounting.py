@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -56,26 +54,6 @@ def test_every_span_the_queue_has_no_room_for_is_counted_and_failed_exports_too(
     assert failures == {"traces": 2}
     assert dropped == {"queue_full": 15, "export_failed": 20}
     provider.shutdown()
-
-
-@pytest.fixture
-def blackhole() -> Iterator[str]:
-    """An endpoint that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                held.append(server.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
-    for connection in held:
-        connection.close()
 
 
 def otlp_env(endpoint: str, **extra: str) -> dict[str, str]:
