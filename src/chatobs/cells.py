@@ -141,6 +141,10 @@ class GaugeCell:
             self.value += amount
 
 
+#: A bucket's latest exemplar: (value, time in ns, the span's context).
+RawExemplar = tuple[float, int, trace.SpanContext]
+
+
 class HistogramCell:
     __slots__ = ("_bounds", "_lock", "attributes", "count", "counts", "exemplars", "start", "sum")
 
@@ -150,7 +154,7 @@ class HistogramCell:
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum: float = 0.0
-        self.exemplars: list[Exemplar | None] = [None] * (len(bounds) + 1)
+        self.exemplars: list[RawExemplar | None] = [None] * (len(bounds) + 1)
         self.start = time.time_ns()
         self._lock = threading.Lock()
 
@@ -165,7 +169,8 @@ class HistogramCell:
             self._keep_exemplar(index, value, exemplar_span)
 
     def _keep_exemplar(self, index: int, value: float, span: trace.SpanContext) -> None:
-        self.exemplars[index] = Exemplar({}, value, time.time_ns(), span_id=span.span_id, trace_id=span.trace_id)
+        # A tuple here, the SDK's Exemplar only at collection: most are replaced before a scrape.
+        self.exemplars[index] = (value, time.time_ns(), span)
 
     def point(self, now: int) -> HistogramDataPoint:
         with self._lock:
@@ -181,7 +186,7 @@ def _histogram_point(
     count: int,
     total: float,
     bounds: Sequence[float],
-    exemplars: Sequence[Exemplar | None],
+    exemplars: Sequence[RawExemplar | None],
 ) -> HistogramDataPoint:
     return HistogramDataPoint(
         attributes=attributes,
@@ -193,7 +198,10 @@ def _histogram_point(
         explicit_bounds=list(bounds),
         min=float("nan"),
         max=float("nan"),
-        exemplars=[exemplar for exemplar in exemplars if exemplar is not None],
+        exemplars=[
+            Exemplar({}, value, at, span_id=span.span_id, trace_id=span.trace_id)
+            for value, at, span in filter(None, exemplars)
+        ],
     )
 
 

@@ -7,6 +7,7 @@ everything but ids and times.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -104,7 +105,22 @@ def manual_span(tracer: trace.Tracer) -> None:
     parent.end()  # twice: exported once
 
 
-@pytest.mark.parametrize("scenario", [nested_request, failing_operation, manual_span])
+def decorated(tracer: trace.Tracer) -> None:
+    @tracer.start_as_current_span("sync", kind=SpanKind.CLIENT)
+    def work(n: int) -> int:
+        trace.get_current_span().set_attribute("n", n)
+        return n
+
+    @tracer.start_as_current_span("async")
+    async def async_work() -> None:
+        trace.get_current_span().set_attribute("awaited", True)
+        assert work(3) == 3  # a child of this span
+
+    assert work(1) == 1 and work(2) == 2  # a span per call
+    asyncio.run(async_work())
+
+
+@pytest.mark.parametrize("scenario", [nested_request, failing_operation, manual_span, decorated])
 def test_lean_spans_export_like_sdk_spans(scenario):
     sdk, lean = _run(scenario)
     assert lean == sdk

@@ -17,7 +17,8 @@ sampled, so it is not exported and carries no exemplar.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -47,15 +48,14 @@ _BACKEND_BY_SCOPE = {
 _RECORDED_KINDS = (SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
 
 
-def _operation(backend: str, span: ReadableSpan) -> str:
-    attributes = span.attributes or {}
+def _operation(backend: str, name: str, attributes: Mapping[str, Any]) -> str:
     if backend == "kafka":
         return str(attributes.get("messaging.operation.name", "other"))
     if backend == "redis":
         # The span name is the command, or the commands of a pipeline joined by spaces.
-        return "pipeline" if " " in span.name else span.name.lower()
+        return "pipeline" if " " in name else name.lower()
     # asyncpg names spans by the statement's first word (`select`, `insert`, ...).
-    return span.name.split(" ", 1)[0].lower()
+    return name.split(" ", 1)[0].lower()
 
 
 class BackendSpanMetrics(SpanProcessor):
@@ -69,21 +69,28 @@ class BackendSpanMetrics(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         scope = span.instrumentation_scope
-        if scope is not None and scope.name == _HTTPX_SCOPE:
+        if scope is None:
+            return
+        if scope.name == _HTTPX_SCOPE:
             self._http_client(span)
             return
-        backend = _BACKEND_BY_SCOPE.get(scope.name) if scope else None
-        if backend is None or span.start_time is None or span.end_time is None:
+        backend = _BACKEND_BY_SCOPE.get(scope.name)
+        start, end = span.start_time, span.end_time
+        if backend is None or start is None or end is None:
             return
         try:
-            seconds = (span.end_time - span.start_time) / 1e9
+            seconds = (end - start) / 1e9
             failed = span.status.status_code is StatusCode.ERROR
+            attributes = span.attributes or {}
             # The span has ended, so it is not current: hand its context over for exemplars.
             context = trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
-            operation = _operation(backend, span)
+            operation = _operation(backend, span.name, attributes)
             self._backlog.backend_operation(backend, operation, seconds, failed=failed, context=context)
-            destination = (span.attributes or {}).get("messaging.destination.name")
-            if backend == "kafka" and operation == "produce" and destination == self._wal_topic:
+            if (
+                backend == "kafka"
+                and operation == "produce"
+                and (attributes.get("messaging.destination.name") == self._wal_topic)
+            ):
                 self._backlog.wal_publish(seconds, failed=failed, context=context)
         except Exception:
             _logger.debug("chatobs: span metrics failed for %s", span.name, exc_info=True)
