@@ -8,6 +8,7 @@ recording helpers still run, so this slightly undercounts). The share is
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,5 +77,9 @@ if __name__ == "__main__":
         print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation")
         for function, share in result.top(12):
             print(f"    {share:6.1%}  {function}")
-    for service, (on, off) in cpu_share().items():
-        print(f"{service}: {on:.2f} s instrumented, {off:.2f} s SDK off, share {1 - off / on:.1%}")
+        print("  entered through:")
+        for function, share in result.entries(12):
+            print(f"    {share:6.1%}  {function}")
+    if "--cpu" in sys.argv:
+        for service, (on, off) in cpu_share().items():
+            print(f"{service}: {on:.2f} s instrumented, {off:.2f} s SDK off, share {1 - off / on:.1%}")

@@ -44,11 +44,17 @@ def _owner(frame: str) -> str | None:
     return None
 
 
+def _short(frame: str) -> str:
+    match = _FRAME.match(frame)
+    return f"{match.group('function')} ({Path(match.group('file')).name})" if match else frame
+
+
 @dataclass
 class Share:
     samples: int = 0
     instrumentation: int = 0
     by_function: collections.Counter[str] = field(default_factory=collections.Counter)
+    by_entry: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def share(self) -> float:
@@ -57,6 +63,11 @@ class Share:
     def top(self, count: int = 8) -> list[tuple[str, float]]:
         """The instrumentation functions with the most samples, as shares of all samples."""
         return [(name, n / self.samples) for name, n in self.by_function.most_common(count)]
+
+    def entries(self, count: int = 8) -> list[tuple[str, float]]:
+        """Where the application entered the instrumentation that cost the most (the outermost
+        instrumentation frame of each such sample), as shares of all samples."""
+        return [(name, n / self.samples) for name, n in self.by_entry.most_common(count)]
 
 
 def share_of(raw: str) -> Share:
@@ -68,13 +79,16 @@ def share_of(raw: str) -> Share:
             continue
         samples = int(count)
         result.samples += samples
-        for frame in reversed(stack.split(";")):
-            owner = _owner(frame)
+        frames = stack.split(";")
+        for depth in range(len(frames) - 1, -1, -1):
+            owner = _owner(frames[depth])
             if owner == "instrumentation":
                 result.instrumentation += samples
-                match = _FRAME.match(frame)
-                name = f"{match.group('function')} ({Path(match.group('file')).name})" if match else frame
-                result.by_function[name] += samples
+                result.by_function[_short(frames[depth])] += samples
+                entry = depth
+                while entry > 0 and _owner(frames[entry - 1]) != "application":
+                    entry -= 1
+                result.by_entry[_short(frames[entry])] += samples
                 break
             if owner == "application":
                 break
@@ -84,7 +98,7 @@ def share_of(raw: str) -> Share:
 class Profiler:
     """py-spy attached to each ``{name: pid}`` until the ``with`` block ends."""
 
-    def __init__(self, pids: dict[str, int], rate: int = 250):
+    def __init__(self, pids: dict[str, int], rate: int = 1000):
         executable = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(executable).exists():
             raise RuntimeError("py-spy not found: pip install py-spy")

@@ -22,6 +22,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import asgi_overhead
 import micro
 import pipeline_cpu
 import throughput
@@ -54,6 +55,8 @@ def main() -> int:
             {"full": throughput.FULL, "sampled": throughput.SAMPLED_10_PERCENT, "sdk": throughput.FULL_SDK_TRACER},
             seconds=http_seconds, rounds=http_rounds,
         )  # fmt: skip
+    with console.status("cost per request in one process (ASGI, no server)"):
+        per_request = asgi_overhead.measure()
     with console.status("idle service memory"):
         idle_rss = throughput.idle_rss_bytes()
 
@@ -67,6 +70,10 @@ def main() -> int:
     for variant, label in http_rows.items():
         table.add_row(f"HTTP rps: {label} (median of paired rounds)", f"{http.rps[variant]:,.0f}",
                       f"{http.rps['off']:,.0f}", "req/s", f"{http.ratios[variant]:.2f}")  # fmt: skip
+    for variant in ("lean tracer", "SDK tracer"):
+        table.add_row(f"app cost per request, full setup ({variant}) vs off, in one process",
+                      f"{per_request[variant]:.1f}", f"{per_request['off']:.1f}", "µs",
+                      f"+{per_request[variant] - per_request['off']:.1f} µs")  # fmt: skip
     table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
     if not args.quick:
         with console.status("instrumentation's share of CPU samples under pipeline load (py-spy)"):

@@ -27,6 +27,12 @@ from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+)
+from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from chatobs.cells import CellStore
@@ -100,11 +106,11 @@ class ServerMiddleware:
         if span.is_recording():
             span.update_name(f"{method} {route}" if route else method)
             span.set_attributes({
-                "http.request.method": method,
-                "http.route": route,
-                "http.response.status_code": status,
-                "url.path": scope["path"],
-                "url.scheme": scope.get("scheme", "http"),
+                HTTP_REQUEST_METHOD: method,
+                HTTP_ROUTE: route,
+                HTTP_RESPONSE_STATUS_CODE: status,
+                URL_PATH: scope["path"],
+                URL_SCHEME: scope.get("scheme", "http"),
             })  # fmt: skip
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))

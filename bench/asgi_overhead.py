@@ -1,0 +1,71 @@
+"""The full setup's cost per request without an HTTP server: the benchmark app called as an
+ASGI application in one process, 10,000 requests per round, best of 7 rounds.
+
+Steadier than requests/s through uvicorn, whose own per-request cost here (250-330 µs of
+CPU) and run-to-run swings dwarf the instrumentation's. Each variant runs in a fresh
+process because chatobs reads its settings once, from the environment.
+
+    python bench/asgi_overhead.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {
+    "off": {"OTEL_SDK_DISABLED": "true"},
+    "lean tracer": {"OTEL_TRACES_SAMPLER": "always_on"},
+    "SDK tracer": {"OTEL_TRACES_SAMPLER": "always_on", "CHATOBS_TRACER": "sdk"},
+}
+_SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+          "path": "/v1/ping/item-42", "raw_path": b"/v1/ping/item-42", "query_string": b"", "root_path": "",
+          "headers": [(b"host", b"bench")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
+
+
+async def _per_request_us(requests: int = 10_000, rounds: int = 7) -> float:
+    sys.path.insert(0, str(HERE))
+    from http_app import app
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        pass
+
+    async def run(count: int) -> None:
+        for _ in range(count):
+            await app(dict(_SCOPE), receive, send)
+
+    await run(2_000)  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        await run(requests)
+        best = min(best, (time.perf_counter() - started) / requests)
+    return best * 1e6
+
+
+def measure() -> dict[str, float]:
+    """µs per request for each variant, each in its own process."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHATOBS_"))}
+    results = {}
+    for name, env in VARIANTS.items():
+        output = subprocess.run([sys.executable, __file__, "--child"], env={**base, **env}, capture_output=True,
+                                text=True, check=True).stdout  # fmt: skip
+        results[name] = float(output.strip().splitlines()[-1])
+    return results
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        print(asyncio.run(_per_request_us()))
+    else:
+        measured = measure()
+        for name, us in measured.items():
+            print(f"{name:12s} {us:6.1f} µs/request  (+{us - measured['off']:.1f} µs)")
