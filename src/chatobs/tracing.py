@@ -13,9 +13,10 @@ and broker call, so that cost was most of the instrumentation's share of CPU
   exporters (batch, OTLP, console) and chatobs's span metrics take it as it is;
 * the API's whole span surface: attributes, events, exceptions, status, names, links.
 
-It leaves out the SDK's span limits (``OTEL_SPAN_*_LIMIT``): attribute values are
-checked for type, not counted. ``CHATOBS_TRACER=sdk`` switches back to the SDK's
-``TracerProvider``.
+It leaves out the SDK's span limits (``OTEL_SPAN_*_LIMIT``: attribute values are cleaned
+as the SDK cleans them, not counted), per-span locks (a span belongs to one task; ending
+is still once only) and the SDK's experimental ``_on_ending`` processor hook.
+``CHATOBS_TRACER=sdk`` switches back to the SDK's ``TracerProvider``.
 
 Example::
 
@@ -31,12 +32,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace as trace_api
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context, attach, detach
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
@@ -69,24 +72,21 @@ __all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider"]
 
 _logger = logging.getLogger("chatobs")
 _UNSET = Status(StatusCode.UNSET)
-_PRIMITIVES = (str, bool, int, float)
+_PRIMITIVES = (str, bool, int, float)  # exact classes: the fast path
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_ENDING = threading.Lock()
+_DROPPED = object()
 
 
-def _clean(value: Any) -> Any:
-    """The value as OTLP can carry it, or None (dropped, logged) when it cannot."""
+def _clean(key: str, value: Any) -> Any:
+    """The value as the SDK would keep it, or ``_DROPPED`` (as the SDK drops it)."""
     if value.__class__ in _PRIMITIVES:
         return value
-    if isinstance(value, _PRIMITIVES):  # subclasses: enums, numpy-free bools...
-        return value
-    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
-        items = tuple(value)
-        kinds = {item.__class__ for item in items if item is not None}
-        if len(kinds) <= 1 and kinds <= set(_PRIMITIVES):
-            return items
-    _logger.debug("chatobs: span attribute value of type %s dropped", type(value).__name__)
-    return None
+    # Anything else the SDK's way (sequences to tuples, bytes, mappings, str() of the rest),
+    # through its public attribute container, which logs what it drops.
+    kept = BoundedAttributes(attributes={key: value}, immutable=False)
+    return kept.get(key, _DROPPED)
 
 
 def _cleaned(attributes: types.Attributes) -> dict[str, Any]:
@@ -94,10 +94,21 @@ def _cleaned(attributes: types.Attributes) -> dict[str, Any]:
         return {}
     cleaned = {}
     for key, value in attributes.items():
-        value = _clean(value)
-        if value is not None and isinstance(key, str) and key:
-            cleaned[key] = value
+        if isinstance(key, str) and key:
+            value = _clean(key, value)
+            if value is not _DROPPED:
+                cleaned[key] = value
     return cleaned
+
+
+def _valid_links(links: Sequence[Link] | None) -> tuple[Link, ...]:
+    """The links the SDK would keep (a valid context, or attributes or a trace state), with
+    their attributes copied and cleaned."""
+    return tuple(
+        Link(link.context, _cleaned(link.attributes))
+        for link in links or ()
+        if link and link.context and (link.context.is_valid or link.attributes or link.context.trace_state)
+    )
 
 
 class LeanSpan(trace_api.Span, ReadableSpan):
@@ -146,9 +157,9 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         return self._end_time is None
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if self._end_time is None:
-            value = _clean(value)
-            if value is not None and isinstance(key, str) and key:
+        if self._end_time is None and isinstance(key, str) and key:
+            value = _clean(key, value)
+            if value is not _DROPPED:
                 self._attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
@@ -157,11 +168,11 @@ class LeanSpan(trace_api.Span, ReadableSpan):
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._end_time is None:
-            self._events.append(Event(name, _cleaned(attributes), timestamp or time.time_ns()))
+            self._events.append(Event(name, _cleaned(attributes), time.time_ns() if timestamp is None else timestamp))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if self._end_time is None and context.is_valid:
-            self._links = (*self._links, Link(context, _cleaned(attributes)))
+        if self._end_time is None:
+            self._links = (*self._links, *_valid_links([Link(context, attributes)]))
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
@@ -183,18 +194,23 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
+        module, name = type(exception).__module__, type(exception).__qualname__
         event = {
-            EXCEPTION_TYPE: type(exception).__qualname__,
+            EXCEPTION_TYPE: f"{module}.{name}" if module and module != "builtins" else name,
             EXCEPTION_MESSAGE: str(exception),
             EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),  # deprecated in the conventions; the SDK still writes it
         }
         event.update(attributes or {})
         self.add_event("exception", event, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._end_time is not None:
-            return
-        self._end_time = end_time or time.time_ns()
+        with _ENDING:  # two threads ending one span: processors still see it once
+            if self._end_time is not None:
+                return
+            self._end_time = time.time_ns() if end_time is None else end_time
+        # Processors (and a batch exporter's thread) get attributes no late writer can change.
+        self._attributes = dict(self._attributes)
         self._processor.on_end(self)
 
     def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
@@ -234,18 +250,23 @@ class LeanTracer(trace_api.Tracer):
         links = links or ()
         sampled = provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = sampled.decision
+        flags = _SAMPLED if decision.is_sampled() else _NOT_SAMPLED
+        # W3C level 2, as the SDK: say so when the trace id is random (ours, or the parent's says so).
+        if parent.trace_flags.random_trace_id if parent is not None else provider.random_trace_ids:
+            flags = TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID)
         span_context = SpanContext(
             trace_id,
             provider.id_generator.generate_span_id(),
             is_remote=False,
-            trace_flags=_SAMPLED if decision.is_sampled() else _NOT_SAMPLED,
+            trace_flags=flags,
             trace_state=sampled.trace_state,
         )
         if not decision.is_recording():
             return NonRecordingSpan(span_context)
-        span = LeanSpan(name, span_context, parent, kind, _cleaned(sampled.attributes), links, self._scope,
-                        provider.resource, provider.span_processor, start_time or time.time_ns(),
-                        record_exception, set_status_on_exception)  # fmt: skip
+        span = LeanSpan(name, span_context, parent, kind, _cleaned(sampled.attributes), _valid_links(links),
+                        self._scope, provider.resource, provider.span_processor,
+                        time.time_ns() if start_time is None else start_time, record_exception,
+                        set_status_on_exception)  # fmt: skip
         provider.span_processor.on_start(span, parent_context=context)
         return span
 
@@ -278,6 +299,8 @@ class _CurrentSpan:
         self._end_on_exit = end_on_exit
 
     def __enter__(self) -> trace_api.Span:
+        if hasattr(self, "_span"):
+            raise RuntimeError("a start_as_current_span() context is entered once; call it again for another span")
         span = self._span = self._tracer.start_span(*self._arguments)
         self._token = attach(set_span_in_context(span))
         return span
@@ -327,6 +350,7 @@ class LeanTracerProvider(trace_api.TracerProvider):
         self.sampler = sampler
         self.resource = resource
         self.id_generator = id_generator or RandomIdGenerator()
+        self.random_trace_ids = self.id_generator.is_trace_id_random()
         self.span_processor = SynchronousMultiSpanProcessor()
         self._tracers: dict[tuple[str, str | None, str | None], LeanTracer] = {}
 
@@ -338,9 +362,11 @@ class LeanTracerProvider(trace_api.TracerProvider):
         attributes: types.Attributes = None,
     ) -> trace_api.Tracer:
         key = (instrumenting_module_name or "", instrumenting_library_version, schema_url)
+        if attributes:  # scope attributes may be unhashable: such tracers are not shared
+            return LeanTracer(self, InstrumentationScope(key[0], instrumenting_library_version, schema_url, attributes))
         tracer = self._tracers.get(key)
         if tracer is None:
-            scope = InstrumentationScope(key[0], instrumenting_library_version, schema_url, attributes)
+            scope = InstrumentationScope(key[0], instrumenting_library_version, schema_url)
             tracer = self._tracers.setdefault(key, LeanTracer(self, scope))
         return tracer
 

@@ -8,11 +8,15 @@ everything but ids and times.
 from __future__ import annotations
 
 import asyncio
+import enum
+import uuid
 from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry import context, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -37,6 +41,10 @@ def _providers(sampler: Sampler) -> list[tuple[Any, InMemorySpanExporter]]:
     return made
 
 
+def _without_stacktrace(attributes: Any) -> dict[str, Any]:
+    return {key: value for key, value in (attributes or {}).items() if key != "exception.stacktrace"}
+
+
 def _shape(span: ReadableSpan, ids: dict[int, str]) -> dict[str, Any]:
     """What a backend sees of a span, with ids replaced by their order of appearance."""
 
@@ -49,10 +57,11 @@ def _shape(span: ReadableSpan, ids: dict[int, str]) -> dict[str, Any]:
         "id": name_of(span.context.span_id),
         "parent": name_of(span.parent.span_id) if span.parent else None,
         "sampled": span.context.trace_flags.sampled,
+        "flags": int(span.context.trace_flags),
         "attributes": dict(span.attributes or {}),
         "status": (span.status.status_code, span.status.description),
-        "events": [(e.name, sorted(k for k in e.attributes or {} if k != "exception.escaped")) for e in span.events],
-        "links": len(span.links),
+        "events": [(e.name, _without_stacktrace(e.attributes)) for e in span.events],
+        "links": [(name_of(link.context.span_id), dict(link.attributes or {})) for link in span.links],
         "scope": (span.instrumentation_scope.name, span.instrumentation_scope.version),
         "resource": dict(span.resource.attributes),
         "timed": span.start_time is not None and span.end_time is not None and span.end_time >= span.start_time,
@@ -156,13 +165,48 @@ class Collect(SpanProcessor):
         self.ended.append(span)
 
 
-def test_odd_attribute_values_are_dropped_not_raised():
+class Odd(enum.IntEnum):
+    A = 1
+
+
+class PipelineError(Exception):
+    pass
+
+
+def odd_values(tracer: trace.Tracer) -> None:
+    linked = trace.SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1))
+    links = [trace.Link(linked, {"why": "batch"}), trace.Link(trace.INVALID_SPAN_CONTEXT),
+             trace.Link(trace.INVALID_SPAN_CONTEXT, {"kept": "it has attributes"})]  # fmt: skip
+    span = tracer.start_span("odd", attributes={"ok": 1, "": "no key"}, links=links)
+    for key, value in {"mixed": [1, "a"], "nested": {"a": 1}, "id": uuid.UUID(int=7), "amount": Decimal("1.5"),
+                       "path": Path("/x"), "enums": [Odd.A], "fine": (1.5, 2.5), "none": None}.items():  # fmt: skip
+        span.set_attribute(key, value)
+    span.add_event("at zero", {"n": 1}, timestamp=0)
+    span.record_exception(PipelineError("boom"))
+    span.end(end_time=span.start_time + 1 if span.start_time else None)
+
+
+def test_values_links_and_exceptions_as_the_sdk_keeps_them():
+    sdk, lean = _run(odd_values)
+    assert lean == sdk
+    (span,) = lean
+    assert span["events"][1][1]["exception.type"].endswith("test_lean_tracer.PipelineError")
+
+
+def test_trace_context_headers_are_the_sdks():
+    headers = []
+    for provider, _ in _providers(ALWAYS_ON):
+        with provider.get_tracer("t").start_as_current_span("outgoing"):
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            headers.append(carrier["traceparent"].rsplit("-", 1)[1])
+    assert headers[1] == headers[0], "the same trace flags (sampled, random trace id) go downstream"
+
+
+def test_a_current_span_context_is_entered_once():
     provider, exporter = _providers(ALWAYS_ON)[1]
-    span = provider.get_tracer("t").start_span("odd", attributes={"ok": 1, "bad": object(), "": "no key"})
-    span.set_attribute("mixed", [1, "a"])
-    span.set_attribute("nested", {"a": 1})
-    span.set_attribute("fine", (1.5, 2.5))
-    span.end()
-    (exported,) = exporter.get_finished_spans()
-    assert dict(exported.attributes) == {"ok": 1, "fine": (1.5, 2.5)}
-    encode_spans([exported])
+    current = provider.get_tracer("t").start_as_current_span("once")
+    with current, pytest.raises(RuntimeError, match="entered once"), current:
+        pass
+    assert [span.name for span in exporter.get_finished_spans()] == ["once"]
+    assert not trace.get_current_span().get_span_context().is_valid, "the context is restored"
