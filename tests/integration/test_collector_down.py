@@ -105,15 +105,18 @@ def test_an_unreachable_collector_costs_no_latency_no_memory_and_is_counted(star
     rss_growth = {name: process.memory_info().rss - rss_before[name] for name, process in processes.items()}
     scrapes = {name: client.get("/metrics").text for name, client in clients.items()}
 
-    best = {name: min(values) for name, values in round_p99.items()}
+    # Each round's p99s met the same noise (requests interleaved): compare within rounds, then take
+    # the median over rounds. A best-of or an overall p99 swings by more than 5% on this machine.
+    ratio = {name: statistics.median(down / base for down, base in zip(values, round_p99["no OTLP"], strict=True))
+             for name, values in round_p99.items()}  # fmt: skip
     figures = "; ".join(
-        f"{name}: best p99 {best[name] * 1000:.2f} ms (rounds {', '.join(f'{v * 1000:.2f}' for v in round_p99[name])}),"
-        f" RSS +{rss_growth[name] / 2**20:.1f} MiB"
+        f"{name}: p99 per round {', '.join(f'{v * 1000:.2f}' for v in round_p99[name])} ms, median ratio to no OTLP "
+        f"{ratio[name]:.3f}, RSS +{rss_growth[name] / 2**20:.1f} MiB"
         for name in gateways
     )
     print(f"\ncollector down, {scheduling} scheduling, slowest scrape {slowest_scrape * 1000:.1f} ms: {figures}")
     for name in ("blackhole", "refused"):
-        assert best[name] / best["no OTLP"] < P99_RATIO_LIMIT, figures
+        assert ratio[name] < P99_RATIO_LIMIT, figures
         assert rss_growth[name] < RSS_GROWTH_LIMIT_BYTES, figures
         text = scrapes[name]
         assert value(text, "chatobs_export_failures_total", signal="traces") > 0, name
