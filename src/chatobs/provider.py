@@ -46,6 +46,7 @@ __all__ = [
     "ExportAccounting",
     "ExportBackoff",
     "ProducingExporter",
+    "PushReader",
     "build_metric_readers",
     "build_resource",
     "build_sampler",
@@ -177,9 +178,17 @@ class ProducingExporter(MetricExporter):
         self._accounting = accounting
         self._backoff = ExportBackoff()
 
+    def ready(self) -> bool:
+        """False while the collector is known down (the backoff after a failed export)."""
+        return self._backoff.allow()
+
+    def skipped(self) -> None:
+        """A push given up before collecting, the collector being down: counted as failed."""
+        self._accounting.export_failed("metrics")
+
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
         if not self._backoff.allow():  # the collector is down: the next push after the backoff carries the totals
-            self._accounting.export_failed("metrics")
+            self.skipped()
             return MetricExportResult.FAILURE
         data = (self._augment(metrics_data) if self._augment else None) or metrics_data
         try:
@@ -201,6 +210,29 @@ class ProducingExporter(MetricExporter):
         self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
+class PushReader(PeriodicExportingMetricReader):
+    """The SDK's periodic push reader, except that it does not collect while its exporter
+    backs off from a collector known to be down: a collection reads every metric (a few
+    milliseconds of the service's time, on its request latency) for a push that would be
+    dropped unsent. Nothing is lost: temporality is cumulative, so the next push carries the
+    totals.
+
+    Example::
+
+        reader = PushReader(ProducingExporter(OTLPMetricExporter()), export_interval_millis=60_000)
+    """
+
+    def __init__(self, exporter: ProducingExporter, **kwargs: Any):
+        super().__init__(exporter, **kwargs)
+        self._producing = exporter
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        if not self._producing.ready():
+            self._producing.skipped()
+            return
+        super().collect(timeout_millis=timeout_millis)
+
+
 def build_metric_readers(
     settings: Settings,
     augment: Callable[[MetricsData | None], MetricsData | None] | None = None,
@@ -219,7 +251,7 @@ def build_metric_readers(
         if name in push:
             exporter = push[name](otel)
             readers.append(
-                PeriodicExportingMetricReader(
+                PushReader(
                     ProducingExporter(exporter, augment, accounting),
                     export_interval_millis=otel.metric_export_interval,
                     export_timeout_millis=otel.metric_export_timeout,
@@ -254,6 +286,10 @@ class AccountedSpanExporter(SpanExporter):
         self._accounting = accounting
         self._on_taken = on_taken
         self._backoff = ExportBackoff()
+
+    def ready(self) -> bool:
+        """False while the collector is known down (the backoff after a failed export)."""
+        return self._backoff.allow()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self._on_taken(len(spans))
@@ -306,8 +342,9 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         self._queued = 0
         self._lock = threading.Lock()
         self._warned = False
+        self._exporter = AccountedSpanExporter(exporter, accounting, self._taken)
         self._batch = BatchSpanProcessor(
-            AccountedSpanExporter(exporter, accounting, self._taken),
+            self._exporter,
             max_queue_size=max_queue_size + max_export_batch_size,
             schedule_delay_millis=schedule_delay_millis,
             max_export_batch_size=max_export_batch_size,
@@ -329,6 +366,11 @@ class BoundedBatchSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if not (span.context and span.context.trace_flags.sampled):
             return  # recorded for the span metrics only: never exported, never queued
+        if not self._exporter.ready():
+            # The collector is known down: the batch would be dropped unsent, so drop the span now,
+            # with no queueing and no wake-up of the export thread on the way.
+            self._accounting.spans_dropped("export_failed", 1)
+            return
         with self._lock:
             full = self._queued >= self._limit
             if not full:

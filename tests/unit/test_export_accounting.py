@@ -8,11 +8,14 @@ from collections import Counter
 from collections.abc import Sequence
 
 import pytest
+from opentelemetry.metrics import Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from chatobs import ConfigError, Telemetry, load_settings
-from chatobs.provider import BoundedBatchSpanProcessor, ExportAccounting
+from chatobs.provider import BoundedBatchSpanProcessor, ExportAccounting, ProducingExporter, PushReader
 from tests.metrics_text import value
 
 
@@ -89,3 +92,41 @@ def test_a_batch_larger_than_the_queue_is_a_config_error_naming_the_variable():
         load_settings({"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "500"})
     assert error.value.variables == ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",)
     assert "must not exceed OTEL_BSP_MAX_QUEUE_SIZE (100)" in str(error.value)
+
+
+class RefusingMetricExporter(MetricExporter):
+    """A collector that is down: every push fails."""
+
+    def __init__(self) -> None:
+        super().__init__(preferred_temporality={})
+        self.pushes = 0
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object) -> MetricExportResult:
+        self.pushes += 1
+        return MetricExportResult.FAILURE
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
+        pass
+
+
+def test_no_collection_for_a_push_to_a_collector_known_down():
+    failures: Counter[str] = Counter()
+    accounting = ExportAccounting(lambda signal: failures.update([signal]), lambda reason, count: None)
+    exporter = RefusingMetricExporter()
+    reader = PushReader(ProducingExporter(exporter, accounting=accounting), export_interval_millis=3_600_000)
+    provider = MeterProvider(metric_readers=[reader])
+    collections = []
+    provider.get_meter("test").create_observable_gauge(
+        "read", callbacks=[lambda options: collections.append(1) or [Observation(1)]]
+    )
+    reader.collect()  # the first push fails: the backoff starts (1 s)
+    reader.collect()
+    reader.collect()
+    assert (len(collections), exporter.pushes, failures["metrics"]) == (1, 1, 3), "skipped, not collected, counted"
+    time.sleep(1.1)
+    reader.collect()  # after the backoff: collected and tried again
+    assert (len(collections), exporter.pushes) == (2, 2)
+    provider.shutdown()
