@@ -11,18 +11,16 @@ process because chatobs reads its settings once, from the environment.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import throughput
+
 HERE = Path(__file__).resolve().parent
-VARIANTS = {
-    "off": {"OTEL_SDK_DISABLED": "true"},
-    "lean tracer": {"OTEL_TRACES_SAMPLER": "always_on"},
-    "SDK tracer": {"OTEL_TRACES_SAMPLER": "always_on", "CHATOBS_TRACER": "sdk"},
-}
+#: The same configurations as the HTTP throughput benchmark's.
+VARIANTS = {"off": throughput.OFF, "lean tracer": throughput.FULL, "SDK tracer": throughput.FULL_SDK_TRACER}
 _SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
           "path": "/v1/ping/item-42", "raw_path": b"/v1/ping/item-42", "query_string": b"", "root_path": "",
           "headers": [(b"host", b"bench")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
@@ -53,7 +51,7 @@ async def _per_request_us(requests: int = 10_000, rounds: int = 7) -> float:
 
 def measure() -> dict[str, float]:
     """µs per request for each variant, each in its own process."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHATOBS_"))}
+    base = throughput.base_environment()
     results = {}
     for name, env in VARIANTS.items():
         output = subprocess.run([sys.executable, __file__, "--child"], env={**base, **env}, capture_output=True,

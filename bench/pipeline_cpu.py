@@ -21,6 +21,8 @@ from chatobs.stack import LocalStack
 from chatpipe.launcher import Pipeline
 
 SERVICES = ("gateway", "worker")
+#: Every trace sampled; budgets the measured traffic cannot exhaust.
+INSTRUMENTED = {"OTEL_TRACES_SAMPLER": "always_on", "CHATPIPE_TOKEN_BUDGET": "100000000"}
 
 
 def _drive(pipeline: Pipeline, turns: int) -> dict[str, float]:
@@ -43,7 +45,7 @@ def _drive(pipeline: Pipeline, turns: int) -> dict[str, float]:
 def cpu_share(turns: int = 200) -> dict[str, tuple[float, float]]:
     """``{service: (cpu seconds instrumented, cpu seconds with the SDK off)}``."""
     results: dict[str, tuple[float, float]] = {}
-    env_on = {"OTEL_TRACES_SAMPLER": "always_on", "CHATPIPE_TOKEN_BUDGET": "100000000"}
+    env_on = INSTRUMENTED
     env_off = {**env_on, "OTEL_SDK_DISABLED": "true"}
     with LocalStack.from_environment() as stack, tempfile.TemporaryDirectory() as run_dir:
         measured = {}
@@ -59,7 +61,7 @@ def cpu_share(turns: int = 200) -> dict[str, tuple[float, float]]:
 def profiled_share(turns: int = 200, env: dict[str, str] | None = None) -> dict[str, Share]:
     """py-spy's view: the share of the gateway's and the worker's CPU samples spent in
     instrumentation while ``turns`` chat turns go through an instrumented pipeline."""
-    env = {"OTEL_TRACES_SAMPLER": "always_on", "CHATPIPE_TOKEN_BUDGET": "100000000", **(env or {})}
+    env = {**INSTRUMENTED, **(env or {})}
     with (
         LocalStack.from_environment() as stack,
         tempfile.TemporaryDirectory() as run_dir,

@@ -25,9 +25,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def base_environment() -> dict[str, str]:
+    """This process's environment without OTEL_*/CHATOBS_*: each variant sets its own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHATOBS_"))}
+
+
 def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHATOBS_"))}
+    base = base_environment()
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "http_app:app", "--port", str(port), "--log-level", "warning",
          "--no-access-log"],

@@ -104,6 +104,22 @@ class ExportBackoff:
         self._delay = 0.0
         self._next_attempt = 0.0
 
+    def attempt(self, export: Callable[[], bool], signal: str) -> bool:
+        """Run ``export`` (True: the collector took it) unless the collector is known down; an
+        exception counts as a failure. Whether the data reached the collector."""
+        if not self.allow():
+            return False
+        try:
+            ok = export()
+        except Exception:
+            _logger.debug("chatobs: %s export raised", signal, exc_info=True)
+            ok = False
+        if ok:
+            self.succeeded()
+        else:
+            self.failed()
+        return ok
+
 
 def build_resource(settings: Settings, service: str) -> Resource:
     """Resource from ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME`` (which wins),
@@ -182,26 +198,20 @@ class ProducingExporter(MetricExporter):
         """False while the collector is known down (the backoff after a failed export)."""
         return self._backoff.allow()
 
-    def skipped(self) -> None:
-        """A push given up before collecting, the collector being down: counted as failed."""
+    def lost(self) -> None:
+        """A push that did not reach the collector (failed, or given up while it is down): counted."""
         self._accounting.export_failed("metrics")
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        if not self._backoff.allow():  # the collector is down: the next push after the backoff carries the totals
-            self.skipped()
-            return MetricExportResult.FAILURE
-        data = (self._augment(metrics_data) if self._augment else None) or metrics_data
-        try:
-            result = self._inner.export(data, timeout_millis=timeout_millis, **kwargs)
-        except Exception:
-            _logger.debug("chatobs: metric export raised", exc_info=True)
-            result = MetricExportResult.FAILURE
-        if result is MetricExportResult.SUCCESS:
-            self._backoff.succeeded()
-        else:
-            self._backoff.failed()
-            self._accounting.export_failed("metrics")
-        return result
+        def push() -> bool:
+            data = (self._augment(metrics_data) if self._augment else None) or metrics_data
+            return self._inner.export(data, timeout_millis=timeout_millis, **kwargs) is MetricExportResult.SUCCESS
+
+        # Skipped while the collector is down: the next push after the backoff carries the totals.
+        if self._backoff.attempt(push, "metric"):
+            return MetricExportResult.SUCCESS
+        self.lost()
+        return MetricExportResult.FAILURE
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return self._inner.force_flush(timeout_millis)
@@ -228,7 +238,7 @@ class PushReader(PeriodicExportingMetricReader):
 
     def collect(self, timeout_millis: float = 10_000) -> None:
         if not self._producing.ready():
-            self._producing.skipped()
+            self._producing.lost()
             return
         super().collect(timeout_millis=timeout_millis)
 
@@ -293,16 +303,8 @@ class AccountedSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self._on_taken(len(spans))
-        if self._backoff.allow():
-            try:
-                result = self._inner.export(spans)
-            except Exception:
-                _logger.debug("chatobs: span export raised", exc_info=True)
-                result = SpanExportResult.FAILURE
-            if result is SpanExportResult.SUCCESS:
-                self._backoff.succeeded()
-                return result
-            self._backoff.failed()
+        if self._backoff.attempt(lambda: self._inner.export(spans) is SpanExportResult.SUCCESS, "span"):
+            return SpanExportResult.SUCCESS
         self._accounting.export_failed("traces")
         self._accounting.spans_dropped("export_failed", len(spans))
         return SpanExportResult.FAILURE

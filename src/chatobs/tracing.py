@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import threading
 import time
 import traceback
@@ -70,7 +69,6 @@ from opentelemetry.util import types
 
 __all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider"]
 
-_logger = logging.getLogger("chatobs")
 _UNSET = Status(StatusCode.UNSET)
 _PRIMITIVES = (str, bool, int, float)  # exact classes: the fast path
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -213,12 +211,18 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._attributes = dict(self._attributes)
         self._processor.on_end(self)
 
-    def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
-        if exc_value is not None and self.is_recording():
+    def _fail(self, error: BaseException, *, escaped: bool) -> None:
+        """An exception left the span's block: record it and set ERROR, as the span was started
+        to (``record_exception``, ``set_status_on_exception``)."""
+        if self.is_recording():
             if self._record_exception:
-                self.record_exception(exc_value, escaped=True)
+                self.record_exception(error, escaped=escaped)
             if self._set_status_on_exception:
-                self.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {exc_value}"))
+                self.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+    def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
+        if exc_value is not None:
+            self._fail(exc_value, escaped=True)  # as the SDK span's own `with`
         self.end()
 
 
@@ -308,11 +312,8 @@ class _CurrentSpan:
     def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
         span = self._span
         detach(self._token)
-        if isinstance(exc_value, Exception) and span.is_recording():
-            if self._arguments[6]:  # record_exception
-                span.record_exception(exc_value)
-            if self._arguments[7]:  # set_status_on_exception
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc_value).__name__}: {exc_value}"))
+        if isinstance(exc_value, Exception) and isinstance(span, LeanSpan):  # as `trace.use_span`
+            span._fail(exc_value, escaped=False)
         if self._end_on_exit:
             span.end()
 

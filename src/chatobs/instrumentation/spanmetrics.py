@@ -58,6 +58,15 @@ def _operation(backend: str, name: str, attributes: Mapping[str, Any]) -> str:
     return name.split(" ", 1)[0].lower()
 
 
+def _timed(span: ReadableSpan) -> tuple[float, Context] | None:
+    """An ended span's duration in seconds, and a context holding it for exemplars (it has
+    ended, so it is not current); None for a span without both times."""
+    start, end = span.start_time, span.end_time
+    if start is None or end is None:
+        return None
+    return (end - start) / 1e9, trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
+
+
 class BackendSpanMetrics(SpanProcessor):
     """Turns ended client spans into backend duration and error metrics, and the httpx
     client spans into ``http_client_request_duration_seconds``."""
@@ -75,15 +84,15 @@ class BackendSpanMetrics(SpanProcessor):
             self._http_client(span)
             return
         backend = _BACKEND_BY_SCOPE.get(scope.name)
-        start, end = span.start_time, span.end_time
-        if backend is None or start is None or end is None:
+        if backend is None:
             return
         try:
-            seconds = (end - start) / 1e9
+            timed = _timed(span)
+            if timed is None:
+                return
+            seconds, context = timed
             failed = span.status.status_code is StatusCode.ERROR
             attributes = span.attributes or {}
-            # The span has ended, so it is not current: hand its context over for exemplars.
-            context = trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
             operation = _operation(backend, span.name, attributes)
             self._backlog.backend_operation(backend, operation, seconds, failed=failed, context=context)
             if (
@@ -99,18 +108,17 @@ class BackendSpanMetrics(SpanProcessor):
         # The contrib httpx instrumentation's own duration histogram is a synchronous SDK
         # instrument (~9 us a call here); it gets a no-op meter provider and the duration
         # comes from its span instead, into a cell.
-        if span.start_time is None or span.end_time is None:
-            return
         try:
+            timed = _timed(span)
+            if timed is None:
+                return
             attributes = span.attributes or {}
             values = (
                 str(attributes.get("http.request.method", "_OTHER")),
                 str(attributes.get("server.address", "")),
                 str(attributes.get("http.response.status_code", "")),
             )
-            context = trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
-            self._observe("http_client_request_duration_seconds", (span.end_time - span.start_time) / 1e9, values,
-                          context)  # fmt: skip
+            self._observe("http_client_request_duration_seconds", timed[0], values, timed[1])
         except Exception:
             _logger.debug("chatobs: http client metrics failed for %s", span.name, exc_info=True)
 
