@@ -115,7 +115,7 @@ class Profiler:
         for name, pid in self._pids.items():
             self._running[name] = subprocess.Popen(
                 [self._executable, "record", "--pid", str(pid), "--rate", str(self._rate), "--format", "raw",
-                 "--full-filenames", "--nonblocking", "--output", str(self._output(name))],
+                 "--full-filenames", "--nonblocking", "--gil", "--output", str(self._output(name))],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
         return self

@@ -56,6 +56,10 @@ def test_a_chat_turn_streams_the_reply_and_moves_the_roadmap_metrics(pipeline):
     assert moved("worker", "wal_consume_seconds_count") == 1
     assert moved("worker", "assistant_emitted_total", mode="normal") == 1
     assert moved("publisher", "wal_publish_seconds_count") == 1
+    # The statements the gateway ran (the session's insert, the event stream's and the message's
+    # session lookups, the outbox insert), not the pool's reset of each connection it took back.
+    assert moved("gateway", "postgres_operation_seconds_count", operation="insert") == 2
+    assert moved("gateway", "postgres_operation_seconds_count", operation="select") == 2
     # Derived from the httpx client spans: the LLM call and the Somabrain recall and remember.
     assert moved("worker", "http_client_request_duration_seconds_count", http_request_method="POST") == 3
     eventually(lambda: moved("replicator", "wal_consume_seconds_count") == 1, what="replicated")

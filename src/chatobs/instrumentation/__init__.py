@@ -1,7 +1,7 @@
 """Auto-instrumentation of the pipeline's libraries, wired to one Telemetry's providers.
 
 One instrumentor per library from opentelemetry-python-contrib (httpx, redis, asyncpg,
-aiokafka), chatobs's Kafka delivery and asyncpg connect instrumentors, and for the
+aiokafka), chatobs's Kafka delivery, asyncpg connect and asyncpg pool-reset instrumentors, and for the
 inbound side of a FastAPI app chatobs's lean :class:`ServerMiddleware` (the contrib
 FastAPI instrumentation costs more than half the throughput; see docs/performance.md).
 Any of them can be switched off with the standard ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` (names: fastapi, httpx,
@@ -25,7 +25,7 @@ from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import Tracer
 
 from chatobs.cells import CellStore
-from chatobs.instrumentation.asyncpg_connect import AsyncpgConnectInstrumentor
+from chatobs.instrumentation.asyncpg_connect import AsyncpgConnectInstrumentor, AsyncpgResetInstrumentor
 from chatobs.instrumentation.http_server import ServerMiddleware
 from chatobs.instrumentation.kafka import KafkaDeliveryInstrumentor, consumer_span
 from chatobs.instrumentation.spanmetrics import BackendSpanMetrics, RecordClientSpans
@@ -33,6 +33,7 @@ from chatobs.instrumentation.spanmetrics import BackendSpanMetrics, RecordClient
 __all__ = [
     "LIBRARIES",
     "AsyncpgConnectInstrumentor",
+    "AsyncpgResetInstrumentor",
     "BackendSpanMetrics",
     "KafkaDeliveryInstrumentor",
     "RecordClientSpans",
@@ -74,6 +75,7 @@ def _instrumentors(disabled: Collection[str]) -> list[tuple[str, Any]]:
 
         found.append(("asyncpg", AsyncPGInstrumentor()))
         found.append(("asyncpg", AsyncpgConnectInstrumentor()))
+        found.append(("asyncpg", AsyncpgResetInstrumentor()))
     if "aiokafka" not in disabled:
         from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 
