@@ -67,6 +67,7 @@ __all__ = [
     "HistogramCell",
     "checked_amount",
     "exemplar_sampler",
+    "exemplar_span_filter",
     "with_produced",
 ]
 
@@ -267,24 +268,26 @@ class FileHistogramCell(HistogramCell):
 
 
 Cell = CounterCell | GaugeCell | HistogramCell
+ExemplarFilter = Callable[[trace.SpanContext], "trace.SpanContext | None"]
 ExemplarSampler = Callable[[Context | None], "trace.SpanContext | None"]
 
 
-def exemplar_sampler(filter_name: str) -> ExemplarSampler:
-    """Which span context (if any) a histogram observation keeps as its bucket's exemplar
-    (``OTEL_METRICS_EXEMPLAR_FILTER``: ``trace_based``, ``always_on``, ``always_off``)."""
+def exemplar_span_filter(filter_name: str) -> ExemplarFilter:
+    """Whether a span may be a bucket's exemplar (``OTEL_METRICS_EXEMPLAR_FILTER``:
+    ``trace_based``: sampled spans, ``always_on``: any valid span, ``always_off``: none);
+    returns the span's context, or None."""
     if filter_name == "always_off":
-        return lambda context: None
+        return lambda span_context: None
+    if filter_name == "always_on":
+        return lambda span_context: span_context if span_context.is_valid else None
+    return lambda span_context: span_context if span_context.trace_flags.sampled and span_context.is_valid else None
 
-    def sample(context: Context | None) -> trace.SpanContext | None:
-        span_context = trace.get_current_span(context).get_span_context()
-        if not span_context.is_valid:
-            return None
-        if filter_name == "always_on" or span_context.trace_flags.sampled:
-            return span_context
-        return None
 
-    return sample
+def exemplar_sampler(filter_name: str) -> ExemplarSampler:
+    """Which span context (if any) a histogram observation keeps as its bucket's exemplar:
+    the current span's (or ``context``'s), through :func:`exemplar_span_filter`."""
+    keep = exemplar_span_filter(filter_name)
+    return lambda context: keep(trace.get_current_span(context).get_span_context())
 
 
 class CellStore:
@@ -305,6 +308,7 @@ class CellStore:
         self._labels = labels
         self._on_reject = on_reject
         self._sample_exemplar = exemplar_sampler(exemplar_filter)
+        self._keep_exemplar = exemplar_span_filter(exemplar_filter)
         self._directory = directory
         self._snapshot: Snapshot | None = None
         self._start = time.time_ns()
@@ -337,13 +341,25 @@ class CellStore:
             self._report(name, rejected)
         cell.add(amount)  # type: ignore[union-attr]
 
-    def observe(self, name: str, value: float, values: tuple[str, ...], context: Context | None = None) -> None:
-        """Count ``value`` in the series of ``values``; raises, recording nothing, for a bad value."""
+    def observe(
+        self,
+        name: str,
+        value: float,
+        values: tuple[str, ...],
+        context: Context | None = None,
+        span: trace.SpanContext | None = None,
+    ) -> None:
+        """Count ``value`` in the series of ``values``; raises, recording nothing, for a bad value.
+
+        The bucket's exemplar is the current span, or ``context``'s, or ``span`` (an ended
+        span's context, from a span processor), if the exemplar filter keeps it.
+        """
         # Checked here: durations come straight from callers. The plain case costs two type
         # checks and one chained comparison (which NaN fails too).
         if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
             value = checked_amount(value)
-        exemplar = self._sample_exemplar(context)  # before binding: a bad context records nothing
+        # Before binding: a bad context records nothing.
+        exemplar = self._sample_exemplar(context) if span is None else self._keep_exemplar(span)
         bound = self._bound.get(name)
         try:
             entry = bound.get(values) if bound is not None else None

@@ -92,7 +92,9 @@ def _cleaned(attributes: types.Attributes) -> dict[str, Any]:
         return {}
     cleaned = {}
     for key, value in attributes.items():
-        if isinstance(key, str) and key:
+        if value.__class__ in _PRIMITIVES and key.__class__ is str and key:  # nearly every attribute
+            cleaned[key] = value
+        elif isinstance(key, str) and key:
             value = _clean(key, value)
             if value is not _DROPPED:
                 cleaned[key] = value
@@ -102,6 +104,8 @@ def _cleaned(attributes: types.Attributes) -> dict[str, Any]:
 def _valid_links(links: Sequence[Link] | None) -> tuple[Link, ...]:
     """The links the SDK would keep (a valid context, or attributes or a trace state), with
     their attributes copied and cleaned."""
+    if not links:
+        return ()
     return tuple(
         Link(link.context, _cleaned(link.attributes))
         for link in links or ()

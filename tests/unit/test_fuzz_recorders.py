@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
@@ -128,7 +129,20 @@ AMOUNTS = st.one_of(
     JUNK,
 )
 FLAGS = st.one_of(st.booleans(), st.integers(), st.text(max_size=3), JUNK)
-CONTEXTS = st.one_of(st.none(), st.builds(Context), st.text(max_size=3), st.integers(), JUNK)
+SPANS = st.one_of(
+    st.none(),
+    st.builds(
+        SpanContext,
+        trace_id=st.integers(0, 2**128 - 1),
+        span_id=st.integers(0, 2**64 - 1),
+        is_remote=st.booleans(),
+        trace_flags=st.sampled_from([TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED)]),
+    ),
+    st.builds(Context),
+    st.text(max_size=3),
+    st.integers(),
+    JUNK,
+)
 
 
 def is_amount(value: object) -> bool:
@@ -173,7 +187,7 @@ def succeeds(check: Callable[[], object]) -> bool:
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # label, amount, flag, enum, literal, context
+    kind: str  # label, amount, flag, enum, literal, span
     annotation: Any
 
     def strategy(self) -> st.SearchStrategy[Any]:
@@ -183,8 +197,8 @@ class Param:
             return AMOUNTS
         if self.kind == "flag":
             return FLAGS
-        if self.kind == "context":
-            return CONTEXTS
+        if self.kind == "span":
+            return SPANS
         good = list(self.annotation) if self.kind == "enum" else list(get_args(self.annotation))
         return st.one_of(st.sampled_from(good), AMOUNTS, LABELS)
 
@@ -194,8 +208,8 @@ class Param:
             return is_amount(value)
         if self.kind == "flag":
             return succeeds(lambda: bool(value))
-        if self.kind == "context":
-            return value is None or isinstance(value, Context)
+        if self.kind == "span":
+            return value is None or isinstance(value, SpanContext)
         if self.kind == "enum":
             return succeeds(lambda: self.annotation(value))
         return succeeds(lambda: value in get_args(self.annotation)) and value in get_args(self.annotation)
@@ -223,8 +237,8 @@ def _kind(annotation: Any) -> str:
         return "enum"
     if get_origin(annotation) is Literal:
         return "literal"
-    if annotation == (Context | None):
-        return "context"
+    if annotation == (SpanContext | None):
+        return "span"
     raise AssertionError(f"no fuzz strategy for a parameter of type {annotation!r}: add one to this file")
 
 

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
-from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, StatusCode
+from opentelemetry.trace import Link, SpanKind, StatusCode
 from opentelemetry.util.types import Attributes
 
 from chatobs.cells import CellStore
@@ -58,13 +58,12 @@ def _operation(backend: str, name: str, attributes: Mapping[str, Any]) -> str:
     return name.split(" ", 1)[0].lower()
 
 
-def _timed(span: ReadableSpan) -> tuple[float, Context] | None:
-    """An ended span's duration in seconds, and a context holding it for exemplars (it has
-    ended, so it is not current); None for a span without both times."""
+def _duration(span: ReadableSpan) -> float | None:
+    """An ended span's duration in seconds; None for a span without both times."""
     start, end = span.start_time, span.end_time
     if start is None or end is None:
         return None
-    return (end - start) / 1e9, trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
+    return (end - start) / 1e9
 
 
 class BackendSpanMetrics(SpanProcessor):
@@ -87,20 +86,21 @@ class BackendSpanMetrics(SpanProcessor):
         if backend is None:
             return
         try:
-            timed = _timed(span)
-            if timed is None:
+            seconds = _duration(span)
+            if seconds is None:
                 return
-            seconds, context = timed
+            # The ended span's own context is the exemplar: it is no longer the current span.
+            context = span.get_span_context()
             failed = span.status.status_code is StatusCode.ERROR
             attributes = span.attributes or {}
             operation = _operation(backend, span.name, attributes)
-            self._backlog.backend_operation(backend, operation, seconds, failed=failed, context=context)
+            self._backlog.backend_operation(backend, operation, seconds, failed=failed, span=context)
             if (
                 backend == "kafka"
                 and operation == "produce"
                 and (attributes.get("messaging.destination.name") == self._wal_topic)
             ):
-                self._backlog.wal_publish(seconds, failed=failed, context=context)
+                self._backlog.wal_publish(seconds, failed=failed, span=context)
         except Exception:
             _logger.debug("chatobs: span metrics failed for %s", span.name, exc_info=True)
 
@@ -109,8 +109,8 @@ class BackendSpanMetrics(SpanProcessor):
         # instrument (~9 us a call here); it gets a no-op meter provider and the duration
         # comes from its span instead, into a cell.
         try:
-            timed = _timed(span)
-            if timed is None:
+            seconds = _duration(span)
+            if seconds is None:
                 return
             attributes = span.attributes or {}
             values = (
@@ -118,7 +118,7 @@ class BackendSpanMetrics(SpanProcessor):
                 str(attributes.get("server.address", "")),
                 str(attributes.get("http.response.status_code", "")),
             )
-            self._observe("http_client_request_duration_seconds", timed[0], values, timed[1])
+            self._observe("http_client_request_duration_seconds", seconds, values, span=span.get_span_context())
         except Exception:
             _logger.debug("chatobs: http client metrics failed for %s", span.name, exc_info=True)
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-from opentelemetry.context import Context
+from opentelemetry.trace import SpanContext
 
 from chatobs import catalogue
 from chatobs.catalogue import OVERFLOW_VALUE
@@ -100,11 +100,11 @@ class Recorder:
     def _add(self, metric_name: str, amount: float, *values: str) -> None:
         self._cell_add(metric_name, amount, values)
 
-    # `context` is for callers outside the measured span (a span processor): the exemplar
-    # then carries that span's trace id instead of whatever is current.
-    def _observe(self, metric_name: str, value: float, *values: str, context: Context | None = None) -> None:
-        # A `context` that is no Context fails in the exemplar sampler, before anything is recorded.
-        self._cell_observe(metric_name, value, values, context)
+    # `span` is for callers outside the measured span (a span processor): the exemplar then
+    # carries that span's trace id instead of whatever is current.
+    def _observe(self, metric_name: str, value: float, *values: str, span: SpanContext | None = None) -> None:
+        # A `span` that is no SpanContext fails in the exemplar filter, before anything is recorded.
+        self._cell_observe(metric_name, value, values, None, span)
 
     def _move(self, metric_name: str, amount: int, *values: str) -> None:
         """Move an up-down counter (a gauge moved by increments of the recorder's own choosing)."""

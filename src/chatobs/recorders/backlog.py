@@ -6,8 +6,8 @@ import threading
 from collections.abc import Iterable
 from typing import Literal, get_args
 
-from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanContext
 
 from chatobs.cells import CellStore
 from chatobs.instruments import Instruments
@@ -19,6 +19,7 @@ __all__ = ["BACKENDS", "Backend", "BacklogRecorder"]
 #: Backends with `{backend}_operation_seconds` and `{backend}_errors_total` in the catalogue.
 Backend = Literal["redis", "kafka", "postgres"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+_BACKEND_METRICS = {backend: (f"{backend}_operation_seconds", f"{backend}_errors_total") for backend in BACKENDS}
 
 
 class BacklogRecorder(Recorder):
@@ -80,26 +81,28 @@ class BacklogRecorder(Recorder):
         return Timer(self.wal_consumed)
 
     @guarded("wal_publish_seconds")
-    def wal_publish(self, seconds: float, *, failed: bool, context: Context | None = None) -> None:
+    def wal_publish(self, seconds: float, *, failed: bool, span: SpanContext | None = None) -> None:
         """One publish to the WAL topic, send to broker acknowledgement (or failure)."""
         errors = 1 if failed else 0  # before recording anything: a bad `failed` records nothing
-        self._observe("wal_publish_seconds", seconds, context=context)
+        self._observe("wal_publish_seconds", seconds, span=span)
         # Adding 0 on success creates the error series before the first failure: Prometheus's
         # increase() of a series that first appears at 1 is 0, so that failure would not alert.
         self._add("wal_publish_errors_total", errors, "produce")
 
     @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds" if backend in BACKENDS else "other")
     def backend_operation(
-        self, backend: Backend, operation: str, seconds: float, *, failed: bool, context: Context | None = None
+        self, backend: Backend, operation: str, seconds: float, *, failed: bool, span: SpanContext | None = None
     ) -> None:
         """One client operation on ``backend`` (redis, kafka, postgres): its duration and, if it
-        failed, an error. Fed by :class:`chatobs.instrumentation.spanmetrics.BackendSpanMetrics`."""
-        if backend not in BACKENDS:
+        failed, an error; ``span``: the operation's span, for the exemplar. Fed by
+        :class:`chatobs.instrumentation.spanmetrics.BackendSpanMetrics`."""
+        names = _BACKEND_METRICS.get(backend)
+        if names is None:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         errors = 1 if failed else 0
-        self._observe(f"{backend}_operation_seconds", seconds, operation, context=context)
+        self._observe(names[0], seconds, operation, span=span)
         # 0 on success: the error series exists before the first failure (see wal_publish).
-        self._add(f"{backend}_errors_total", errors, operation)
+        self._add(names[1], errors, operation)
 
     @guarded("redis_errors_total")
     def redis_error(self, operation: str) -> None:
