@@ -12,14 +12,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-__all__ = ["forever", "install_stop_signals", "periodic", "run_service", "run_until_stopped", "sleep_unless_stopped"]
+__all__ = [
+    "forever",
+    "freeze_startup_objects",
+    "install_stop_signals",
+    "periodic",
+    "run_service",
+    "run_until_stopped",
+    "sleep_unless_stopped",
+]
 
 _logger = logging.getLogger("chatpipe")
+
+
+def freeze_startup_objects() -> None:
+    """Take what exists once a service is up out of the garbage collector's walks.
+
+    Modules, the app, settings, pools and clients live as long as the process. Left in the
+    collector's oldest generation, every full collection walks them all: a 40-130 ms stall
+    of the event loop on this project's machine kind, charged to whatever request happened
+    to allocate at that moment. ``gc.freeze()`` moves them to a permanent generation;
+    objects created later are collected as before.
+    """
+    gc.collect()  # what start-up left as garbage goes now, rather than being frozen with the rest
+    gc.freeze()
 
 
 def install_stop_signals() -> asyncio.Event:
@@ -65,12 +87,14 @@ async def periodic(name: str, step: Callable[[], Awaitable[None]], stopping: asy
 
 async def run_until_stopped(stopping: asyncio.Event, *loops: Coroutine[Any, Any, None], grace: float) -> None:
     """Run the service's ``loops`` (:func:`forever`, :func:`periodic`) until ``stopping``; then give
-    the work they have in flight ``grace`` seconds to finish, and cancel what is left.
+    the work they have in flight ``grace`` seconds to finish, and cancel what is left. What
+    exists when it starts is frozen first (:func:`freeze_startup_objects`).
 
     Cancelled work is work not acknowledged: a Kafka record not committed comes again to the
     next consumer, an outbox transaction rolled back leaves its rows pending. So a stop is
     prompt even when a turn waits on a slow tool or a produce on a dead broker, and loses nothing.
     """
+    freeze_startup_objects()
     tasks = [asyncio.create_task(loop) for loop in loops]
     waiter = asyncio.create_task(stopping.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -36,6 +36,7 @@ from starlette.types import Message, Receive
 import chatobs
 from chatpipe.db import connect_pool, migrate
 from chatpipe.events import ROLES, events_channel
+from chatpipe.runtime import freeze_startup_objects
 from chatpipe.settings import load_backend_settings, load_pipeline_settings
 
 __all__ = ["app", "create_app"]  # noqa: F822 - `app` is built lazily by __getattr__
@@ -162,6 +163,7 @@ def create_app() -> FastAPI:
         app.state.pool = await connect_pool(backends.database_url)
         await migrate(app.state.pool)
         settings.attachment_dir.mkdir(parents=True, exist_ok=True)
+        freeze_startup_objects()
         try:
             yield
         finally:
