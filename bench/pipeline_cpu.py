@@ -77,6 +77,7 @@ def profiled_share(turns: int = 200, env: dict[str, str] | None = None) -> dict[
 if __name__ == "__main__":
     for service, result in profiled_share().items():
         print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation")
+        print("  " + ", ".join(f"{owner} {share:.1%}" for owner, share in result.owners()))
         for function, share in result.top(12):
             print(f"    {share:6.1%}  {function}")
         print("  entered through:")

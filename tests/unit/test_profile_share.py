@@ -1,0 +1,42 @@
+"""The py-spy classification behind the CPU-share figure (bench/profile_share.py): which
+samples count as instrumentation, whose code they were in, and where the app entered it."""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from profile_share import share_of
+
+SITE = "/venv/lib/python3.11/site-packages"
+STDLIB = sysconfig.get_paths()["stdlib"]
+LOOP = f"run_forever ({STDLIB}/asyncio/base_events.py:607)"
+HANDLER = "post_message (/app/src/chatpipe/gateway/service.py:243)"
+CONTRIB = f"_do_execute ({SITE}/opentelemetry/instrumentation/asyncpg/__init__.py:237)"
+TRACER = "start_span (/app/src/chatobs/tracing.py:268)"
+SDK = f"generate_span_id ({SITE}/opentelemetry/sdk/trace/id_generator.py:40)"
+ASYNCPG = f"_do_execute ({SITE}/asyncpg/connection.py:2035)"
+LOCK = f"__enter__ ({STDLIB}/threading.py:100)"
+
+
+def test_samples_are_charged_by_their_innermost_non_stdlib_frame():
+    raw = "\n".join([
+        f"{LOOP};{HANDLER};{CONTRIB};{TRACER} 3",  # chatobs's tracer, under the contrib wrapper
+        f"{LOOP};{HANDLER};{CONTRIB};{TRACER};{SDK} 2",  # the SDK's id generator, called by it
+        f"{LOOP};{HANDLER};{CONTRIB};{TRACER};{LOCK} 1",  # a stdlib lock taken by chatobs: chatobs's
+        f"{LOOP};{HANDLER};{CONTRIB};{ASYNCPG} 10",  # the wrapped statement itself: the application's
+        f"{LOOP};{HANDLER} 4",
+        f"{LOOP} 20",  # the event loop's own work: the application's (its entry point owns it)
+        "garbage line",
+    ])  # fmt: skip
+    result = share_of(raw)
+    assert result.samples == 40
+    assert result.instrumentation == 6
+    assert result.share == 6 / 40
+    assert dict(result.owners()) == {"chatobs": 4 / 40, "OpenTelemetry API and SDK": 2 / 40}
+    # Entered through the contrib wrapper, the outermost instrumentation frame under the handler.
+    assert result.entries() == [("_do_execute (__init__.py)", 6 / 40)]
