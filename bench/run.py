@@ -77,8 +77,8 @@ def main() -> int:
     table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
     if not args.quick:
         with console.status("instrumentation's share of CPU samples under pipeline load (py-spy)"):
-            for service, result in pipeline_cpu.profiled_share().items():
-                table.add_row(f"{service}: CPU samples in instrumentation, 200 chat turns (py-spy)",
+            for service, result in pipeline_cpu.profiled_share(turns=400).items():
+                table.add_row(f"{service}: CPU samples in instrumentation, 400 chat turns (py-spy, GIL held)",
                               f"{result.instrumentation:,}", f"{result.samples:,}", "samples",
                               f"{result.share:.1%}")  # fmt: skip
         with console.status("CPU share under pipeline load"):
