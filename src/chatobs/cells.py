@@ -285,9 +285,20 @@ def exemplar_span_filter(filter_name: str) -> ExemplarFilter:
 
 def exemplar_sampler(filter_name: str) -> ExemplarSampler:
     """Which span context (if any) a histogram observation keeps as its bucket's exemplar:
-    the current span's (or ``context``'s), through :func:`exemplar_span_filter`."""
-    keep = exemplar_span_filter(filter_name)
-    return lambda context: keep(trace.get_current_span(context).get_span_context())
+    the current span's (or ``context``'s), if :func:`exemplar_span_filter` would keep it."""
+    if filter_name == "always_off":
+        return lambda context: None
+    any_valid = filter_name == "always_on"
+
+    # The filter's rule again, inline: this runs on every observation, and a second call
+    # per observation showed in the histogram benchmark (+200 ns).
+    def sample(context: Context | None) -> trace.SpanContext | None:
+        span_context = trace.get_current_span(context).get_span_context()
+        if span_context.is_valid and (any_valid or span_context.trace_flags.sampled):
+            return span_context
+        return None
+
+    return sample
 
 
 class CellStore:
