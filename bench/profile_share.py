@@ -31,8 +31,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Path fragments of instrumentation code.
-INSTRUMENTATION = ("/opentelemetry/", "/chatobs/", "/wrapt/")
 #: Whose instrumentation code a frame is, by path fragment (first match).
 OWNERS = (
     ("/opentelemetry/instrumentation/", "contrib instrumentations"),
@@ -40,6 +38,8 @@ OWNERS = (
     ("/chatobs/", "chatobs"),
     ("/wrapt/", "wrapt"),
 )
+#: Path fragments of instrumentation code: any owner's.
+INSTRUMENTATION = tuple(part for part, _ in OWNERS)
 _STDLIB = sysconfig.get_paths()["stdlib"]
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 

@@ -290,8 +290,9 @@ def exemplar_sampler(filter_name: str) -> ExemplarSampler:
         return lambda context: None
     any_valid = filter_name == "always_on"
 
-    # The filter's rule again, inline: this runs on every observation, and a second call
-    # per observation showed in the histogram benchmark (+200 ns).
+    # The filter's rule again, inline: this runs on every observation. Calling the filter
+    # instead measured 0.80 of prometheus_client's observe() against 0.77 inline, side by
+    # side in one session (about 60 ns; within this machine's noise, but on every call).
     def sample(context: Context | None) -> trace.SpanContext | None:
         span_context = trace.get_current_span(context).get_span_context()
         if span_context.is_valid and (any_valid or span_context.trace_flags.sampled):
@@ -319,7 +320,7 @@ class CellStore:
         self._labels = labels
         self._on_reject = on_reject
         self._sample_exemplar = exemplar_sampler(exemplar_filter)
-        self._keep_exemplar = exemplar_span_filter(exemplar_filter)
+        self._exemplar_of_span = exemplar_span_filter(exemplar_filter)
         self._directory = directory
         self._snapshot: Snapshot | None = None
         self._start = time.time_ns()
@@ -370,7 +371,7 @@ class CellStore:
         if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
             value = checked_amount(value)
         # Before binding: a bad context records nothing.
-        exemplar = self._sample_exemplar(context) if span is None else self._keep_exemplar(span)
+        exemplar = self._sample_exemplar(context) if span is None else self._exemplar_of_span(span)
         bound = self._bound.get(name)
         try:
             entry = bound.get(values) if bound is not None else None

@@ -404,11 +404,12 @@ def build_tracer_provider(
     they carry the trace ids that exemplars and logs refer to.
     """
     otel = settings.otel
+    sampler = build_sampler(otel)
     provider: TracerProvider | LeanTracerProvider
     if settings.chatobs.tracer == "lean":
-        provider = LeanTracerProvider(sampler=build_sampler(otel), resource=resource)
+        provider = LeanTracerProvider(sampler=sampler, resource=resource)
     else:
-        provider = TracerProvider(resource=resource, sampler=build_sampler(otel), shutdown_on_exit=False)
+        provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
     for name in otel.traces_exporter:
         exporter = _otlp_span_exporter(otel) if name == "otlp" else ConsoleSpanExporter()
         provider.add_span_processor(

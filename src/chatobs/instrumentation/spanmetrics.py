@@ -90,17 +90,17 @@ class BackendSpanMetrics(SpanProcessor):
             if seconds is None:
                 return
             # The ended span's own context is the exemplar: it is no longer the current span.
-            context = span.get_span_context()
+            span_context = span.get_span_context()
             failed = span.status.status_code is StatusCode.ERROR
             attributes = span.attributes or {}
             operation = _operation(backend, span.name, attributes)
-            self._backlog.backend_operation(backend, operation, seconds, failed=failed, span=context)
+            self._backlog.backend_operation(backend, operation, seconds, failed=failed, span=span_context)
             if (
                 backend == "kafka"
                 and operation == "produce"
                 and (attributes.get("messaging.destination.name") == self._wal_topic)
             ):
-                self._backlog.wal_publish(seconds, failed=failed, span=context)
+                self._backlog.wal_publish(seconds, failed=failed, span=span_context)
         except Exception:
             _logger.debug("chatobs: span metrics failed for %s", span.name, exc_info=True)
 
