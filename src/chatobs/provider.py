@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.context import Context
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
@@ -32,7 +31,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
@@ -282,7 +281,9 @@ def build_sampler(otel: OtelSettings) -> Sampler:
         root = ALWAYS_OFF
     else:
         root = TraceIdRatioBased(otel.traces_sampler_arg)
-    return RecordClientSpans(ParentBased(root) if name.startswith("parentbased_") else root)
+    inner = ParentBased(root) if name.startswith("parentbased_") else root
+    # ALWAYS_ON/ALWAYS_OFF, alone or under ParentBased, decide by the parent's flags alone.
+    return RecordClientSpans(inner, parent_decided=root_name in ("always_on", "always_off"))
 
 
 class AccountedSpanExporter(SpanExporter):
@@ -362,8 +363,8 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         with self._lock:
             self._queued = max(0, self._queued - count)
 
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        self._batch.on_start(span, parent_context)
+    # No on_start: the SDK's BatchSpanProcessor does nothing there, and a processor without
+    # one is skipped when spans start (LeanTracerProvider).
 
     def on_end(self, span: ReadableSpan) -> None:
         if not (span.context and span.context.trace_flags.sampled):

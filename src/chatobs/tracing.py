@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
@@ -67,12 +67,17 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util import types
 
-__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider"]
+__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider", "ParentDecided", "parent_decisions"]
 
 _UNSET = Status(StatusCode.UNSET)
 _PRIMITIVES = (str, bool, int, float)  # exact classes: the fast path
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+#: Trace flags by (sampled, random trace id), built once: spans take one of these four.
+_FLAGS = {
+    (sampled, random): TraceFlags((TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+                                  | (TraceFlags.RANDOM_TRACE_ID if random else 0))
+    for sampled in (False, True)
+    for random in (False, True)
+}  # fmt: skip
 _ENDING = threading.Lock()
 _DROPPED = object()
 
@@ -113,6 +118,72 @@ def _valid_links(links: Sequence[Link] | None) -> tuple[Link, ...]:
     )
 
 
+class ParentDecided(Protocol):
+    """A sampler whose decision follows from the parent span's flags and the new span's kind
+    alone may also offer it as ``parent_decision``: :class:`LeanTracer` then asks that instead
+    of ``should_sample`` (no :class:`SamplingResult` per span, no context lookups). The span
+    keeps its start attributes and the parent's trace state, as the SDK's ``ALWAYS_ON``,
+    ``ALWAYS_OFF`` and ``ParentBased`` over them give them. Returning None means: ask
+    ``should_sample``.
+    """
+
+    def parent_decision(self, parent: SpanContext | None, kind: SpanKind) -> tuple[bool, bool] | None:
+        """``(recording, sampled)`` for a span of ``kind`` under ``parent`` (None: a root)."""
+        ...
+
+
+def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind], tuple[bool, bool]]:
+    """A :meth:`ParentDecided.parent_decision` for ``sampler``, which the caller knows decides
+    by the parent's remote and sampled flags and the span's kind alone: its answers for every
+    such case, asked once, as a table.
+
+    Example::
+
+        decide = parent_decisions(ParentBased(ALWAYS_ON))
+        decide(None, SpanKind.SERVER)  # (True, True)
+    """
+    by_kind: dict[SpanKind, list[tuple[bool, bool]]] = {}
+    # Index 0: a root; 1 + 2 * remote + sampled: a parent with those flags.
+    parents: list[Context | None] = [None]
+    for remote in (False, True):
+        for sampled in (False, True):
+            flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+            span = NonRecordingSpan(SpanContext(1, 1, is_remote=remote, trace_flags=flags))
+            parents.append(set_span_in_context(span))
+    for kind in SpanKind:
+        decisions = [sampler.should_sample(parent, 1, "probe", kind).decision for parent in parents]
+        by_kind[kind] = [(decision.is_recording(), decision.is_sampled()) for decision in decisions]
+
+    def parent_decision(parent: SpanContext | None, kind: SpanKind) -> tuple[bool, bool]:
+        if parent is None:
+            return by_kind[kind][0]
+        return by_kind[kind][1 + 2 * parent.is_remote + parent.trace_flags.sampled]
+
+    return parent_decision
+
+
+class _Processors:
+    """The provider's span processors, as each span reaches them: those with an ``on_start``
+    of their own, and all of them for ``on_end``. Shared by the provider and its spans, so a
+    processor added later still sees the end of a span already started (as with the SDK)."""
+
+    __slots__ = ("_adding", "all", "ending", "starting")
+
+    def __init__(self) -> None:
+        self._adding = threading.Lock()
+        self.all = SynchronousMultiSpanProcessor()  # flush and shutdown
+        self.starting: tuple[SpanProcessor, ...] = ()
+        self.ending: tuple[SpanProcessor, ...] = ()
+
+    def add(self, processor: SpanProcessor) -> None:
+        with self._adding:
+            self.all.add_span_processor(processor)
+            self.ending = (*self.ending, processor)
+            # SpanProcessor.on_start does nothing: a call per span saved for each that keeps it.
+            if type(processor).on_start is not SpanProcessor.on_start:
+                self.starting = (*self.starting, processor)
+
+
 class LeanSpan(trace_api.Span, ReadableSpan):
     """A recording span that is also the :class:`ReadableSpan` its processors receive.
 
@@ -129,7 +200,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         links: Sequence[Link],
         scope: InstrumentationScope,
         resource: Resource,
-        processor: SpanProcessor,
+        processors: _Processors,
         start_time: int,
         record_exception: bool,
         set_status_on_exception: bool,
@@ -147,7 +218,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._status = _UNSET
         self._start_time = start_time
         self._end_time: int | None = None
-        self._processor = processor
+        self._processors = processors
         self._record_exception = record_exception
         self._set_status_on_exception = set_status_on_exception
 
@@ -213,7 +284,8 @@ class LeanSpan(trace_api.Span, ReadableSpan):
             self._end_time = time.time_ns() if end_time is None else end_time
         # Processors (and a batch exporter's thread) get attributes no late writer can change.
         self._attributes = dict(self._attributes)
-        self._processor.on_end(self)
+        for processor in self._processors.ending:  # as SynchronousMultiSpanProcessor.on_end, one call less
+            processor.on_end(self)
 
     def _fail(self, error: BaseException, *, escaped: bool) -> None:
         """An exception left the span's block: record it and set ERROR, as the span was started
@@ -256,26 +328,32 @@ class LeanTracer(trace_api.Tracer):
             parent = None
             trace_id = provider.id_generator.generate_trace_id()
         links = links or ()
-        sampled = provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
-        decision = sampled.decision
-        flags = _SAMPLED if decision.is_sampled() else _NOT_SAMPLED
+        decided = provider.parent_decision(parent, kind) if provider.parent_decision is not None else None
+        if decided is not None:  # what the sampler would say, without asking it (see ParentDecided)
+            recording, sampled = decided
+            trace_state = parent.trace_state if parent is not None else None
+            start_attributes = attributes
+        else:
+            result = provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            recording, sampled = result.decision.is_recording(), result.decision.is_sampled()
+            trace_state, start_attributes = result.trace_state, result.attributes
         # W3C level 2, as the SDK: say so when the trace id is random (ours, or the parent's says so).
-        if parent.trace_flags.random_trace_id if parent is not None else provider.random_trace_ids:
-            flags = TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID)
+        random = parent.trace_flags.random_trace_id if parent is not None else provider.random_trace_ids
         span_context = SpanContext(
             trace_id,
             provider.id_generator.generate_span_id(),
             is_remote=False,
-            trace_flags=flags,
-            trace_state=sampled.trace_state,
+            trace_flags=_FLAGS[sampled, random],
+            trace_state=trace_state,
         )
-        if not decision.is_recording():
+        if not recording:
             return NonRecordingSpan(span_context)
-        span = LeanSpan(name, span_context, parent, kind, _cleaned(sampled.attributes), _valid_links(links),
-                        self._scope, provider.resource, provider.span_processor,
+        span = LeanSpan(name, span_context, parent, kind, _cleaned(start_attributes), _valid_links(links),
+                        self._scope, provider.resource, provider.processors,
                         time.time_ns() if start_time is None else start_time, record_exception,
                         set_status_on_exception)  # fmt: skip
-        provider.span_processor.on_start(span, parent_context=context)
+        for processor in provider.processors.starting:
+            processor.on_start(span, parent_context=context)
         return span
 
     def start_as_current_span(  # type: ignore[override]
@@ -305,9 +383,10 @@ class _CurrentSpan:
         self._tracer = tracer
         self._arguments = arguments
         self._end_on_exit = end_on_exit
+        self._span: trace_api.Span | None = None
 
     def __enter__(self) -> trace_api.Span:
-        if hasattr(self, "_span"):
+        if self._span is not None:
             raise RuntimeError("a start_as_current_span() context is entered once; call it again for another span")
         span = self._span = self._tracer.start_span(*self._arguments)
         self._token = attach(set_span_in_context(span))
@@ -315,6 +394,8 @@ class _CurrentSpan:
 
     def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
         span = self._span
+        if span is None:  # never entered
+            return
         detach(self._token)
         if isinstance(exc_value, Exception) and isinstance(span, LeanSpan):  # as `trace.use_span`
             span._fail(exc_value, escaped=False)
@@ -353,10 +434,14 @@ class LeanTracerProvider(trace_api.TracerProvider):
 
     def __init__(self, *, sampler: Sampler, resource: Resource, id_generator: IdGenerator | None = None):
         self.sampler = sampler
+        #: The sampler's :meth:`ParentDecided.parent_decision`, if it has one.
+        self.parent_decision: Callable[[SpanContext | None, SpanKind], tuple[bool, bool] | None] | None = getattr(
+            sampler, "parent_decision", None
+        )
         self.resource = resource
         self.id_generator = id_generator or RandomIdGenerator()
         self.random_trace_ids = self.id_generator.is_trace_id_random()
-        self.span_processor = SynchronousMultiSpanProcessor()
+        self.processors = _Processors()
         self._tracers: dict[tuple[str, str | None, str | None], LeanTracer] = {}
 
     def get_tracer(
@@ -377,10 +462,10 @@ class LeanTracerProvider(trace_api.TracerProvider):
 
     def add_span_processor(self, processor: SpanProcessor) -> None:
         """Every span that ends goes to ``processor`` too (in the order they were added)."""
-        self.span_processor.add_span_processor(processor)
+        self.processors.add(processor)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.span_processor.force_flush(timeout_millis)
+        return self.processors.all.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
-        self.span_processor.shutdown()
+        self.processors.all.shutdown()

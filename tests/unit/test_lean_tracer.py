@@ -129,32 +129,74 @@ def decorated(tracer: trace.Tracer) -> None:
     asyncio.run(async_work())
 
 
+#: The lean tracer asks a plain sampler per span, and reads a parent-decided one from its table.
+SAMPLERS = {
+    "always_on": ALWAYS_ON,
+    "parentbased_always_on, parent-decided": RecordClientSpans(ParentBased(ALWAYS_ON), parent_decided=True),
+}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS.values(), ids=SAMPLERS.keys())
 @pytest.mark.parametrize("scenario", [nested_request, failing_operation, manual_span, decorated])
-def test_lean_spans_export_like_sdk_spans(scenario):
-    sdk, lean = _run(scenario)
+def test_lean_spans_export_like_sdk_spans(scenario, sampler):
+    sdk, lean = _run(scenario, sampler)
     assert lean == sdk
     assert lean, "the scenario produced spans"
 
 
-def test_sampling_decisions_are_the_samplers():
+@pytest.mark.parametrize("parent_decided", [False, True], ids=["asked", "parent-decided"])
+def test_sampling_decisions_are_the_samplers(parent_decided):
     # A dropped root: no span exported, on either provider; client spans under it are recorded
-    # (RecordClientSpans) but not sampled, so a span processor sees them and they say so.
+    # (RecordClientSpans) but not sampled, so a span processor sees them and they say so, with
+    # the attributes they were started with (the span metrics read the operation from them).
     def scenario(tracer: trace.Tracer) -> None:
         with tracer.start_as_current_span("root", kind=SpanKind.SERVER) as root:
             assert not root.is_recording()
-            with tracer.start_as_current_span("SET", kind=SpanKind.CLIENT) as client:
+            produce = {"messaging.operation.name": "produce"}
+            with tracer.start_as_current_span("send", kind=SpanKind.PRODUCER, attributes=produce) as client:
                 assert client.is_recording()
                 assert client.get_span_context().trace_id == root.get_span_context().trace_id
 
-    sampler = RecordClientSpans(ParentBased(ALWAYS_OFF))
+    sampler = RecordClientSpans(ParentBased(ALWAYS_OFF), parent_decided=parent_decided)
     assert _run(scenario, sampler) == [[], []], "nothing sampled, nothing exported"
     for provider, _ in _providers(sampler):  # what span processors (the span metrics) see
         ended: list[ReadableSpan] = []
         provider.add_span_processor(Collect(ended))
         scenario(provider.get_tracer("test.scope"))
-        assert [(span.name, span.kind, span.context.trace_flags.sampled) for span in ended] == [
-            ("SET", SpanKind.CLIENT, False)
-        ], type(provider).__name__
+        seen = [(span.name, span.kind, span.context.trace_flags.sampled, dict(span.attributes)) for span in ended]
+        assert seen == [("send", SpanKind.PRODUCER, False, {"messaging.operation.name": "produce"})], type(
+            provider
+        ).__name__
+
+
+STATIC = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF, "parentbased_always_on": ParentBased(ALWAYS_ON),
+          "parentbased_always_off": ParentBased(ALWAYS_OFF)}  # fmt: skip
+
+
+@pytest.mark.parametrize("inner", STATIC.values(), ids=STATIC.keys())
+def test_parent_decisions_are_what_the_sampler_says(inner):
+    # Every kind under every kind of parent, remote or local, sampled or not, and with a
+    # trace state: the table's answer is the sampler's, and so is the trace state the span gets.
+    sampler = RecordClientSpans(inner, parent_decided=True)
+    state = trace.TraceState([("vendor", "x")])
+    parents: list[trace.SpanContext | None] = [None]
+    for remote in (False, True):
+        for flags in (trace.TraceFlags(trace.TraceFlags.DEFAULT), trace.TraceFlags(trace.TraceFlags.SAMPLED)):
+            parents.append(trace.SpanContext(7, 9, is_remote=remote, trace_flags=flags, trace_state=state))
+    for parent in parents:
+        ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
+        for kind in SpanKind:
+            asked = sampler.should_sample(ctx, 7, "op", kind).decision
+            assert sampler.parent_decision(parent, kind) == (asked.is_recording(), asked.is_sampled()), (parent, kind)
+        for provider, exporter in _providers(sampler):
+            token = context.attach(ctx) if ctx else None
+            try:
+                provider.get_tracer("t").start_span("child", kind=SpanKind.CLIENT).end()
+            finally:
+                if token:
+                    context.detach(token)
+            for span in exporter.get_finished_spans():
+                assert span.context.trace_state == (state if parent else trace.TraceState()), type(provider)
 
 
 class Collect(SpanProcessor):

@@ -17,8 +17,7 @@ sampled, so it is not exported and carries no exemplar.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -29,6 +28,7 @@ from opentelemetry.util.types import Attributes
 
 from chatobs.cells import CellStore
 from chatobs.recorders import BacklogRecorder
+from chatobs.tracing import parent_decisions
 
 __all__ = ["KAFKA_SCOPE", "BackendSpanMetrics", "RecordClientSpans"]
 
@@ -45,12 +45,13 @@ _BACKEND_BY_SCOPE = {
     "chatobs.instrumentation.asyncpg": "postgres",  # connection attempts
     KAFKA_SCOPE: "kafka",
 }
+#: Span names remembered with their operation; past it, each is worked out again.
+_OPERATIONS_CAP = 1024
 _RECORDED_KINDS = (SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
 
 
-def _operation(backend: str, name: str, attributes: Mapping[str, Any]) -> str:
-    if backend == "kafka":
-        return str(attributes.get("messaging.operation.name", "other"))
+def _operation(backend: str, name: str) -> str:
+    """The operation label of a Redis or asyncpg client span, from its name."""
     if backend == "redis":
         # The span name is the command, or the commands of a pipeline joined by spaces.
         return "pipeline" if " " in name else name.lower()
@@ -74,33 +75,44 @@ class BackendSpanMetrics(SpanProcessor):
         self._backlog = backlog
         self._wal_topic = wal_topic
         self._observe = cells.observe
+        # backend -> span name -> operation, for Redis and asyncpg spans
+        self._operations: dict[str, dict[str, str]] = {"redis": {}, "postgres": {}}
 
     def on_end(self, span: ReadableSpan) -> None:
         scope = span.instrumentation_scope
         if scope is None:
             return
-        if scope.name == _HTTPX_SCOPE:
+        scope_name = scope.name
+        if scope_name == _HTTPX_SCOPE:
             self._http_client(span)
             return
-        backend = _BACKEND_BY_SCOPE.get(scope.name)
+        backend = _BACKEND_BY_SCOPE.get(scope_name)
         if backend is None:
             return
         try:
-            seconds = _duration(span)
-            if seconds is None:
+            start, end = span.start_time, span.end_time
+            if start is None or end is None:
                 return
+            seconds = (end - start) / 1e9
             # The ended span's own context is the exemplar: it is no longer the current span.
             span_context = span.get_span_context()
             failed = span.status.status_code is StatusCode.ERROR
-            attributes = span.attributes or {}
-            operation = _operation(backend, span.name, attributes)
+            if backend == "kafka":
+                attributes = span.attributes or {}
+                operation = str(attributes.get("messaging.operation.name", "other"))
+                self._backlog.backend_operation(backend, operation, seconds, failed=failed, span=span_context)
+                if operation == "produce" and attributes.get("messaging.destination.name") == self._wal_topic:
+                    self._backlog.wal_publish(seconds, failed=failed, span=span_context)
+                return
+            # Redis and asyncpg name spans by the command/statement: a few distinct names, remembered.
+            name = span.name
+            operations = self._operations[backend]
+            operation = operations.get(name)
+            if operation is None:
+                operation = _operation(backend, name)
+                if len(operations) < _OPERATIONS_CAP:
+                    operations[name] = operation
             self._backlog.backend_operation(backend, operation, seconds, failed=failed, span=span_context)
-            if (
-                backend == "kafka"
-                and operation == "produce"
-                and (attributes.get("messaging.destination.name") == self._wal_topic)
-            ):
-                self._backlog.wal_publish(seconds, failed=failed, span=span_context)
         except Exception:
             _logger.debug("chatobs: span metrics failed for %s", span.name, exc_info=True)
 
@@ -124,10 +136,21 @@ class BackendSpanMetrics(SpanProcessor):
 
 
 class RecordClientSpans(Sampler):
-    """Wraps a sampler so dropped client/producer/consumer spans are still recorded (not sampled)."""
+    """Wraps a sampler so dropped client/producer/consumer spans are still recorded (not sampled).
 
-    def __init__(self, inner: Sampler):
+    ``parent_decided=True`` says ``inner`` decides by the parent's flags and the span's kind
+    alone (``ALWAYS_ON``, ``ALWAYS_OFF``, ``ParentBased`` over them): the lean tracer then
+    reads the decision from a table instead of asking per span (see
+    :class:`chatobs.tracing.ParentDecided`).
+
+    Example::
+
+        sampler = RecordClientSpans(ParentBased(ALWAYS_ON), parent_decided=True)
+    """
+
+    def __init__(self, inner: Sampler, *, parent_decided: bool = False):
         self._inner = inner
+        self.parent_decision = parent_decisions(self) if parent_decided else None
 
     def should_sample(
         self,
@@ -141,7 +164,9 @@ class RecordClientSpans(Sampler):
     ) -> SamplingResult:
         result = self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
         if result.decision is Decision.DROP and kind in _RECORDED_KINDS:
-            return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+            # The span's own attributes: a dropping sampler returns none, and the span metrics
+            # read the operation and destination from them.
+            return SamplingResult(Decision.RECORD_ONLY, attributes, result.trace_state)
         return result
 
     def get_description(self) -> str:
