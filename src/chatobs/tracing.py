@@ -132,7 +132,7 @@ class ParentDecided(Protocol):
         ...
 
 
-def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind], tuple[bool, bool]]:
+def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind], tuple[bool, bool] | None]:
     """A :meth:`ParentDecided.parent_decision` for ``sampler``, which the caller knows decides
     by the parent's remote and sampled flags and the span's kind alone: its answers for every
     such case, asked once, as a table.
@@ -140,7 +140,7 @@ def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind
     Example::
 
         decide = parent_decisions(ParentBased(ALWAYS_ON))
-        decide(None, SpanKind.SERVER)  # (True, True)
+        decide(None, SpanKind.SERVER)  # (True, True): recording, sampled
     """
     by_kind: dict[SpanKind, list[tuple[bool, bool]]] = {}
     # Index 0: a root; 1 + 2 * remote + sampled: a parent with those flags.
@@ -154,10 +154,13 @@ def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind
         decisions = [sampler.should_sample(parent, 1, "probe", kind).decision for parent in parents]
         by_kind[kind] = [(decision.is_recording(), decision.is_sampled()) for decision in decisions]
 
-    def parent_decision(parent: SpanContext | None, kind: SpanKind) -> tuple[bool, bool]:
+    def parent_decision(parent: SpanContext | None, kind: SpanKind) -> tuple[bool, bool] | None:
+        decisions = by_kind.get(kind)
+        if decisions is None:  # not a SpanKind: the sampler itself decides what that means
+            return None
         if parent is None:
-            return by_kind[kind][0]
-        return by_kind[kind][1 + 2 * parent.is_remote + parent.trace_flags.sampled]
+            return decisions[0]
+        return decisions[1 + 2 * parent.is_remote + parent.trace_flags.sampled]
 
     return parent_decision
 
@@ -338,12 +341,12 @@ class LeanTracer(trace_api.Tracer):
             recording, sampled = result.decision.is_recording(), result.decision.is_sampled()
             trace_state, start_attributes = result.trace_state, result.attributes
         # W3C level 2, as the SDK: say so when the trace id is random (ours, or the parent's says so).
-        random = parent.trace_flags.random_trace_id if parent is not None else provider.random_trace_ids
+        random_id = parent.trace_flags.random_trace_id if parent is not None else provider.random_trace_ids
         span_context = SpanContext(
             trace_id,
             provider.id_generator.generate_span_id(),
             is_remote=False,
-            trace_flags=_FLAGS[sampled, random],
+            trace_flags=_FLAGS[sampled, random_id],
             trace_state=trace_state,
         )
         if not recording:
