@@ -26,7 +26,7 @@ _SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "me
           "headers": [(b"host", b"bench")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
 
 
-async def _per_request_us(requests: int = 10_000, rounds: int = 7) -> float:
+async def _per_request_us(requests: int = 10_000, rounds: int = 7, warm_up: int = 2_000) -> float:
     sys.path.insert(0, str(HERE))
     from http_app import app
 
@@ -40,7 +40,7 @@ async def _per_request_us(requests: int = 10_000, rounds: int = 7) -> float:
         for _ in range(count):
             await app(dict(_SCOPE), receive, send)
 
-    await run(2_000)  # warm-up
+    await run(warm_up)
     best = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
@@ -62,7 +62,9 @@ def measure() -> dict[str, float]:
 
 if __name__ == "__main__":
     if "--child" in sys.argv:
-        print(asyncio.run(_per_request_us()))
+        # --child [requests rounds]: bench/instructions.py runs it under callgrind with its own counts.
+        counts = [int(arg) for arg in sys.argv[sys.argv.index("--child") + 1 :]]
+        print(asyncio.run(_per_request_us(*counts)))
     else:
         measured = measure()
         for name, us in measured.items():

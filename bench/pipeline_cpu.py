@@ -17,6 +17,8 @@ import httpx
 import psutil
 from profile_share import Profiler, Share
 
+__all__ = ["INSTRUMENTED", "Share", "cpu_share", "profiled_share"]
+
 from chatobs.stack import LocalStack
 from chatpipe.launcher import Pipeline
 

@@ -23,9 +23,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asgi_overhead
+import instructions
 import micro
 import pipeline_cpu
 import throughput
+
+#: CPU profiles per service in a full run.
+PROFILES = 3
 
 
 def main() -> int:
@@ -57,6 +61,10 @@ def main() -> int:
         )  # fmt: skip
     with console.status("cost per request in one process (ASGI, no server)"):
         per_request = asgi_overhead.measure()
+    counted = None
+    if not args.quick and instructions.available():
+        with console.status("instructions per request in one process (callgrind)"):
+            counted = instructions.per_request()
     with console.status("idle service memory"):
         idle_rss = throughput.idle_rss_bytes()
 
@@ -74,17 +82,34 @@ def main() -> int:
         table.add_row(f"app cost per request, full setup ({variant}) vs off, in one process",
                       f"{per_request[variant]:.1f}", f"{per_request['off']:.1f}", "µs",
                       f"+{per_request[variant] - per_request['off']:.1f} µs")  # fmt: skip
+    if counted is not None:
+        for variant in ("lean tracer", "SDK tracer"):
+            table.add_row(f"instructions per request, full setup ({variant}) vs off, in one process (callgrind)",
+                          f"{counted[variant]:,.0f}", f"{counted['off']:,.0f}", "instr.",
+                          f"{counted[variant] / counted['off']:.3f}")  # fmt: skip
+    elif not args.quick:
+        console.print("valgrind not found (apt-get install -y valgrind): no instruction counts")
     table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
     if not args.quick:
-        with console.status("instrumentation's share of CPU samples under pipeline load (py-spy)"):
-            for service, result in pipeline_cpu.profiled_share(turns=400).items():
-                table.add_row(f"{service}: CPU samples in instrumentation, 400 chat turns (py-spy, GIL held)",
-                              f"{result.instrumentation:,}", f"{result.samples:,}", "samples",
-                              f"{result.share:.1%}")  # fmt: skip
-        with console.status("CPU share under pipeline load"):
-            for service, (cpu_on, cpu_off) in pipeline_cpu.cpu_share().items():
-                table.add_row(f"{service} CPU, 200 chat turns (share: 1 - off/on)", f"{cpu_on:.2f}", f"{cpu_off:.2f}",
-                              "s", f"{1 - cpu_off / cpu_on:.0%}")  # fmt: skip
+        # One profile has a few hundred gateway samples (about +-2 points): three, and their median.
+        shares: dict[str, list[pipeline_cpu.Share]] = {}
+        for attempt in range(1, PROFILES + 1):
+            with console.status(
+                f"instrumentation's share of CPU samples under pipeline load (py-spy, {attempt}/{PROFILES})"
+            ):
+                for service, result in pipeline_cpu.profiled_share(turns=400).items():
+                    shares.setdefault(service, []).append(result)
+        with console.status("the same with 10% of traces sampled"):
+            sampled = pipeline_cpu.profiled_share(turns=400, env=throughput.SAMPLED_10_PERCENT)
+        for service, results in shares.items():
+            ordered = sorted(results, key=lambda result: result.share)
+            median = ordered[len(ordered) // 2]
+            table.add_row(f"{service}: CPU samples in instrumentation, 400 chat turns (py-spy, GIL held; median "
+                          f"of {PROFILES}: {', '.join(f'{r.share:.1%}' for r in results)})",
+                          f"{median.instrumentation:,}", f"{median.samples:,}", "samples",
+                          f"{median.share:.1%}")  # fmt: skip
+            table.add_row(f"{service}: the same, 10% of traces sampled", f"{sampled[service].instrumentation:,}",
+                          f"{sampled[service].samples:,}", "samples", f"{sampled[service].share:.1%}")  # fmt: skip
     console.print(table)
     growth = " -> ".join(f"{n}: {scrape_times[n].ours:.1f} ms" for n in sorted(scrape_times))
     console.print(f"/metrics cost as series grow: {growth}")
