@@ -175,3 +175,22 @@ def test_prometheus_export_off_means_no_scrape():
     telemetry = build("worker", OTEL_METRICS_EXPORTER="none")
     telemetry.llm.request("m", "p")
     assert telemetry.scrape()[0] == 404
+
+
+def test_backend_error_series_exists_from_the_first_success():
+    # Prometheus's increase() of a series that first appears at 1 is 0: the error series must
+    # be at 0 before the first failure, and count each failure after it.
+    telemetry = build("worker")
+    for _ in range(3):
+        telemetry.backlog.backend_operation("postgres", "select", 0.002, failed=False)
+    errors = samples(scrape(telemetry), "postgres_errors_total")
+    assert errors == {(("operation", "select"),): 0}
+    telemetry.backlog.backend_operation("postgres", "select", 0.004, failed=True)
+    telemetry.backlog.backend_operation("postgres", "insert", 0.004, failed=True)
+    text = scrape(telemetry)
+    assert samples(text, "postgres_errors_total") == {(("operation", "select"),): 1, (("operation", "insert"),): 1}
+    assert samples(text, "postgres_operation_seconds_count") == {
+        (("operation", "select"),): 4,
+        (("operation", "insert"),): 1,
+    }
+    telemetry.shutdown()
