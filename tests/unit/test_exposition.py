@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 
+import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -193,4 +195,40 @@ def test_backend_error_series_exists_from_the_first_success():
         (("operation", "select"),): 4,
         (("operation", "insert"),): 1,
     }
+    telemetry.shutdown()
+
+
+def test_request_duration_keeps_the_request_span_as_exemplar():
+    # A sampled request (its traceparent continued) leaves its trace id on the duration
+    # bucket; an unsampled one leaves none (OTEL_METRICS_EXEMPLAR_FILTER=trace_based).
+    from fastapi import FastAPI
+
+    from chatobs.instrumentation import instrument_app
+
+    telemetry = build("gateway", OTEL_METRICS_EXEMPLAR_FILTER="trace_based")
+    app = FastAPI()
+
+    @app.get("/items/{item}")
+    async def item(item: str) -> dict[str, str]:
+        return {"item": item}
+
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=())
+    sampled, unsampled = "4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c"
+
+    async def requests() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            for trace_id, flags in ((sampled, "01"), (unsampled, "00")):
+                headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-{flags}"}
+                assert (await client.get("/items/a", headers=headers)).status_code == 200
+
+    asyncio.run(requests())
+    om = scrape(telemetry, "application/openmetrics-text")
+    exemplars = [
+        s.exemplar.labels["trace_id"]
+        for f in parse_openmetrics(om)
+        for s in f.samples
+        if s.name == "http_server_request_duration_seconds_bucket" and s.exemplar is not None
+    ]
+    assert exemplars == [sampled]
+    assert 'http_route="/items/{item}"' in om
     telemetry.shutdown()

@@ -118,5 +118,6 @@ class ServerMiddleware:
             })  # fmt: skip
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
-        # Still inside the request's context: the span becomes the bucket's exemplar.
-        self._observe(METRIC, seconds, (method, route, str(status)))
+        # The request's span is the bucket's exemplar (if the exemplar filter keeps it): handed
+        # over as it is, rather than looked up again as the current span.
+        self._observe(METRIC, seconds, (method, route, str(status)), span=span.get_span_context())
