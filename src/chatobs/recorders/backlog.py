@@ -115,8 +115,11 @@ class BacklogRecorder(Recorder):
         """True the first time (metric, operation) is seen; a series once made stays (cells never
         drop one). Past the cap, every call says True: adding 0 again is harmless, only slower."""
         key = (metric_name, operation)
-        if key in self._error_series:
-            return False
+        try:
+            if key in self._error_series:
+                return False
+        except TypeError:  # an unhashable operation: the cells bind it (as `other`) all the same
+            return True
         if len(self._error_series) < _ERROR_SERIES_CAP:
             self._error_series.add(key)
         return True
