@@ -29,6 +29,7 @@ __all__ = ["available", "per_request"]
 
 HERE = Path(__file__).resolve().parent
 _FEW, _MANY = 500, 2_500
+_WARM_UP = 500  # requests before the timed ones, the same in every run
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
@@ -37,8 +38,8 @@ def available() -> bool:
 
 
 def _count(env: dict[str, str], requests: int, out_dir: str) -> int:
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/callgrind.%p",
-               sys.executable, str(HERE / "asgi_overhead.py"), "--child", str(requests), "1", "500"]  # fmt: skip
+    child = [sys.executable, str(HERE / "asgi_overhead.py"), "--child", str(requests), "1", str(_WARM_UP)]
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/callgrind.%p", *child]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     found = _COLLECTED.search(finished.stderr)
     if found is None:

@@ -17,10 +17,10 @@ import httpx
 import psutil
 from profile_share import Profiler, Share
 
-__all__ = ["INSTRUMENTED", "Share", "cpu_share", "profiled_share"]
-
 from chatobs.stack import LocalStack
 from chatpipe.launcher import Pipeline
+
+__all__ = ["INSTRUMENTED", "Share", "cpu_share", "profiled_share"]
 
 SERVICES = ("gateway", "worker")
 #: Every trace sampled; budgets the measured traffic cannot exhaust.

@@ -45,8 +45,6 @@ _BACKEND_BY_SCOPE = {
     "chatobs.instrumentation.asyncpg": "postgres",  # connection attempts
     KAFKA_SCOPE: "kafka",
 }
-#: Span names remembered with their operation; past it, each is worked out again.
-_OPERATIONS_CAP = 1024
 _RECORDED_KINDS = (SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
 
 
@@ -75,8 +73,6 @@ class BackendSpanMetrics(SpanProcessor):
         self._backlog = backlog
         self._wal_topic = wal_topic
         self._observe = cells.observe
-        # backend -> span name -> operation, for Redis and asyncpg spans
-        self._operations: dict[str, dict[str, str]] = {"redis": {}, "postgres": {}}
 
     def on_end(self, span: ReadableSpan) -> None:
         scope = span.instrumentation_scope
@@ -90,10 +86,9 @@ class BackendSpanMetrics(SpanProcessor):
         if backend is None:
             return
         try:
-            start, end = span.start_time, span.end_time
-            if start is None or end is None:
+            seconds = _duration(span)
+            if seconds is None:
                 return
-            seconds = (end - start) / 1e9
             # The ended span's own context is the exemplar: it is no longer the current span.
             span_context = span.get_span_context()
             failed = span.status.status_code is StatusCode.ERROR
@@ -104,14 +99,7 @@ class BackendSpanMetrics(SpanProcessor):
                 if operation == "produce" and attributes.get("messaging.destination.name") == self._wal_topic:
                     self._backlog.wal_publish(seconds, failed=failed, span=span_context)
                 return
-            # Redis and asyncpg name spans by the command/statement: a few distinct names, remembered.
-            name = span.name
-            operations = self._operations[backend]
-            operation = operations.get(name)
-            if operation is None:
-                operation = _operation(backend, name)
-                if len(operations) < _OPERATIONS_CAP:
-                    operations[name] = operation
+            operation = _operation(backend, span.name)
             self._backlog.backend_operation(backend, operation, seconds, failed=failed, span=span_context)
         except Exception:
             _logger.debug("chatobs: span metrics failed for %s", span.name, exc_info=True)

@@ -19,9 +19,6 @@ __all__ = ["BACKENDS", "Backend", "BacklogRecorder"]
 #: Backends with `{backend}_operation_seconds` and `{backend}_errors_total` in the catalogue.
 Backend = Literal["redis", "kafka", "postgres"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
-#: How many (error metric, operation) pairs :meth:`BacklogRecorder.backend_operation` remembers
-#: as created; operations beyond it are label values the policy folds into `other` anyway.
-_ERROR_SERIES_CAP = 1024
 _BACKEND_METRICS = {backend: (f"{backend}_operation_seconds", f"{backend}_errors_total") for backend in BACKENDS}
 
 
@@ -44,7 +41,6 @@ class BacklogRecorder(Recorder):
     def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback, cells: CellStore):
         super().__init__(instruments, labels, on_error, cells)
         self._latest: dict[str, float] = {}
-        self._error_series: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         for name in ("outbox_pending", "degraded_buffer_size"):
             instruments.observe(name, self._reader(name))
@@ -104,25 +100,9 @@ class BacklogRecorder(Recorder):
         if names is None:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         errors = 1 if failed else 0
-        # Straight to the cells: this runs once per client span (every statement, command, send).
-        values = (operation,)
-        self._cell_observe(names[0], seconds, values, None, span)
-        if errors or self._error_series_missing(names[1], operation):
-            # 0 on the first success: the error series exists before the first failure (see wal_publish).
-            self._cell_add(names[1], errors, values)
-
-    def _error_series_missing(self, metric_name: str, operation: str) -> bool:
-        """True the first time (metric, operation) is seen; a series once made stays (cells never
-        drop one). Past the cap, every call says True: adding 0 again is harmless, only slower."""
-        key = (metric_name, operation)
-        try:
-            if key in self._error_series:
-                return False
-        except TypeError:  # an unhashable operation: the cells bind it (as `other`) all the same
-            return True
-        if len(self._error_series) < _ERROR_SERIES_CAP:
-            self._error_series.add(key)
-        return True
+        self._observe(names[0], seconds, operation, span=span)
+        # 0 on success: the error series exists before the first failure (see wal_publish).
+        self._add(names[1], errors, operation)
 
     @guarded("redis_errors_total")
     def redis_error(self, operation: str) -> None:
