@@ -1,13 +1,26 @@
-"""Instrumentation's share of CPU under pipeline load, measured side by side.
+"""Instrumentation's share of CPU under pipeline load.
 
-The same chat traffic goes through two pipelines on one local stack: one instrumented
-(every trace sampled, metrics, exemplars) and one with ``OTEL_SDK_DISABLED=true`` (the
-recording helpers still run, so this slightly undercounts). The share is
-``1 - cpu_off / cpu_on`` for the gateway and the worker, from psutil's CPU times.
+Two loads:
+
+* :func:`profiled_share`: chat turns one after another, 20 ms apart, on one session, and
+  nothing else (no event-stream listener, no scrape): the gateway's work per message is
+  then little more than the instrumented part, the hardest case for the share.
+* :func:`demo_share`: the load of ``chatobs demo`` (its :class:`~chatpipe.demo.Traffic`
+  at its rate, five tenants with event-stream listeners, attachments, sessions closed and
+  opened, budgets that refuse, every ``/metrics`` read every 2 s, ``/health`` every 5 s),
+  without its fault scenario, whose outages would make the services wait, not work.
+
+py-spy gives the share of samples (:mod:`profile_share`). :func:`cpu_share` is the older
+measure: the same turns through an instrumented pipeline and one with
+``OTEL_SDK_DISABLED=true``, ``1 - cpu_off / cpu_on`` from psutil's CPU times (it moved
+from 26% to -4% between two runs, so it is not in the full run).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import sys
 import tempfile
 import time
@@ -18,11 +31,14 @@ import psutil
 from profile_share import Profiler, Share
 
 from chatobs.stack import LocalStack
+from chatpipe import demo
 from chatpipe.launcher import Pipeline
 
-__all__ = ["INSTRUMENTED", "Share", "cpu_share", "profiled_share"]
+__all__ = ["INSTRUMENTED", "Share", "cpu_share", "demo_share", "profiled_share"]
 
 SERVICES = ("gateway", "worker")
+#: Every instrumented service of the pipeline (the simulators are not the product).
+PIPELINE_SERVICES = (*SERVICES, "publisher", "replicator", "tool_executor")
 #: Every trace sampled; budgets the measured traffic cannot exhaust.
 INSTRUMENTED = {"OTEL_TRACES_SAMPLER": "always_on", "CHATPIPE_TOKEN_BUDGET": "100000000"}
 
@@ -76,8 +92,48 @@ def profiled_share(turns: int = 200, env: dict[str, str] | None = None) -> dict[
         return profiler.results()
 
 
-if __name__ == "__main__":
-    for service, result in profiled_share().items():
+async def _demo_traffic(pipeline: Pipeline, seconds: float, rate: float) -> int:
+    """``chatobs demo``'s traffic for ``seconds`` (see the module docstring); messages sent."""
+    counters = demo.Counters()
+    tracker = demo.Tracker(pipeline.metrics_urls)
+    traffic = demo.Traffic(pipeline.gateway_url, counters)
+    deadline = time.monotonic() + seconds
+    next_poll = next_health = 0.0
+    async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=10) as http:
+        try:
+            while time.monotonic() < deadline:
+                now = time.monotonic()
+                if now >= next_poll:
+                    await tracker.poll(http)
+                    next_poll = now + 2
+                if now >= next_health:
+                    with contextlib.suppress(httpx.HTTPError):
+                        await http.get("/health")
+                    next_health = now + 5
+                await traffic.send_one(http)
+                await asyncio.sleep(random.expovariate(rate))
+        finally:
+            traffic.stop()
+    return counters.sent
+
+
+def demo_share(seconds: float = 60, rate: float = 6.0) -> tuple[dict[str, Share], int]:
+    """py-spy's view under ``chatobs demo``'s load (``rate`` messages a second for ``seconds``,
+    after a 10 s warm-up): ``({service: share}, messages sent while profiled)``."""
+    with (
+        LocalStack.from_environment() as stack,
+        tempfile.TemporaryDirectory() as run_dir,
+        Pipeline(stack.environment, Path(run_dir), env=demo.DEMO_ENV) as pipeline,
+    ):
+        asyncio.run(_demo_traffic(pipeline, 10, rate))  # warm-up
+        pids = {name: pid for name, pid in pipeline.pids().items() if name in PIPELINE_SERVICES}
+        with Profiler(pids) as profiler:
+            sent = asyncio.run(_demo_traffic(pipeline, seconds, rate))
+        return profiler.results(), sent
+
+
+def _print(results: dict[str, Share]) -> None:
+    for service, result in results.items():
         print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation")
         print("  " + ", ".join(f"{owner} {share:.1%}" for owner, share in result.owners()))
         for function, share in result.top(12):
@@ -85,6 +141,15 @@ if __name__ == "__main__":
         print("  entered through:")
         for function, share in result.entries(12):
             print(f"    {share:6.1%}  {function}")
+
+
+if __name__ == "__main__":
+    if "--demo" in sys.argv:
+        shares, sent = demo_share()
+        print(f"demo load: {sent} messages")
+        _print(shares)
+        raise SystemExit
+    _print(profiled_share())
     if "--cpu" in sys.argv:
         for service, (on, off) in cpu_share().items():
             print(f"{service}: {on:.2f} s instrumented, {off:.2f} s SDK off, share {1 - off / on:.1%}")

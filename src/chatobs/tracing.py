@@ -15,7 +15,11 @@ and broker call, so that cost was most of the instrumentation's share of CPU
 
 It leaves out the SDK's span limits (``OTEL_SPAN_*_LIMIT``: attribute values are cleaned
 as the SDK cleans them, not counted), per-span locks (a span belongs to one task; ending
-is still once only) and the SDK's experimental ``_on_ending`` processor hook.
+is still once only) and the SDK's experimental ``_on_ending`` processor hook. A span's
+start attributes are cleaned when they are first read (by an exporter, a processor, or
+``attributes``), not when the span starts: most spans' attributes are never read when no
+span exporter is configured, and cleaning them was a tenth of the gateway's
+instrumentation (docs/performance.md).
 ``CHATOBS_TRACER=sdk`` switches back to the SDK's ``TracerProvider``.
 
 Example::
@@ -35,6 +39,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from opentelemetry import trace as trace_api
@@ -79,30 +84,20 @@ _FLAGS = {
     for random in (False, True)
 }  # fmt: skip
 _ENDING = threading.Lock()
-_DROPPED = object()
-
-
-def _clean(key: str, value: Any) -> Any:
-    """The value as the SDK would keep it, or ``_DROPPED`` (as the SDK drops it)."""
-    if value.__class__ in _PRIMITIVES:
-        return value
-    # Anything else the SDK's way (sequences to tuples, bytes, mappings, str() of the rest),
-    # through its public attribute container, which logs what it drops.
-    kept = BoundedAttributes(attributes={key: value}, immutable=False)
-    return kept.get(key, _DROPPED)
 
 
 def _cleaned(attributes: types.Attributes) -> dict[str, Any]:
+    """The attributes as the SDK keeps them."""
     if not attributes:
         return {}
     cleaned = {}
     for key, value in attributes.items():
         if value.__class__ in _PRIMITIVES and key.__class__ is str and key:  # nearly every attribute
             cleaned[key] = value
-        elif isinstance(key, str) and key:
-            value = _clean(key, value)
-            if value is not _DROPPED:
-                cleaned[key] = value
+        else:
+            # Anything else the SDK's way (sequences to tuples, str() of other values and keys,
+            # empty keys dropped), through its public attribute container, which logs what it drops.
+            cleaned.update(BoundedAttributes(attributes={key: value}, immutable=False))
     return cleaned
 
 
@@ -199,7 +194,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         context: SpanContext,
         parent: SpanContext | None,
         kind: SpanKind,
-        attributes: dict[str, Any],
+        attributes: types.Attributes,
         links: Sequence[Link],
         scope: InstrumentationScope,
         resource: Resource,
@@ -212,7 +207,9 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._context = context
         self._parent = parent
         self._kind = kind
-        self._attributes = attributes
+        # A copy, cleaned when first read (see `attributes`): the caller may reuse its mapping.
+        self._attributes: dict[Any, Any] = dict(attributes) if attributes else {}
+        self._uncleaned = bool(attributes)
         self._events: list[Event] = []
         self._links = tuple(links)
         self._instrumentation_scope = scope
@@ -233,14 +230,29 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         return self._end_time is None
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if self._end_time is None and isinstance(key, str) and key:
-            value = _clean(key, value)
-            if value is not _DROPPED:
+        if self._end_time is None:
+            if value.__class__ in _PRIMITIVES and key.__class__ is str and key:
                 self._attributes[key] = value
+            else:
+                self._attributes.update(_cleaned({key: value}))
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        # Cleaned now, unlike the start attributes: a value the SDK drops must not replace one set before.
         if self._end_time is None:
             self._attributes.update(_cleaned(attributes))
+
+    # -- the ReadableSpan, for processors and exporters ------------------------------
+    @property
+    def attributes(self) -> types.Attributes:
+        if self._uncleaned:
+            # Cleaning twice (two readers at once) gives the same dict: the SDK's rules are idempotent.
+            self._attributes = _cleaned(self._attributes)
+            self._uncleaned = False
+        return MappingProxyType(self._attributes)
+
+    def to_json(self, indent: int | None = 4) -> str:
+        self.attributes  # noqa: B018 - cleans them: the SDK's to_json reads the raw field
+        return super().to_json(indent)
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._end_time is None:
@@ -351,7 +363,7 @@ class LeanTracer(trace_api.Tracer):
         )
         if not recording:
             return NonRecordingSpan(span_context)
-        span = LeanSpan(name, span_context, parent, kind, _cleaned(start_attributes), _valid_links(links),
+        span = LeanSpan(name, span_context, parent, kind, start_attributes, _valid_links(links),
                         self._scope, provider.resource, provider.processors,
                         time.time_ns() if start_time is None else start_time, record_exception,
                         set_status_on_exception)  # fmt: skip

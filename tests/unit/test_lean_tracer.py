@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -74,10 +75,11 @@ def _run(scenario: Callable[[trace.Tracer], None], sampler: Sampler = ALWAYS_ON)
         scenario(provider.get_tracer("test.scope", "1.2.3"))
         spans = exporter.get_finished_spans()
         encode_spans(spans)  # what the OTLP exporters do with them: must not raise
-        for span in spans:
-            span.to_json()  # what the console exporter does
+        # What the console exporter prints, read before anything else reads the spans.
+        printed = {id(span): json.loads(span.to_json())["attributes"] for span in spans}
         ids: dict[int, str] = {}
-        shapes.append([_shape(span, ids) for span in sorted(spans, key=lambda s: s.start_time or 0)])
+        ordered = sorted(spans, key=lambda s: s.start_time or 0)
+        shapes.append([{**_shape(span, ids), "printed": printed[id(span)]} for span in ordered])
     return shapes
 
 
@@ -219,9 +221,17 @@ def odd_values(tracer: trace.Tracer) -> None:
     linked = trace.SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1))
     links = [trace.Link(linked, {"why": "batch"}), trace.Link(trace.INVALID_SPAN_CONTEXT),
              trace.Link(trace.INVALID_SPAN_CONTEXT, {"kept": "it has attributes"})]  # fmt: skip
+    odd = {"mixed": [1, "a"], "nested": {"a": 1}, "id": uuid.UUID(int=7), "amount": Decimal("1.5"),
+           "path": Path("/x"), "enums": [Odd.A], "fine": (1.5, 2.5), "none": None}  # fmt: skip
+    # Start attributes are kept as given and cleaned when first read: the same values, and the
+    # caller's later changes to its dict not seen.
+    start = {"ok": 1, "": "no key", 7: "not a str key", "list": [1, 2], **odd}
+    at_start = tracer.start_span("odd at start", attributes=start)
+    start.update(ok=2, late="added after the start")
+    at_start.set_attribute("none", "set after a dropped start value")
+    at_start.end()
     span = tracer.start_span("odd", attributes={"ok": 1, "": "no key"}, links=links)
-    for key, value in {"mixed": [1, "a"], "nested": {"a": 1}, "id": uuid.UUID(int=7), "amount": Decimal("1.5"),
-                       "path": Path("/x"), "enums": [Odd.A], "fine": (1.5, 2.5), "none": None}.items():  # fmt: skip
+    for key, value in odd.items():
         span.set_attribute(key, value)
     span.add_event("at zero", {"n": 1}, timestamp=0)
     span.record_exception(PipelineError("boom"))
@@ -231,8 +241,10 @@ def odd_values(tracer: trace.Tracer) -> None:
 def test_values_links_and_exceptions_as_the_sdk_keeps_them():
     sdk, lean = _run(odd_values)
     assert lean == sdk
-    (span,) = lean
+    at_start, span = lean
     assert span["events"][1][1]["exception.type"].endswith("test_lean_tracer.PipelineError")
+    assert at_start["attributes"]["ok"] == 1 and "late" not in at_start["attributes"]
+    assert at_start["attributes"]["7"] == "not a str key"  # as the SDK: str() of the key
 
 
 def test_trace_context_headers_are_the_sdks():

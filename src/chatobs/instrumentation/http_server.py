@@ -83,7 +83,10 @@ class ServerMiddleware:
             if name in _TRACE_HEADERS:
                 parent = propagate.extract(headers, getter=_GETTER)
                 break
-        span = self._tracer.start_span(method, kind=SpanKind.SERVER, context=parent)
+        # The attributes known now are given at the start, where the conventions want them
+        # (samplers may read them); the route and the status follow at the end.
+        attributes = {HTTP_REQUEST_METHOD: method, URL_PATH: scope["path"], URL_SCHEME: scope.get("scheme", "http")}
+        span = self._tracer.start_span(method, kind=SpanKind.SERVER, context=parent, attributes=attributes)
         token = context.attach(trace.set_span_in_context(span))
         status = 500
 
@@ -109,13 +112,8 @@ class ServerMiddleware:
         route = getattr(scope.get("route"), "path", None) or ""
         if span.is_recording():
             span.update_name(f"{method} {route}" if route else method)
-            span.set_attributes({
-                HTTP_REQUEST_METHOD: method,
-                HTTP_ROUTE: route,
-                HTTP_RESPONSE_STATUS_CODE: status,
-                URL_PATH: scope["path"],
-                URL_SCHEME: scope.get("scheme", "http"),
-            })  # fmt: skip
+            span.set_attribute(HTTP_ROUTE, route)
+            span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
         # The request's span is the bucket's exemplar (if the exemplar filter keeps it): handed
