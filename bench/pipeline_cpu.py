@@ -117,13 +117,16 @@ async def _demo_traffic(pipeline: Pipeline, seconds: float, rate: float) -> int:
     return counters.sent
 
 
-def demo_share(seconds: float = 60, rate: float = 6.0) -> tuple[dict[str, Share], int]:
+def demo_share(
+    seconds: float = 60, rate: float = 6.0, env: dict[str, str] | None = None
+) -> tuple[dict[str, Share], int]:
     """py-spy's view under ``chatobs demo``'s load (``rate`` messages a second for ``seconds``,
-    after a 10 s warm-up): ``({service: share}, messages sent while profiled)``."""
+    after a 10 s warm-up), for every pipeline service: ``({service: share}, messages sent
+    while profiled)``. ``env`` is added to the demo's environment (a sampler, say)."""
     with (
         LocalStack.from_environment() as stack,
         tempfile.TemporaryDirectory() as run_dir,
-        Pipeline(stack.environment, Path(run_dir), env=demo.DEMO_ENV) as pipeline,
+        Pipeline(stack.environment, Path(run_dir), env={**demo.DEMO_ENV, **(env or {})}) as pipeline,
     ):
         asyncio.run(_demo_traffic(pipeline, 10, rate))  # warm-up
         pids = {name: pid for name, pid in pipeline.pids().items() if name in PIPELINE_SERVICES}

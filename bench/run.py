@@ -28,7 +28,8 @@ import micro
 import pipeline_cpu
 import throughput
 
-#: CPU profiles per service in a full run.
+#: CPU profiles under the demo's load in a full run (one has a few hundred to a few thousand
+#: samples per service, about +-2 points): three, and their median.
 PROFILES = 3
 
 
@@ -91,25 +92,7 @@ def main() -> int:
         console.print("valgrind not found (apt-get install -y valgrind): no instruction counts")
     table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
     if not args.quick:
-        # One profile has a few hundred gateway samples (about +-2 points): three, and their median.
-        shares: dict[str, list[pipeline_cpu.Share]] = {}
-        for attempt in range(1, PROFILES + 1):
-            with console.status(
-                f"instrumentation's share of CPU samples under pipeline load (py-spy, {attempt}/{PROFILES})"
-            ):
-                for service, result in pipeline_cpu.profiled_share(turns=400).items():
-                    shares.setdefault(service, []).append(result)
-        with console.status("the same with 10% of traces sampled"):
-            sampled = pipeline_cpu.profiled_share(turns=400, env=throughput.SAMPLED_10_PERCENT)
-        for service, results in shares.items():
-            ordered = sorted(results, key=lambda result: result.share)
-            median = ordered[len(ordered) // 2]
-            table.add_row(f"{service}: CPU samples in instrumentation, 400 chat turns (py-spy, GIL held; median "
-                          f"of {PROFILES}: {', '.join(f'{r.share:.1%}' for r in results)})",
-                          f"{median.instrumentation:,}", f"{median.samples:,}", "samples",
-                          f"{median.share:.1%}")  # fmt: skip
-            table.add_row(f"{service}: the same, 10% of traces sampled", f"{sampled[service].instrumentation:,}",
-                          f"{sampled[service].samples:,}", "samples", f"{sampled[service].share:.1%}")  # fmt: skip
+        _profile_rows(table, console)
     console.print(table)
     growth = " -> ".join(f"{n}: {scrape_times[n].ours:.1f} ms" for n in sorted(scrape_times))
     console.print(f"/metrics cost as series grow: {growth}")
@@ -121,6 +104,32 @@ def main() -> int:
         f"scrape_bytes_ratio={scrape_bytes[10_000].ratio:.2f}"
     )
     return 0
+
+
+def _profile_rows(table: Table, console: Console) -> None:
+    """The instrumentation's share of each service's CPU samples (py-spy, GIL held): under
+    ``chatobs demo``'s load (three runs, and once with 10% of traces sampled) and turn by turn."""
+    runs: dict[str, list[pipeline_cpu.Share]] = {}
+    for attempt in range(1, PROFILES + 1):
+        with console.status(f"instrumentation's share of CPU under the demo's load (py-spy, {attempt}/{PROFILES})"):
+            shares, _ = pipeline_cpu.demo_share()
+        for service, result in shares.items():
+            runs.setdefault(service, []).append(result)
+    with console.status("the same with 10% of traces sampled"):
+        sampled, _ = pipeline_cpu.demo_share(env=throughput.SAMPLED_10_PERCENT)
+    with console.status("turn by turn: 400 chat turns, no listeners or scrapes"):
+        turns = pipeline_cpu.profiled_share(turns=400)
+
+    def row(label: str, result: pipeline_cpu.Share) -> None:
+        table.add_row(label, f"{result.instrumentation:,}", f"{result.samples:,}", "samples", f"{result.share:.1%}")
+
+    for service, results in runs.items():
+        each = ", ".join(f"{r.share:.1%}" for r in results)
+        median = sorted(results, key=lambda result: result.share)[len(results) // 2]
+        row(f"{service}: CPU samples in instrumentation, demo load 60 s (py-spy; median of {each})", median)
+        row(f"{service}: the same, 10% of traces sampled", sampled[service])
+    for service, result in turns.items():
+        row(f"{service}: turn by turn, 400 chat turns 20 ms apart, no listeners or scrapes", result)
 
 
 if __name__ == "__main__":
