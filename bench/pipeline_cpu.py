@@ -5,10 +5,11 @@ Two loads:
 * :func:`profiled_share`: chat turns one after another, 20 ms apart, on one session, and
   nothing else (no event-stream listener, no scrape): the gateway's work per message is
   then little more than the instrumented part, the hardest case for the share.
-* :func:`demo_share`: the load of ``chatobs demo`` (its :class:`~chatpipe.demo.Traffic`
-  at its rate, five tenants with event-stream listeners, attachments, sessions closed and
-  opened, budgets that refuse, every ``/metrics`` read every 2 s, ``/health`` every 5 s),
-  without its fault scenario, whose outages would make the services wait, not work.
+* :func:`demo_share`: the load of ``chatobs demo``, driven by the demo's own
+  :func:`~chatpipe.demo.drive` at its rate (five tenants with event-stream listeners,
+  attachments, sessions closed and opened, budgets that refuse, every ``/metrics`` read
+  every 2 s, ``/health`` every 5 s), without its fault scenario, whose outages would make
+  the services wait, not work.
 
 py-spy gives the share of samples (:mod:`profile_share`). :func:`cpu_share` is the older
 measure: the same turns through an instrumented pipeline and one with
@@ -19,8 +20,6 @@ from 26% to -4% between two runs, so it is not in the full run).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 import sys
 import tempfile
 import time
@@ -95,23 +94,11 @@ def profiled_share(turns: int = 200, env: dict[str, str] | None = None) -> dict[
 async def _demo_traffic(pipeline: Pipeline, seconds: float, rate: float) -> int:
     """``chatobs demo``'s traffic for ``seconds`` (see the module docstring); messages sent."""
     counters = demo.Counters()
-    tracker = demo.Tracker(pipeline.metrics_urls)
     traffic = demo.Traffic(pipeline.gateway_url, counters)
-    deadline = time.monotonic() + seconds
-    next_poll = next_health = 0.0
     async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=10) as http:
         try:
-            while time.monotonic() < deadline:
-                now = time.monotonic()
-                if now >= next_poll:
-                    await tracker.poll(http)
-                    next_poll = now + 2
-                if now >= next_health:
-                    with contextlib.suppress(httpx.HTTPError):
-                        await http.get("/health")
-                    next_health = now + 5
-                await traffic.send_one(http)
-                await asyncio.sleep(random.expovariate(rate))
+            await demo.drive(http, traffic, demo.Tracker(pipeline.metrics_urls), counters, rate=rate,
+                             deadline=time.monotonic() + seconds)  # fmt: skip
         finally:
             traffic.stop()
     return counters.sent

@@ -21,7 +21,7 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from chatobs.stack import LocalStack
 from chatpipe.launcher import Pipeline
 from chatpipe.prometheus import LocalPrometheus, PrometheusUnavailableError
 
-__all__ = ["register"]
+__all__ = ["Counters", "Tracker", "Traffic", "drive", "register"]
 
 #: Tenants the traffic comes from; `tiny` and `quota` have small budgets so overruns happen.
 TENANTS = ("acme", "globex", "initech", "tiny", "quota")
@@ -341,27 +341,47 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, counters: Counters, *, rate: float,
+                deadline: float | None = None, after_each: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """The demo's load until ``deadline`` (``time.monotonic()``; None: until cancelled): one
+    message at a time, ``rate`` a second on average, every ``/metrics`` read every 2 s and
+    ``/health`` every 5 s. A failed request is counted in ``counters.errors`` and the load
+    goes on. ``bench/pipeline_cpu.py`` profiles the services under this same load.
+
+    Example::
+
+        await drive(http, Traffic(gateway_url, counters), Tracker(urls), counters, rate=6,
+                    deadline=time.monotonic() + 60)
+    """
+    next_poll = next_health = time.monotonic()
+    while deadline is None or time.monotonic() < deadline:
+        now = time.monotonic()
+        if now >= next_poll:
+            await tracker.poll(http)
+            next_poll = now + 2
+        if now >= next_health:
+            with contextlib.suppress(httpx.HTTPError):
+                await http.get("/health")
+            next_health = now + 5
+        try:
+            await traffic.send_one(http)
+        except Exception:  # noqa: BLE001 - a failed request is part of the scenario, not the end of the demo
+            counters.errors += 1
+        if after_each is not None:
+            after_each()
+        await asyncio.sleep(random.expovariate(rate))
+
+
 async def _drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, counters: Counters,
                  args: argparse.Namespace, console: Console) -> None:  # fmt: skip
     started = time.monotonic()
     deadline = started + args.duration if args.duration else None
-    next_poll = next_health = started
     try:
         with Live(_status(counters, 0, args.duration), console=console, refresh_per_second=2) as live:
-            while deadline is None or time.monotonic() < deadline:
-                now = time.monotonic()
-                if now >= next_poll:
-                    await tracker.poll(http)
-                    next_poll = now + 2
-                if now >= next_health:
-                    with contextlib.suppress(httpx.HTTPError):
-                        await http.get("/health")
-                    next_health = now + 5
-                try:
-                    await traffic.send_one(http)
-                except Exception:  # noqa: BLE001 - a failed request is part of the scenario, not the end of the demo
-                    counters.errors += 1
+
+            def show() -> None:
                 live.update(_status(counters, time.monotonic() - started, args.duration))
-                await asyncio.sleep(random.expovariate(args.rate))
+
+            await drive(http, traffic, tracker, counters, rate=args.rate, deadline=deadline, after_each=show)
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("interrupted: stopping")
