@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -293,14 +294,16 @@ async def _run(args: argparse.Namespace) -> int:
     cycle = args.cycle or args.duration or 90.0
     counters = Counters()
     console.print(f"[bold]chatobs demo[/bold]: logs and data in {run_dir}")
-    stack = LocalStack.from_environment()
-    await asyncio.to_thread(stack.start, lambda message: console.print(f"  stack: {message}"))
+    _stop_on_sigterm()
+    # Started in this thread, not in a worker thread: a stop asked for meanwhile (Ctrl-C,
+    # SIGTERM) then takes effect once they are up, instead of abandoning half-started servers.
+    stack = LocalStack.from_environment().start(lambda message: console.print(f"  stack: {message}"))
     pipeline = Pipeline(stack.environment, run_dir, env=DEMO_ENV, progress=lambda m: console.print(f"  {m}"))
     tasks: list[asyncio.Task[Any]] = []
     traffic: Traffic | None = None
     tracker = Tracker({})
     try:
-        await asyncio.to_thread(pipeline.start)
+        pipeline.start()
         tracker.urls = pipeline.metrics_urls
         with _prometheus(Path(args.prometheus_config), pipeline, run_dir, console) as prometheus_url:
             urls = Table(title="live endpoints")
@@ -327,8 +330,11 @@ async def _run(args: argparse.Namespace) -> int:
             task.cancel()
         if traffic:
             traffic.stop()
-        await asyncio.to_thread(pipeline.stop)
-        await asyncio.to_thread(stack.stop)
+        # Blocking, so a second Ctrl-C or SIGTERM cannot cut the clean-up short.
+        try:
+            pipeline.stop()
+        finally:
+            stack.stop()
     console.print(_summary(tracker))
     never = tracker.never_moved()
     if never:
@@ -339,6 +345,16 @@ async def _run(args: argparse.Namespace) -> int:
                       "scraper's credentials fail)")  # fmt: skip
     console.print("stopped: every process ended, stack data removed")
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a supervisor, CI) stops the demo as Ctrl-C does: the running task is
+    cancelled and every server and service it started is stopped. Without this, Python's
+    default SIGTERM ends the process at once and leaves the stack and the services running."""
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals here (Windows, a thread)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 async def drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, counters: Counters, *, rate: float,
