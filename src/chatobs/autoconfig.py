@@ -4,12 +4,14 @@
 installed instrumentor (entry points declared in ``pyproject.toml``):
 
 * :class:`ChatobsDistro` sets defaults other instrumentations read (keep the
-  scrape and health paths out of HTTP traces and metrics);
+  scrape and health paths out of HTTP traces and metrics), and leaves the libraries
+  chatobs instruments itself (:data:`~chatobs.instrumentation.LIBRARIES`) to chatobs, so
+  they are instrumented exactly as ``setup()`` does it;
 * :class:`ChatobsConfigurator` calls :func:`chatobs.setup` with the role from
-  ``CHATOBS_SERVICE``, so settings are validated and providers made global
-  before any instrumentor runs;
+  ``CHATOBS_SERVICE``, so settings are validated, providers made global and the client
+  libraries instrumented before any other instrumentor runs;
 * :class:`MetricsRouteInstrumentor` mounts ``/metrics`` on every FastAPI app
-  created afterwards, which is how the route appears without code changes.
+  created afterwards, and instruments it, which is how both happen without code changes.
 
 Example::
 
@@ -21,12 +23,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Collection
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
+
+from chatobs.instrumentation import LIBRARIES
 
 __all__ = ["ChatobsConfigurator", "ChatobsDistro", "MetricsRouteInstrumentor"]
 
@@ -44,6 +49,14 @@ class ChatobsDistro(BaseDistro):
         # The catalogue names the stable HTTP metrics (seconds, `http.route`).
         os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
 
+    def load_instrumentor(self, entry_point: EntryPoint, **kwargs: Any) -> None:
+        if entry_point.name in LIBRARIES:
+            # chatobs.setup() (the configurator) instruments these, under its own client
+            # instrumentors; the contrib instrumentor on its own would trace and meter them twice.
+            _logger.debug("chatobs: %s is instrumented by chatobs.setup()", entry_point.name)
+            return
+        super().load_instrumentor(entry_point, **kwargs)
+
 
 class ChatobsConfigurator:
     """Builds the providers through :func:`chatobs.setup` (settings from the environment)."""
@@ -51,8 +64,8 @@ class ChatobsConfigurator:
     def configure(self, **kwargs: Any) -> None:
         from chatobs.telemetry import setup
 
-        # opentelemetry-instrument loads the library instrumentors itself, right after this.
-        setup(instrument=False)
+        # The client libraries now; FastAPI apps as they are built (MetricsRouteInstrumentor).
+        setup()
 
 
 def _mount_after_init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -63,12 +76,14 @@ def _mount_after_init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs
         telemetry = current()
         if telemetry is not None:
             telemetry.mount(instance)
+            telemetry.instrument(instance)
     except Exception:
-        _logger.exception("chatobs: could not mount the metrics route")
+        _logger.exception("chatobs: could not mount the metrics route or instrument the app")
 
 
 class MetricsRouteInstrumentor(BaseInstrumentor):
-    """Mounts the scrape route on each ``fastapi.FastAPI`` built after :meth:`instrument`.
+    """Mounts the scrape route on each ``fastapi.FastAPI`` built after :meth:`instrument`, and
+    instruments it (chatobs's :class:`~chatobs.instrumentation.ServerMiddleware`).
 
     ``instrument()`` and ``uninstrument()`` are idempotent (``BaseInstrumentor``).
     """

@@ -274,7 +274,7 @@ def latency(
 def backend_errors(backend: str, title: str, *, owners: frozenset[str], operations: tuple[str, ...]) -> Metric:
     return counter(
         f"{backend}_errors_total",
-        f"Failed {title} client operations, derived from the client instrumentation's spans.",
+        f"Failed {title} client operations, measured by chatobs's client instrumentation.",
         unit="{error}",
         owners=owners,
         domain="backends",
@@ -285,7 +285,7 @@ def backend_errors(backend: str, title: str, *, owners: frozenset[str], operatio
 def backend_latency(backend: str, title: str, *, owners: frozenset[str], operations: tuple[str, ...]) -> Metric:
     return latency(
         f"{backend}_operation_seconds",
-        f"{title} client operation duration, derived from the client instrumentation's spans.",
+        f"{title} client operation duration, measured by chatobs's client instrumentation.",
         owners=owners,
         domain="backends",
         labels=(Label("operation", values=operations),),
@@ -486,7 +486,7 @@ CATALOGUE: tuple[Metric, ...] = (
     ),
     latency(
         "http_client_request_duration_seconds",
-        "Outbound HTTP request duration (LLM provider, Somabrain), by server, from the httpx client spans.",
+        "Outbound HTTP request duration (LLM provider, Somabrain), by server, measured on the httpx client.",
         owners=_LLM_CALLERS,
         domain="http",
         labels=(

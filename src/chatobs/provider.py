@@ -35,9 +35,8 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
-from chatobs.instrumentation.spanmetrics import RecordClientSpans
 from chatobs.settings import OtelSettings, Settings
-from chatobs.tracing import LeanTracerProvider
+from chatobs.tracing import DecidedByParent, LeanTracerProvider
 
 __all__ = [
     "AccountedSpanExporter",
@@ -46,6 +45,7 @@ __all__ = [
     "ExportBackoff",
     "ProducingExporter",
     "PushReader",
+    "SdkTracerProvider",
     "build_metric_readers",
     "build_resource",
     "build_sampler",
@@ -270,8 +270,9 @@ def build_metric_readers(
 
 
 def build_sampler(otel: OtelSettings) -> Sampler:
-    """The ``OTEL_TRACES_SAMPLER`` sampler, wrapped so client spans it drops are still
-    recorded for the backend metrics (see :class:`~chatobs.instrumentation.spanmetrics.RecordClientSpans`)."""
+    """The ``OTEL_TRACES_SAMPLER`` sampler. ``always_on``/``always_off``, alone or under
+    ``parentbased_``, decide by the parent's flags and the span's kind alone, so they come as
+    :class:`~chatobs.tracing.DecidedByParent` (the lean tracer reads their decisions from a table)."""
     name = otel.traces_sampler
     root_name = name.removeprefix("parentbased_")
     root: Sampler
@@ -281,9 +282,20 @@ def build_sampler(otel: OtelSettings) -> Sampler:
         root = ALWAYS_OFF
     else:
         root = TraceIdRatioBased(otel.traces_sampler_arg)
-    inner = ParentBased(root) if name.startswith("parentbased_") else root
-    # ALWAYS_ON/ALWAYS_OFF, alone or under ParentBased, decide by the parent's flags alone.
-    return RecordClientSpans(inner, parent_decided=root_name in ("always_on", "always_off"))
+    sampler = ParentBased(root) if name.startswith("parentbased_") else root
+    return DecidedByParent(sampler) if root_name in ("always_on", "always_off") else sampler
+
+
+class SdkTracerProvider(TracerProvider):
+    """The SDK's ``TracerProvider`` (``CHATOBS_TRACER=sdk``), saying whether it has a span
+    processor, as :class:`~chatobs.tracing.LeanTracerProvider` does: without one, client
+    calls skip their spans (see :mod:`chatobs.instrumentation.gate`)."""
+
+    has_span_processors = False
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self.has_span_processors = True
 
 
 class AccountedSpanExporter(SpanExporter):
@@ -368,7 +380,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         if not (span.context and span.context.trace_flags.sampled):
-            return  # recorded for the span metrics only: never exported, never queued
+            return  # recorded but not sampled (a sampler's RECORD_ONLY): never exported, never queued
         if not self._exporter.ready():
             # The collector is known down: the batch would be dropped unsent, so drop the span now,
             # with no queueing and no wake-up of the export thread on the way.
@@ -396,21 +408,22 @@ class BoundedBatchSpanProcessor(SpanProcessor):
 
 def build_tracer_provider(
     settings: Settings, resource: Resource, accounting: ExportAccounting = NO_ACCOUNTING
-) -> TracerProvider | LeanTracerProvider:
+) -> SdkTracerProvider | LeanTracerProvider:
     """A tracer provider with one bounded batch processor per ``OTEL_TRACES_EXPORTER`` entry
     (``OTEL_BSP_*`` sizes; lost spans and failed exports counted in ``accounting``): chatobs's
     :class:`~chatobs.tracing.LeanTracerProvider`, or the SDK's with ``CHATOBS_TRACER=sdk``.
 
-    With no exporter the provider still samples spans (``OTEL_TRACES_SAMPLER``):
-    they carry the trace ids that exemplars and logs refer to.
+    With no exporter the provider still samples spans (``OTEL_TRACES_SAMPLER``): they carry
+    the trace ids that exemplars, logs and downstream services refer to, and record nothing
+    else (no processor would receive it).
     """
     otel = settings.otel
     sampler = build_sampler(otel)
-    provider: TracerProvider | LeanTracerProvider
+    provider: SdkTracerProvider | LeanTracerProvider
     if settings.chatobs.tracer == "lean":
         provider = LeanTracerProvider(sampler=sampler, resource=resource)
     else:
-        provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
+        provider = SdkTracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
     for name in otel.traces_exporter:
         exporter = _otlp_span_exporter(otel) if name == "otlp" else ConsoleSpanExporter()
         provider.add_span_processor(

@@ -169,8 +169,9 @@ class OtelSettings(_MappingOnly):
     )
     traces_exporter: CsvList = Field(
         ("none",),
-        description="`otlp`, `console` or `none`. Default `none`: spans still exist (exemplars, log "
-        "correlation) but are not shipped until a collector is configured.",
+        description="`otlp`, `console` or `none`. Default `none`: spans carry the trace context (exemplars, "
+        "log correlation, downstream services) but record nothing, and client calls get no span, until an "
+        "exporter is configured.",
     )
     exporter_otlp_endpoint: AnyHttpUrl | None = Field(None, description="Base URL of the OTLP receiver.")
     exporter_otlp_protocol: OtlpProtocol = Field("http/protobuf", description="`http/protobuf` or `grpc`.")

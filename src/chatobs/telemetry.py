@@ -36,7 +36,7 @@ from opentelemetry.trace import NoOpTracerProvider, Span
 
 from chatobs.cells import CellStore, with_produced
 from chatobs.exposition import Renderer, ScrapeReader, scrape_response
-from chatobs.instrumentation import BackendSpanMetrics, consumer_span, instrument_app, instrument_libraries
+from chatobs.instrumentation import consumer_span, instrument_app, instrument_libraries
 from chatobs.instruments import Instruments, views
 from chatobs.labels import LabelPolicy
 from chatobs.multiprocess import ProcessDirectory
@@ -45,6 +45,7 @@ from chatobs.provider import ExportAccounting, build_metric_readers, build_resou
 from chatobs.recorders import (
     BacklogRecorder,
     BudgetRecorder,
+    ClientRecorder,
     HealthRecorder,
     LLMRecorder,
     SomabrainRecorder,
@@ -76,7 +77,8 @@ class Telemetry:
     providers alone); services call :func:`setup`, which builds one per process.
 
     Attributes:
-        traffic, llm, somabrain, backlog, budgets, health, tools: the typed recorders.
+        traffic, llm, somabrain, backlog, budgets, health, tools, clients: the typed recorders
+            (``clients`` is fed by the client instrumentors).
         meter_provider, tracer_provider: the SDK providers (for instrumentations).
 
     Example::
@@ -156,11 +158,10 @@ class Telemetry:
         self.budgets = BudgetRecorder(*recorder_args)
         self.health = HealthRecorder(*recorder_args)
         self.tools = ToolRecorder(*recorder_args)
+        self.clients = ClientRecorder(*recorder_args, wal_topic=options.wal_topic)
         if options.process_metrics:
             pids = self.cells.live_pids if self._directory is not None else None
             register_process_metrics(self.instruments, options.data_dir, pids)
-        if not self.disabled:
-            self.tracer_provider.add_span_processor(BackendSpanMetrics(self.backlog, options.wal_topic, self.cells))
         self.tracer = self.tracer_provider.get_tracer(SCOPE_NAME, __version__)
         #: What a scrape must present (``CHATOBS_METRICS_BEARER_TOKEN*``/``_BASIC_AUTH_*``), on the app
         #: route and the standalone server alike; ``None``: nothing.
@@ -293,7 +294,7 @@ class Telemetry:
         if self.disabled:
             return []
         disabled = set(self.settings.otel.python_disabled_instrumentations)
-        names = instrument_libraries(self.tracer_provider, disabled)
+        names = instrument_libraries(self.tracer_provider, self.clients, disabled)
         if app is not None and "fastapi" not in disabled:
             options = self.settings.chatobs
             # Off the app, the metrics path is an unknown path like any other, and counted like one.

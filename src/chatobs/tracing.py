@@ -13,6 +13,11 @@ and broker call, so that cost was most of the instrumentation's share of CPU
   exporters (batch, OTLP, console) and chatobs's span metrics take it as it is;
 * the API's whole span surface: attributes, events, exceptions, status, names, links.
 
+With no span processor at all (no exporter configured), a span has nobody to record for:
+the tracer then hands out context-only spans, which carry fresh ids and the sampler's
+decision (so exemplars, log lines and downstream services still get the trace) and record
+nothing; ``is_recording()`` says so, and instrumentations skip building attributes.
+
 It leaves out the SDK's span limits (``OTEL_SPAN_*_LIMIT``: attribute values are cleaned
 as the SDK cleans them, not counted), per-span locks (a span belongs to one task; ending
 is still once only) and the SDK's experimental ``_on_ending`` processor hook. A span's
@@ -72,7 +77,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util import types
 
-__all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider", "ParentDecided", "parent_decisions"]
+__all__ = ["DecidedByParent", "LeanSpan", "LeanTracer", "LeanTracerProvider", "ParentDecided", "parent_decisions"]
 
 _UNSET = Status(StatusCode.UNSET)
 _PRIMITIVES = (str, bool, int, float)  # exact classes: the fast path
@@ -158,6 +163,28 @@ def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind
         return decisions[1 + 2 * parent.is_remote + parent.trace_flags.sampled]
 
     return parent_decision
+
+
+class DecidedByParent(Sampler):
+    """``inner``, offering its decisions as a table (:class:`ParentDecided`): for a sampler the
+    caller knows decides by the parent's flags and the span's kind alone (``ALWAYS_ON``,
+    ``ALWAYS_OFF``, ``ParentBased`` over them), so :class:`LeanTracer` reads the decision
+    instead of asking per span.
+
+    Example::
+
+        provider = LeanTracerProvider(sampler=DecidedByParent(ParentBased(ALWAYS_ON)), resource=resource)
+    """
+
+    def __init__(self, inner: Sampler):
+        self._inner = inner
+        self.parent_decision = parent_decisions(inner)
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return self._inner.get_description()
 
 
 class _Processors:
@@ -361,7 +388,8 @@ class LeanTracer(trace_api.Tracer):
             trace_flags=_FLAGS[sampled, random_id],
             trace_state=trace_state,
         )
-        if not recording:
+        if not recording or not provider.processors.ending:
+            # No processor would receive the span: its context is all anyone can use.
             return NonRecordingSpan(span_context)
         span = LeanSpan(name, span_context, parent, kind, start_attributes, _valid_links(links),
                         self._scope, provider.resource, provider.processors,
@@ -476,8 +504,14 @@ class LeanTracerProvider(trace_api.TracerProvider):
         return tracer
 
     def add_span_processor(self, processor: SpanProcessor) -> None:
-        """Every span that ends goes to ``processor`` too (in the order they were added)."""
+        """Every span that ends goes to ``processor`` too (in the order they were added). Spans
+        started before the first processor was added are context-only: they record nothing."""
         self.processors.add(processor)
+
+    @property
+    def has_span_processors(self) -> bool:
+        """Whether any span processor receives spans (else spans are context-only)."""
+        return bool(self.processors.ending)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.processors.all.force_flush(timeout_millis)

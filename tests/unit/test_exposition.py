@@ -184,11 +184,11 @@ def test_backend_error_series_exists_from_the_first_success():
     # be at 0 before the first failure, and count each failure after it.
     telemetry = build("worker")
     for _ in range(3):
-        telemetry.backlog.backend_operation("postgres", "select", 0.002, failed=False)
+        telemetry.clients.operation("postgres", "select", 0.002, failed=False)
     errors = samples(scrape(telemetry), "postgres_errors_total")
     assert errors == {(("operation", "select"),): 0}
-    telemetry.backlog.backend_operation("postgres", "select", 0.004, failed=True)
-    telemetry.backlog.backend_operation("postgres", "insert", 0.004, failed=True)
+    telemetry.clients.operation("postgres", "select", 0.004, failed=True)
+    telemetry.clients.operation("postgres", "insert", 0.004, failed=True)
     text = scrape(telemetry)
     assert samples(text, "postgres_errors_total") == {(("operation", "select"),): 1, (("operation", "insert"),): 1}
     assert samples(text, "postgres_operation_seconds_count") == {

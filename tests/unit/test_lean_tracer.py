@@ -26,8 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from chatobs.instrumentation import RecordClientSpans
-from chatobs.tracing import LeanTracerProvider
+from chatobs.tracing import DecidedByParent, LeanTracerProvider
 
 RESOURCE = Resource.create({"service.name": "lean-test"})
 
@@ -134,7 +133,7 @@ def decorated(tracer: trace.Tracer) -> None:
 #: The lean tracer asks a plain sampler per span, and reads a parent-decided one from its table.
 SAMPLERS = {
     "always_on": ALWAYS_ON,
-    "parentbased_always_on, parent-decided": RecordClientSpans(ParentBased(ALWAYS_ON), parent_decided=True),
+    "parentbased_always_on, parent-decided": DecidedByParent(ParentBased(ALWAYS_ON)),
 }
 
 
@@ -146,29 +145,51 @@ def test_lean_spans_export_like_sdk_spans(scenario, sampler):
     assert lean, "the scenario produced spans"
 
 
-@pytest.mark.parametrize("parent_decided", [False, True], ids=["asked", "parent-decided"])
-def test_sampling_decisions_are_the_samplers(parent_decided):
-    # A dropped root: no span exported, on either provider; client spans under it are recorded
-    # (RecordClientSpans) but not sampled, so a span processor sees them and they say so, with
-    # the attributes they were started with (the span metrics read the operation from them).
+@pytest.mark.parametrize("decided", [False, True], ids=["asked", "parent-decided"])
+def test_sampling_decisions_are_the_samplers(decided):
+    # A dropped root: nothing recorded under it either, on either provider (client metrics do
+    # not need the spans: chatobs.instrumentation.dispatch measures the calls themselves).
     def scenario(tracer: trace.Tracer) -> None:
         with tracer.start_as_current_span("root", kind=SpanKind.SERVER) as root:
             assert not root.is_recording()
-            produce = {"messaging.operation.name": "produce"}
-            with tracer.start_as_current_span("send", kind=SpanKind.PRODUCER, attributes=produce) as client:
-                assert client.is_recording()
+            with tracer.start_as_current_span("send", kind=SpanKind.PRODUCER) as client:
+                assert not client.is_recording()
                 assert client.get_span_context().trace_id == root.get_span_context().trace_id
 
-    sampler = RecordClientSpans(ParentBased(ALWAYS_OFF), parent_decided=parent_decided)
+    sampler = DecidedByParent(ParentBased(ALWAYS_OFF)) if decided else ParentBased(ALWAYS_OFF)
     assert _run(scenario, sampler) == [[], []], "nothing sampled, nothing exported"
-    for provider, _ in _providers(sampler):  # what span processors (the span metrics) see
+    for provider, _ in _providers(sampler):
         ended: list[ReadableSpan] = []
         provider.add_span_processor(Collect(ended))
         scenario(provider.get_tracer("test.scope"))
-        seen = [(span.name, span.kind, span.context.trace_flags.sampled, dict(span.attributes)) for span in ended]
-        assert seen == [("send", SpanKind.PRODUCER, False, {"messaging.operation.name": "produce"})], type(
-            provider
-        ).__name__
+        assert ended == [], type(provider).__name__
+
+
+def test_without_a_span_processor_spans_carry_context_only():
+    # Nobody would receive a recorded span: the lean tracer's spans then record nothing, but
+    # keep what exemplars, logs and downstream services use: fresh ids, the sampler's
+    # decision, the parent's trace, and the traceparent sent on.
+    provider = LeanTracerProvider(resource=RESOURCE, sampler=DecidedByParent(ParentBased(ALWAYS_ON)))
+    tracer = provider.get_tracer("t")
+    remote = trace.SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(remote))
+    with tracer.start_as_current_span("request", context=parent, kind=SpanKind.SERVER) as span:
+        assert not span.is_recording()
+        span.set_attribute("ignored", 1)  # harmless
+        own = span.get_span_context()
+        assert own.trace_id == 0xABC and own.span_id not in (0, 0xDEF) and own.trace_flags.sampled
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        assert carrier["traceparent"].split("-")[1:3] == [format(0xABC, "032x"), format(own.span_id, "016x")]
+        child = tracer.start_span("statement", kind=SpanKind.CLIENT)
+        assert child.get_span_context().trace_id == 0xABC and child.get_span_context().span_id != own.span_id
+    # Once a processor is there, spans are recorded again.
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert provider.has_span_processors
+    with tracer.start_as_current_span("request") as span:
+        assert span.is_recording()
+    assert [span.name for span in exporter.get_finished_spans()] == ["request"]
 
 
 STATIC = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF, "parentbased_always_on": ParentBased(ALWAYS_ON),
@@ -179,7 +200,7 @@ STATIC = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF, "parentbased_always_
 def test_parent_decisions_are_what_the_sampler_says(inner):
     # Every kind under every kind of parent, remote or local, sampled or not, and with a
     # trace state: the table's answer is the sampler's, and so is the trace state the span gets.
-    sampler = RecordClientSpans(inner, parent_decided=True)
+    sampler = DecidedByParent(inner)
     state = trace.TraceState([("vendor", "x")])
     parents: list[trace.SpanContext | None] = [None]
     for remote in (False, True):

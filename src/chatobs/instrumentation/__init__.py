@@ -1,21 +1,25 @@
 """Auto-instrumentation of the pipeline's libraries, wired to one Telemetry's providers.
 
-One instrumentor per library from opentelemetry-python-contrib (httpx, redis, asyncpg,
-aiokafka), chatobs's Kafka delivery, asyncpg connect and asyncpg pool-reset instrumentors, and for the
-inbound side of a FastAPI app chatobs's lean :class:`ServerMiddleware` (the contrib
-FastAPI instrumentation costs more than half the throughput; see docs/performance.md).
-Any of them can be switched off with the standard ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` (names: fastapi, httpx,
-redis, asyncpg, aiokafka). Calling again is harmless: an instrumentor already
-in place is left alone.
+For each client library (httpx, redis, asyncpg, aiokafka) two instrumentors, in order: the
+contrib one from opentelemetry-python-contrib, for its spans, then chatobs's over it
+(:class:`HttpClientInstrumentor`, :class:`RedisClientInstrumentor`,
+:class:`PostgresClientInstrumentor`, :class:`KafkaClientInstrumentor`), which measures every
+call into the client metrics and goes through the contrib wrapper only when its span would be
+recorded (see :mod:`chatobs.instrumentation.dispatch`). For the inbound side of a FastAPI app,
+chatobs's lean :class:`ServerMiddleware` (the contrib FastAPI instrumentation costs more than
+half the throughput; see docs/performance.md). Any library can be switched off with the
+standard ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` (names: fastapi, httpx, redis, asyncpg,
+aiokafka). Calling again is harmless: an instrumentor already in place is left alone.
 
 Example::
 
-    names = instrument_libraries(telemetry.tracer_provider, disabled=())
-    instrument_app(app, telemetry.tracer_provider, telemetry.meter_provider, excluded_urls=["/metrics", "/health"])
+    names = instrument_libraries(telemetry.tracer_provider, telemetry.clients, disabled=())
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=["/metrics", "/health"])
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Collection, Iterable
@@ -25,19 +29,23 @@ from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import Tracer
 
 from chatobs.cells import CellStore
-from chatobs.instrumentation.asyncpg_connect import AsyncpgConnectInstrumentor, AsyncpgResetInstrumentor
+from chatobs.instrumentation.dispatch import ClientInstrumentor
+from chatobs.instrumentation.gate import SpanGate
+from chatobs.instrumentation.http_client import HttpClientInstrumentor
 from chatobs.instrumentation.http_server import ServerMiddleware
-from chatobs.instrumentation.kafka import KafkaDeliveryInstrumentor, consumer_span
-from chatobs.instrumentation.spanmetrics import BackendSpanMetrics, RecordClientSpans
+from chatobs.instrumentation.kafka import KafkaClientInstrumentor, consumer_span
+from chatobs.instrumentation.postgres import PostgresClientInstrumentor
+from chatobs.instrumentation.redis import RedisClientInstrumentor
+from chatobs.recorders.clients import ClientRecorder
 
 __all__ = [
     "LIBRARIES",
-    "AsyncpgConnectInstrumentor",
-    "AsyncpgResetInstrumentor",
-    "BackendSpanMetrics",
-    "KafkaDeliveryInstrumentor",
-    "RecordClientSpans",
+    "HttpClientInstrumentor",
+    "KafkaClientInstrumentor",
+    "PostgresClientInstrumentor",
+    "RedisClientInstrumentor",
     "ServerMiddleware",
+    "SpanGate",
     "consumer_span",
     "instrument_app",
     "instrument_libraries",
@@ -51,57 +59,58 @@ LIBRARIES = ("fastapi", "httpx", "redis", "asyncpg", "aiokafka")
 
 
 def _opt_in_to_stable_http_semconv() -> None:
-    # The catalogue names the stable HTTP metrics (seconds, `http.route`); the contrib
-    # instrumentations emit the old ones (milliseconds, `http.target`) unless opted in.
-    # They read this variable once, at their first use, so it must be set before that.
+    # The contrib instrumentations emit the old HTTP conventions (`http.method`, `http.url`)
+    # unless opted in. They read this variable once, at their first use, so it must be set before that.
     current = [part.strip() for part in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",") if part.strip()]
     if not {"http", "http/dup"} & set(current):
         os.environ["OTEL_SEMCONV_STABILITY_OPT_IN"] = ",".join([*current, "http"])
 
 
-def _instrumentors(disabled: Collection[str]) -> list[tuple[str, Any]]:
-    """(library name, instrumentor) for each enabled library."""
-    found: list[tuple[str, Any]] = []
-    if "httpx" not in disabled:
-        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-
-        found.append(("httpx", HTTPXClientInstrumentor()))
-    if "redis" not in disabled:
-        from opentelemetry.instrumentation.redis import RedisInstrumentor
-
-        found.append(("redis", RedisInstrumentor()))
-    if "asyncpg" not in disabled:
-        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-
-        found.append(("asyncpg", AsyncPGInstrumentor()))
-        found.append(("asyncpg", AsyncpgConnectInstrumentor()))
-        found.append(("asyncpg", AsyncpgResetInstrumentor()))
-    if "aiokafka" not in disabled:
-        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
-
-        found.append(("aiokafka", AIOKafkaInstrumentor()))
-        found.append(("aiokafka", KafkaDeliveryInstrumentor()))
-    return found
+#: library name -> (the contrib instrumentor, for spans: module and class; chatobs's, over it)
+_CLIENTS: dict[str, tuple[str, str, type[ClientInstrumentor]]] = {
+    "httpx": ("opentelemetry.instrumentation.httpx", "HTTPXClientInstrumentor", HttpClientInstrumentor),
+    "redis": ("opentelemetry.instrumentation.redis", "RedisInstrumentor", RedisClientInstrumentor),
+    "asyncpg": ("opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor", PostgresClientInstrumentor),
+    "aiokafka": ("opentelemetry.instrumentation.aiokafka", "AIOKafkaInstrumentor", KafkaClientInstrumentor),
+}
 
 
-def instrument_libraries(tracer_provider: Any, disabled: Collection[str] = ()) -> list[str]:
-    """Instrument httpx, redis, asyncpg and aiokafka; return the names now instrumented."""
+def _contrib(module: str, name: str) -> Any:
+    """The contrib instrumentor (a singleton, as every ``BaseInstrumentor``), imported when needed."""
+    return getattr(importlib.import_module(module), name)()
+
+
+def instrument_libraries(tracer_provider: Any, clients: ClientRecorder, disabled: Collection[str] = ()) -> list[str]:
+    """Instrument httpx, redis, asyncpg and aiokafka, metrics into ``clients``; return the names
+    now instrumented."""
     _opt_in_to_stable_http_semconv()
     names = []
-    for name, instrumentor in _instrumentors(disabled):
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            # No instrumentor gets the real meter provider: their synchronous SDK instruments are
-            # what costs; the durations and errors come from their spans (BackendSpanMetrics).
-            instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
+    for name, (module, contrib_name, ours_class) in _CLIENTS.items():
+        if name in disabled:
+            continue
+        ours = ours_class()
+        if not ours.is_instrumented_by_opentelemetry:
+            contrib = _contrib(module, contrib_name)
+            if not contrib.is_instrumented_by_opentelemetry:
+                # No contrib instrumentor gets the real meter provider: their synchronous SDK
+                # instruments are what costs, and chatobs's instrumentors measure the calls.
+                contrib.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
+            ours.instrument(tracer_provider=tracer_provider, clients=clients,
+                            traced=contrib.is_instrumented_by_opentelemetry)  # fmt: skip
         names.append(name)
-    return sorted(set(names))
+    return names
 
 
 def uninstrument_libraries() -> None:
-    """Undo :func:`instrument_libraries` (for tests that build several pipelines)."""
-    for _, instrumentor in _instrumentors(()):
-        if instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.uninstrument()
+    """Undo :func:`instrument_libraries` (for tests that build several pipelines): chatobs's
+    instrumentors first, then the contrib ones beneath them."""
+    for module, contrib_name, ours_class in _CLIENTS.values():
+        ours = ours_class()
+        if ours.is_instrumented_by_opentelemetry:
+            ours.uninstrument()
+        contrib = _contrib(module, contrib_name)
+        if contrib.is_instrumented_by_opentelemetry:
+            contrib.uninstrument()
 
 
 def instrument_app(app: Any, tracer: Tracer, cells: CellStore, excluded_paths: Iterable[str]) -> bool:

@@ -1,15 +1,24 @@
-"""Kafka: delivery outcomes as spans, and trace context from record headers.
+"""Kafka (aiokafka): deliveries and commits measured, traced when the span would be recorded,
+and trace context carried in record headers.
 
-The contrib aiokafka instrumentation injects the trace context into record
-headers and traces ``send()``, but its span ends when the record is queued, so
-a broker that never acknowledges (stopped, unreachable) fails later, outside
-any span. :class:`KafkaDeliveryInstrumentor` adds a producer span per record
-from ``send()`` to the broker's acknowledgement or the delivery failure, and a
-span per consumer ``commit()``; :mod:`chatobs.instrumentation.spanmetrics`
-turns them into ``kafka_*`` and ``wal_*`` metrics.
+:class:`KafkaClientInstrumentor` puts dispatchers (:mod:`chatobs.instrumentation.dispatch`)
+over ``AIOKafkaProducer.send``, ``AIOKafkaConsumer.commit``, ``getone`` and ``getmany``:
 
-:func:`consumer_span` continues the producer's trace while a consumer handles
-a record, so one chat turn is one trace across services.
+* a ``send()`` is measured to the broker's acknowledgement, or the delivery's failure: the
+  contrib instrumentation's span ends when the record is queued, so a broker that never
+  acknowledges (stopped, unreachable) would fail outside any measurement. Each delivery is one
+  ``kafka_operation_seconds{operation="produce"}`` observation (and one
+  ``kafka_errors_total`` when it failed), and on ``CHATOBS_WAL_TOPIC`` one
+  ``wal_publish_seconds`` (``wal_publish_errors_total``); a ``commit()`` is one ``commit``;
+* when a span would be recorded, a delivery gets a PRODUCER span of its own from ``send()`` to
+  the acknowledgement, around the contrib instrumentation's ``send`` span (which puts its
+  context in the record's headers), and a commit a CLIENT span; ``getone``/``getmany`` go
+  through the contrib instrumentation's consumer spans;
+* otherwise a ``send()`` puts the current trace context in the record's headers itself,
+  so the consumer still continues the trace.
+
+:func:`consumer_span` continues the producer's trace while a consumer handles a record, so
+one chat turn is one trace across services.
 
 Example::
 
@@ -22,20 +31,37 @@ Example::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterator
+import time
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-from wrapt import wrap_function_wrapper
 
-from chatobs.instrumentation.spanmetrics import KAFKA_SCOPE
+from chatobs.instrumentation.dispatch import (
+    ClientInstrumentor,
+    ClientOperation,
+    PatchSpec,
+    Wiring,
+    dispatcher,
+    dispatching,
+)
+from chatobs.recorders.clients import ClientRecorder
 
-__all__ = ["KafkaDeliveryInstrumentor", "consumer_span"]
+__all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
+
+#: Instrumentation scope of chatobs's Kafka delivery and commit spans.
+KAFKA_SCOPE = "chatobs.instrumentation.kafka"
+# The messaging conventions are still incubating: their constants exist only in the
+# semantic-conventions package's private `_incubating` module, so the names are spelt here.
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_OPERATION_NAME = "messaging.operation.name"
+MESSAGING_DESTINATION_NAME = "messaging.destination.name"
+MESSAGING_DESTINATION_PARTITION_ID = "messaging.destination.partition.id"
+MESSAGING_KAFKA_MESSAGE_OFFSET = "messaging.kafka.message.offset"
+_SEND_HEADERS_POSITION = 6  # send(self, topic, value, key, partition, timestamp_ms, headers)
 
 
 class _HeaderGetter(Getter[Any]):
@@ -49,7 +75,13 @@ class _HeaderGetter(Getter[Any]):
         return [name for name, _ in carrier or ()]
 
 
+class _HeaderSetter(Setter[list[tuple[str, bytes]]]):
+    def set(self, carrier: list[tuple[str, bytes]], key: str, value: str) -> None:
+        carrier.append((key, value.encode("latin-1")))
+
+
 _GETTER = _HeaderGetter()
+_SETTER = _HeaderSetter()
 
 
 @contextmanager
@@ -63,26 +95,95 @@ def consumer_span(tracer: Tracer, record: Any, name: str | None = None) -> Itera
         context = propagate.extract(record.headers, getter=_GETTER)
     except Exception:  # noqa: BLE001 - a malformed record: no parent, but still a span
         context = None
-    attributes: dict[str, str | int] = {"messaging.system": "kafka", "messaging.operation.name": "process"}
     topic = getattr(record, "topic", None)
-    if isinstance(topic, str):
-        attributes["messaging.destination.name"] = topic
-    else:
-        topic = "kafka"  # for the span name only
-    partition = getattr(record, "partition", None)
-    if partition.__class__ is int:
-        attributes["messaging.destination.partition.id"] = str(partition)
-    offset = getattr(record, "offset", None)
-    if offset.__class__ is int:
-        attributes["messaging.kafka.message.offset"] = offset
-    span_name = name if isinstance(name, str) and name else f"{topic} process"
-    with tracer.start_as_current_span(
-        span_name, context=context, kind=SpanKind.CONSUMER, attributes=attributes
-    ) as span:
+    span_name = name if isinstance(name, str) and name else f"{topic if isinstance(topic, str) else 'kafka'} process"
+    with tracer.start_as_current_span(span_name, context=context, kind=SpanKind.CONSUMER) as span:
+        if span.is_recording():  # nothing to build for a span no processor receives
+            span.set_attributes(_record_attributes(record, topic))
         yield span
 
 
-def _end(span: Span, future: asyncio.Future[Any]) -> None:
+def _record_attributes(record: Any, topic: Any) -> dict[str, str | int]:
+    attributes: dict[str, str | int] = {MESSAGING_SYSTEM: "kafka", MESSAGING_OPERATION_NAME: "process"}
+    if isinstance(topic, str):
+        attributes[MESSAGING_DESTINATION_NAME] = topic
+    partition = getattr(record, "partition", None)
+    if partition.__class__ is int:
+        attributes[MESSAGING_DESTINATION_PARTITION_ID] = str(partition)
+    offset = getattr(record, "offset", None)
+    if offset.__class__ is int:
+        attributes[MESSAGING_KAFKA_MESSAGE_OFFSET] = offset
+    return attributes
+
+
+def _send_topic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[1] if len(args) > 1 else kwargs.get("topic")
+
+
+class _Produce(ClientOperation):
+    """A ``send()``: measured from the call to the delivery's outcome."""
+
+    def __init__(self, clients: ClientRecorder):
+        self._clients = clients
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
+        return _send_topic(args, kwargs), time.perf_counter()
+
+    def propagate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return _with_trace_headers(args, kwargs)
+
+    def record(self, described: tuple[Any, float], seconds: float, result: Any, failed: bool) -> None:
+        topic, started = described
+        wal = topic.__class__ is str and topic == self._clients.wal_topic
+        if failed or not isinstance(result, asyncio.Future):
+            self._clients.produced(seconds, failed=failed, wal=wal)
+            return
+
+        def delivered(future: asyncio.Future[Any]) -> None:
+            failed = future.cancelled() or future.exception() is not None
+            self._clients.produced(time.perf_counter() - started, failed=failed, wal=wal)
+
+        result.add_done_callback(delivered)
+
+
+class _Commit(ClientOperation):
+    def __init__(self, clients: ClientRecorder):
+        self._clients = clients
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return "commit"
+
+    def record(self, described: str, seconds: float, result: Any, failed: bool) -> None:
+        self._clients.operation("kafka", described, seconds, failed=failed)
+
+
+class _Unmeasured(ClientOperation):
+    """Polls (``getone``/``getmany``): no metric of their own, only the contrib spans."""
+
+
+def _with_trace_headers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``send()``'s arguments with the current trace context appended to a copy of the headers
+    (the caller's list is left as it was: it may be reused for the next record)."""
+    if len(args) >= _SEND_HEADERS_POSITION + 1:
+        headers, args = args[_SEND_HEADERS_POSITION], args[:_SEND_HEADERS_POSITION]
+    else:
+        headers = kwargs.get("headers")
+    carrier = list(headers or ())
+    propagate.inject(carrier, setter=_SETTER)
+    return args, {**kwargs, "headers": carrier}
+
+
+def _propagating(send: Any) -> Any:
+    """``send`` with the current trace context in the record's headers."""
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _with_trace_headers(args, kwargs)
+        return await send(*args, **kwargs)
+
+    return call
+
+
+def _end_delivery(span: Span, future: asyncio.Future[Any]) -> None:
     if future.cancelled():
         span.set_status(Status(StatusCode.ERROR, "delivery cancelled"))
     elif (error := future.exception()) is not None:
@@ -91,50 +192,61 @@ def _end(span: Span, future: asyncio.Future[Any]) -> None:
     span.end()
 
 
-class KafkaDeliveryInstrumentor(BaseInstrumentor):
-    """Spans for aiokafka deliveries (send to acknowledgement) and consumer commits.
+def _delivery_span(send: Any, tracer: Tracer) -> Any:
+    """``send`` in a PRODUCER span that ends with the delivery."""
 
-    ``instrument(tracer_provider=...)``; idempotent, as every ``BaseInstrumentor``.
-    """
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        topic = _send_topic(args, kwargs)
+        attributes = {MESSAGING_SYSTEM: "kafka", MESSAGING_DESTINATION_NAME: str(topic),
+                      MESSAGING_OPERATION_NAME: "produce"}  # fmt: skip
+        span = tracer.start_span(f"{topic} publish", kind=SpanKind.PRODUCER, attributes=attributes)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                delivery = await send(*args, **kwargs)
+        except BaseException as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            span.end()
+            raise
+        delivery.add_done_callback(lambda future: _end_delivery(span, future))
+        return delivery
+
+    return traced
+
+
+def _commit_span(commit: Any, tracer: Tracer) -> Any:
+    attributes = {MESSAGING_SYSTEM: "kafka", MESSAGING_OPERATION_NAME: "commit"}
+
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        with tracer.start_as_current_span("commit", kind=SpanKind.CLIENT, attributes=attributes):
+            return await commit(*args, **kwargs)
+
+    return traced
+
+
+class KafkaClientInstrumentor(ClientInstrumentor):
+    """aiokafka's deliveries and commits, measured into a :class:`~chatobs.recorders.ClientRecorder`
+    and traced when a span would be recorded (see
+    :class:`~chatobs.instrumentation.dispatch.ClientInstrumentor`)."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("aiokafka >= 0.8",)
 
-    def _instrument(self, **kwargs: Any) -> None:
-        tracer = trace.get_tracer(KAFKA_SCOPE, tracer_provider=kwargs.get("tracer_provider"))
-
-        async def send(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            topic = args[0] if args else kwargs.get("topic")
-            span = tracer.start_span(
-                f"{topic} publish",
-                kind=SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.destination.name": str(topic),
-                    "messaging.operation.name": "produce",
-                },
-            )
-            try:
-                with trace.use_span(span, end_on_exit=False):
-                    delivery = await wrapped(*args, **kwargs)
-            except BaseException as error:
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                span.end()
-                raise
-            delivery.add_done_callback(lambda future: _end(span, future))
-            return delivery
-
-        async def commit(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            attributes = {"messaging.system": "kafka", "messaging.operation.name": "commit"}
-            with tracer.start_as_current_span("commit", kind=SpanKind.CLIENT, attributes=attributes):
-                return await wrapped(*args, **kwargs)
-
-        wrap_function_wrapper("aiokafka", "AIOKafkaProducer.send", send)
-        wrap_function_wrapper("aiokafka", "AIOKafkaConsumer.commit", commit)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
+    def _specs(self, wiring: Wiring) -> Iterable[PatchSpec]:
         import aiokafka
 
-        unwrap(aiokafka.AIOKafkaProducer, "send")
-        unwrap(aiokafka.AIOKafkaConsumer, "commit")
+        tracer = trace.get_tracer(KAFKA_SCOPE, tracer_provider=wiring.tracer_provider)
+        gate, produce, commit = wiring.gate, _Produce(wiring.clients), _Commit(wiring.clients)
+
+        def build_send(original: Any, contrib: Any) -> Any:
+            # Through the contrib `send` (its span puts its context in the headers), or with our own headers.
+            inner = contrib if contrib is not None else _propagating(original)
+            return dispatching(original, _delivery_span(inner, tracer), gate, produce)
+
+        def build_commit(original: Any, _: Any) -> Any:
+            return dispatching(original, _commit_span(original, tracer), gate, commit)
+
+        yield aiokafka.AIOKafkaProducer, "send", build_send, True
+        yield aiokafka.AIOKafkaConsumer, "commit", build_commit, False
+        for poll in ("getone", "getmany"):
+            yield aiokafka.AIOKafkaConsumer, poll, dispatcher(gate, _Unmeasured()), True

@@ -2,6 +2,7 @@
 
 from chatobs.recorders.backlog import BacklogRecorder
 from chatobs.recorders.budgets import BudgetRecorder
+from chatobs.recorders.clients import ClientRecorder
 from chatobs.recorders.health import HealthRecorder, ToolRecorder
 from chatobs.recorders.llm import LLMRecorder, llm_error_code
 from chatobs.recorders.somabrain import CircuitState, SomabrainRecorder
@@ -11,6 +12,7 @@ __all__ = [
     "BacklogRecorder",
     "BudgetRecorder",
     "CircuitState",
+    "ClientRecorder",
     "HealthRecorder",
     "LLMRecorder",
     "SomabrainRecorder",

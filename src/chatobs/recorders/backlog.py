@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from typing import Literal, get_args
 
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.trace import SpanContext
 
 from chatobs.cells import CellStore
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 from chatobs.recorders._base import ErrorCallback, Recorder, Timer, checked_amount, guarded
 
-__all__ = ["BACKENDS", "Backend", "BacklogRecorder"]
-
-#: Backends with `{backend}_operation_seconds` and `{backend}_errors_total` in the catalogue.
-Backend = Literal["redis", "kafka", "postgres"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
-_BACKEND_METRICS = {backend: (f"{backend}_operation_seconds", f"{backend}_errors_total") for backend in BACKENDS}
+__all__ = ["BacklogRecorder"]
 
 
 class BacklogRecorder(Recorder):
@@ -79,30 +72,6 @@ class BacklogRecorder(Recorder):
 
     def time_wal_consume(self) -> Timer:
         return Timer(self.wal_consumed)
-
-    @guarded("wal_publish_seconds")
-    def wal_publish(self, seconds: float, *, failed: bool, span: SpanContext | None = None) -> None:
-        """One publish to the WAL topic, send to broker acknowledgement (or failure)."""
-        errors = 1 if failed else 0  # before recording anything: a bad `failed` records nothing
-        self._observe("wal_publish_seconds", seconds, span=span)
-        # Adding 0 on success creates the error series before the first failure: Prometheus's
-        # increase() of a series that first appears at 1 is 0, so that failure would not alert.
-        self._add("wal_publish_errors_total", errors, "produce")
-
-    @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds" if backend in BACKENDS else "other")
-    def backend_operation(
-        self, backend: Backend, operation: str, seconds: float, *, failed: bool, span: SpanContext | None = None
-    ) -> None:
-        """One client operation on ``backend`` (redis, kafka, postgres): its duration and, if it
-        failed, an error; ``span``: the operation's span, for the exemplar. Fed by
-        :class:`chatobs.instrumentation.spanmetrics.BackendSpanMetrics`."""
-        names = _BACKEND_METRICS.get(backend)
-        if names is None:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        errors = 1 if failed else 0
-        self._observe(names[0], seconds, operation, span=span)
-        # 0 on success: the error series exists before the first failure (see wal_publish).
-        self._add(names[1], errors, operation)
 
     @guarded("redis_errors_total")
     def redis_error(self, operation: str) -> None:

@@ -1,0 +1,270 @@
+"""Client calls measured always, and traced only when the span would be recorded.
+
+Each client library chatobs instruments (asyncpg, redis, httpx, aiokafka) gets, over each
+method the contrib instrumentation wraps, a *dispatcher*: it times the call and records the
+client metrics (``{backend}_operation_seconds``, ``{backend}_errors_total``,
+``http_client_request_duration_seconds``, ...) itself, and goes through the contrib
+instrumentation's wrapper only when :class:`~chatobs.instrumentation.gate.SpanGate` says a
+span would be recorded. Otherwise it calls the library directly, after doing itself the one
+thing the contrib wrapper does that is not about the span: putting the trace context into
+what is sent (HTTP headers, Kafka record headers), so the trace still continues downstream.
+
+So metrics never depend on sampling or exporters (a dropped trace cannot hide a failure),
+and a service that exports no spans does not build them. A library's metrics are described
+by a :class:`ClientOperation`; :class:`Patch` puts a dispatcher in place and takes it away.
+
+Example::
+
+    patch = Patch(asyncpg.Connection, "fetch")
+    patch.apply(dispatcher(SpanGate(tracer_provider), Statement(telemetry.clients)), traced=contrib_instrumented)
+    ...
+    patch.restore()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+
+from chatobs.instrumentation.gate import SpanGate
+
+if TYPE_CHECKING:
+    from chatobs.recorders.clients import ClientRecorder
+
+__all__ = [
+    "ClientInstrumentor",
+    "ClientOperation",
+    "Patch",
+    "PatchSpec",
+    "Wiring",
+    "dispatcher",
+    "dispatching",
+    "dispatching_sync",
+]
+
+_logger = logging.getLogger("chatobs")
+
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+
+
+class ClientOperation:
+    """How one kind of client call is measured: a subclass per library.
+
+    The dispatcher calls :meth:`describe` before the call, :meth:`propagate` when the call goes
+    to the library directly (no contrib span), and :meth:`record` after it. None of them may
+    raise into the application: the dispatcher logs and swallows what they raise.
+    """
+
+    #: Exceptions of the call that are outcomes, not failures (``StopAsyncIteration``, ...).
+    benign: tuple[type[BaseException], ...] = ()
+
+    def enabled(self) -> bool:
+        """Whether to measure at all (``suppress_instrumentation`` says not)."""
+        return is_instrumentation_enabled()
+
+    def describe(self, args: Args, kwargs: Kwargs) -> Any:
+        """What :meth:`record` needs to know of the call (its operation, say); None: record nothing."""
+        return None
+
+    def propagate(self, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
+        """The arguments with the current trace context put where the peer reads it."""
+        return args, kwargs
+
+    def record(self, described: Any, seconds: float, result: Any, failed: bool) -> None:
+        """The call took ``seconds`` and returned ``result`` (None if it raised)."""
+
+
+def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
+    _logger.debug("chatobs: %s.%s failed", type(operation).__name__, step, exc_info=error)
+
+
+def _prepare(
+    operation: ClientOperation, traced: Callable[..., Any] | None, gate: Callable[[], bool], args: Args, kwargs: Kwargs
+) -> tuple[Any, bool, Args, Kwargs]:
+    """(described, through the contrib span?, args, kwargs) for one call; never raises."""
+    try:
+        described = operation.describe(args, kwargs)
+        spans = traced is not None and gate()
+        if not spans:
+            args, kwargs = operation.propagate(args, kwargs)
+        return described, spans, args, kwargs
+    except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+        _fail_safe(operation, "describe", error)
+        return None, False, args, kwargs
+
+
+def _record(operation: ClientOperation, described: Any, started: float, result: Any, error: BaseException | None):
+    if described is None:
+        return
+    failed = isinstance(error, Exception) and not isinstance(error, operation.benign)
+    try:
+        operation.record(described, time.perf_counter() - started, result, failed)
+    except Exception as failure:  # noqa: BLE001 - as in _prepare
+        _fail_safe(operation, "record", failure)
+
+
+def dispatching(
+    original: Callable[..., Any],
+    traced: Callable[..., Any] | None,
+    gate: Callable[[], bool],
+    operation: ClientOperation,
+) -> Callable[..., Any]:
+    """An ``async`` dispatcher over ``original``: ``traced`` (same arguments, ``self`` first for
+    a method) when the gate says a span would be recorded, else ``original``; measured either way."""
+
+    async def dispatch(*args: Any, **kwargs: Any) -> Any:
+        if not operation.enabled():
+            return await original(*args, **kwargs)
+        described, spans, args, kwargs = _prepare(operation, traced, gate, args, kwargs)
+        started = time.perf_counter()
+        try:
+            result = await (traced if spans else original)(*args, **kwargs)  # type: ignore[misc]
+        except BaseException as error:
+            _record(operation, described, started, None, error)
+            raise
+        _record(operation, described, started, result, None)
+        return result
+
+    return dispatch
+
+
+def dispatching_sync(
+    original: Callable[..., Any],
+    traced: Callable[..., Any] | None,
+    gate: Callable[[], bool],
+    operation: ClientOperation,
+) -> Callable[..., Any]:
+    """:func:`dispatching` for a synchronous method."""
+
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        if not operation.enabled():
+            return original(*args, **kwargs)
+        described, spans, args, kwargs = _prepare(operation, traced, gate, args, kwargs)
+        started = time.perf_counter()
+        try:
+            result = (traced if spans else original)(*args, **kwargs)  # type: ignore[misc]
+        except BaseException as error:
+            _record(operation, described, started, None, error)
+            raise
+        _record(operation, described, started, result, None)
+        return result
+
+    return dispatch
+
+
+Builder = Callable[[Callable[..., Any], "Callable[..., Any] | None"], Callable[..., Any]]
+_MISSING = object()
+
+
+def dispatcher(gate: Callable[[], bool], operation: ClientOperation, *, sync: bool = False) -> Builder:
+    """A :class:`Patch` builder: ``original`` and the contrib ``traced`` path, dispatched by ``gate``."""
+    dispatch = dispatching_sync if sync else dispatching
+    return lambda original, traced: dispatch(original, traced, gate, operation)
+
+
+class Patch:
+    """One attribute (a method of a class, or a module's function) replaced by a dispatcher.
+
+    :meth:`apply` reads what is there: with ``traced=True`` it is the contrib
+    instrumentation's wrapper (wrapt's, whose ``__wrapped__`` is the library's own function),
+    else the library's function itself (inherited, if the class does not define it).
+    ``build(original, traced)`` gets both as callables taking the attribute's own arguments
+    (``self`` first for a method); :meth:`restore` puts back what was there, so the contrib
+    instrumentation can then be undone as usual.
+    """
+
+    __slots__ = ("_before", "_replacement", "name", "owner")
+
+    def __init__(self, owner: Any, name: str):
+        self.owner = owner
+        self.name = name
+        self._before: Any = _MISSING
+        self._replacement: Any = None
+
+    def apply(self, build: Builder, *, traced: bool) -> None:
+        own = vars(self.owner).get(self.name, _MISSING)
+        before = getattr(self.owner, self.name) if own is _MISSING else own
+        original = before
+        through_spans: Callable[..., Any] | None = None
+        if traced and hasattr(before, "__wrapped__"):
+            original = before.__wrapped__
+            through_spans = _unbound(before) if isinstance(self.owner, type) else before
+        replacement = build(original, through_spans)
+        replacement.__wrapped__ = before  # type: ignore[attr-defined]
+        for name in ("__name__", "__qualname__", "__doc__"):
+            setattr(replacement, name, getattr(original, name, None) or self.name)
+        self._before, self._replacement = own, replacement
+        setattr(self.owner, self.name, replacement)
+
+    def restore(self) -> None:
+        if self._replacement is not None and vars(self.owner).get(self.name) is self._replacement:
+            if self._before is _MISSING:
+                delattr(self.owner, self.name)  # it was inherited: inherited again
+            else:
+                setattr(self.owner, self.name, self._before)
+        self._before, self._replacement = _MISSING, None
+
+
+def _unbound(wrapper: Any) -> Callable[..., Any]:
+    """A method wrapper (wrapt's, as the class holds it) as a function taking ``self`` first."""
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return wrapper.__get__(self, type(self))(*args, **kwargs)
+
+    return call
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What a :class:`ClientInstrumentor` is instrumenting with: where metrics go, the tracer
+    provider and its :class:`SpanGate`, and whether the contrib instrumentation of the library
+    is in place beneath (``traced``)."""
+
+    clients: ClientRecorder
+    tracer_provider: Any
+    gate: SpanGate
+    traced: bool
+
+
+#: (owner, attribute, builder, whether the contrib instrumentation wraps that attribute)
+PatchSpec = tuple[Any, str, Builder, bool]
+
+
+class ClientInstrumentor(BaseInstrumentor):
+    """Base of chatobs's client instrumentors: the dispatchers a subclass names (:meth:`_specs`)
+    are put in place by ``instrument(clients=..., tracer_provider=..., traced=...)`` and taken
+    away by ``uninstrument()`` (to be called before the contrib instrumentation's own).
+
+    ``traced`` says the contrib instrumentation of the library was instrumented just before,
+    so its spans are there to go through. Idempotent, as every ``BaseInstrumentor``.
+    """
+
+    _patches: tuple[Patch, ...] = ()
+
+    def _specs(self, wiring: Wiring) -> Iterable[PatchSpec]:
+        raise NotImplementedError
+
+    def _instrument(self, **kwargs: Any) -> None:
+        provider = kwargs.get("tracer_provider") or trace.get_tracer_provider()
+        wiring = Wiring(kwargs["clients"], provider, SpanGate(provider), bool(kwargs.get("traced", False)))
+        patches = []
+        try:
+            for owner, name, build, through_contrib in self._specs(wiring):
+                patch = Patch(owner, name)
+                patch.apply(build, traced=through_contrib and wiring.traced)
+                patches.append(patch)
+        finally:
+            self._patches = tuple(patches)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._patches = ()

@@ -1,0 +1,157 @@
+"""PostgreSQL through asyncpg: every statement measured, traced when the span would be recorded.
+
+:class:`PostgresClientInstrumentor` puts a dispatcher (:mod:`chatobs.instrumentation.dispatch`)
+over each statement method the contrib asyncpg instrumentation wraps (``Connection.execute``,
+``fetch``, ``fetchval``, ``fetchrow``, ``executemany``, the cursor and prepared-statement
+methods, and ``Connection.fetchmany``, which it does not) and over ``asyncpg.connect``:
+
+* every call is one ``postgres_operation_seconds{operation}`` observation and, when it
+  raised, one ``postgres_errors_total{operation}`` (0 on success, so the series exists
+  before the first failure); the operation is the statement's first word, lower case
+  (``select``, ``insert``, ``begin``, ...), or ``connect``;
+* the contrib instrumentation's span is made only when :class:`~chatobs.instrumentation.gate.SpanGate`
+  says a span processor would receive it; a connection attempt gets chatobs's own ``connect``
+  span then (the contrib instrumentation has none, so a refused connection would fail outside
+  any span);
+* ``Connection.reset``, the statement a pool runs on every connection it takes back, runs
+  with instrumentation suppressed: it is housekeeping, not a statement the application ran
+  (traced, it was a third span per request and a ``select`` counted in every request).
+
+Example::
+
+    AsyncPGInstrumentor().instrument(tracer_provider=telemetry.tracer_provider)  # the contrib spans
+    PostgresClientInstrumentor().instrument(clients=telemetry.clients, tracer_provider=telemetry.tracer_provider,
+                                            traced=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.semconv.attributes.db_attributes import DB_OPERATION_NAME, DB_SYSTEM_NAME
+from opentelemetry.trace import SpanKind
+
+from chatobs.instrumentation.dispatch import (
+    ClientInstrumentor,
+    ClientOperation,
+    PatchSpec,
+    Wiring,
+    dispatcher,
+    dispatching,
+)
+from chatobs.recorders.clients import ClientRecorder
+
+__all__ = ["CONNECT_SCOPE", "PostgresClientInstrumentor", "statement_operation"]
+
+#: Instrumentation scope of chatobs's ``connect`` spans.
+CONNECT_SCOPE = "chatobs.instrumentation.asyncpg"
+
+# (module, class or None for a module function, attribute, where the statement is)
+_STATEMENTS = (
+    ("asyncpg.connection", "Connection", ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany"),
+     "argument"),
+    ("asyncpg.cursor", "Cursor", ("fetch", "forward", "fetchrow"), "attribute"),
+    ("asyncpg.cursor", "CursorIterator", ("__anext__",), "attribute"),
+    ("asyncpg.prepared_stmt", "PreparedStatement", ("fetch", "fetchval", "fetchrow", "executemany", "fetchmany"),
+     "attribute"),
+)  # fmt: skip
+_LEADING_COMMENTS = re.compile(r"\s*(?:(?:/\*.*?\*/|--[^\n]*)\s*)*", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=512)
+def statement_operation(statement: str) -> str:
+    """The operation label of a statement: its first word, lower case, after any comments.
+
+    Example::
+
+        statement_operation("/* report */ SELECT 1")  # 'select'
+    """
+    words = statement[_LEADING_COMMENTS.match(statement).end() :].split(None, 1)  # type: ignore[union-attr]
+    return words[0].rstrip(";").lower() if words else "other"
+
+
+def _operation_of(statement: Any) -> str:
+    return statement_operation(statement) if statement.__class__ is str else "other"
+
+
+class _Statement(ClientOperation):
+    """A statement passed as the method's first argument (``Connection.fetch(query, ...)``)."""
+
+    def __init__(self, clients: ClientRecorder):
+        self._clients = clients
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return _operation_of(args[1] if len(args) > 1 else kwargs.get("query"))
+
+    def record(self, described: str, seconds: float, result: Any, failed: bool) -> None:
+        self._clients.operation("postgres", described, seconds, failed=failed)
+
+
+class _BoundStatement(_Statement):
+    """A statement the object holds (a cursor, a prepared statement); the end of a cursor's
+    rows is an outcome, not a failure."""
+
+    benign = (StopAsyncIteration,)
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return _operation_of(getattr(args[0], "_query", None))
+
+
+class _Connect(_Statement):
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return "connect"
+
+
+def _connect_span(connect: Any, tracer: trace.Tracer) -> Any:
+    attributes = {DB_SYSTEM_NAME: "postgresql", DB_OPERATION_NAME: "connect"}
+
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        with tracer.start_as_current_span("connect", kind=SpanKind.CLIENT, attributes=attributes):
+            return await connect(*args, **kwargs)
+
+    return traced
+
+
+def _untraced_reset(original: Any, traced: Any) -> Any:
+    async def reset(*args: Any, **kwargs: Any) -> Any:
+        with suppress_instrumentation():
+            return await original(*args, **kwargs)
+
+    return reset
+
+
+class PostgresClientInstrumentor(ClientInstrumentor):
+    """asyncpg's statements and connection attempts, measured into a
+    :class:`~chatobs.recorders.ClientRecorder` and traced when a span would be recorded
+    (see :class:`~chatobs.instrumentation.dispatch.ClientInstrumentor`)."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("asyncpg >= 0.27",)
+
+    def _specs(self, wiring: Wiring) -> Iterable[PatchSpec]:
+        import asyncpg
+        import asyncpg.connection
+
+        gate = wiring.gate
+        for module_name, class_name, methods, where in _STATEMENTS:
+            owner = getattr(importlib.import_module(module_name), class_name)
+            operation = _Statement(wiring.clients) if where == "argument" else _BoundStatement(wiring.clients)
+            for method in methods:
+                if hasattr(owner, method):
+                    yield owner, method, dispatcher(gate, operation), True
+        tracer = trace.get_tracer(CONNECT_SCOPE, tracer_provider=wiring.tracer_provider)
+        connect = _Connect(wiring.clients)
+
+        def build_connect(original: Any, _: Any) -> Any:
+            return dispatching(original, _connect_span(original, tracer), gate, connect)
+
+        # `asyncpg.connect` is a re-export; pools call `asyncpg.connection.connect`.
+        yield asyncpg.connection, "connect", build_connect, False
+        yield asyncpg, "connect", build_connect, False
+        yield asyncpg.connection.Connection, "reset", _untraced_reset, False

@@ -1,0 +1,98 @@
+"""Redis (redis-py, asyncio and sync): every command measured, traced when the span would be recorded.
+
+:class:`RedisClientInstrumentor` puts a dispatcher (:mod:`chatobs.instrumentation.dispatch`)
+over each method the contrib redis instrumentation wraps: ``execute_command`` of the clients
+and cluster clients, and a pipeline's ``execute`` and ``immediate_execute_command``. Each call
+is one ``redis_operation_seconds{operation}`` observation and, when it raised, one
+``redis_errors_total{operation}``: the operation is the command, lower case (``get``,
+``lpush``), and ``pipeline`` for a pipeline of several commands (one command sent as a
+pipeline is that command). A pipeline's ``WatchError`` (the watched key changed) is the
+transaction's outcome, not a failure, as for the contrib span.
+
+Example::
+
+    RedisInstrumentor().instrument(tracer_provider=telemetry.tracer_provider)  # the contrib spans
+    RedisClientInstrumentor().instrument(clients=telemetry.clients, tracer_provider=telemetry.tracer_provider,
+                                         traced=True)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from chatobs.instrumentation.dispatch import ClientInstrumentor, ClientOperation, PatchSpec, Wiring, dispatcher
+from chatobs.recorders.clients import ClientRecorder
+
+__all__ = ["RedisClientInstrumentor"]
+
+# (module, class, method, is a pipeline's execute, is async)
+_METHODS = (
+    ("redis.client", "Redis", "execute_command", False, False),
+    ("redis.client", "Pipeline", "execute", True, False),
+    ("redis.client", "Pipeline", "immediate_execute_command", False, False),
+    ("redis.cluster", "RedisCluster", "execute_command", False, False),
+    ("redis.cluster", "ClusterPipeline", "execute", True, False),
+    ("redis.asyncio.client", "Redis", "execute_command", False, True),
+    ("redis.asyncio.client", "Pipeline", "execute", True, True),
+    ("redis.asyncio.client", "Pipeline", "immediate_execute_command", False, True),
+    ("redis.asyncio.cluster", "RedisCluster", "execute_command", False, True),
+    ("redis.asyncio.cluster", "ClusterPipeline", "execute", True, True),
+)
+
+
+def _command_name(command: Any) -> str:
+    if command.__class__ is str:
+        return command.lower()
+    if command.__class__ is bytes:
+        return command.decode("latin-1").lower()
+    return "other"
+
+
+class _Command(ClientOperation):
+    def __init__(self, clients: ClientRecorder):
+        self._clients = clients
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return _command_name(args[1]) if len(args) > 1 else "other"
+
+    def record(self, described: str, seconds: float, result: Any, failed: bool) -> None:
+        self._clients.operation("redis", described, seconds, failed=failed)
+
+
+class _PipelineExecute(_Command):
+    def __init__(self, clients: ClientRecorder, watch_error: type[BaseException]):
+        super().__init__(clients)
+        self.benign = (watch_error,)
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        stack = getattr(args[0], "command_stack", None)
+        if not isinstance(stack, list) or len(stack) != 1:
+            return "pipeline"
+        entry = stack[0]  # (args, options), or a cluster pipeline's command with `.args`
+        command_args = getattr(entry, "args", None) or (entry[0] if isinstance(entry, tuple) and entry else ())
+        return _command_name(command_args[0]) if command_args else "pipeline"
+
+
+class RedisClientInstrumentor(ClientInstrumentor):
+    """redis-py's commands and pipelines, measured into a :class:`~chatobs.recorders.ClientRecorder`
+    and traced when a span would be recorded (see
+    :class:`~chatobs.instrumentation.dispatch.ClientInstrumentor`)."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("redis >= 4",)
+
+    def _specs(self, wiring: Wiring) -> Iterable[PatchSpec]:
+        from redis.exceptions import WatchError
+
+        command = _Command(wiring.clients)
+        pipeline = _PipelineExecute(wiring.clients, WatchError)
+        for module_name, class_name, method, is_pipeline, is_async in _METHODS:
+            try:
+                owner = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):  # an older redis-py without cluster support
+                continue
+            if hasattr(owner, method):
+                operation = pipeline if is_pipeline else command
+                yield owner, method, dispatcher(wiring.gate, operation, sync=not is_async), True

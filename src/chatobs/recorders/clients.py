@@ -1,0 +1,78 @@
+"""Client calls to the backends and upstream HTTP services, as the client instrumentors see them.
+
+The instrumentors of :mod:`chatobs.instrumentation` call these for every statement, Redis
+command, Kafka produce or commit and outbound HTTP request; application code rarely needs
+to (a client chatobs does not instrument could).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from opentelemetry.trace import SpanContext
+
+from chatobs.cells import CellStore
+from chatobs.instruments import Instruments
+from chatobs.labels import LabelPolicy
+from chatobs.recorders._base import ErrorCallback, Recorder, checked_amount, guarded
+
+__all__ = ["BACKENDS", "Backend", "ClientRecorder"]
+
+#: Backends with `{backend}_operation_seconds` and `{backend}_errors_total` in the catalogue.
+Backend = Literal["redis", "kafka", "postgres"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+_BACKEND_METRICS = {backend: (f"{backend}_operation_seconds", f"{backend}_errors_total") for backend in BACKENDS}
+
+
+class ClientRecorder(Recorder):
+    """Recording helpers for client operations.
+
+    Example::
+
+        clients = telemetry.clients
+        clients.operation("postgres", "select", 0.0021, failed=False)
+        clients.produced(0.004, failed=False, wal=topic == clients.wal_topic)
+        clients.http_request("POST", "llm.internal", "200", 0.84)
+    """
+
+    def __init__(
+        self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback, cells: CellStore, wal_topic: str
+    ):
+        super().__init__(instruments, labels, on_error, cells)
+        #: The WAL topic (``CHATOBS_WAL_TOPIC``): a produce to it is also a WAL publish.
+        self.wal_topic = wal_topic
+
+    @guarded(lambda backend, *_, **__: f"{backend}_operation_seconds" if backend in BACKENDS else "other")
+    def operation(
+        self, backend: Backend, operation: str, seconds: float, *, failed: bool, span: SpanContext | None = None
+    ) -> None:
+        """One client operation on ``backend`` (redis, kafka, postgres): its duration and, if it
+        failed, an error. The bucket's exemplar is ``span`` if given, else the current span."""
+        names = _BACKEND_METRICS.get(backend)
+        if names is None:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        errors = 1 if failed else 0  # before recording anything: a bad `failed` records nothing
+        self._observe(names[0], seconds, operation, span=span)
+        # Adding 0 on success creates the error series before the first failure: Prometheus's
+        # increase() of a series that first appears at 1 is 0, so that failure would not alert.
+        self._add(names[1], errors, operation)
+
+    @guarded("kafka_operation_seconds")
+    def produced(self, seconds: float, *, failed: bool, wal: bool, span: SpanContext | None = None) -> None:
+        """One record sent, from ``send()`` to the broker's acknowledgement (or the failure): a
+        Kafka ``produce`` operation and, for a record to the WAL topic (:attr:`wal_topic`), a
+        WAL publish."""
+        errors = 1 if failed else 0
+        seconds = checked_amount(seconds)
+        wal = bool(wal)
+        self._observe("kafka_operation_seconds", seconds, "produce", span=span)
+        self._add("kafka_errors_total", errors, "produce")
+        if wal:
+            self._observe("wal_publish_seconds", seconds, span=span)
+            self._add("wal_publish_errors_total", errors, "produce")
+
+    @guarded("http_client_request_duration_seconds")
+    def http_request(self, method: str, server: str, status: str, seconds: float) -> None:
+        """One outbound HTTP request (``method`` known to HTTP or ``_OTHER``; ``status``: the
+        response's code, or empty when there was none)."""
+        self._observe("http_client_request_duration_seconds", seconds, method, server, status)

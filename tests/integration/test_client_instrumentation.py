@@ -1,0 +1,180 @@
+"""Client calls are measured alike whether or not they get a span, and the trace goes on either way.
+
+The same calls to real Redis, PostgreSQL, a Kafka-protocol broker and an HTTP server run
+twice in one process: once with no span processor (nothing would receive a client span, so
+none is made) and once with an in-memory exporter (the contrib instrumentations' spans are
+made and exported). What a scrape shows must be the same; the upstream HTTP server and the
+record's consumer must see the caller's trace both times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from chatobs import Telemetry, load_settings
+from chatobs.instrumentation import uninstrument_libraries
+
+CLIENT_METRICS = (
+    "redis_operation_seconds_count", "redis_errors_total", "postgres_operation_seconds_count",
+    "postgres_errors_total", "kafka_operation_seconds_count", "kafka_errors_total",
+    "wal_publish_seconds_count", "wal_publish_errors_total", "http_client_request_duration_seconds_count",
+)  # fmt: skip
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[str, list[str | None]]]:
+    """An HTTP server that answers 200 and remembers each request's ``traceparent``."""
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("traceparent"))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/echo", seen
+    server.shutdown()
+
+
+async def _calls(telemetry: Telemetry, stack: dict[str, str], url: str) -> tuple[int, list[str]]:
+    """One chat turn's worth of client calls inside a SERVER span; its trace id and the consumed
+    record's ``traceparent`` headers. Records go to the WAL topic."""
+    topic = telemetry.clients.wal_topic
+    client = aioredis.Redis.from_url(stack["REDIS_URL"])
+    producer = AIOKafkaProducer(bootstrap_servers=stack["KAFKA_BOOTSTRAP_SERVERS"])
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=stack["KAFKA_BOOTSTRAP_SERVERS"], group_id=topic,
+                                auto_offset_reset="earliest", enable_auto_commit=False)  # fmt: skip
+    await producer.start()
+    await consumer.start()
+    try:
+        with telemetry.tracer.start_as_current_span("turn", kind=SpanKind.SERVER) as turn:
+            await client.set("client-test", "v")
+            await client.get("client-test")
+            with pytest.raises(Exception, match="WRONGTYPE"):
+                await client.lpush("client-test", "x")
+            async with client.pipeline() as pipe:
+                await pipe.incr("client-test-n").incr("client-test-n").execute()
+            connection = await asyncpg.connect(stack["DATABASE_URL"])
+            try:
+                assert await connection.fetchval("/* answer */ select 40 + 2") == 42
+                with pytest.raises(asyncpg.UndefinedTableError):
+                    await connection.execute("insert into no_such_table values (1)")
+                async with connection.transaction():
+                    await connection.fetch("select 1")
+            finally:
+                await connection.close()
+            async with httpx.AsyncClient() as http:
+                (await http.get(url)).raise_for_status()
+            await producer.send_and_wait(topic, b"turn", headers=[("tenant", b"acme")])
+            record = await asyncio.wait_for(consumer.getone(), 30)
+            await consumer.commit()
+        headers = [value.decode() for name, value in record.headers if name == "traceparent"]
+        assert ("tenant", b"acme") in record.headers, "the caller's own headers are kept"
+        return turn.get_span_context().trace_id, headers
+    finally:
+        await client.aclose()
+        await producer.stop()
+        await consumer.stop()
+
+
+def _client_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in parse_text(text)
+        for sample in family.samples
+        if sample.name in CLIENT_METRICS
+    }
+
+
+def test_client_metrics_are_the_same_with_or_without_spans_and_the_trace_goes_on(stack, upstream):
+    url, seen = upstream
+    measured = {}
+    exporter = InMemorySpanExporter()
+    for tier, processors in (("metrics only", []), ("spans too", [SimpleSpanProcessor(exporter)])):
+        settings = load_settings({"CHATOBS_WAL_TOPIC": f"chat.client-test.{tier.replace(' ', '-')}"})
+        telemetry = Telemetry(settings, service="worker", span_processors=processors)
+        telemetry.instrument()
+        try:
+            seen.clear()
+            trace_id, record_parents = asyncio.run(_calls(telemetry, stack, url))
+        finally:
+            uninstrument_libraries()
+        measured[tier] = _client_samples(telemetry.scrape()[2].decode())
+        telemetry.shutdown()
+        # The upstream server and the consumer continue the caller's trace, span or no span.
+        for traceparent in [*seen, *record_parents]:
+            assert traceparent is not None and traceparent.split("-")[1] == format(trace_id, "032x"), (tier, seen)
+        assert len(seen) == 1 and len(record_parents) == 1, (tier, seen, record_parents)
+
+    assert measured["metrics only"] == measured["spans too"]
+    samples = measured["metrics only"]
+    expected = {
+        ("redis_operation_seconds_count", (("operation", "set"),)): 1,
+        ("redis_operation_seconds_count", (("operation", "get"),)): 1,
+        ("redis_errors_total", (("operation", "lpush"),)): 1,
+        ("redis_errors_total", (("operation", "get"),)): 0,
+        ("redis_operation_seconds_count", (("operation", "pipeline"),)): 1,
+        ("postgres_operation_seconds_count", (("operation", "connect"),)): 1,
+        ("postgres_operation_seconds_count", (("operation", "select"),)): 2,
+        ("postgres_errors_total", (("operation", "insert"),)): 1,
+        ("postgres_operation_seconds_count", (("operation", "begin"),)): 1,
+        ("postgres_operation_seconds_count", (("operation", "commit"),)): 1,
+        ("kafka_operation_seconds_count", (("operation", "produce"),)): 1,
+        ("kafka_operation_seconds_count", (("operation", "commit"),)): 1,
+        ("wal_publish_seconds_count", ()): 1,
+        ("wal_publish_errors_total", (("operation", "produce"),)): 0,
+    }
+    assert {key: samples.get(key) for key in expected} == expected
+    http = {labels: count for (name, labels), count in samples.items() if name.startswith("http_client")}
+    assert http == {(("http_request_method", "GET"), ("http_response_status_code", "200"),
+                     ("server_address", "127.0.0.1")): 1}  # fmt: skip
+
+    # With a processor, the contrib instrumentations' client spans were made, in the turn's trace.
+    spans = exporter.get_finished_spans()
+    scopes = {span.instrumentation_scope.name for span in spans if span.kind is not SpanKind.SERVER}
+    assert {"opentelemetry.instrumentation.redis", "opentelemetry.instrumentation.asyncpg",
+            "opentelemetry.instrumentation.httpx", "opentelemetry.instrumentation.aiokafka",
+            "chatobs.instrumentation.kafka", "chatobs.instrumentation.asyncpg"} <= scopes  # fmt: skip
+    statements = [span for span in spans if span.instrumentation_scope.name == "opentelemetry.instrumentation.asyncpg"]
+    assert len(statements) == 5  # select, insert, begin, select, commit: not the connection's reset
+    assert all(span.attributes.get("db.statement") or span.attributes.get("db.query.text") for span in statements)
+
+
+def test_a_dropped_trace_gets_no_client_spans_but_its_metrics(stack, upstream):
+    url, seen = upstream
+    exporter = InMemorySpanExporter()
+    settings = load_settings({"CHATOBS_WAL_TOPIC": "chat.client-test.dropped", "OTEL_TRACES_SAMPLER_ARG": "0",
+                              "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"})  # fmt: skip
+    telemetry = Telemetry(settings, service="worker", span_processors=[SimpleSpanProcessor(exporter)])
+    telemetry.instrument()
+    try:
+        asyncio.run(_calls(telemetry, stack, url))
+    finally:
+        uninstrument_libraries()
+    samples = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    assert exporter.get_finished_spans() == ()
+    assert samples[("redis_errors_total", (("operation", "lpush"),))] == 1
+    assert samples[("postgres_operation_seconds_count", (("operation", "select"),))] == 2
+    assert samples[("wal_publish_seconds_count", ())] == 1
+    assert seen and seen[0] is not None and not int(seen[0].rsplit("-", 1)[1], 16) & 1, "told: not sampled"
