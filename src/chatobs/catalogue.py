@@ -237,7 +237,7 @@ _POSTGRES_USERS = frozenset({"gateway", "publisher", "replicator"})
 _HTTP_METHOD = Label("http_request_method", bounded_by="known methods, else `_OTHER`")
 _HTTP_STATUS = Label("http_response_status_code", bounded_by="status codes")
 _POSTGRES_OPERATIONS = (
-    "select", "insert", "update", "delete", "begin", "commit", "rollback", "copy", "execute", "connect",
+    "select", "insert", "update", "delete", "begin", "commit", "rollback", "copy", "execute", "listen", "connect",
 )  # fmt: skip
 
 

@@ -2,17 +2,16 @@
 
 The OpenTelemetry SDK's synchronous ``Counter.add`` costs several times prometheus_client's
 ``labels(...).inc()`` (it rebuilds the attribute key and walks the view machinery on every
-call). Here a recording is a dict lookup of a bound cell and an add under that cell's
-lock, as in prometheus_client; the SDK gets the data when it collects:
-
-* counter cells are read by an observable counter's callback (cumulative values), so
-  Views, the Prometheus reader and OTLP push see an ordinary OpenTelemetry counter;
-* histogram cells (the SDK has no observable histogram) become ``HistogramDataPoint``\\ s
-  with the catalogue's buckets, handed to each reader by :func:`with_produced`; each
-  bucket keeps its latest exemplar (trace and span id of a sampled span).
-
-* gauge cells (set, or moved by increments) are read by an observable gauge's or
-  up-down counter's callback.
+call), and reading a series through an observable instrument costs about 10 microseconds
+a series at every collection (a ``Measurement`` with its attributes cleaned, the view's
+attribute key, an aggregation, a data point; docs/performance.md). Here a recording is a
+dict lookup of a bound cell and an add under that cell's lock, as in prometheus_client,
+and at collection every cell becomes the data point the catalogue's View would have given
+(:meth:`CellStore.produced_metrics`): cumulative ``Sum`` points for counters (monotonic)
+and up-down counters, ``Gauge`` points for gauges, ``HistogramDataPoint``\\ s with the
+catalogue's buckets for histograms, each bucket keeping its latest exemplar (trace and span
+id of a sampled span). :func:`with_produced` hands them to each reader with what the SDK
+collected, so the Prometheus reader and OTLP push see ordinary OpenTelemetry metrics.
 
 Label values are validated once per distinct raw tuple (``LabelPolicy``) and the bound
 cell is cached under that tuple. With a :class:`~chatobs.multiprocess.ProcessDirectory`
@@ -36,20 +35,23 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    Gauge,
     Histogram,
     HistogramDataPoint,
     Metric,
     MetricsData,
+    NumberDataPoint,
     ResourceMetrics,
     ScopeMetrics,
+    Sum,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -65,6 +67,7 @@ __all__ = [
     "CounterCell",
     "GaugeCell",
     "HistogramCell",
+    "Series",
     "checked_amount",
     "exemplar_sampler",
     "exemplar_span_filter",
@@ -110,11 +113,12 @@ def checked_amount(value: object) -> int | float:
 
 
 class CounterCell:
-    __slots__ = ("_lock", "attributes", "value")
+    __slots__ = ("_lock", "attributes", "start", "value")
 
     def __init__(self, attributes: dict[str, str]):
         self.attributes = attributes
         self.value: float = 0
+        self.start = time.time_ns()
         self._lock = threading.Lock()
 
     def add(self, amount: float) -> None:
@@ -126,11 +130,12 @@ class CounterCell:
 class GaugeCell:
     """A gauge's current value: set outright, or moved by increments (an up-down counter)."""
 
-    __slots__ = ("_lock", "attributes", "value")
+    __slots__ = ("_lock", "attributes", "start", "value")
 
     def __init__(self, attributes: dict[str, str]):
         self.attributes = attributes
         self.value: float = 0
+        self.start = time.time_ns()
         self._lock = threading.Lock()
 
     def set(self, value: float) -> None:
@@ -141,6 +146,9 @@ class GaugeCell:
         with self._lock:
             self.value += amount
 
+
+#: Kinds recorded in cells and produced as number points (the others: histograms, observable instruments).
+_NUMBER_KINDS = (Kind.COUNTER, Kind.UP_DOWN, Kind.GAUGE)
 
 #: A bucket's latest exemplar: (value, time in ns, the span's context).
 RawExemplar = tuple[float, int, trace.SpanContext]
@@ -302,6 +310,41 @@ def exemplar_sampler(filter_name: str) -> ExemplarSampler:
     return sample
 
 
+class Series:
+    """One series of a catalogue metric, bound once by :meth:`CellStore.series` and then recorded
+    into with no lookup: prometheus_client's ``labels(...)`` child, for callers that record the
+    same label values over and over (a client instrumentor's ``select``, say).
+
+    A label value the policy rejected is still counted in ``chatobs_label_rejections_total`` at
+    each recording, as through the store.
+    """
+
+    __slots__ = ("__weakref__", "_cell", "_key", "_name", "_rejected", "_store")
+
+    def __init__(self, store: CellStore, name: str, cell: Cell, rejected: tuple[str, ...]):
+        self._store = store
+        self._name = name
+        self._cell = cell
+        self._key = tuple(cell.attributes.values())
+        self._rejected = rejected
+
+    def add(self, amount: float) -> None:
+        """As :meth:`CellStore.add` (``amount`` already checked)."""
+        if self._rejected:
+            self._store._report(self._name, self._rejected)
+        self._cell.add(amount)  # type: ignore[union-attr]
+
+    def observe(self, value: float, span: trace.SpanContext | None = None) -> None:
+        """As :meth:`CellStore.observe`: ``value`` checked, the exemplar ``span`` or the current span."""
+        if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
+            value = checked_amount(value)
+        store = self._store
+        exemplar = store._sample_exemplar(None) if span is None else store._exemplar_of_span(span)
+        if self._rejected:
+            store._report(self._name, self._rejected)
+        self._cell.observe(value, exemplar)  # type: ignore[union-attr]
+
+
 class CellStore:
     """Bound cells of every catalogue counter, gauge and histogram, for one Telemetry.
 
@@ -330,6 +373,7 @@ class CellStore:
         # models both become `other`) share one cell, so one series.
         self._series: dict[str, dict[tuple[str, ...], Cell]] = {}
         self._lock = threading.Lock()
+        self._handed_out: weakref.WeakSet[Series] = weakref.WeakSet()  # rebound after a fork
         if directory is not None:
             # A server that builds the app before forking its workers (gunicorn --preload) hands
             # every worker this store: each must then write its own file, not the parent's.
@@ -396,6 +440,14 @@ class CellStore:
             self._report(name, rejected)
         cell.move(amount)  # type: ignore[union-attr]
 
+    def series(self, name: str, values: tuple[str, ...]) -> Series:
+        """The series of ``values`` of metric ``name``, bound for repeated recording (see :class:`Series`)."""
+        cell, rejected = self._cell(name, values)
+        bound = Series(self, name, cell, rejected)
+        if self._directory is not None:
+            self._handed_out.add(bound)
+        return bound
+
     def _cell(self, name: str, values: tuple[str, ...]) -> tuple[Cell, tuple[str, ...]]:
         bound = self._bound.get(name)
         try:
@@ -427,7 +479,7 @@ class CellStore:
             bound = self._bound.setdefault(name, {})
             if len(bound) < _CACHE_LIMIT and cacheable(values):
                 bound[values] = (cell, rejected)
-            return cell, rejected
+        return cell, rejected
 
     def _new_cell(self, metric: catalogue.Metric, attributes: dict[str, str]) -> Cell:
         if self._directory is None:
@@ -455,6 +507,8 @@ class CellStore:
             metric = catalogue.get(name)
             for key, cell in series.items():
                 series[key] = self._new_cell(metric, cell.attributes)
+        for bound in list(self._handed_out):
+            bound._cell = self._series[bound._name][bound._key]
 
     # -- collection --------------------------------------------------------------------
     def refresh(self) -> None:
@@ -479,34 +533,42 @@ class CellStore:
         snapshot = self._snapshot or self._directory.snapshot()
         return snapshot.combined(name, catalogue.get(name).combine)  # type: ignore[arg-type]
 
-    def counter_callback(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        """The observable counter's or gauge's callback: every series' current value."""
-
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            combined = self._combined(name)
-            if combined is not None:
-                return [Observation(values[0], split_key(key)[1]) for key, values in combined.items()]
-            return [Observation(cell.value, cell.attributes) for cell in list(self._series.get(name, {}).values())]  # type: ignore[union-attr]
-
-        return observe
-
-    gauge_callback = counter_callback
-
-    def histogram_metrics(self) -> list[Metric]:
-        """Every histogram's points, in the SDK's data model (cumulative)."""
+    def produced_metrics(self) -> list[Metric]:
+        """Every counter's, gauge's and histogram's points, in the SDK's data model (cumulative),
+        as the catalogue's View would give them: its label keys, its buckets."""
         now = time.time_ns()
         metrics = []
-        names = list(self._series) if self._directory is None else [m.name for m in catalogue.CATALOGUE if m.buckets]
+        names = list(self._series) if self._directory is None else [m.name for m in catalogue.CATALOGUE]
         for name in names:
             metric = catalogue.get(name)
-            if metric.buckets is None:
-                continue
-            points = self._histogram_points(metric, now)
-            if not points:
-                continue
-            data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
-            metrics.append(Metric(name=name, description=metric.description, unit=metric.unit, data=data))
+            data: Sum | Gauge | Histogram
+            if metric.buckets is not None:
+                points: list[Any] = self._histogram_points(metric, now)
+                data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+            elif metric.kind in _NUMBER_KINDS:
+                points = self._number_points(metric, now)
+                if metric.kind is Kind.GAUGE:
+                    data = Gauge(data_points=points)
+                else:
+                    data = Sum(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE,
+                               is_monotonic=metric.kind is Kind.COUNTER)  # fmt: skip
+            else:
+                continue  # an observable instrument's: the SDK collects it
+            if points:
+                metrics.append(Metric(name=name, description=metric.description, unit=metric.unit, data=data))
         return metrics
+
+    def _number_points(self, metric: catalogue.Metric, now: int) -> list[NumberDataPoint]:
+        combined = self._combined(metric.name)
+        if combined is None:
+            return [
+                NumberDataPoint(cell.attributes, cell.start, now, cell.value, exemplars=[])  # type: ignore[union-attr]
+                for cell in list(self._series.get(metric.name, {}).values())
+            ]
+        return [
+            NumberDataPoint(split_key(key)[1], self._start, now, values[0], exemplars=[])
+            for key, values in combined.items()
+        ]
 
     def _histogram_points(self, metric: catalogue.Metric, now: int) -> list[HistogramDataPoint]:
         local = self._series.get(metric.name, {})

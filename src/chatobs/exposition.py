@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,22 @@ _HISTOGRAM_RESERVED = frozenset({"le"})
 _BUCKET_LABELS = frozenset({"le", "quantile"})
 _logger = logging.getLogger("chatobs")
 _UNIT_SUFFIXES = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "ratio"}
+#: Most entries each of the renderer's caches keeps (label blocks, bucket lines, static text);
+#: past it a cache starts again empty. Series are bounded by the label policy, so this is rarely reached.
+_CACHE_LIMIT = 20_000
+
+
+def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` the first time (``make()`` each time for an unhashable key)."""
+    try:
+        found = cache.get(key)
+    except TypeError:  # an unhashable attribute value (a list): not cached
+        return make()
+    if found is None:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        found = cache[key] = make()
+    return found
 
 
 class ScrapeReader(MetricReader):
@@ -92,10 +109,17 @@ class ScrapeReader(MetricReader):
             return self._last_good
         try:
             self._latest = None
+            started = time.monotonic()
             try:
                 self.collect(timeout_millis=timeout_seconds * 1000)
             except Exception:
                 _logger.warning("chatobs: collection failed; serving the previous one", exc_info=True)
+                return self._last_good
+            if time.monotonic() - started > timeout_seconds:
+                # The SDK abandons a collection past its deadline only between two instruments'
+                # callbacks, so whether a slow last callback is caught depends on the order:
+                # abandoned here too, whatever the order.
+                _logger.warning("chatobs: collection took over %.1fs; serving the previous one", timeout_seconds)
                 return self._last_good
             if self._latest is not None:
                 self._last_good = self._latest
@@ -218,6 +242,12 @@ class Renderer:
         # (text format, a second Prometheus, `chatobs check`) would take it. Keep the last
         # exemplar of each bucket so every OpenMetrics scrape shows it. Bounded by series x buckets.
         self._exemplars: dict[tuple[str, str, int], str] = {}
+        # What one scrape writes again the next time: headers, declarations and target_info
+        # (constant), label blocks (one per series) and a histogram's bucket line prefixes.
+        # Most of a scrape's lines are these; only the numbers change between scrapes.
+        self._static: dict[tuple[Any, ...], str] = {}
+        self._label_blocks: dict[tuple[Any, ...], str] = {}
+        self._bucket_lines: dict[tuple[Any, ...], tuple[tuple[str, ...], str, str]] = {}
 
     # -- public --------------------------------------------------------------
     def render(self, data: MetricsData | None, openmetrics: bool = False) -> str:
@@ -282,26 +312,13 @@ class Renderer:
             name = f"{name}_total"
         return _Family(name, prom_type, otel_metric.description or "")
 
-    @staticmethod
-    def _header(out: list[str], family: _Family, openmetrics: bool) -> None:
-        help_text = _escape_help(family.description, openmetrics)
-        if openmetrics:
-            base = family.name[: -len("_total")] if family.prom_type == "counter" else family.name
-            out.append(f"# TYPE {base} {family.prom_type}\n# HELP {base} {help_text}\n")
-        else:
-            out.append(f"# HELP {family.name} {help_text}\n# TYPE {family.name} {family.prom_type}\n")
+    def _header(self, out: list[str], family: _Family, openmetrics: bool) -> None:
+        key = ("header", family.name, family.prom_type, family.description, openmetrics)
+        out.append(_cached(self._static, key, lambda: _header_text(family, openmetrics)))
 
     def _render_declared(self, out: list[str], metric: Metric, openmetrics: bool) -> None:
-        family = _Family(metric.name, metric.prometheus_type, metric.description)
-        self._header(out, family, openmetrics)
-        if metric.labels:
-            return  # no series until a label set is recorded, as prometheus_client does
-        if metric.kind in (Kind.COUNTER, Kind.UP_DOWN):
-            out.append(f"{metric.name} 0\n")
-        elif metric.kind is Kind.HISTOGRAM:
-            for bound in metric.buckets or ():
-                out.append(f'{metric.name}_bucket{{le="{_num(float(bound))}"}} 0\n')
-            out.append(f'{metric.name}_bucket{{le="+Inf"}} 0\n{metric.name}_count 0\n{metric.name}_sum 0\n')
+        out.append(_cached(self._static, ("declared", metric.name, openmetrics),
+                           lambda: _declared_text(metric, openmetrics)))  # fmt: skip
 
     # -- samples -------------------------------------------------------------
     def _samples(
@@ -329,14 +346,13 @@ class Renderer:
                     seen.add(labels)
                     out.append(f"{name}{labels} {_num(point.value)}\n")
 
-    @staticmethod
     def _labels(
-        point: NumberDataPoint | HistogramDataPoint, scope_labels: str, reserved: frozenset[str] = frozenset()
+        self, point: NumberDataPoint | HistogramDataPoint, scope_labels: str, reserved: frozenset[str] = frozenset()
     ) -> str:
-        labels = _label_block((point.attributes or {}).items(), reserved)
-        if scope_labels:
-            labels = _with(labels, scope_labels[1:-1]) if labels else scope_labels
-        return labels
+        attributes = point.attributes
+        pairs = tuple(attributes.items()) if attributes else ()
+        return _cached(self._label_blocks, (pairs, scope_labels, reserved),
+                       lambda: _labels_text(pairs, scope_labels, reserved))  # fmt: skip
 
     def _histogram_point(
         self, out: list[str], name: str, point: HistogramDataPoint, labels: str, openmetrics: bool
@@ -345,24 +361,65 @@ class Renderer:
         for exemplar in point.exemplars:
             if exemplar.trace_id:
                 self._exemplars[(name, labels, _bucket_index(bounds, exemplar.value))] = _exemplar_suffix(exemplar)
+        buckets, count_prefix, sum_prefix = _cached(self._bucket_lines, (name, labels, tuple(bounds)),
+                                                    lambda: _bucket_prefixes(name, labels, bounds))  # fmt: skip
         cumulative = 0
+        exemplars = self._exemplars if openmetrics else {}
         for index, count in enumerate(point.bucket_counts):
             cumulative += count
-            le = _num(float(bounds[index])) if index < len(bounds) else "+Inf"
-            suffix = self._exemplars.get((name, labels, index), "") if openmetrics else ""
-            le_pair = f'le="{le}"'
-            out.append(f"{name}_bucket{_with(labels, le_pair)} {cumulative}{suffix}\n")
-        out.append(f"{name}_count{labels} {point.count}\n{name}_sum{labels} {_num(point.sum)}\n")
+            suffix = exemplars.get((name, labels, index), "") if exemplars else ""
+            out.append(f"{buckets[index]}{cumulative}{suffix}\n")
+        out.append(f"{count_prefix}{point.count}\n{sum_prefix}{_num(point.sum)}\n")
 
     def _render_target_info(self, out: list[str], resource: Resource, openmetrics: bool) -> None:
-        # A resource attribute may be called anything; `le` and `quantile` mean buckets and
-        # quantiles to Prometheus (promtool flags them on a gauge), so they are renamed.
-        pairs = [(f"key_{key}" if key in _BUCKET_LABELS else key, value) for key, value in resource.attributes.items()]
-        labels = _label_block(sorted(pairs))
-        if openmetrics:
-            out.append(f"# TYPE target info\n# HELP target Target metadata\ntarget_info{labels} 1\n")
-        else:
-            out.append(f"# HELP target_info Target metadata\n# TYPE target_info gauge\ntarget_info{labels} 1\n")
+        key = ("target_info", tuple(resource.attributes.items()), openmetrics)
+        out.append(_cached(self._static, key, lambda: _target_info_text(resource, openmetrics)))
+
+
+def _header_text(family: _Family, openmetrics: bool) -> str:
+    help_text = _escape_help(family.description, openmetrics)
+    if openmetrics:
+        base = family.name[: -len("_total")] if family.prom_type == "counter" else family.name
+        return f"# TYPE {base} {family.prom_type}\n# HELP {base} {help_text}\n"
+    return f"# HELP {family.name} {help_text}\n# TYPE {family.name} {family.prom_type}\n"
+
+
+def _declared_text(metric: Metric, openmetrics: bool) -> str:
+    """A metric with no data yet: its header and, without labels, its zero series."""
+    out = [_header_text(_Family(metric.name, metric.prometheus_type, metric.description), openmetrics)]
+    if metric.labels:
+        pass  # no series until a label set is recorded, as prometheus_client does
+    elif metric.kind in (Kind.COUNTER, Kind.UP_DOWN):
+        out.append(f"{metric.name} 0\n")
+    elif metric.kind is Kind.HISTOGRAM:
+        for bound in metric.buckets or ():
+            out.append(f'{metric.name}_bucket{{le="{_num(float(bound))}"}} 0\n')
+        out.append(f'{metric.name}_bucket{{le="+Inf"}} 0\n{metric.name}_count 0\n{metric.name}_sum 0\n')
+    return "".join(out)
+
+
+def _labels_text(pairs: tuple[tuple[str, Any], ...], scope_labels: str, reserved: frozenset[str]) -> str:
+    labels = _label_block(pairs, reserved)
+    if scope_labels:
+        labels = _with(labels, scope_labels[1:-1]) if labels else scope_labels
+    return labels
+
+
+def _bucket_prefixes(name: str, labels: str, bounds: Sequence[float]) -> tuple[tuple[str, ...], str, str]:
+    """Each bucket line up to its count (``name_bucket{...,le="0.1"} ``), then the count's and the sum's."""
+    pairs = [f'le="{_num(float(bound))}"' for bound in bounds] + ['le="+Inf"']
+    buckets = tuple(f"{name}_bucket{_with(labels, pair)} " for pair in pairs)
+    return buckets, f"{name}_count{labels} ", f"{name}_sum{labels} "
+
+
+def _target_info_text(resource: Resource, openmetrics: bool) -> str:
+    # A resource attribute may be called anything; `le` and `quantile` mean buckets and
+    # quantiles to Prometheus (promtool flags them on a gauge), so they are renamed.
+    pairs = [(f"key_{key}" if key in _BUCKET_LABELS else key, value) for key, value in resource.attributes.items()]
+    labels = _label_block(sorted(pairs))
+    if openmetrics:
+        return f"# TYPE target info\n# HELP target Target metadata\ntarget_info{labels} 1\n"
+    return f"# HELP target_info Target metadata\n# TYPE target_info gauge\ntarget_info{labels} 1\n"
 
 
 def negotiate_openmetrics(accept: str | None) -> bool:
@@ -419,7 +476,7 @@ def scrape_response(
     openmetrics = negotiate_openmetrics(accept)
     data = reader.scrape(timeout_seconds)
     if augment is not None:
-        data = augment(data)  # metrics produced outside the SDK's instruments (histogram cells)
+        data = augment(data)  # metrics produced outside the SDK's instruments (the cells)
     text = renderer.render(data, openmetrics)
     try:
         body = text.encode()

@@ -3,13 +3,14 @@
 Example::
 
     >>> from opentelemetry.sdk.metrics import MeterProvider
-    >>> instruments = Instruments(MeterProvider(views=views()).get_meter("chatobs"), cells)
+    >>> instruments = Instruments(MeterProvider(views=views()).get_meter("chatobs"))
     >>> instruments.observe("outbox_pending", lambda options: [Observation(3)])
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,13 +18,14 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import View
 
 from chatobs.catalogue import CATALOGUE, PROCESS_LABEL, Combine, Kind, Metric
-from chatobs.cells import CellStore
 from chatobs.labels import series_bound
 from chatobs.settings import ChatobsSettings
 
-__all__ = ["SDK_HAS_CARDINALITY_LIMIT", "Instruments", "ObservableCallback", "views"]
+__all__ = ["OBSERVABLE_KINDS", "SDK_HAS_CARDINALITY_LIMIT", "Instruments", "ObservableCallback", "views"]
 
 ObservableCallback = Callable[[CallbackOptions], Iterable[Observation]]
+#: Metrics read by a callback at collection: the only ones with an SDK instrument.
+OBSERVABLE_KINDS = frozenset({Kind.OBSERVABLE_GAUGE, Kind.OBSERVABLE_COUNTER})
 
 
 #: Whether the installed SDK's View takes a per-stream cardinality limit (the specification's
@@ -33,21 +35,22 @@ SDK_HAS_CARDINALITY_LIMIT = "aggregation_cardinality_limit" in inspect.signature
 
 
 def views(metrics: Iterable[Metric] = CATALOGUE, settings: ChatobsSettings | None = None) -> list[View]:
-    """One View per catalogue metric the SDK aggregates, keeping only the catalogue's label
-    keys (and ``pid`` on per-process metrics), so a stray attribute can never add series.
-    Histograms are recorded in cells and have no SDK instrument (their buckets come from the
-    catalogue there), so no View.
+    """One View per catalogue metric the SDK aggregates (those read by a callback: process
+    metrics, backlog gauges), keeping only the catalogue's label keys (and ``pid`` on
+    per-process metrics), so a stray attribute can never add series. Counters, gauges and
+    histograms recorded in cells have no SDK instrument: the cells produce the points this
+    View would give (:meth:`chatobs.cells.CellStore.produced_metrics`).
 
     The label policy bounds every metric's series (``other`` takes the overflow, counted in
     ``chatobs_label_rejections_total``), and that bound can exceed an SDK's default
-    cardinality limit (51 models x 51 providers x 3 modes = 7803 > 2000). With an SDK that
-    has the limit, each View gets the catalogue's bound (plus the SDK's own overflow slot),
-    so the SDK never folds a series silently; the installed SDK has no limit at all.
+    cardinality limit (2000). With an SDK that has the limit, each View gets the catalogue's
+    bound (plus the SDK's own overflow slot), so the SDK never folds a series silently; the
+    installed SDK has no limit at all.
     """
     settings = settings or ChatobsSettings.model_validate({})  # the defaults, not os.environ
     result = []
     for metric in metrics:
-        if metric.kind is Kind.HISTOGRAM:
+        if metric.kind not in OBSERVABLE_KINDS:
             continue
         limit: dict[str, int] = {}
         if SDK_HAS_CARDINALITY_LIMIT:
@@ -64,32 +67,35 @@ def _attribute_keys(metric: Metric) -> set[str]:
 
 
 class Instruments:
-    """Every catalogue instrument, created on one Meter, looked up by metric name.
+    """The catalogue's observable instruments (metrics read by a callback at collection),
+    created on one Meter, looked up by metric name.
 
-    Counters, gauges and histograms are recorded in ``cells`` (:mod:`chatobs.cells`): a counter
-    or gauge is an observable instrument reading its cells, a histogram has no SDK instrument
-    (its points are produced from the cells at collection). Other observable instruments call the callback
-    registered for them with :meth:`observe`; until then they report nothing.
+    Counters, gauges and histograms are recorded in ``cells`` (:mod:`chatobs.cells`) and need
+    no instrument: the cells produce their points at collection. An observable metric's
+    instrument is created when :meth:`observe` registers its callback (or, with
+    ``create=False``, when :meth:`ensure` is called at its first reading): each instrument
+    costs every collection a callback and a pass through the SDK's storage even with no data.
     """
 
-    def __init__(self, meter: Meter, cells: CellStore, metrics: Iterable[Metric] = CATALOGUE):
+    def __init__(self, meter: Meter, metrics: Iterable[Metric] = CATALOGUE):
+        self._meter = meter
+        self._metrics = {metric.name: metric for metric in metrics if metric.kind in OBSERVABLE_KINDS}
         self._instruments: dict[str, Any] = {}
         self._callbacks: dict[str, ObservableCallback] = {}
-        self._cells = cells
-        for metric in metrics:
-            if metric.kind is Kind.HISTOGRAM:
-                continue  # produced by the cells at collection
-            self._instruments[metric.name] = self._create(meter, metric)
+        self._creating = threading.Lock()
+
+    def ensure(self, name: str) -> None:
+        """Create the instrument of observable metric ``name`` if it does not exist yet. Never
+        call it holding a lock a collection callback takes: creating an instrument waits for a
+        collection in progress."""
+        if name in self._instruments or name not in self._metrics:
+            return
+        with self._creating:
+            if name not in self._instruments:
+                self._instruments[name] = self._create(self._meter, self._metrics[name])
 
     def _create(self, meter: Meter, metric: Metric) -> Any:
         common = {"name": metric.name, "unit": metric.unit, "description": metric.description}
-        if metric.kind is Kind.COUNTER:
-            return meter.create_observable_counter(**common, callbacks=[self._cells.counter_callback(metric.name)])
-        if metric.kind is Kind.UP_DOWN:
-            read = self._cells.gauge_callback(metric.name)
-            return meter.create_observable_up_down_counter(**common, callbacks=[read])
-        if metric.kind is Kind.GAUGE:
-            return meter.create_observable_gauge(**common, callbacks=[self._cells.gauge_callback(metric.name)])
         callback = self._dispatcher(metric.name)
         if metric.kind is Kind.OBSERVABLE_GAUGE:
             return meter.create_observable_gauge(**common, callbacks=[callback])
@@ -105,8 +111,11 @@ class Instruments:
     def __getitem__(self, name: str) -> Any:
         return self._instruments[name]
 
-    def observe(self, name: str, callback: ObservableCallback) -> None:
-        """Make ``callback`` the source of observable metric ``name`` (replacing any earlier one)."""
-        if name not in self._instruments:
+    def observe(self, name: str, callback: ObservableCallback, *, create: bool = True) -> None:
+        """Make ``callback`` the source of observable metric ``name`` (replacing any earlier one);
+        ``create=False``: only once :meth:`ensure` creates the instrument (the first reading)."""
+        if name not in self._metrics:
             raise KeyError(f"{name!r} is not an instrument of this catalogue")
         self._callbacks[name] = callback
+        if create:
+            self.ensure(name)

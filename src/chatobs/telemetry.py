@@ -126,7 +126,7 @@ class Telemetry:
             self.tracer_provider: Any = NoOpTracerProvider()
         else:
             accounting = ExportAccounting(self._export_failed, self._spans_dropped)
-            readers = list(metric_readers) + build_metric_readers(self.settings, self._with_histograms, accounting)
+            readers = list(metric_readers) + build_metric_readers(self.settings, self._with_produced, accounting)
             if "prometheus" in settings.otel.metrics_exporter:
                 self.scrape_reader = ScrapeReader()
                 readers.append(self.scrape_reader)
@@ -148,7 +148,7 @@ class Telemetry:
             resource=self._resource,
         )
 
-        self.instruments = Instruments(self.meter_provider.get_meter(SCOPE_NAME, __version__), self.cells)
+        self.instruments = Instruments(self.meter_provider.get_meter(SCOPE_NAME, __version__))
         self._logged_errors: set[str] = set()
         recorder_args = (self.instruments, self.labels, self._recording_failed, self.cells)
         self.traffic = TrafficRecorder(*recorder_args)
@@ -219,12 +219,12 @@ class Telemetry:
             accept,
             accept_encoding,
             self.settings.chatobs.scrape_timeout_seconds,
-            augment=self._with_histograms,
+            augment=self._with_produced,
         )
 
-    def _with_histograms(self, data: MetricsData | None) -> MetricsData | None:
-        """``data`` plus the histograms recorded in the cells (they have no SDK instrument)."""
-        return with_produced(data, self.cells.histogram_metrics(), self._scope, self._resource)
+    def _with_produced(self, data: MetricsData | None) -> MetricsData | None:
+        """``data`` plus what the cells recorded (counters, gauges, histograms: no SDK instrument)."""
+        return with_produced(data, self.cells.produced_metrics(), self._scope, self._resource)
 
     def mount(self, app: Any) -> None:
         """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent), and

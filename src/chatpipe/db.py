@@ -6,7 +6,9 @@ Tables:
 * ``outbox``: messages accepted by the gateway, stored in the same transaction as the
   reply; the publisher moves them to the WAL topic and stamps ``sent_at``; the replicator
   stamps ``confirmed_at`` once the message is in ``replicated_messages``. A row sent but
-  never confirmed (a broker that lost it) is sent again (``deliveries`` counts the sends);
+  never confirmed (a broker that lost it) is sent again (``deliveries`` counts the sends).
+  A row that becomes pending (added, or made pending again) notifies channel
+  :data:`OUTBOX_CHANNEL` when its transaction commits, so the publisher need not poll;
 * ``replicated_messages``: the replicator's copy of the WAL, keyed by ``message_id`` so a
   record delivered twice is stored once;
 * ``attachments``: uploaded files' metadata (the bytes live under ``CHATPIPE_ATTACHMENT_DIR``).
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import asyncpg
 
-__all__ = ["SCHEMA", "connect_pool", "migrate"]
+__all__ = ["OUTBOX_CHANNEL", "SCHEMA", "connect_pool", "migrate"]
+
+#: LISTEN/NOTIFY channel told of every outbox row that becomes pending.
+OUTBOX_CHANNEL = "outbox"
 
 SCHEMA = """
 create table if not exists sessions (
@@ -50,6 +55,18 @@ create table if not exists replicated_messages (
 -- Rows replicated before outbox.confirmed_at existed are confirmed (cheap once done: the index is small).
 update outbox o set confirmed_at = r.replicated_at from replicated_messages r
 where o.confirmed_at is null and o.sent_at is not null and r.message_id = o.message_id;
+create or replace function chatpipe_outbox_notify() returns trigger language plpgsql as $$
+begin
+    perform pg_notify('outbox', '');  -- one notification per transaction: PostgreSQL folds repeats
+    return null;
+end $$;
+do $$ begin
+    if not exists (select 1 from pg_trigger
+                   where tgname = 'outbox_pending_notify' and tgrelid = 'outbox'::regclass) then
+        create trigger outbox_pending_notify after insert or update of sent_at on outbox
+            for each row when (new.sent_at is null) execute function chatpipe_outbox_notify();
+    end if;
+end $$;
 create table if not exists attachments (
     id text primary key,
     session_id text not null references sessions (id),

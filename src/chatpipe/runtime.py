@@ -60,9 +60,12 @@ async def sleep_unless_stopped(stopping: asyncio.Event, seconds: float) -> None:
 
 
 async def forever(name: str, step: Callable[[], Awaitable[bool]], stopping: asyncio.Event, *, idle: float,
-                  backoff: float = 1.0) -> None:  # fmt: skip
+                  backoff: float = 1.0, pause: Callable[[float], Awaitable[None]] | None = None) -> None:  # fmt: skip
     """Run ``step`` until ``stopping``: again at once when it did work (returned True), after
-    ``idle`` when it did not, after ``backoff`` when it failed (a backend is down: keep going)."""
+    ``idle`` when it did not, after ``backoff`` when it failed (a backend is down: keep going).
+    ``pause(seconds)`` waits instead of sleeping after an idle round (one that can end early,
+    when new work is announced); it must return when ``stopping`` is set."""
+    pause = pause or (lambda seconds: sleep_unless_stopped(stopping, seconds))
     while not stopping.is_set():
         try:
             busy = await step()
@@ -71,7 +74,7 @@ async def forever(name: str, step: Callable[[], Awaitable[bool]], stopping: asyn
             await sleep_unless_stopped(stopping, backoff)
             continue
         if not busy:
-            await sleep_unless_stopped(stopping, idle)
+            await pause(idle)
 
 
 async def periodic(name: str, step: Callable[[], Awaitable[None]], stopping: asyncio.Event, *, every: float,

@@ -89,7 +89,10 @@ class PipelineSettings(BaseSettings):
     tool_topic: str = Field("chat.tools", min_length=1, description="Kafka topic of tool-call requests.")
     tool_timeout_seconds: float = Field(10.0, gt=0, description="How long the worker waits for a tool result.")
     publisher_batch_size: int = Field(100, ge=1, le=10_000, description="Outbox rows published per round.")
-    publisher_idle_seconds: float = Field(0.1, gt=0, description="Pause between outbox rounds with nothing to send.")
+    publisher_idle_seconds: float = Field(
+        1.0, gt=0, description="Longest pause between outbox rounds with nothing to send: a new row's notification "
+        "(LISTEN/NOTIFY) ends it at once, so this bounds only what a lost notification can delay.",
+    )  # fmt: skip
     outbox_redeliver_seconds: float = Field(
         30.0, gt=0, description="A WAL record the replicator has not confirmed this long after it was sent is sent "
         "again (the broker lost it); the wait doubles per send.",

@@ -49,3 +49,27 @@ def test_outbox_holds_messages_through_a_broker_outage(own_stack, tmp_path):
         eventually(lambda: set(replicated_ids(database)) == everything, timeout=60, what="all replicated")
         stored = replicated_ids(database)
         assert len(stored) == len(set(stored)) == 10, "no message lost, none duplicated"
+
+
+def test_the_publisher_is_told_of_new_rows_instead_of_polling(stack, tmp_path):
+    # With a minute between rounds, only the outbox's notification can make the publisher
+    # send a message within seconds; and an idle publisher runs no statement at all.
+    env = {"CHATPIPE_PUBLISHER_IDLE_SECONDS": "60", "CHATPIPE_BACKLOG_POLL_SECONDS": "60",
+           "CHATPIPE_OUTBOX_REDELIVER_SECONDS": "300"}  # fmt: skip
+    with Pipeline(stack, tmp_path, env=env) as pipeline:
+        chat = ChatClient(pipeline.gateway_url)
+        session = chat.new_session()
+        publisher = pipeline.metrics_urls["publisher"]
+        database = stack["DATABASE_URL"]
+        for n in range(3):
+            sent = chat.http.post(f"/v1/sessions/{session}/messages", json={"content": f"told {n}"})
+            message_id = sent.json()["message_id"]
+            eventually(lambda message_id=message_id: message_id in replicated_ids(database), timeout=10,
+                       what=f"message {n} replicated")  # fmt: skip
+
+        def statements() -> float:
+            return value(httpx.get(publisher).text, "postgres_operation_seconds_count")
+
+        idle = statements()
+        asyncio.run(asyncio.sleep(3))
+        assert statements() == idle, "an idle publisher polled the outbox"

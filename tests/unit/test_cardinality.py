@@ -21,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 import chatobs.instruments as instruments_module
 from chatobs import Telemetry, load_settings
-from chatobs.catalogue import CATALOGUE, OVERFLOW_VALUE, Kind, get
+from chatobs.catalogue import CATALOGUE, OVERFLOW_VALUE, get
 from chatobs.check import check_exposition
 from chatobs.check import series_bound as checked_series_bound
+from chatobs.instruments import OBSERVABLE_KINDS
 from chatobs.labels import series_bound
 
 OPENMETRICS = "application/openmetrics-text"
@@ -170,14 +171,14 @@ def test_views_give_an_sdk_with_a_cardinality_limit_the_catalogue_bound(monkeypa
     settings = load_settings({"CHATOBS_MAX_LABEL_VALUES": "50", "CHATOBS_TENANTS": "acme,globex"}).chatobs
     instruments_module.views(settings=settings)
 
-    sdk_aggregated = [metric for metric in CATALOGUE if metric.kind is not Kind.HISTOGRAM]
+    # Only metrics read by a callback have an SDK instrument (the cells produce the others,
+    # with no SDK limit in the way: the test above records 4,800 series of one metric).
+    sdk_aggregated = [metric for metric in CATALOGUE if metric.kind in OBSERVABLE_KINDS]
+    assert sdk_aggregated, "the process metrics at least"
     assert [kwargs["instrument_name"] for kwargs in created] == [metric.name for metric in sdk_aggregated]
     for kwargs in created:
         metric = get(str(kwargs["instrument_name"]))
         assert kwargs["aggregation_cardinality_limit"] == series_bound(metric, settings) + 1
-    limits = {kwargs["instrument_name"]: kwargs["aggregation_cardinality_limit"] for kwargs in created}
-    assert limits["llm_requests_total"] == 51 * 51 * 3 + 1  # above the default 2000
-    assert limits["tenant_budget_tokens_allowed"] == 3 + 1  # acme, globex, other
 
 
 def test_the_policy_bound_agrees_with_chatobs_check():

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -84,23 +85,49 @@ _GETTER = _HeaderGetter()
 _SETTER = _HeaderSetter()
 
 
-@contextmanager
-def consumer_span(tracer: Tracer, record: Any, name: str | None = None) -> Iterator[Span]:
-    """A CONSUMER span for handling ``record``, child of the producer's span (from its headers).
+def consumer_span(tracer: Tracer, record: Any, name: str | None = None) -> AbstractContextManager[Span]:
+    """A CONSUMER span for handling ``record``, child of the producer's span (from its headers),
+    current while the ``with`` block runs; an exception leaving the block is recorded on it.
 
     A record it cannot read (no headers, malformed headers, odd attribute types) still gets a
     span, a root one, with what could be read: instrumentation never fails the handler.
     """
-    try:
-        context = propagate.extract(record.headers, getter=_GETTER)
-    except Exception:  # noqa: BLE001 - a malformed record: no parent, but still a span
-        context = None
-    topic = getattr(record, "topic", None)
-    span_name = name if isinstance(name, str) and name else f"{topic if isinstance(topic, str) else 'kafka'} process"
-    with tracer.start_as_current_span(span_name, context=context, kind=SpanKind.CONSUMER) as span:
+    return _ConsumerSpan(tracer, record, name)
+
+
+class _ConsumerSpan:
+    """:func:`consumer_span`'s context manager: a class, not a generator (one per record consumed)."""
+
+    __slots__ = ("_name", "_record", "_span", "_token", "_tracer")
+
+    def __init__(self, tracer: Tracer, record: Any, name: str | None):
+        self._tracer = tracer
+        self._record = record
+        self._name = name
+
+    def __enter__(self) -> Span:
+        record = self._record
+        try:
+            parent = propagate.extract(record.headers, getter=_GETTER)
+        except Exception:  # noqa: BLE001 - a malformed record: no parent, but still a span
+            parent = None
+        topic = getattr(record, "topic", None)
+        name = self._name
+        if not (isinstance(name, str) and name):
+            name = f"{topic if isinstance(topic, str) else 'kafka'} process"
+        span = self._span = self._tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER)
         if span.is_recording():  # nothing to build for a span no processor receives
             span.set_attributes(_record_attributes(record, topic))
-        yield span
+        self._token = context_api.attach(trace.set_span_in_context(span))
+        return span
+
+    def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
+        span = self._span
+        context_api.detach(self._token)
+        if isinstance(error, Exception) and span.is_recording():  # as start_as_current_span does
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
 
 
 def _record_attributes(record: Any, topic: Any) -> dict[str, str | int]:

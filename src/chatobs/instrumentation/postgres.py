@@ -13,8 +13,8 @@ methods, and ``Connection.fetchmany``, which it does not) and over ``asyncpg.con
   says a span processor would receive it; a connection attempt gets chatobs's own ``connect``
   span then (the contrib instrumentation has none, so a refused connection would fail outside
   any span);
-* ``Connection.reset``, the statement a pool runs on every connection it takes back, runs
-  with instrumentation suppressed: it is housekeeping, not a statement the application ran
+* ``Connection.reset``, the statement a pool runs on every connection it takes back, is
+  neither measured nor traced: it is housekeeping, not a statement the application ran
   (traced, it was a third span per request and a ``select`` counted in every request).
 
 Example::
@@ -30,10 +30,11 @@ import functools
 import importlib
 import re
 from collections.abc import Collection, Iterable
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.semconv.attributes.db_attributes import DB_OPERATION_NAME, DB_SYSTEM_NAME
 from opentelemetry.trace import SpanKind
 
@@ -61,6 +62,9 @@ _STATEMENTS = (
     ("asyncpg.prepared_stmt", "PreparedStatement", ("fetch", "fetchval", "fetchrow", "executemany", "fetchmany"),
      "attribute"),
 )  # fmt: skip
+# Set while a pool resets a connection (a ContextVar of its own: the OpenTelemetry context's
+# suppression costs a context copy on entry and several lookups per statement).
+_RESETTING: ContextVar[bool] = ContextVar("chatobs_asyncpg_resetting", default=False)
 _LEADING_COMMENTS = re.compile(r"\s*(?:(?:/\*.*?\*/|--[^\n]*)\s*)*", re.DOTALL)
 
 
@@ -85,6 +89,9 @@ class _Statement(ClientOperation):
 
     def __init__(self, clients: ClientRecorder):
         self._clients = clients
+
+    def enabled(self) -> bool:
+        return not _RESETTING.get() and is_instrumentation_enabled()
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         return _operation_of(args[1] if len(args) > 1 else kwargs.get("query"))
@@ -120,8 +127,11 @@ def _connect_span(connect: Any, tracer: trace.Tracer) -> Any:
 
 def _untraced_reset(original: Any, traced: Any) -> Any:
     async def reset(*args: Any, **kwargs: Any) -> Any:
-        with suppress_instrumentation():
+        token = _RESETTING.set(True)
+        try:
             return await original(*args, **kwargs)
+        finally:
+            _RESETTING.reset(token)
 
     return reset
 

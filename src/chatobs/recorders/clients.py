@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 from opentelemetry.trace import SpanContext
 
-from chatobs.cells import CellStore
+from chatobs.cells import CellStore, Series
 from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 from chatobs.recorders._base import ErrorCallback, Recorder, checked_amount, guarded
@@ -22,6 +22,8 @@ __all__ = ["BACKENDS", "Backend", "ClientRecorder"]
 Backend = Literal["redis", "kafka", "postgres"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 _BACKEND_METRICS = {backend: (f"{backend}_operation_seconds", f"{backend}_errors_total") for backend in BACKENDS}
+#: Most (backend, operation) pairs kept bound; past it, operations are recorded through the store.
+_BOUND_LIMIT = 512
 
 
 class ClientRecorder(Recorder):
@@ -39,6 +41,10 @@ class ClientRecorder(Recorder):
         self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback, cells: CellStore, wal_topic: str
     ):
         super().__init__(instruments, labels, on_error, cells)
+        self._cells = cells
+        # (backend, operation) -> its duration and error series: every statement, command and
+        # delivery records into both, so they are bound once (Series) instead of looked up twice.
+        self._operations: dict[tuple[str, str], tuple[Series, Series]] = {}
         #: The WAL topic (``CHATOBS_WAL_TOPIC``): a produce to it is also a WAL publish.
         self.wal_topic = wal_topic
 
@@ -48,14 +54,31 @@ class ClientRecorder(Recorder):
     ) -> None:
         """One client operation on ``backend`` (redis, kafka, postgres): its duration and, if it
         failed, an error. The bucket's exemplar is ``span`` if given, else the current span."""
+        # Every argument checked before anything is bound or recorded: a bad call records nothing.
+        errors = 1 if failed else 0
+        seconds = checked_amount(seconds)
+        if span is not None and not isinstance(span, SpanContext):
+            raise TypeError(f"span must be a SpanContext or None, got {type(span).__name__}")
+        try:
+            series = self._operations.get((backend, operation))
+        except TypeError:  # an unhashable operation: bound below, as `other`
+            series = None
+        if series is None:
+            series = self._bind(backend, operation)
+        series[0].observe(seconds, span)
+        # Adding 0 on success creates the error series before the first failure: Prometheus's
+        # increase() of a series that first appears at 1 is 0, so that failure would not alert.
+        series[1].add(errors)
+
+    def _bind(self, backend: str, operation: str) -> tuple[Series, Series]:
         names = _BACKEND_METRICS.get(backend)
         if names is None:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        errors = 1 if failed else 0  # before recording anything: a bad `failed` records nothing
-        self._observe(names[0], seconds, operation, span=span)
-        # Adding 0 on success creates the error series before the first failure: Prometheus's
-        # increase() of a series that first appears at 1 is 0, so that failure would not alert.
-        self._add(names[1], errors, operation)
+        values = (operation,)
+        series = (self._cells.series(names[0], values), self._cells.series(names[1], values))
+        if len(self._operations) < _BOUND_LIMIT and operation.__class__ is str:
+            self._operations[backend, operation] = series
+        return series
 
     @guarded("kafka_operation_seconds")
     def produced(self, seconds: float, *, failed: bool, wal: bool, span: SpanContext | None = None) -> None:
