@@ -485,6 +485,8 @@ class LeanTracerProvider(trace_api.TracerProvider):
         self.id_generator = id_generator or RandomIdGenerator()
         self.random_trace_ids = self.id_generator.is_trace_id_random()
         self.processors = _Processors()
+        #: Whether any span processor receives spans (else spans are context-only).
+        self.has_span_processors = False
         self._tracers: dict[tuple[str, str | None, str | None], LeanTracer] = {}
 
     def get_tracer(
@@ -507,11 +509,7 @@ class LeanTracerProvider(trace_api.TracerProvider):
         """Every span that ends goes to ``processor`` too (in the order they were added). Spans
         started before the first processor was added are context-only: they record nothing."""
         self.processors.add(processor)
-
-    @property
-    def has_span_processors(self) -> bool:
-        """Whether any span processor receives spans (else spans are context-only)."""
-        return bool(self.processors.ending)
+        self.has_span_processors = True
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.processors.all.force_flush(timeout_millis)

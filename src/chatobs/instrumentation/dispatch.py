@@ -86,29 +86,12 @@ def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
     _logger.debug("chatobs: %s.%s failed", type(operation).__name__, step, exc_info=error)
 
 
-def _prepare(
-    operation: ClientOperation, traced: Callable[..., Any] | None, gate: Callable[[], bool], args: Args, kwargs: Kwargs
-) -> tuple[Any, bool, Args, Kwargs]:
-    """(described, through the contrib span?, args, kwargs) for one call; never raises."""
-    try:
-        described = operation.describe(args, kwargs)
-        spans = traced is not None and gate()
-        if not spans:
-            args, kwargs = operation.propagate(args, kwargs)
-        return described, spans, args, kwargs
-    except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
-        _fail_safe(operation, "describe", error)
-        return None, False, args, kwargs
+def _failed(operation: ClientOperation, error: BaseException) -> bool:
+    return isinstance(error, Exception) and not isinstance(error, operation.benign)
 
 
-def _record(operation: ClientOperation, described: Any, started: float, result: Any, error: BaseException | None):
-    if described is None:
-        return
-    failed = isinstance(error, Exception) and not isinstance(error, operation.benign)
-    try:
-        operation.record(described, time.perf_counter() - started, result, failed)
-    except Exception as failure:  # noqa: BLE001 - as in _prepare
-        _fail_safe(operation, "record", failure)
+# The two dispatchers run on every client call: their steps are inlined and the operation's
+# methods bound once, rather than shared through helper functions (a call each, every call).
 
 
 def dispatching(
@@ -119,18 +102,38 @@ def dispatching(
 ) -> Callable[..., Any]:
     """An ``async`` dispatcher over ``original``: ``traced`` (same arguments, ``self`` first for
     a method) when the gate says a span would be recorded, else ``original``; measured either way."""
+    enabled, describe, record = operation.enabled, operation.describe, operation.record
+    propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
+    clock = time.perf_counter
 
     async def dispatch(*args: Any, **kwargs: Any) -> Any:
-        if not operation.enabled():
+        if not enabled():
             return await original(*args, **kwargs)
-        described, spans, args, kwargs = _prepare(operation, traced, gate, args, kwargs)
-        started = time.perf_counter()
+        call = original
         try:
-            result = await (traced if spans else original)(*args, **kwargs)  # type: ignore[misc]
+            described = describe(args, kwargs)
+            if traced is not None and gate():
+                call = traced
+            elif propagate is not None:
+                args, kwargs = propagate(args, kwargs)
+        except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+            _fail_safe(operation, "describe", error)
+            described = None
+        started = clock()
+        try:
+            result = await call(*args, **kwargs)
         except BaseException as error:
-            _record(operation, described, started, None, error)
+            if described is not None:
+                try:
+                    record(described, clock() - started, None, _failed(operation, error))
+                except Exception as failure:  # noqa: BLE001 - as above
+                    _fail_safe(operation, "record", failure)
             raise
-        _record(operation, described, started, result, None)
+        if described is not None:
+            try:
+                record(described, clock() - started, result, False)
+            except Exception as failure:  # noqa: BLE001 - as above
+                _fail_safe(operation, "record", failure)
         return result
 
     return dispatch
@@ -143,18 +146,38 @@ def dispatching_sync(
     operation: ClientOperation,
 ) -> Callable[..., Any]:
     """:func:`dispatching` for a synchronous method."""
+    enabled, describe, record = operation.enabled, operation.describe, operation.record
+    propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
+    clock = time.perf_counter
 
     def dispatch(*args: Any, **kwargs: Any) -> Any:
-        if not operation.enabled():
+        if not enabled():
             return original(*args, **kwargs)
-        described, spans, args, kwargs = _prepare(operation, traced, gate, args, kwargs)
-        started = time.perf_counter()
+        call = original
         try:
-            result = (traced if spans else original)(*args, **kwargs)  # type: ignore[misc]
+            described = describe(args, kwargs)
+            if traced is not None and gate():
+                call = traced
+            elif propagate is not None:
+                args, kwargs = propagate(args, kwargs)
+        except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+            _fail_safe(operation, "describe", error)
+            described = None
+        started = clock()
+        try:
+            result = call(*args, **kwargs)
         except BaseException as error:
-            _record(operation, described, started, None, error)
+            if described is not None:
+                try:
+                    record(described, clock() - started, None, _failed(operation, error))
+                except Exception as failure:  # noqa: BLE001 - as above
+                    _fail_safe(operation, "record", failure)
             raise
-        _record(operation, described, started, result, None)
+        if described is not None:
+            try:
+                record(described, clock() - started, result, False)
+            except Exception as failure:  # noqa: BLE001 - as above
+                _fail_safe(operation, "record", failure)
         return result
 
     return dispatch

@@ -35,15 +35,16 @@ class SpanGate:
     not drawn yet, so a root always gets its span, and the sampler decides at its start.
     """
 
-    __slots__ = ("_decide", "_provider", "_sampler")
+    __slots__ = ("_decide", "_flagged", "_sampler")
 
     def __init__(self, tracer_provider: Any):
-        self._provider = tracer_provider
+        # Read as a plain attribute on every call: chatobs's providers keep it up to date.
+        self._flagged = tracer_provider if hasattr(tracer_provider, "has_span_processors") else None
         self._sampler = getattr(tracer_provider, "sampler", None)
         self._decide = getattr(self._sampler, "parent_decision", None)
 
     def __call__(self) -> bool:
-        if not getattr(self._provider, "has_span_processors", True):
+        if self._flagged is not None and not self._flagged.has_span_processors:
             return False
         parent = trace.get_current_span().get_span_context()
         if not parent.is_valid or self._sampler is None:

@@ -61,14 +61,15 @@ class ClientRecorder(Recorder):
             raise TypeError(f"span must be a SpanContext or None, got {type(span).__name__}")
         try:
             series = self._operations.get((backend, operation))
-        except TypeError:  # an unhashable operation: bound below, as `other`
+        except Exception:  # noqa: BLE001 - an unhashable operation (or one whose hash raises): bound below, as `other`
             series = None
         if series is None:
             series = self._bind(backend, operation)
         series[0].observe(seconds, span)
-        # Adding 0 on success creates the error series before the first failure: Prometheus's
-        # increase() of a series that first appears at 1 is 0, so that failure would not alert.
-        series[1].add(errors)
+        if errors:
+            # The error series was bound with the duration's, so it shows 0 before the first failure:
+            # Prometheus's increase() of a series that first appears at 1 is 0, which would not alert.
+            series[1].add(errors)
 
     def _bind(self, backend: str, operation: str) -> tuple[Series, Series]:
         names = _BACKEND_METRICS.get(backend)
@@ -76,6 +77,7 @@ class ClientRecorder(Recorder):
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         values = (operation,)
         series = (self._cells.series(names[0], values), self._cells.series(names[1], values))
+        series[1].add(0)  # counts a rejected operation's `other` for the error series, once it shows
         if len(self._operations) < _BOUND_LIMIT and operation.__class__ is str:
             self._operations[backend, operation] = series
         return series
