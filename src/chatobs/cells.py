@@ -30,6 +30,7 @@ the OpenMetrics parsers reject a NaN or negative ``_sum``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -155,7 +156,7 @@ RawExemplar = tuple[float, int, trace.SpanContext]
 
 
 class HistogramCell:
-    __slots__ = ("_bounds", "_lock", "attributes", "count", "counts", "exemplars", "start", "sum")
+    __slots__ = ("_bounds", "_lock", "attributes", "count", "counts", "exemplars", "max", "min", "start", "sum")
 
     def __init__(self, attributes: dict[str, str], bounds: Sequence[float]):
         self.attributes = attributes
@@ -163,6 +164,8 @@ class HistogramCell:
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum: float = 0.0
+        self.min = math.inf  # the SDK's explicit-bucket aggregation records both, for OTLP
+        self.max = -math.inf
         self.exemplars: list[RawExemplar | None] = [None] * (len(bounds) + 1)
         self.start = time.time_ns()
         self._lock = threading.Lock()
@@ -174,6 +177,10 @@ class HistogramCell:
             self.counts[index] += 1
             self.count += 1
             self.sum += value
+            if value < self.min:
+                self.min = value
+            if value > self.max:
+                self.max = value
         if exemplar_span is not None:
             self._keep_exemplar(index, value, exemplar_span)
 
@@ -183,8 +190,10 @@ class HistogramCell:
 
     def point(self, now: int) -> HistogramDataPoint:
         with self._lock:
-            counts, count, total = list(self.counts), self.count, self.sum
-        return _histogram_point(self.attributes, self.start, now, counts, count, total, self._bounds, self.exemplars)
+            counts, count, total, low, high = list(self.counts), self.count, self.sum, self.min, self.max
+        extremes = (low, high) if count else (math.nan, math.nan)
+        return _histogram_point(self.attributes, self.start, now, counts, count, total, self._bounds, self.exemplars,
+                                extremes)  # fmt: skip
 
 
 def _histogram_point(
@@ -196,7 +205,9 @@ def _histogram_point(
     total: float,
     bounds: Sequence[float],
     exemplars: Sequence[RawExemplar | None],
+    extremes: tuple[float, float] = (math.nan, math.nan),
 ) -> HistogramDataPoint:
+    """The point; ``extremes`` (min, max) unknown when combined from several processes' files."""
     return HistogramDataPoint(
         attributes=attributes,
         start_time_unix_nano=start,
@@ -205,8 +216,8 @@ def _histogram_point(
         sum=total,
         bucket_counts=counts,
         explicit_bounds=list(bounds),
-        min=float("nan"),
-        max=float("nan"),
+        min=extremes[0],
+        max=extremes[1],
         exemplars=[
             Exemplar({}, value, at, span_id=span.span_id, trace_id=span.trace_id)
             for value, at, span in filter(None, exemplars)

@@ -86,14 +86,18 @@ def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
 class ScrapeReader(MetricReader):
     """A pull reader: collects cumulative metrics when a scrape asks.
 
+    ``produce(data)`` adds what is not collected by the SDK (chatobs's cells and callbacks:
+    :meth:`chatobs.telemetry.Telemetry.collect`); it is part of the collection, timed with it.
+
     Scrapes are serialised, so two concurrent scrapes never interleave one
     collection's callbacks with another's. A scrape never fails for a slow or
     broken collection: it then gets the last good collection (stale beats empty,
     and a counter that disappears for one scrape would read as a reset).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, produce: Callable[[MetricsData | None], MetricsData | None] | None = None) -> None:
         super().__init__()
+        self._produce = produce
         self._lock = threading.Lock()
         self._latest: MetricsData | None = None
         self._last_good: MetricsData | None = None
@@ -112,18 +116,19 @@ class ScrapeReader(MetricReader):
             started = time.monotonic()
             try:
                 self.collect(timeout_millis=timeout_seconds * 1000)
+                data = self._produce(self._latest) if self._produce is not None else self._latest
             except Exception:
                 _logger.warning("chatobs: collection failed; serving the previous one", exc_info=True)
                 return self._last_good
             if time.monotonic() - started > timeout_seconds:
                 # The SDK abandons a collection past its deadline only between two instruments'
-                # callbacks, so whether a slow last callback is caught depends on the order:
-                # abandoned here too, whatever the order.
+                # callbacks, and the produced part has no deadline of its own: past it, the whole
+                # collection is abandoned here.
                 _logger.warning("chatobs: collection took over %.1fs; serving the previous one", timeout_seconds)
                 return self._last_good
-            if self._latest is not None:
-                self._last_good = self._latest
-            return self._latest
+            if data is not None:
+                self._last_good = data
+            return data
         finally:
             self._lock.release()
 
@@ -467,7 +472,6 @@ def scrape_response(
     accept: str | None,
     accept_encoding: str | None,
     timeout_seconds: float = 5.0,
-    augment: Callable[[MetricsData | None], MetricsData | None] | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
     """Collect, render and encode one scrape: ``(status, headers, body)``.
 
@@ -475,8 +479,6 @@ def scrape_response(
     """
     openmetrics = negotiate_openmetrics(accept)
     data = reader.scrape(timeout_seconds)
-    if augment is not None:
-        data = augment(data)  # metrics produced outside the SDK's instruments (the cells)
     text = renderer.render(data, openmetrics)
     try:
         body = text.encode()

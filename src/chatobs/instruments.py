@@ -1,30 +1,36 @@
-"""OpenTelemetry instruments and Views, derived from the catalogue.
+"""The catalogue's Views, and the observable metrics chatobs reads by callback at collection.
 
 Example::
 
-    >>> from opentelemetry.sdk.metrics import MeterProvider
-    >>> instruments = Instruments(MeterProvider(views=views()).get_meter("chatobs"))
-    >>> instruments.observe("outbox_pending", lambda options: [Observation(3)])
+    >>> provider = MeterProvider(views=views())        # the roadmap's buckets and label keys
+    >>> observables = Instruments()
+    >>> observables.observe("outbox_pending", lambda options: [Observation(3)])
+    >>> observables.produced_metrics()                 # at collection: Gauge points
 """
 
 from __future__ import annotations
 
 import inspect
-import threading
+import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics.view import View
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics.export import AggregationTemporality, Gauge, Metric, NumberDataPoint, Sum
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
-from chatobs.catalogue import CATALOGUE, PROCESS_LABEL, Combine, Kind, Metric
+from chatobs.catalogue import CATALOGUE, PROCESS_LABEL, Combine, Kind
+from chatobs.catalogue import Metric as CatalogueMetric
 from chatobs.labels import series_bound
 from chatobs.settings import ChatobsSettings
 
 __all__ = ["OBSERVABLE_KINDS", "SDK_HAS_CARDINALITY_LIMIT", "Instruments", "ObservableCallback", "views"]
 
+_logger = logging.getLogger("chatobs")
+
 ObservableCallback = Callable[[CallbackOptions], Iterable[Observation]]
-#: Metrics read by a callback at collection: the only ones with an SDK instrument.
+#: Metrics read by a callback at collection (the others are recorded in cells).
 OBSERVABLE_KINDS = frozenset({Kind.OBSERVABLE_GAUGE, Kind.OBSERVABLE_COUNTER})
 
 
@@ -34,32 +40,34 @@ OBSERVABLE_KINDS = frozenset({Kind.OBSERVABLE_GAUGE, Kind.OBSERVABLE_COUNTER})
 SDK_HAS_CARDINALITY_LIMIT = "aggregation_cardinality_limit" in inspect.signature(View).parameters
 
 
-def views(metrics: Iterable[Metric] = CATALOGUE, settings: ChatobsSettings | None = None) -> list[View]:
-    """One View per catalogue metric the SDK aggregates (those read by a callback: process
-    metrics, backlog gauges), keeping only the catalogue's label keys (and ``pid`` on
-    per-process metrics), so a stray attribute can never add series. Counters, gauges and
-    histograms recorded in cells have no SDK instrument: the cells produce the points this
-    View would give (:meth:`chatobs.cells.CellStore.produced_metrics`).
+def views(metrics: Iterable[CatalogueMetric] = CATALOGUE, settings: ChatobsSettings | None = None) -> list[View]:
+    """One View per catalogue metric: only the catalogue's label keys (and ``pid`` on
+    per-process metrics), so a stray attribute can never add series, and a histogram's
+    explicit buckets from the roadmap. An SDK instrument under a catalogue name (another
+    meter's on the same provider) gets exactly what the catalogue says; chatobs's own
+    recordings skip the SDK's aggregation, and produce the points these Views give
+    (:meth:`chatobs.cells.CellStore.produced_metrics`, :meth:`Instruments.produced_metrics`;
+    ``tests/unit/test_produced.py`` holds them to it).
 
     The label policy bounds every metric's series (``other`` takes the overflow, counted in
     ``chatobs_label_rejections_total``), and that bound can exceed an SDK's default
-    cardinality limit (2000). With an SDK that has the limit, each View gets the catalogue's
-    bound (plus the SDK's own overflow slot), so the SDK never folds a series silently; the
-    installed SDK has no limit at all.
+    cardinality limit (51 models x 51 providers x 3 modes = 7803 > 2000). With an SDK that
+    has the limit, each View gets the catalogue's bound (plus the SDK's own overflow slot),
+    so the SDK never folds a series silently; the installed SDK has no limit at all.
     """
     settings = settings or ChatobsSettings.model_validate({})  # the defaults, not os.environ
     result = []
     for metric in metrics:
-        if metric.kind not in OBSERVABLE_KINDS:
-            continue
-        limit: dict[str, int] = {}
+        options: dict[str, Any] = {}
         if SDK_HAS_CARDINALITY_LIMIT:
-            limit["aggregation_cardinality_limit"] = series_bound(metric, settings) + 1
-        result.append(View(instrument_name=metric.name, attribute_keys=_attribute_keys(metric), **limit))
+            options["aggregation_cardinality_limit"] = series_bound(metric, settings) + 1
+        if metric.buckets is not None:
+            options["aggregation"] = ExplicitBucketHistogramAggregation(boundaries=metric.buckets)
+        result.append(View(instrument_name=metric.name, attribute_keys=_attribute_keys(metric), **options))
     return result
 
 
-def _attribute_keys(metric: Metric) -> set[str]:
+def _attribute_keys(metric: CatalogueMetric) -> set[str]:
     keys = set(metric.label_names)
     if metric.combine is Combine.PER_PROCESS:
         keys.add(PROCESS_LABEL)
@@ -67,55 +75,60 @@ def _attribute_keys(metric: Metric) -> set[str]:
 
 
 class Instruments:
-    """The catalogue's observable instruments (metrics read by a callback at collection),
-    created on one Meter, looked up by metric name.
+    """The catalogue's observable metrics (read by a callback at collection: process metrics,
+    backlog gauges), looked up by metric name.
 
-    Counters, gauges and histograms are recorded in ``cells`` (:mod:`chatobs.cells`) and need
-    no instrument: the cells produce their points at collection. An observable metric's
-    instrument is created when :meth:`observe` registers its callback (or, with
-    ``create=False``, when :meth:`ensure` is called at its first reading): each instrument
-    costs every collection a callback and a pass through the SDK's storage even with no data.
+    A callback is what an OpenTelemetry observable instrument takes, ``(CallbackOptions) ->
+    Observations``; chatobs calls it at each collection itself and produces the points the
+    catalogue's View gives (:meth:`produced_metrics`): an SDK observable instrument costs
+    about 10 microseconds a series at every collection, most of a small service's scrape.
+    A callback that raises reports nothing that collection (logged once per metric).
     """
 
-    def __init__(self, meter: Meter, metrics: Iterable[Metric] = CATALOGUE):
-        self._meter = meter
+    def __init__(self, metrics: Iterable[CatalogueMetric] = CATALOGUE):
         self._metrics = {metric.name: metric for metric in metrics if metric.kind in OBSERVABLE_KINDS}
-        self._instruments: dict[str, Any] = {}
         self._callbacks: dict[str, ObservableCallback] = {}
-        self._creating = threading.Lock()
+        self._failing: set[str] = set()
+        self._start = time.time_ns()
 
-    def ensure(self, name: str) -> None:
-        """Create the instrument of observable metric ``name`` if it does not exist yet. Never
-        call it holding a lock a collection callback takes: creating an instrument waits for a
-        collection in progress."""
-        if name in self._instruments or name not in self._metrics:
-            return
-        with self._creating:
-            if name not in self._instruments:
-                self._instruments[name] = self._create(self._meter, self._metrics[name])
-
-    def _create(self, meter: Meter, metric: Metric) -> Any:
-        common = {"name": metric.name, "unit": metric.unit, "description": metric.description}
-        callback = self._dispatcher(metric.name)
-        if metric.kind is Kind.OBSERVABLE_GAUGE:
-            return meter.create_observable_gauge(**common, callbacks=[callback])
-        return meter.create_observable_counter(**common, callbacks=[callback])
-
-    def _dispatcher(self, name: str) -> ObservableCallback:
-        def dispatch(options: CallbackOptions) -> Iterable[Observation]:
-            callback = self._callbacks.get(name)
-            return callback(options) if callback else ()
-
-        return dispatch
-
-    def __getitem__(self, name: str) -> Any:
-        return self._instruments[name]
-
-    def observe(self, name: str, callback: ObservableCallback, *, create: bool = True) -> None:
-        """Make ``callback`` the source of observable metric ``name`` (replacing any earlier one);
-        ``create=False``: only once :meth:`ensure` creates the instrument (the first reading)."""
+    def observe(self, name: str, callback: ObservableCallback) -> None:
+        """Make ``callback`` the source of observable metric ``name`` (replacing any earlier one)."""
         if name not in self._metrics:
-            raise KeyError(f"{name!r} is not an instrument of this catalogue")
+            raise KeyError(f"{name!r} is not an observable metric of this catalogue")
         self._callbacks[name] = callback
-        if create:
-            self.ensure(name)
+
+    def produced_metrics(self) -> list[Metric]:
+        """Every registered callback's observations now: cumulative monotonic ``Sum`` points for
+        an observable counter, ``Gauge`` points for an observable gauge."""
+        now = time.time_ns()
+        options = CallbackOptions()
+        produced = []
+        for name, callback in list(self._callbacks.items()):
+            metric = self._metrics[name]
+            try:
+                observations = list(callback(options))
+            except Exception:  # one failing reading never fails the scrape
+                if name not in self._failing:
+                    self._failing.add(name)
+                    _logger.warning("chatobs: reading %s failed; it reports nothing while it fails", name,
+                                    exc_info=True)  # fmt: skip
+                continue
+            self._failing.discard(name)
+            keys = _attribute_keys(metric)
+            # One point per attribute set, the last observation of it winning, as in the SDK.
+            points = {}
+            for observation in observations:
+                attributes = {k: v for k, v in (observation.attributes or {}).items() if k in keys}
+                points[tuple(sorted(attributes.items()))] = NumberDataPoint(
+                    attributes, self._start, now, observation.value, exemplars=[]
+                )
+            if not points:
+                continue
+            data: Sum | Gauge
+            if metric.kind is Kind.OBSERVABLE_COUNTER:
+                data = Sum(data_points=list(points.values()), aggregation_temporality=AggregationTemporality.CUMULATIVE,
+                           is_monotonic=True)  # fmt: skip
+            else:
+                data = Gauge(data_points=list(points.values()))
+            produced.append(Metric(name=name, description=metric.description, unit=metric.unit, data=data))
+        return produced

@@ -234,12 +234,24 @@ class PushReader(PeriodicExportingMetricReader):
     def __init__(self, exporter: ProducingExporter, **kwargs: Any):
         super().__init__(exporter, **kwargs)
         self._producing = exporter
+        self._collecting = threading.Lock()  # the export thread and force_flush may both collect
+        self._received = False
 
     def collect(self, timeout_millis: float = 10_000) -> None:
         if not self._producing.ready():
             self._producing.lost()
             return
-        super().collect(timeout_millis=timeout_millis)
+        with self._collecting:
+            self._received = False
+            super().collect(timeout_millis=timeout_millis)
+            if not self._received:
+                # The SDK hands nothing over when its own instruments have no data, but the
+                # exporter adds chatobs's metrics (produced from the cells) to every export.
+                super()._receive_metrics(MetricsData(resource_metrics=[]), timeout_millis=timeout_millis)
+
+    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        self._received = True
+        super()._receive_metrics(metrics_data, timeout_millis=timeout_millis, **kwargs)
 
 
 def build_metric_readers(

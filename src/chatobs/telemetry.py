@@ -128,7 +128,7 @@ class Telemetry:
             accounting = ExportAccounting(self._export_failed, self._spans_dropped)
             readers = list(metric_readers) + build_metric_readers(self.settings, self._with_produced, accounting)
             if "prometheus" in settings.otel.metrics_exporter:
-                self.scrape_reader = ScrapeReader()
+                self.scrape_reader = ScrapeReader(produce=self._with_produced)
                 readers.append(self.scrape_reader)
             self.meter_provider = MeterProvider(
                 metric_readers=readers,
@@ -148,7 +148,7 @@ class Telemetry:
             resource=self._resource,
         )
 
-        self.instruments = Instruments(self.meter_provider.get_meter(SCOPE_NAME, __version__))
+        self.instruments = Instruments()
         self._logged_errors: set[str] = set()
         recorder_args = (self.instruments, self.labels, self._recording_failed, self.cells)
         self.traffic = TrafficRecorder(*recorder_args)
@@ -219,12 +219,14 @@ class Telemetry:
             accept,
             accept_encoding,
             self.settings.chatobs.scrape_timeout_seconds,
-            augment=self._with_produced,
         )
 
     def _with_produced(self, data: MetricsData | None) -> MetricsData | None:
-        """``data`` plus what the cells recorded (counters, gauges, histograms: no SDK instrument)."""
-        return with_produced(data, self.cells.produced_metrics(), self._scope, self._resource)
+        """``data`` (what the SDK collected: other meters' instruments) plus chatobs's own metrics,
+        produced as the catalogue's Views would: the cells' counters, gauges and histograms and
+        the observable metrics' callbacks."""
+        produced = [*self.cells.produced_metrics(), *self.instruments.produced_metrics()]
+        return with_produced(data, produced, self._scope, self._resource)
 
     def mount(self, app: Any) -> None:
         """Serve the scrape at ``CHATOBS_METRICS_PATH`` on a FastAPI/Starlette app (idempotent), and

@@ -24,7 +24,6 @@ from chatobs import Telemetry, load_settings
 from chatobs.catalogue import CATALOGUE, OVERFLOW_VALUE, get
 from chatobs.check import check_exposition
 from chatobs.check import series_bound as checked_series_bound
-from chatobs.instruments import OBSERVABLE_KINDS
 from chatobs.labels import series_bound
 
 OPENMETRICS = "application/openmetrics-text"
@@ -171,14 +170,13 @@ def test_views_give_an_sdk_with_a_cardinality_limit_the_catalogue_bound(monkeypa
     settings = load_settings({"CHATOBS_MAX_LABEL_VALUES": "50", "CHATOBS_TENANTS": "acme,globex"}).chatobs
     instruments_module.views(settings=settings)
 
-    # Only metrics read by a callback have an SDK instrument (the cells produce the others,
-    # with no SDK limit in the way: the test above records 4,800 series of one metric).
-    sdk_aggregated = [metric for metric in CATALOGUE if metric.kind in OBSERVABLE_KINDS]
-    assert sdk_aggregated, "the process metrics at least"
-    assert [kwargs["instrument_name"] for kwargs in created] == [metric.name for metric in sdk_aggregated]
+    assert [kwargs["instrument_name"] for kwargs in created] == [metric.name for metric in CATALOGUE]
     for kwargs in created:
         metric = get(str(kwargs["instrument_name"]))
         assert kwargs["aggregation_cardinality_limit"] == series_bound(metric, settings) + 1
+    limits = {kwargs["instrument_name"]: kwargs["aggregation_cardinality_limit"] for kwargs in created}
+    assert limits["llm_requests_total"] == 51 * 51 * 3 + 1  # above the default 2000
+    assert limits["tenant_budget_tokens_allowed"] == 3 + 1  # acme, globex, other
 
 
 def test_the_policy_bound_agrees_with_chatobs_check():

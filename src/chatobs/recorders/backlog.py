@@ -36,7 +36,7 @@ class BacklogRecorder(Recorder):
         self._latest: dict[str, float] = {}
         self._lock = threading.Lock()
         for name in ("outbox_pending", "degraded_buffer_size"):
-            instruments.observe(name, self._reader(name), create=False)  # a service that measures it owns it
+            instruments.observe(name, self._reader(name))
 
     def _reader(self, name: str):
         def read(options: CallbackOptions) -> Iterable[Observation]:
@@ -50,12 +50,10 @@ class BacklogRecorder(Recorder):
     @guarded("outbox_pending")
     def outbox_pending(self, rows: int) -> None:
         self._latest["outbox_pending"] = checked_amount(rows)
-        self._instruments.ensure("outbox_pending")
 
     @guarded("degraded_buffer_size")
     def degraded_buffer_size(self, keys: int) -> None:
         self._latest["degraded_buffer_size"] = checked_amount(keys)
-        self._instruments.ensure("degraded_buffer_size")
 
     @guarded("wal_publish_seconds")
     def wal_published(self, seconds: float) -> None:
