@@ -153,6 +153,17 @@ _NUMBER_KINDS = (Kind.COUNTER, Kind.UP_DOWN, Kind.GAUGE)
 
 #: A bucket's latest exemplar: (value, time in ns, the span's context).
 RawExemplar = tuple[float, int, trace.SpanContext]
+#: A bucket's exemplar is replaced by the current span at most this often. Finding the current
+#: span is most of an observation's cost (several OpenTelemetry API calls), and a scrape shows one
+#: exemplar a bucket anyway: the latest, now at most this much older than the latest observation.
+EXEMPLAR_REFRESH_NS = 1_000_000_000
+
+
+def _refreshed(kept: RawExemplar | None, sample: ExemplarSampler) -> trace.SpanContext | None:
+    """The current span for a bucket whose exemplar ``kept`` is missing or stale, else None."""
+    if kept is None or time.time_ns() - kept[1] >= EXEMPLAR_REFRESH_NS:
+        return sample(None)
+    return None
 
 
 class HistogramCell:
@@ -170,9 +181,14 @@ class HistogramCell:
         self.start = time.time_ns()
         self._lock = threading.Lock()
 
-    def observe(self, value: float, exemplar_span: trace.SpanContext | None) -> None:
-        """Count ``value``, already checked (see :func:`checked_amount`)."""
+    def observe(
+        self, value: float, exemplar_span: trace.SpanContext | None, sample: ExemplarSampler | None = None
+    ) -> None:
+        """Count ``value``, already checked (see :func:`checked_amount`). The exemplar is
+        ``exemplar_span``, or what ``sample`` finds (the current span) if the bucket's is stale."""
         index = bisect_left(self._bounds, value)  # buckets are upper-inclusive, as Prometheus's `le`
+        if sample is not None:
+            exemplar_span = _refreshed(self.exemplars[index], sample)
         with self._lock:
             self.counts[index] += 1
             self.count += 1
@@ -272,8 +288,12 @@ class FileHistogramCell(HistogramCell):
         super().__init__(attributes, bounds)
         self._file, self._offset = file, offset
 
-    def observe(self, value: float, exemplar_span: trace.SpanContext | None) -> None:
+    def observe(
+        self, value: float, exemplar_span: trace.SpanContext | None, sample: ExemplarSampler | None = None
+    ) -> None:
         index = bisect_left(self._bounds, value)
+        if sample is not None:
+            exemplar_span = _refreshed(self.exemplars[index], sample)
         write, offset = self._file.write, self._offset
         with self._lock:
             self.counts[index] += 1
@@ -350,10 +370,13 @@ class Series:
         if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
             value = checked_amount(value)
         store = self._store
-        exemplar = store._sample_exemplar(None) if span is None else store._exemplar_of_span(span)
+        if span is None:  # the current span, sampled by the cell when the bucket's exemplar is stale
+            exemplar, sample = None, store._sample_exemplar
+        else:
+            exemplar, sample = store._exemplar_of_span(span), None
         if self._rejected:
             store._report(self._name, self._rejected)
-        self._cell.observe(value, exemplar)  # type: ignore[union-attr]
+        self._cell.observe(value, exemplar, sample)  # type: ignore[union-attr]
 
 
 class CellStore:
@@ -425,8 +448,15 @@ class CellStore:
         # checks and one chained comparison (which NaN fails too).
         if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
             value = checked_amount(value)
-        # Before binding: a bad context records nothing.
-        exemplar = self._sample_exemplar(context) if span is None else self._exemplar_of_span(span)
+        # Before binding: a bad context or span records nothing. The current span (no context,
+        # no span given, the usual case) is sampled by the cell, when the bucket's exemplar is stale.
+        sample: ExemplarSampler | None = None
+        if span is not None:
+            exemplar = self._exemplar_of_span(span)
+        elif context is not None:
+            exemplar = self._sample_exemplar(context)
+        else:
+            exemplar, sample = None, self._sample_exemplar
         bound = self._bound.get(name)
         try:
             entry = bound.get(values) if bound is not None else None
@@ -435,7 +465,7 @@ class CellStore:
         cell, rejected = entry if entry is not None else self._bind(name, values)
         if rejected:
             self._report(name, rejected)
-        cell.observe(value, exemplar)  # type: ignore[union-attr]
+        cell.observe(value, exemplar, sample)  # type: ignore[union-attr]
 
     def set(self, name: str, value: float, values: tuple[str, ...]) -> None:
         """Set a gauge."""
