@@ -20,9 +20,13 @@ from 26% to -4% between two runs, so it is not in the full run).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -33,7 +37,7 @@ from chatobs.stack import LocalStack
 from chatpipe import demo
 from chatpipe.launcher import Pipeline
 
-__all__ = ["INSTRUMENTED", "Share", "cpu_share", "demo_share", "profiled_share"]
+__all__ = ["INSTRUMENTED", "Share", "cpu_share", "demo_share", "profiled_share", "traces_exported"]
 
 SERVICES = ("gateway", "worker")
 #: Every instrumented service of the pipeline (the simulators are not the product).
@@ -122,6 +126,36 @@ def demo_share(
         return profiler.results(), sent
 
 
+class _Discard(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that takes every export and keeps nothing (200, empty response)."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as a collector's receiver
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def traces_exported() -> Iterator[dict[str, str]]:
+    """The services' environment for shipping every span over OTLP to a receiver that discards
+    them (in this process): what a service pays when a collector takes its traces."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Discard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    try:
+        yield {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _print(results: dict[str, Share]) -> None:
     for service, result in results.items():
         print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation")
@@ -134,6 +168,12 @@ def _print(results: dict[str, Share]) -> None:
 
 
 if __name__ == "__main__":
+    if "--demo" in sys.argv and "--traces" in sys.argv:
+        with traces_exported() as exporting:
+            shares, sent = demo_share(env=exporting)
+        print(f"demo load, every span exported: {sent} messages")
+        _print(shares)
+        raise SystemExit
     if "--demo" in sys.argv:
         shares, sent = demo_share()
         print(f"demo load: {sent} messages")

@@ -108,7 +108,8 @@ def main() -> int:
 
 def _profile_rows(table: Table, console: Console) -> None:
     """The instrumentation's share of each service's CPU samples (py-spy, GIL held): under
-    ``chatobs demo``'s load (three runs, and once with 10% of traces sampled) and turn by turn."""
+    ``chatobs demo``'s load (three runs; once with 10% of traces sampled; once with every span
+    exported over OTLP) and turn by turn."""
     runs: dict[str, list[pipeline_cpu.Share]] = {}
     for attempt in range(1, PROFILES + 1):
         with console.status(f"instrumentation's share of CPU under the demo's load (py-spy, {attempt}/{PROFILES})"):
@@ -117,6 +118,8 @@ def _profile_rows(table: Table, console: Console) -> None:
             runs.setdefault(service, []).append(result)
     with console.status("the same with 10% of traces sampled"):
         sampled, _ = pipeline_cpu.demo_share(env=throughput.SAMPLED_10_PERCENT)
+    with console.status("the same with every span exported over OTLP"), pipeline_cpu.traces_exported() as exporting:
+        exported, _ = pipeline_cpu.demo_share(env=exporting)
     with console.status("turn by turn: 400 chat turns, no listeners or scrapes"):
         turns = pipeline_cpu.profiled_share(turns=400)
 
@@ -128,6 +131,8 @@ def _profile_rows(table: Table, console: Console) -> None:
         median = sorted(results, key=lambda result: result.share)[len(results) // 2]
         row(f"{service}: CPU samples in instrumentation, demo load 60 s (py-spy; median of {each})", median)
         row(f"{service}: the same, 10% of traces sampled", sampled[service])
+        row(f"{service}: the same, every span exported over OTLP (to a receiver that discards them)",
+            exported[service])  # fmt: skip
     for service, result in turns.items():
         row(f"{service}: turn by turn, 400 chat turns 20 ms apart, no listeners or scrapes", result)
 
