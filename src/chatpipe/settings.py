@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from chatobs.settings import ConfigError, CsvList, load_model, parse_key_values
 
 __all__ = ["BackendSettings", "PipelineSettings", "load_backend_settings", "load_pipeline_settings"]
+
+
+@functools.lru_cache(maxsize=16)
+def _allowances(value: str) -> dict[str, int]:
+    """``tenant=allowance,...`` as a dict, parsed once per value (it is asked on every message)."""
+    return {tenant: int(allowance) for tenant, allowance in parse_key_values(value).items()}
 
 
 class BackendSettings(BaseSettings):
@@ -118,10 +125,10 @@ class PipelineSettings(BaseSettings):
         return value
 
     def token_allowance(self, tenant: str) -> int:
-        return int(parse_key_values(self.tenant_token_budgets).get(tenant, self.token_budget))
+        return _allowances(self.tenant_token_budgets).get(tenant, self.token_budget)
 
     def message_allowance(self, tenant: str) -> int:
-        return int(parse_key_values(self.tenant_message_budgets).get(tenant, self.message_budget))
+        return _allowances(self.tenant_message_budgets).get(tenant, self.message_budget)
 
     def require(self, *fields: str) -> PipelineSettings:
         """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""

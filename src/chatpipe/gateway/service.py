@@ -27,13 +27,13 @@ import redis.exceptions
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from opentelemetry import propagate
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
 import chatobs
+from chatobs.propagation import traceparent
 from chatpipe.db import connect_pool, migrate
 from chatpipe.events import ROLES, events_channel
 from chatpipe.runtime import freeze_startup_objects
@@ -243,8 +243,7 @@ def create_app() -> FastAPI:
             try:
                 async with app.state.pool.acquire() as connection:
                     session = await live_session(connection, session_id)
-                    carrier: dict[str, str] = {}
-                    propagate.inject(carrier)  # the publisher continues this request's trace
+                    parent = traceparent()  # the publisher continues this request's trace
                     payload = {
                         "message_id": message_id,
                         "session_id": session_id,
@@ -256,7 +255,7 @@ def create_app() -> FastAPI:
                     }
                     await connection.execute(
                         "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)",
-                        message_id, session_id, json.dumps(payload), carrier.get("traceparent"),
+                        message_id, session_id, json.dumps(payload), parent,
                     )  # fmt: skip
                     stored = True
             except BACKEND_UNAVAILABLE:

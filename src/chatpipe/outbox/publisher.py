@@ -28,10 +28,10 @@ import logging
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 
 import chatobs
+from chatobs.propagation import continued
 from chatpipe.db import OUTBOX_CHANNEL, connect_pool, migrate
 from chatpipe.kafka import start_producer
 from chatpipe.runtime import forever, install_stop_signals, periodic, run_service, run_until_stopped
@@ -121,7 +121,7 @@ class Publisher:
                 return False
             deliveries = []
             for row in rows:
-                parent = propagate.extract({"traceparent": row["traceparent"]}) if row["traceparent"] else None
+                parent = continued(row["traceparent"])
                 with self._telemetry.tracer.start_as_current_span("outbox publish", context=parent,
                                                                   kind=SpanKind.INTERNAL):  # fmt: skip
                     payload = row["payload"] if isinstance(row["payload"], str) else json.dumps(row["payload"])
