@@ -37,7 +37,6 @@ import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -72,6 +71,7 @@ __all__ = [
     "checked_amount",
     "exemplar_sampler",
     "exemplar_span_filter",
+    "number_metric",
     "with_produced",
 ]
 
@@ -582,21 +582,17 @@ class CellStore:
         names = list(self._series) if self._directory is None else [m.name for m in catalogue.CATALOGUE]
         for name in names:
             metric = catalogue.get(name)
-            data: Sum | Gauge | Histogram
             if metric.buckets is not None:
-                points: list[Any] = self._histogram_points(metric, now)
-                data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+                histogram_points = self._histogram_points(metric, now)
+                if histogram_points:
+                    data = Histogram(data_points=histogram_points,
+                                     aggregation_temporality=AggregationTemporality.CUMULATIVE)  # fmt: skip
+                    metrics.append(Metric(name=name, description=metric.description, unit=metric.unit, data=data))
             elif metric.kind in _NUMBER_KINDS:
-                points = self._number_points(metric, now)
-                if metric.kind is Kind.GAUGE:
-                    data = Gauge(data_points=points)
-                else:
-                    data = Sum(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE,
-                               is_monotonic=metric.kind is Kind.COUNTER)  # fmt: skip
-            else:
-                continue  # an observable instrument's: the SDK collects it
-            if points:
-                metrics.append(Metric(name=name, description=metric.description, unit=metric.unit, data=data))
+                number_points = self._number_points(metric, now)
+                if number_points:
+                    metrics.append(number_metric(metric, number_points))
+            # An observable metric's points come from chatobs.instruments.Instruments (its callback).
         return metrics
 
     def _number_points(self, metric: catalogue.Metric, now: int) -> list[NumberDataPoint]:
@@ -629,6 +625,18 @@ class CellStore:
                 )
             )
         return points
+
+
+def number_metric(metric: catalogue.Metric, points: list[NumberDataPoint]) -> Metric:
+    """A counter's or gauge's points as the catalogue's View gives them: a cumulative ``Sum``
+    (monotonic for a counter, observable or not; not for an up-down counter), else a ``Gauge``."""
+    data: Sum | Gauge
+    if metric.kind in (Kind.GAUGE, Kind.OBSERVABLE_GAUGE):
+        data = Gauge(data_points=points)
+    else:
+        monotonic = metric.kind in (Kind.COUNTER, Kind.OBSERVABLE_COUNTER)
+        data = Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=monotonic)
+    return Metric(name=metric.name, description=metric.description, unit=metric.unit, data=data)
 
 
 def with_produced(

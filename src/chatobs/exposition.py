@@ -86,8 +86,8 @@ def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
 class ScrapeReader(MetricReader):
     """A pull reader: collects cumulative metrics when a scrape asks.
 
-    ``produce(data)`` adds what is not collected by the SDK (chatobs's cells and callbacks:
-    :meth:`chatobs.telemetry.Telemetry.collect`); it is part of the collection, timed with it.
+    ``produce(data)`` adds what the SDK does not collect (chatobs's cells and callbacks, as
+    :class:`chatobs.telemetry.Telemetry` passes it); it is part of the collection, timed with it.
 
     Scrapes are serialised, so two concurrent scrapes never interleave one
     collection's callbacks with another's. A scrape never fails for a slow or

@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics.export import AggregationTemporality, Gauge, Metric, NumberDataPoint, Sum
+from opentelemetry.sdk.metrics.export import Metric, NumberDataPoint
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from chatobs.catalogue import CATALOGUE, PROCESS_LABEL, Combine, Kind
 from chatobs.catalogue import Metric as CatalogueMetric
+from chatobs.cells import number_metric
 from chatobs.labels import series_bound
 from chatobs.settings import ChatobsSettings
 
@@ -122,13 +123,6 @@ class Instruments:
                 points[tuple(sorted(attributes.items()))] = NumberDataPoint(
                     attributes, self._start, now, observation.value, exemplars=[]
                 )
-            if not points:
-                continue
-            data: Sum | Gauge
-            if metric.kind is Kind.OBSERVABLE_COUNTER:
-                data = Sum(data_points=list(points.values()), aggregation_temporality=AggregationTemporality.CUMULATIVE,
-                           is_monotonic=True)  # fmt: skip
-            else:
-                data = Gauge(data_points=list(points.values()))
-            produced.append(Metric(name=name, description=metric.description, unit=metric.unit, data=data))
+            if points:
+                produced.append(number_metric(metric, list(points.values())))
         return produced

@@ -388,7 +388,7 @@ class LeanTracer(trace_api.Tracer):
             trace_flags=_FLAGS[sampled, random_id],
             trace_state=trace_state,
         )
-        if not recording or not provider.processors.ending:
+        if not recording or not provider.has_span_processors:
             # No processor would receive the span: its context is all anyone can use.
             return NonRecordingSpan(span_context)
         span = LeanSpan(name, span_context, parent, kind, start_attributes, _valid_links(links),

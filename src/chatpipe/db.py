@@ -57,7 +57,7 @@ update outbox o set confirmed_at = r.replicated_at from replicated_messages r
 where o.confirmed_at is null and o.sent_at is not null and r.message_id = o.message_id;
 create or replace function chatpipe_outbox_notify() returns trigger language plpgsql as $$
 begin
-    perform pg_notify('outbox', '');  -- one notification per transaction: PostgreSQL folds repeats
+    perform pg_notify('outbox', '');  -- OUTBOX_CHANNEL; one a transaction: PostgreSQL folds repeats
     return null;
 end $$;
 do $$ begin

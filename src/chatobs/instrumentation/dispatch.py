@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import SpanKind
 
 from chatobs.instrumentation.gate import SpanGate
 
@@ -47,6 +49,7 @@ __all__ = [
     "dispatcher",
     "dispatching",
     "dispatching_sync",
+    "spanned",
 ]
 
 _logger = logging.getLogger("chatobs")
@@ -183,6 +186,19 @@ def dispatching_sync(
     return dispatch
 
 
+def spanned(
+    call: Callable[..., Any], tracer: trace.Tracer, name: str, attributes: dict[str, str]
+) -> Callable[..., Any]:
+    """``call`` (a coroutine function) in a CLIENT span of chatobs's own: the traced path of a
+    call the contrib instrumentation has no span for (a connection attempt, a consumer commit)."""
+
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        with tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes):
+            return await call(*args, **kwargs)
+
+    return traced
+
+
 Builder = Callable[[Callable[..., Any], "Callable[..., Any] | None"], Callable[..., Any]]
 _MISSING = object()
 
@@ -220,10 +236,8 @@ class Patch:
         if traced and hasattr(before, "__wrapped__"):
             original = before.__wrapped__
             through_spans = _unbound(before) if isinstance(self.owner, type) else before
-        replacement = build(original, through_spans)
-        replacement.__wrapped__ = before  # type: ignore[attr-defined]
-        for name in ("__name__", "__qualname__", "__doc__"):
-            setattr(replacement, name, getattr(original, name, None) or self.name)
+        replacement = functools.update_wrapper(build(original, through_spans), original, updated=())
+        replacement.__wrapped__ = before  # what is beneath it: the contrib wrapper, if any
         self._before, self._replacement = own, replacement
         setattr(self.owner, self.name, replacement)
 

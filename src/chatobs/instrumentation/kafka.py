@@ -48,6 +48,7 @@ from chatobs.instrumentation.dispatch import (
     Wiring,
     dispatcher,
     dispatching,
+    spanned,
 )
 from chatobs.recorders.clients import ClientRecorder
 
@@ -241,16 +242,6 @@ def _delivery_span(send: Any, tracer: Tracer) -> Any:
     return traced
 
 
-def _commit_span(commit: Any, tracer: Tracer) -> Any:
-    attributes = {MESSAGING_SYSTEM: "kafka", MESSAGING_OPERATION_NAME: "commit"}
-
-    async def traced(*args: Any, **kwargs: Any) -> Any:
-        with tracer.start_as_current_span("commit", kind=SpanKind.CLIENT, attributes=attributes):
-            return await commit(*args, **kwargs)
-
-    return traced
-
-
 class KafkaClientInstrumentor(ClientInstrumentor):
     """aiokafka's deliveries and commits, measured into a :class:`~chatobs.recorders.ClientRecorder`
     and traced when a span would be recorded (see
@@ -270,8 +261,10 @@ class KafkaClientInstrumentor(ClientInstrumentor):
             inner = contrib if contrib is not None else _propagating(original)
             return dispatching(original, _delivery_span(inner, tracer), gate, produce)
 
+        commit_attributes = {MESSAGING_SYSTEM: "kafka", MESSAGING_OPERATION_NAME: "commit"}
+
         def build_commit(original: Any, _: Any) -> Any:
-            return dispatching(original, _commit_span(original, tracer), gate, commit)
+            return dispatching(original, spanned(original, tracer, "commit", commit_attributes), gate, commit)
 
         yield aiokafka.AIOKafkaProducer, "send", build_send, True
         yield aiokafka.AIOKafkaConsumer, "commit", build_commit, False

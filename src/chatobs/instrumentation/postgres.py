@@ -36,7 +36,6 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.semconv.attributes.db_attributes import DB_OPERATION_NAME, DB_SYSTEM_NAME
-from opentelemetry.trace import SpanKind
 
 from chatobs.instrumentation.dispatch import (
     ClientInstrumentor,
@@ -45,6 +44,7 @@ from chatobs.instrumentation.dispatch import (
     Wiring,
     dispatcher,
     dispatching,
+    spanned,
 )
 from chatobs.recorders.clients import ClientRecorder
 
@@ -53,7 +53,7 @@ __all__ = ["CONNECT_SCOPE", "PostgresClientInstrumentor", "statement_operation"]
 #: Instrumentation scope of chatobs's ``connect`` spans.
 CONNECT_SCOPE = "chatobs.instrumentation.asyncpg"
 
-# (module, class or None for a module function, attribute, where the statement is)
+# (module, class, methods, where the statement is: the first argument or the object's `_query`)
 _STATEMENTS = (
     ("asyncpg.connection", "Connection", ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany"),
      "argument"),
@@ -115,16 +115,6 @@ class _Connect(_Statement):
         return "connect"
 
 
-def _connect_span(connect: Any, tracer: trace.Tracer) -> Any:
-    attributes = {DB_SYSTEM_NAME: "postgresql", DB_OPERATION_NAME: "connect"}
-
-    async def traced(*args: Any, **kwargs: Any) -> Any:
-        with tracer.start_as_current_span("connect", kind=SpanKind.CLIENT, attributes=attributes):
-            return await connect(*args, **kwargs)
-
-    return traced
-
-
 def _untraced_reset(original: Any, traced: Any) -> Any:
     async def reset(*args: Any, **kwargs: Any) -> Any:
         token = _RESETTING.set(True)
@@ -158,8 +148,10 @@ class PostgresClientInstrumentor(ClientInstrumentor):
         tracer = trace.get_tracer(CONNECT_SCOPE, tracer_provider=wiring.tracer_provider)
         connect = _Connect(wiring.clients)
 
+        attributes = {DB_SYSTEM_NAME: "postgresql", DB_OPERATION_NAME: "connect"}
+
         def build_connect(original: Any, _: Any) -> Any:
-            return dispatching(original, _connect_span(original, tracer), gate, connect)
+            return dispatching(original, spanned(original, tracer, "connect", attributes), gate, connect)
 
         # `asyncpg.connect` is a re-export; pools call `asyncpg.connection.connect`.
         yield asyncpg.connection, "connect", build_connect, False
