@@ -210,7 +210,11 @@ def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction, auth: Metri
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    # A client that connects and sends nothing must not hold a thread for ever.
+    # Keep-alive, as Prometheus and httpx use it: a connection (and its thread) serves every
+    # scrape of its scraper, instead of a new connection and a new thread for each one.
+    protocol_version = "HTTP/1.1"
+    # A client that connects and sends nothing, or keeps an idle connection, must not hold a
+    # thread for ever: the connection is closed after this long without a request.
     timeout = 30
 
     def do_HEAD(self) -> None:
@@ -254,6 +258,31 @@ class _Server(ThreadingHTTPServer):
     scrape: ScrapeFunction
     auth: MetricsAuth | None
 
+    def server_activate(self) -> None:
+        # The open connections, so stopping the server ends the kept-alive ones too (their
+        # threads would otherwise answer scrapes until the idle timeout).
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        with self._connections_lock:
+            self._connections.add(connection)
+        return connection, address
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
@@ -288,5 +317,6 @@ class MetricsServer:
 
     def stop(self) -> None:
         self._server.shutdown()
+        self._server.close_connections()
         self._server.server_close()
         self._thread.join(timeout=5)

@@ -126,3 +126,26 @@ def test_head_and_unknown_paths_on_the_standalone_server():
         assert httpx.get(server.url.replace("/metrics", "/nope"), timeout=5).status_code == 404
     finally:
         telemetry.shutdown()
+
+
+def test_standalone_server_keeps_connections_alive_until_stopped():
+    """Prometheus keeps its connection between scrapes: one connection serves them all (no
+    new connection and thread per scrape), and stopping the server closes it."""
+    import http.client
+
+    telemetry = build(CHATOBS_METRICS_HOST="127.0.0.1")
+    server = telemetry.serve(port=0)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        for _ in range(3):
+            connection.request("GET", "/metrics")
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 200 and b"# TYPE" in body
+            assert not response.will_close, "the server closed a connection the scraper keeps"
+    finally:
+        telemetry.shutdown()
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        connection.request("GET", "/metrics")
+        connection.getresponse().read()
+    connection.close()

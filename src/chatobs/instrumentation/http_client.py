@@ -25,9 +25,10 @@ from typing import Any
 
 from opentelemetry import propagate
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
-from opentelemetry.util.http import ExcludeList, get_excluded_urls, sanitize_method
+from opentelemetry.util.http import ExcludeList, get_excluded_urls
 
 from chatobs.instrumentation.dispatch import ClientInstrumentor, ClientOperation, PatchSpec, Wiring, dispatcher
+from chatobs.instrumentation.methods import http_method
 from chatobs.recorders.clients import ClientRecorder
 
 __all__ = ["HttpClientInstrumentor"]
@@ -48,7 +49,7 @@ class _Request(ClientOperation):
         url = request.url
         if self._excluded is not None and self._excluded.url_disabled(str(url)):
             return None
-        return sanitize_method(request.method), url.host or ""
+        return http_method(request.method), url.host or ""
 
     def propagate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         request = args[1] if len(args) > 1 else kwargs["request"]

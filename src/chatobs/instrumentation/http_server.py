@@ -36,6 +36,7 @@ from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from chatobs.cells import CellStore
+from chatobs.instrumentation.methods import http_method
 
 __all__ = ["ServerMiddleware"]
 
@@ -45,7 +46,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 METRIC = "http_server_request_duration_seconds"
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
@@ -75,7 +75,7 @@ class ServerMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        method = scope["method"] if scope["method"] in _KNOWN_METHODS else "_OTHER"
+        method = http_method(scope["method"])
         headers = scope.get("headers") or []
         # Extracting costs a few microseconds: only when the caller sent trace context.
         parent = None

@@ -160,11 +160,12 @@ class Publisher:
             _logger.warning("publisher: %d row(s) sent but never confirmed; sending them again", len(rows))
 
     async def measure_backlog(self) -> None:
-        # Bounded by the caller's timeout and by the statement timeout on the server side.
-        timeout_ms = int(self._settings.backlog_query_timeout_seconds * 1000)
-        async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(f"set local statement_timeout = {timeout_ms}")
-            pending = await connection.fetchval("select count(*) from outbox where sent_at is null")
+        # One statement, no transaction: it runs every second. When the timeout expires (or the
+        # caller's does), asyncpg cancels the statement on the server too, so a slow count
+        # cannot pile up behind the next one.
+        pending = await self._pool.fetchval(
+            "select count(*) from outbox where sent_at is null", timeout=self._settings.backlog_query_timeout_seconds
+        )
         self._telemetry.backlog.outbox_pending(pending)
 
 
