@@ -3,9 +3,14 @@ propagators the services' headers use."""
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry import propagate
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from chatobs.propagation import continued, traceparent
 
@@ -33,3 +38,90 @@ def test_no_span_or_a_malformed_value_continues_nothing():
     assert continued("not-a-traceparent") is None
     root = TracerProvider().get_tracer("t").start_span("root", context=continued("00-zz-yy-01"))
     assert root.parent is None
+
+
+_TRACE = "0af7651916cd43dd8448eb211c80319c"
+_SPAN = "b7ad6b7169203331"
+TRACEPARENTS = [
+    f"00-{_TRACE}-{_SPAN}-01",
+    f"00-{_TRACE}-{_SPAN}-00",
+    f" \t00-{_TRACE}-{_SPAN}-01 ",
+    f"00-{_TRACE}-{_SPAN}-01\n",
+    f"01-{_TRACE}-{_SPAN}-01-later-fields",
+    f"00-{_TRACE}-{_SPAN}-01-extra",
+    f"ff-{_TRACE}-{_SPAN}-01",
+    f"00-{'0' * 32}-{_SPAN}-01",
+    f"00-{_TRACE}-{'0' * 16}-01",
+    f"00-{_TRACE.upper()}-{_SPAN}-01",
+    f"00-{_TRACE}-{_SPAN}-1",
+    f"00-{_TRACE}x-{_SPAN}-01",
+    "",
+    "garbage",
+]
+
+
+def _seen(context) -> tuple[object, dict[str, object]]:
+    from opentelemetry import baggage
+    from opentelemetry import trace as trace_api
+
+    return trace_api.get_current_span(context).get_span_context(), dict(baggage.get_all(context))
+
+
+@pytest.mark.parametrize("value", TRACEPARENTS)
+def test_continued_reads_a_traceparent_as_the_propagator_does(value):
+    expected = _seen(TraceContextTextMapPropagator().extract({"traceparent": value}))
+    assert _seen(continued(value)) == expected
+
+
+class _OtherHeader(TextMapPropagator):
+    """Stands in for a non-W3C propagator (b3, jaeger): a field of its own."""
+
+    def extract(self, carrier, context=None, getter=None):
+        return context if context is not None else Context()
+
+    def inject(self, carrier, context=None, setter=None):
+        pass
+
+    @property
+    def fields(self):
+        return {"x-other-trace"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("traceparent", f"00-{_TRACE}-{_SPAN}-01".encode())],
+        [("other", b"x"), ("traceparent", f"00-{_TRACE}-{_SPAN}-00".encode())],
+        [("traceparent", b"garbage")],
+        [("traceparent", f"00-{_TRACE}-{_SPAN}-01".encode()), ("tracestate", b"vendor=v1")],
+        [("traceparent", f"00-{_TRACE}-{_SPAN}-01".encode()), ("baggage", b"tenant=acme")],
+        [("baggage", b"tenant=acme")],
+        [("traceparent", f"00-{_TRACE}-{_SPAN}-01".encode()), ("traceparent", f"00-{_TRACE}-{'1' * 16}-01".encode())],
+        [("traceparent", None)],
+        [],
+        None,
+    ],
+)
+@pytest.mark.parametrize(
+    "propagators",
+    [
+        [TraceContextTextMapPropagator(), W3CBaggagePropagator()],
+        [TraceContextTextMapPropagator()],
+        [_OtherHeader(), TraceContextTextMapPropagator()],
+        [W3CBaggagePropagator()],
+    ],
+    ids=["default", "tracecontext", "other-first", "baggage-only"],
+)
+def test_extract_pairs_gives_what_the_propagators_give(headers, propagators):
+    """The direct read of Kafka record headers against ``propagate.extract`` with the
+    configured propagators, for headers it reads itself and headers it hands on."""
+    from chatobs.instrumentation.kafka import _GETTER
+    from chatobs.propagation import extract_pairs
+
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator(propagators))
+    try:
+        expected = _seen(propagate.extract(headers, getter=_GETTER))
+        assert _seen(extract_pairs(headers, _GETTER)) == expected
+    finally:
+        propagate.set_global_textmap(previous)

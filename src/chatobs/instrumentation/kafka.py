@@ -50,6 +50,7 @@ from chatobs.instrumentation.dispatch import (
     dispatching,
     spanned,
 )
+from chatobs.propagation import extract_pairs
 from chatobs.recorders.clients import ClientRecorder
 
 __all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
@@ -109,7 +110,7 @@ class _ConsumerSpan:
     def __enter__(self) -> Span:
         record = self._record
         try:
-            parent = propagate.extract(record.headers, getter=_GETTER)
+            parent = extract_pairs(record.headers, _GETTER)
         except Exception:  # noqa: BLE001 - a malformed record: no parent, but still a span
             parent = None
         topic = getattr(record, "topic", None)
