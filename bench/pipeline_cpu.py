@@ -157,6 +157,8 @@ def traces_exported() -> Iterator[dict[str, str]]:
 
 
 def _print(results: dict[str, Share]) -> None:
+    whole = Share.combined(results.values())
+    print(f"whole pipeline: {whole.share:.1%} of {whole.samples} samples in instrumentation")
     for service, result in results.items():
         print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation")
         print("  " + ", ".join(f"{owner} {share:.1%}" for owner, share in result.owners()))

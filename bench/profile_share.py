@@ -28,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,18 @@ class Share:
     by_function: collections.Counter[str] = field(default_factory=collections.Counter)
     by_entry: collections.Counter[str] = field(default_factory=collections.Counter)
     by_owner: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @classmethod
+    def combined(cls, results: Iterable[Share]) -> Share:
+        """Several processes' samples as one (the whole pipeline's share: busy services weigh more)."""
+        total = cls()
+        for result in results:
+            total.samples += result.samples
+            total.instrumentation += result.instrumentation
+            total.by_function.update(result.by_function)
+            total.by_entry.update(result.by_entry)
+            total.by_owner.update(result.by_owner)
+        return total
 
     @property
     def share(self) -> float:

@@ -126,6 +126,9 @@ def _profile_rows(table: Table, console: Console) -> None:
     def row(label: str, result: pipeline_cpu.Share) -> None:
         table.add_row(label, f"{result.instrumentation:,}", f"{result.samples:,}", "samples", f"{result.share:.1%}")
 
+    runs["whole pipeline"] = [pipeline_cpu.Share.combined(run) for run in zip(*runs.values(), strict=True)]
+    sampled["whole pipeline"] = pipeline_cpu.Share.combined(sampled.values())
+    exported["whole pipeline"] = pipeline_cpu.Share.combined(exported.values())
     for service, results in runs.items():
         each = ", ".join(f"{r.share:.1%}" for r in results)
         median = sorted(results, key=lambda result: result.share)[len(results) // 2]
