@@ -153,21 +153,26 @@ _NUMBER_KINDS = (Kind.COUNTER, Kind.UP_DOWN, Kind.GAUGE)
 
 #: A bucket's latest exemplar: (value, time in ns, the span's context).
 RawExemplar = tuple[float, int, trace.SpanContext]
-#: A bucket's exemplar is replaced by the current span at most this often. Finding the current
-#: span is most of an observation's cost (several OpenTelemetry API calls), and a scrape shows one
-#: exemplar a bucket anyway: the latest, now at most this much older than the latest observation.
+#: A bucket looks for the current span, to keep as its exemplar, at most this often. Finding the
+#: current span is most of an observation's cost (several OpenTelemetry API calls), and a scrape
+#: shows one exemplar a bucket anyway: the latest, now at most this much older than the latest
+#: observation. Finding none counts as a look: a statement run outside any span (a transaction's
+#: BEGIN, a periodic count) would otherwise look on every call, and find nothing every time.
 EXEMPLAR_REFRESH_NS = 1_000_000_000
 
 
-def _refreshed(kept: RawExemplar | None, sample: ExemplarSampler) -> trace.SpanContext | None:
-    """The current span for a bucket whose exemplar ``kept`` is missing or stale, else None."""
-    if kept is None or time.time_ns() - kept[1] >= EXEMPLAR_REFRESH_NS:
-        return sample(None)
-    return None
+def _looked_up(looked: list[int], index: int, sample: ExemplarSampler) -> trace.SpanContext | None:
+    """The current span, if bucket ``index`` last looked for one ``EXEMPLAR_REFRESH_NS`` ago or more."""
+    now = time.monotonic_ns()  # an interval: the wall clock may step
+    if now - looked[index] < EXEMPLAR_REFRESH_NS:
+        return None
+    looked[index] = now  # two threads may both look: harmless, and cheaper than a lock
+    return sample(None)
 
 
 class HistogramCell:
-    __slots__ = ("_bounds", "_lock", "attributes", "count", "counts", "exemplars", "max", "min", "start", "sum")
+    __slots__ = ("_bounds", "_lock", "_looked", "attributes", "count", "counts", "exemplars", "max", "min", "start",
+                 "sum")  # fmt: skip
 
     def __init__(self, attributes: dict[str, str], bounds: Sequence[float]):
         self.attributes = attributes
@@ -178,6 +183,7 @@ class HistogramCell:
         self.min = math.inf  # the SDK's explicit-bucket aggregation records both, for OTLP
         self.max = -math.inf
         self.exemplars: list[RawExemplar | None] = [None] * (len(bounds) + 1)
+        self._looked = [-EXEMPLAR_REFRESH_NS] * (len(bounds) + 1)  # when each bucket last looked for a span
         self.start = time.time_ns()
         self._lock = threading.Lock()
 
@@ -188,7 +194,7 @@ class HistogramCell:
         ``exemplar_span``, or what ``sample`` finds (the current span) if the bucket's is stale."""
         index = bisect_left(self._bounds, value)  # buckets are upper-inclusive, as Prometheus's `le`
         if sample is not None:
-            exemplar_span = _refreshed(self.exemplars[index], sample)
+            exemplar_span = _looked_up(self._looked, index, sample)
         with self._lock:
             self.counts[index] += 1
             self.count += 1
@@ -293,7 +299,7 @@ class FileHistogramCell(HistogramCell):
     ) -> None:
         index = bisect_left(self._bounds, value)
         if sample is not None:
-            exemplar_span = _refreshed(self.exemplars[index], sample)
+            exemplar_span = _looked_up(self._looked, index, sample)
         write, offset = self._file.write, self._offset
         with self._lock:
             self.counts[index] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 
 import httpx
 import pytest
@@ -108,6 +109,40 @@ def test_exemplars_carry_the_trace_id_in_openmetrics_only():
     assert bucket.exemplar.labels["trace_id"] == trace_id
     assert bucket.exemplar.value == pytest.approx(0.2)
     assert trace_id not in scrape(telemetry)  # the classic text format has no exemplars
+
+
+def _bucket_exemplar_trace(telemetry: Telemetry, le: str) -> str | None:
+    om = scrape(telemetry, "application/openmetrics-text")
+    for family in parse_openmetrics(om):
+        for sample in family.samples:
+            if sample.name == "context_build_seconds_bucket" and sample.labels["le"] == le:
+                return sample.exemplar.labels["trace_id"] if sample.exemplar else None
+    raise AssertionError(f"no context_build_seconds bucket le={le}")
+
+
+def test_a_bucket_looks_for_its_exemplar_at_most_once_per_interval(monkeypatch):
+    """A bucket keeps the span of its first observation in an interval, and an observation
+    outside any span counts as that look too; after the interval, the next one is kept."""
+    from chatobs import cells
+
+    monkeypatch.setattr(cells, "EXEMPLAR_REFRESH_NS", 200_000_000)  # 0.2 s, not 1 s: a quick test
+    telemetry = build("worker", OTEL_METRICS_EXEMPLAR_FILTER="trace_based")
+    tracer = TracerProvider().get_tracer("test")
+
+    def in_span(seconds: float) -> str:
+        with tracer.start_as_current_span("turn") as span:
+            telemetry.somabrain.context_build(seconds)
+            return format(span.get_span_context().trace_id, "032x")
+
+    first = in_span(0.2)
+    in_span(0.2)  # the same interval: the bucket does not look again
+    assert _bucket_exemplar_trace(telemetry, "0.25") == first
+    telemetry.somabrain.context_build(0.4)  # no span: bucket le=0.5 looked, found nothing
+    in_span(0.4)
+    assert _bucket_exemplar_trace(telemetry, "0.5") is None
+    time.sleep(0.25)
+    later = in_span(0.2)
+    assert _bucket_exemplar_trace(telemetry, "0.25") == later
 
 
 def test_target_info_and_scope_labels_follow_the_settings():
