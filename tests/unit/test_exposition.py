@@ -233,6 +233,32 @@ def test_backend_error_series_exists_from_the_first_success():
     telemetry.shutdown()
 
 
+def test_a_bound_operation_records_what_the_recorder_does_and_never_raises():
+    """``clients.bound(...)`` (what the client instrumentors keep per statement kind) gives the
+    scrape ``clients.operation(...)`` gives, and a bad value is counted, not raised."""
+    by_call, by_handle = build("worker"), build("worker")
+    select = by_handle.clients.bound("postgres", "select")
+    for seconds, failed in ((0.002, False), (0.04, True), (0.7, False)):
+        by_call.clients.operation("postgres", "select", seconds, failed=failed)
+        select.record(seconds, failed)
+    by_handle.clients.bound("postgres", "select").record(0.01, False)  # bound again: the same series
+    by_call.clients.operation("postgres", "select", 0.01, failed=False)
+
+    def postgres_lines(telemetry: Telemetry) -> list[str]:
+        return [line for line in scrape(telemetry).splitlines() if line.startswith("postgres_")]
+
+    assert postgres_lines(by_handle) == postgres_lines(by_call)
+    assert 'postgres_operation_seconds_count{operation="select"} 4' in postgres_lines(by_handle)
+    select.record(float("nan"), False)  # type: ignore[arg-type]
+    select.record("slow", False)  # type: ignore[arg-type]
+    errors = samples(scrape(by_handle), "chatobs_recording_errors_total")
+    assert errors == {(("metric", "postgres_operation_seconds"),): 2}
+    with pytest.raises(ValueError, match="unknown backend"):
+        by_handle.clients.bound("mysql", "select")  # type: ignore[arg-type]
+    by_call.shutdown()
+    by_handle.shutdown()
+
+
 def test_request_duration_keeps_the_request_span_as_exemplar():
     # A sampled request (its traceparent continued) leaves its trace id on the duration
     # bucket; an unsampled one leaves none (OTEL_METRICS_EXEMPLAR_FILTER=trace_based).

@@ -38,9 +38,10 @@ from opentelemetry.trace import SpanKind
 from chatobs.instrumentation.gate import SpanGate
 
 if TYPE_CHECKING:
-    from chatobs.recorders.clients import ClientRecorder
+    from chatobs.recorders.clients import Backend, BoundOperation, ClientRecorder
 
 __all__ = [
+    "BackendOperation",
     "ClientInstrumentor",
     "ClientOperation",
     "Patch",
@@ -83,6 +84,38 @@ class ClientOperation:
 
     def record(self, described: Any, seconds: float, result: Any, failed: bool) -> None:
         """The call took ``seconds`` and returned ``result`` (None if it raised)."""
+
+
+class BackendOperation(ClientOperation):
+    """A call measured into ``{backend}_operation_seconds`` and ``{backend}_errors_total``.
+
+    A subclass's :meth:`describe` names the operation and returns it bound,
+    ``self._bound.get(name) or self.bind(name)``; :meth:`record` then records into it
+    directly. Each operation's series are bound once (:meth:`ClientRecorder.bound
+    <chatobs.recorders.clients.ClientRecorder.bound>`): a statement's record is one call
+    into its series, not the recorder's argument checks and lookups on every call.
+    """
+
+    #: The backend of the catalogue's metrics: ``postgres``, ``redis``, ``kafka``.
+    backend: Backend
+
+    def __init__(self, clients: ClientRecorder):
+        self._clients = clients
+        self._bound: dict[str, BoundOperation] = {}
+
+    def bind(self, operation: str) -> BoundOperation:
+        """``operation``'s series, bound now and kept (up to :data:`_BOUND_OPERATIONS` names)."""
+        bound = self._clients.bound(self.backend, operation)
+        if len(self._bound) < _BOUND_OPERATIONS:
+            self._bound[operation] = bound
+        return bound
+
+    def record(self, described: BoundOperation, seconds: float, result: Any, failed: bool) -> None:
+        described.record(seconds, failed)
+
+
+#: Most operation names a :class:`BackendOperation` keeps bound (statements' first words, commands).
+_BOUND_OPERATIONS = 512
 
 
 def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:

@@ -42,6 +42,7 @@ from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from chatobs.instrumentation.dispatch import (
+    BackendOperation,
     ClientInstrumentor,
     ClientOperation,
     PatchSpec,
@@ -51,7 +52,7 @@ from chatobs.instrumentation.dispatch import (
     spanned,
 )
 from chatobs.propagation import extract_pairs
-from chatobs.recorders.clients import ClientRecorder
+from chatobs.recorders.clients import BoundOperation, ClientRecorder
 
 __all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
 
@@ -175,15 +176,11 @@ class _Produce(ClientOperation):
         result.add_done_callback(delivered)
 
 
-class _Commit(ClientOperation):
-    def __init__(self, clients: ClientRecorder):
-        self._clients = clients
+class _Commit(BackendOperation):
+    backend = "kafka"
 
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return "commit"
-
-    def record(self, described: str, seconds: float, result: Any, failed: bool) -> None:
-        self._clients.operation("kafka", described, seconds, failed=failed)
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+        return self._bound.get("commit") or self.bind("commit")
 
 
 class _Unmeasured(ClientOperation):

@@ -38,15 +38,15 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.semconv.attributes.db_attributes import DB_OPERATION_NAME, DB_SYSTEM_NAME
 
 from chatobs.instrumentation.dispatch import (
+    BackendOperation,
     ClientInstrumentor,
-    ClientOperation,
     PatchSpec,
     Wiring,
     dispatcher,
     dispatching,
     spanned,
 )
-from chatobs.recorders.clients import ClientRecorder
+from chatobs.recorders.clients import BoundOperation
 
 __all__ = ["CONNECT_SCOPE", "PostgresClientInstrumentor", "statement_operation"]
 
@@ -84,20 +84,17 @@ def _operation_of(statement: Any) -> str:
     return statement_operation(statement) if statement.__class__ is str else "other"
 
 
-class _Statement(ClientOperation):
+class _Statement(BackendOperation):
     """A statement passed as the method's first argument (``Connection.fetch(query, ...)``)."""
 
-    def __init__(self, clients: ClientRecorder):
-        self._clients = clients
+    backend = "postgres"
 
     def enabled(self) -> bool:
         return not _RESETTING.get() and is_instrumentation_enabled()
 
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return _operation_of(args[1] if len(args) > 1 else kwargs.get("query"))
-
-    def record(self, described: str, seconds: float, result: Any, failed: bool) -> None:
-        self._clients.operation("postgres", described, seconds, failed=failed)
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+        operation = _operation_of(args[1] if len(args) > 1 else kwargs.get("query"))
+        return self._bound.get(operation) or self.bind(operation)
 
 
 class _BoundStatement(_Statement):
@@ -106,13 +103,14 @@ class _BoundStatement(_Statement):
 
     benign = (StopAsyncIteration,)
 
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return _operation_of(getattr(args[0], "_query", None))
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+        operation = _operation_of(getattr(args[0], "_query", None))
+        return self._bound.get(operation) or self.bind(operation)
 
 
 class _Connect(_Statement):
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return "connect"
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+        return self._bound.get("connect") or self.bind("connect")
 
 
 def _untraced_reset(original: Any, traced: Any) -> Any:

@@ -22,8 +22,8 @@ import importlib
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from chatobs.instrumentation.dispatch import ClientInstrumentor, ClientOperation, PatchSpec, Wiring, dispatcher
-from chatobs.recorders.clients import ClientRecorder
+from chatobs.instrumentation.dispatch import BackendOperation, ClientInstrumentor, PatchSpec, Wiring, dispatcher
+from chatobs.recorders.clients import BoundOperation, ClientRecorder
 
 __all__ = ["RedisClientInstrumentor"]
 
@@ -50,15 +50,12 @@ def _command_name(command: Any) -> str:
     return "other"
 
 
-class _Command(ClientOperation):
-    def __init__(self, clients: ClientRecorder):
-        self._clients = clients
+class _Command(BackendOperation):
+    backend = "redis"
 
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return _command_name(args[1]) if len(args) > 1 else "other"
-
-    def record(self, described: str, seconds: float, result: Any, failed: bool) -> None:
-        self._clients.operation("redis", described, seconds, failed=failed)
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+        operation = _command_name(args[1]) if len(args) > 1 else "other"
+        return self._bound.get(operation) or self.bind(operation)
 
 
 class _PipelineExecute(_Command):
@@ -66,13 +63,15 @@ class _PipelineExecute(_Command):
         super().__init__(clients)
         self.benign = (watch_error,)
 
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+        operation = "pipeline"
         stack = getattr(args[0], "command_stack", None)
-        if not isinstance(stack, list) or len(stack) != 1:
-            return "pipeline"
-        entry = stack[0]  # (args, options), or a cluster pipeline's command with `.args`
-        command_args = getattr(entry, "args", None) or (entry[0] if isinstance(entry, tuple) and entry else ())
-        return _command_name(command_args[0]) if command_args else "pipeline"
+        if isinstance(stack, list) and len(stack) == 1:
+            entry = stack[0]  # (args, options), or a cluster pipeline's command with `.args`
+            command_args = getattr(entry, "args", None) or (entry[0] if isinstance(entry, tuple) and entry else ())
+            if command_args:
+                operation = _command_name(command_args[0])
+        return self._bound.get(operation) or self.bind(operation)
 
 
 class RedisClientInstrumentor(ClientInstrumentor):

@@ -16,7 +16,7 @@ from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 from chatobs.recorders._base import ErrorCallback, Recorder, checked_amount, guarded
 
-__all__ = ["BACKENDS", "Backend", "ClientRecorder"]
+__all__ = ["BACKENDS", "Backend", "BoundOperation", "ClientRecorder"]
 
 #: Backends with `{backend}_operation_seconds` and `{backend}_errors_total` in the catalogue.
 Backend = Literal["redis", "kafka", "postgres"]
@@ -24,6 +24,35 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 _BACKEND_METRICS = {backend: (f"{backend}_operation_seconds", f"{backend}_errors_total") for backend in BACKENDS}
 #: Most (backend, operation) pairs kept bound; past it, operations are recorded through the store.
 _BOUND_LIMIT = 512
+
+
+class BoundOperation:
+    """One backend operation's duration and error series, bound: what a client instrumentor
+    records each statement or command into (:meth:`ClientRecorder.bound`), with no lookup and
+    no argument checks beyond the series' own.
+
+    Example::
+
+        select = telemetry.clients.bound("postgres", "select")
+        select.record(0.0021, failed=False)   # as clients.operation("postgres", "select", ...)
+    """
+
+    __slots__ = ("_duration", "_errors", "_metric", "_on_error")
+
+    def __init__(self, duration: Series, errors: Series, metric: str, on_error: ErrorCallback):
+        self._duration = duration
+        self._errors = errors
+        self._metric = metric
+        self._on_error = on_error
+
+    def record(self, seconds: float, failed: bool) -> None:
+        """One operation that took ``seconds`` (the current span as the bucket's exemplar); never raises."""
+        try:
+            self._duration.observe(seconds)
+            if failed:
+                self._errors.add(1)
+        except Exception as error:  # noqa: BLE001 - recording must never raise into the app
+            self._on_error(self._metric, error)
 
 
 class ClientRecorder(Recorder):
@@ -70,6 +99,18 @@ class ClientRecorder(Recorder):
             # The error series was bound with the duration's, so it shows 0 before the first failure:
             # Prometheus's increase() of a series that first appears at 1 is 0, which would not alert.
             series[1].add(errors)
+
+    def bound(self, backend: Backend, operation: str) -> BoundOperation:
+        """:meth:`operation` for one ``backend`` and ``operation``, bound once (label checks and
+        the series lookup done here, not per call): what a client instrumentor keeps per
+        statement kind or command. Raises ``ValueError`` for an unknown backend."""
+        try:
+            series = self._operations.get((backend, operation))
+        except Exception:  # noqa: BLE001 - unhashable: bound below, as `other`
+            series = None
+        if series is None:
+            series = self._bind(backend, operation)
+        return BoundOperation(series[0], series[1], _BACKEND_METRICS[backend][0], self._on_error)
 
     def _bind(self, backend: str, operation: str) -> tuple[Series, Series]:
         names = _BACKEND_METRICS.get(backend)
