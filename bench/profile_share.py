@@ -7,8 +7,11 @@ active (it did here: up to 44% of a gateway's samples were such waits). A sample
 to instrumentation when its innermost frame outside the standard library belongs to
 OpenTelemetry, chatobs or wrapt: a lock taken or a random id drawn by the SDK counts as
 the SDK's, while the application's own work below an instrumentation wrapper (the wrapped
-Redis command, the handler under the ASGI middleware) counts as the application's. The
-instrumentation's samples are also split by whose code they were in (:data:`OWNERS`).
+Redis command, the handler under the ASGI middleware) counts as the application's. A
+sample with standard-library frames only counts when it is in ``socketserver`` or
+``http.server``: the threads of chatobs's standalone metrics server (accepting, parsing a
+request, its poll loop), which no non-standard frame marks. The instrumentation's samples
+are also split by whose code they were in (:data:`OWNERS`).
 
 Example::
 
@@ -41,6 +44,9 @@ OWNERS = (
 )
 #: Path fragments of instrumentation code: any owner's.
 INSTRUMENTATION = tuple(part for part, _ in OWNERS)
+#: The standard-library modules chatobs's standalone metrics server runs in, and its owner name.
+_METRICS_SERVER = ("/socketserver.py", "/http/server.py")
+METRICS_SERVER_OWNER = "chatobs's metrics server (standard library)"
 _STDLIB = sysconfig.get_paths()["stdlib"]
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -122,6 +128,15 @@ def share_of(raw: str) -> Share:
                 break
             if owner == "application":
                 break
+        else:
+            # Only standard-library frames: in a pipeline service, the one such thread of
+            # chatobs's is its standalone metrics server (socketserver and http.server
+            # accepting, parsing and polling), which would otherwise count as nobody's.
+            if any(part in frame for frame in frames for part in _METRICS_SERVER):
+                result.instrumentation += samples
+                result.by_function[_short(frames[-1])] += samples
+                result.by_owner[METRICS_SERVER_OWNER] += samples
+                result.by_entry[METRICS_SERVER_OWNER] += samples
     return result
 
 

@@ -40,3 +40,20 @@ def test_samples_are_charged_by_their_innermost_non_stdlib_frame():
     assert dict(result.owners()) == {"chatobs": 4 / 40, "OpenTelemetry API and SDK": 2 / 40}
     # Entered through the contrib wrapper, the outermost instrumentation frame under the handler.
     assert result.entries() == [("_do_execute (__init__.py)", 6 / 40)]
+
+
+def test_the_standalone_metrics_servers_stdlib_threads_count_as_instrumentation():
+    thread = f"_bootstrap ({STDLIB}/threading.py:995);run ({STDLIB}/threading.py:975)"
+    polling = f"{thread};serve_forever ({STDLIB}/socketserver.py:233);select ({STDLIB}/selectors.py:415)"
+    parsing = (f"{thread};process_request_thread ({STDLIB}/socketserver.py:691);"
+               f"parse_request ({STDLIB}/http/server.py:375);parsestr ({STDLIB}/email/parser.py:64)")  # fmt: skip
+    raw = "\n".join([
+        f"{polling} 3",
+        f"{parsing} 2",
+        f"{thread};{LOCK} 5",  # another stdlib-only thread: nobody's
+        f"{LOOP} 10",
+    ])  # fmt: skip
+    result = share_of(raw)
+    assert result.samples == 20
+    assert result.instrumentation == 5
+    assert dict(result.owners()) == {"chatobs's metrics server (standard library)": 5 / 20}
