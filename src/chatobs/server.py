@@ -12,6 +12,7 @@ anything is collected.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -21,12 +22,13 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
+import httptools
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -208,88 +210,159 @@ def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction, auth: Metri
     app.router.routes.insert(0, route)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    # Keep-alive, as Prometheus and httpx use it: a connection (and its thread) serves every
-    # scrape of its scraper, instead of a new connection and a new thread for each one.
-    protocol_version = "HTTP/1.1"
-    # A client that connects and sends nothing, or keeps an idle connection, must not hold a
-    # thread for ever: the connection is closed after this long without a request.
-    timeout = 30
+#: A request (line and headers) larger than this is refused: a scrape's is a few hundred bytes.
+_MAX_REQUEST_BYTES = 64 * 1024
+#: Connections open at once past which new ones are closed: scrapers are few.
+_MAX_CONNECTIONS = 64
+#: A connection without a request for this long is closed (it holds no thread, but a socket).
+_IDLE_SECONDS = 30.0
+#: After a last answer, how long the client has to close its side before the server does.
+_CLOSE_SECONDS = 5.0
 
-    def do_HEAD(self) -> None:
-        self._answer(send_body=False)
 
-    def do_GET(self) -> None:
-        self._answer(send_body=True)
+def _status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
 
-    def _answer(self, send_body: bool) -> None:
-        if self.path.split("?", 1)[0] != self.server.metrics_path:
-            self.send_error(404, f"metrics are at {self.server.metrics_path}")
+
+class _Connection(asyncio.Protocol):
+    """One scraper's connection: HTTP/1.1 requests parsed by httptools (llhttp, uvicorn's
+    parser), answered in order, kept alive as the client asks."""
+
+    def __init__(self, server: MetricsServer):
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._received = 0
+        self._idle: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    # -- asyncio ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if len(self._server._connections) >= _MAX_CONNECTIONS:
+            transport.close()
             return
-        auth = self.server.auth
-        if auth is not None and (refused := auth.refusal(self.headers.get("Authorization"))):
-            self._send(*refused, send_body=send_body)  # before any collection
+        self._server._connections.add(self)
+        self._rearm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # read and dropped: closing with unread data would reset the answer away
+        self._received += len(data)
+        if self._received > _MAX_REQUEST_BYTES:
+            self._refuse(431, "request too large")
             return
+        self._rearm()
         try:
-            status, headers, body = self.server.scrape(self.headers.get("Accept"), self.headers.get("Accept-Encoding"))
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "no protocol upgrades here")
+        except httptools.HttpParserError:
+            self._refuse(400, "malformed request")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _rearm(self, seconds: float = _IDLE_SECONDS) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(seconds, self.close)
+
+    def _finish(self) -> None:
+        # The answer, then end of stream; the client closes its side on reading it (or the
+        # connection is closed a little later). Closing at once, with some of the client's
+        # bytes unread, would make the kernel reset the connection, and the answer be lost.
+        self._closing = True
+        transport = self._transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+            self._rearm(_CLOSE_SECONDS)
+        else:
+            self.close()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url, self._headers = b"", {}
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # may come in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.setdefault(name.lower(), value)  # the first of repeated headers, as http.server
+
+    def on_message_complete(self) -> None:
+        self._received = 0
+        keep_alive = self._parser.should_keep_alive()
+        method = self._parser.get_method()
+        send_body = method != b"HEAD"
+        try:
+            status, headers, body = self._answer(method)
         except Exception:
             _logger.exception("chatobs: scrape failed")
-            self.send_error(500, "scrape failed; see the service log")
-            return
-        self._send(status, headers, body, send_body=send_body)
+            status, headers, body = 500, _TEXT, b"500 scrape failed; see the service log\n"
+        self._send(status, headers, body, send_body=send_body, keep_alive=keep_alive)
 
-    def _send(self, status: int, headers: Mapping[str, str], body: bytes, *, send_body: bool) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+    # -- answers ---------------------------------------------------------------------------
+    def _answer(self, method: bytes) -> Answer:
+        server = self._server
+        if method not in (b"GET", b"HEAD"):
+            return 405, {**_TEXT, "Allow": "GET, HEAD"}, b"405 only GET and HEAD here\n"
+        if self._url.split(b"?", 1)[0] != server._path:
+            return 404, _TEXT, f"404 metrics are at {server.path}\n".encode()
+        headers = self._headers
+        if server._auth is not None and (refused := server._auth.refusal(_text(headers.get(b"authorization")))):
+            return refused  # before any collection
+        return server._scrape(_text(headers.get(b"accept")), _text(headers.get(b"accept-encoding")))
+
+    def _send(self, status: int, headers: Mapping[str, str], body: bytes, *, send_body: bool,
+              keep_alive: bool) -> None:  # fmt: skip
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._closing:
+            return  # a request pipelined after the last one answered
+        lines = [_status_line(status)]
+        lines.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items())
+        lines.append(f"Content-Length: {len(body)}\r\n".encode())
+        if not keep_alive:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
         if send_body:
-            self.wfile.write(body)
+            lines.append(body)
+        transport.write(b"".join(lines))
+        if not keep_alive:
+            self._finish()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
-        _logger.debug("metrics server: " + format, *args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    metrics_path: str
-    scrape: ScrapeFunction
-    auth: MetricsAuth | None
-
-    def server_activate(self) -> None:
-        # The open connections, so stopping the server ends the kept-alive ones too (their
-        # threads would otherwise answer scrapes until the idle timeout).
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().server_activate()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        connection, address = super().get_request()
-        with self._connections_lock:
-            self._connections.add(connection)
-        return connection, address
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
+    def _refuse(self, status: int, why: str) -> None:
+        self._send(status, _TEXT, f"{status} {why}\n".encode(), send_body=True, keep_alive=False)
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+_TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 class MetricsServer:
     """A standalone metrics server on its own thread, for services without an HTTP app.
+
+    One thread runs an event loop of its own (not the service's: a blocked service loop never
+    stalls a scrape), which waits without waking while nobody scrapes; connections are kept
+    alive, as Prometheus keeps its own, so a scrape costs neither a connection nor a thread.
+    Requests are parsed by httptools, uvicorn's parser: the standard library's ``http.server``
+    parses headers with the ``email`` package, about 100 µs a request with cold caches
+    against 30 µs, and its ``serve_forever`` wakes twice a second to look for a shutdown.
 
     Example::
 
@@ -300,14 +373,44 @@ class MetricsServer:
 
     def __init__(self, scrape: ScrapeFunction, *, host: str, port: int, path: str = "/metrics",
                  auth: MetricsAuth | None = None):  # fmt: skip
-        server_class = _Server6 if ":" in host else _Server
-        self._server = server_class((host, port), _Handler)
-        self._server.metrics_path = path
-        self._server.scrape = scrape
-        self._server.auth = auth
-        self._thread = threading.Thread(target=self._server.serve_forever, name="chatobs-metrics", daemon=True)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, port), family=family)  # OSError: the caller names the setting
+        self._scrape = scrape
+        self._auth = auth
+        self._path = path.encode("latin-1")
+        self._connections: set[_Connection] = set()
+        self._loop = asyncio.new_event_loop()
+        self._stopped = False
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                server = self._loop.run_until_complete(
+                    self._loop.create_server(lambda: _Connection(self), sock=self._socket)
+                )
+            except BaseException as error:  # noqa: BLE001 - handed to the constructor's caller
+                failure.append(error)
+                started.set()
+                return
+            started.set()
+            try:
+                self._loop.run_forever()
+            finally:
+                server.close()
+                for connection in list(self._connections):
+                    connection.close()
+                self._loop.run_until_complete(asyncio.sleep(0))  # let the transports close
+                self._loop.close()
+
+        self._thread = threading.Thread(target=serve, name="chatobs-metrics", daemon=True)
         self._thread.start()
-        self.host, self.port = self._server.server_address[:2]
+        started.wait()
+        if failure:
+            self._socket.close()
+            raise failure[0]
+        self.host, self.port = self._socket.getsockname()[:2]
         self.path = path
 
     @property
@@ -316,7 +419,10 @@ class MetricsServer:
         return f"http://{host}:{self.port}{self.path}"
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()
+        """Close the listening socket and every connection (kept-alive ones too). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(RuntimeError):  # the loop already closed
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

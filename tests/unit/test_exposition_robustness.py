@@ -149,3 +149,36 @@ def test_standalone_server_keeps_connections_alive_until_stopped():
         connection.request("GET", "/metrics")
         connection.getresponse().read()
     connection.close()
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is, and read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def test_standalone_server_answers_pipelined_requests_in_order_and_refuses_bad_ones():
+    telemetry = build(CHATOBS_METRICS_HOST="127.0.0.1")
+    server = telemetry.serve(port=0)
+    try:
+        # Two requests in one write, the second closing: both answered, in order, then closed.
+        both = _raw_exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+                                          b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+        first, _, rest = both.partition(b"HTTP/1.1 404")
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"# TYPE" in first and rest
+        assert b"Connection: close" in rest
+        assert _raw_exchange(server.port, b"this is not http\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        post = _raw_exchange(server.port, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                          b"Connection: close\r\n\r\n")  # fmt: skip
+        assert post.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in post
+        huge = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 70_000 + b"\r\n\r\n"
+        assert _raw_exchange(server.port, huge).startswith(b"HTTP/1.1 431 ")
+        # HTTP/1.0 without keep-alive: answered, then closed by the server.
+        old = _raw_exchange(server.port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert old.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in old
+    finally:
+        telemetry.shutdown()
