@@ -241,6 +241,8 @@ class _Connection(asyncio.Protocol):
         self._received = 0
         self._idle: asyncio.TimerHandle | None = None
         self._closing = False
+        self._loop = asyncio.get_running_loop()
+        self._active = self._loop.time()
 
     # -- asyncio ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -263,7 +265,7 @@ class _Connection(asyncio.Protocol):
         if self._received > _MAX_REQUEST_BYTES:
             self._refuse(431, "request too large")
             return
-        self._rearm()
+        self._active = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -275,10 +277,18 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    def _rearm(self, seconds: float = _IDLE_SECONDS) -> None:
+    def _rearm(self, seconds: float | None = None) -> None:
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(seconds, self.close)
+        self._idle = self._loop.call_later(_IDLE_SECONDS if seconds is None else seconds, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        # One timer per idle period, not one per request: activity only moves `_active`.
+        quiet = self._loop.time() - self._active
+        if self._closing or quiet >= _IDLE_SECONDS:
+            self.close()
+        else:
+            self._idle = self._loop.call_later(_IDLE_SECONDS - quiet, self._close_if_idle)
 
     def _finish(self) -> None:
         # The answer, then end of stream; the client closes its side on reading it (or the

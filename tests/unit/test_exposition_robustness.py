@@ -182,3 +182,27 @@ def test_standalone_server_answers_pipelined_requests_in_order_and_refuses_bad_o
         assert old.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in old
     finally:
         telemetry.shutdown()
+
+
+def test_standalone_server_closes_an_idle_connection(monkeypatch):
+    import http.client
+
+    from chatobs import server as server_module
+
+    monkeypatch.setattr(server_module, "_IDLE_SECONDS", 0.3)
+    telemetry = build(CHATOBS_METRICS_HOST="127.0.0.1")
+    server = telemetry.serve(port=0)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        for _ in range(3):  # requests 0.2 s apart keep it open past one idle period
+            connection.request("GET", "/metrics")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+            time.sleep(0.2)
+        time.sleep(0.6)  # then quiet for longer than the idle period: closed by the server
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            connection.request("GET", "/metrics")
+            connection.getresponse().read()
+    finally:
+        connection.close()
+        telemetry.shutdown()
