@@ -37,6 +37,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -210,6 +211,11 @@ class HistogramCell:
         # A tuple here, the SDK's Exemplar only at collection: most are replaced before a scrape.
         self.exemplars[index] = (value, time.time_ns(), span)
 
+    def snapshot(self) -> tuple[list[int], int, float]:
+        """``(bucket counts, count, sum)``, one consistent reading."""
+        with self._lock:
+            return list(self.counts), self.count, self.sum
+
     def point(self, now: int) -> HistogramDataPoint:
         with self._lock:
             counts, count, total, low, high = list(self.counts), self.count, self.sum, self.min, self.max
@@ -313,6 +319,16 @@ class FileHistogramCell(HistogramCell):
 
 
 Cell = CounterCell | GaugeCell | HistogramCell
+
+
+class LocalCells(NamedTuple):
+    """This process's cells by metric name (:meth:`CellStore.local_cells`), with the scope
+    their metrics are produced under: what a scrape renders directly."""
+
+    cells: dict[str, list[Cell]]
+    scope: InstrumentationScope
+
+
 ExemplarFilter = Callable[[trace.SpanContext], "trace.SpanContext | None"]
 ExemplarSampler = Callable[[Context | None], "trace.SpanContext | None"]
 
@@ -579,6 +595,22 @@ class CellStore:
             return None
         snapshot = self._snapshot or self._directory.snapshot()
         return snapshot.combined(name, catalogue.get(name).combine)  # type: ignore[arg-type]
+
+    @property
+    def combines_files(self) -> bool:
+        """Whether the values are several worker processes' (``CHATOBS_MULTIPROCESS_DIR``),
+        combined from their files at each collection, rather than this process's cells."""
+        return self._directory is not None
+
+    def local_cells(self, scope: InstrumentationScope) -> LocalCells | None:
+        """Every counter's, gauge's and histogram's cells, for a scrape to render as they are
+        (a scrape shows no start times or extremes, and building the data-model points first
+        was about a third of a small service's scrape); None when the values are combined
+        from several processes' files (:attr:`combines_files`): those are produced as points."""
+        if self._directory is not None:
+            return None
+        return LocalCells({name: list(series.values()) for name, series in list(self._series.items()) if series},
+                          scope)  # fmt: skip
 
     def produced_metrics(self) -> list[Metric]:
         """Every counter's, gauge's and histogram's points, in the SDK's data model (cumulative),

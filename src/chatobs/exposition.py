@@ -44,8 +44,10 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.export import Metric as OtelMetric
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from chatobs.catalogue import CATALOGUE, Kind, Metric
+from chatobs.cells import Cell, LocalCells
 
 __all__ = [
     "CONTENT_TYPE_OPENMETRICS",
@@ -196,9 +198,9 @@ def _with(labels: str, extra: str) -> str:
     return f"{{{labels[1:-1]},{extra}}}" if labels else f"{{{extra}}}"
 
 
-def _exemplar_suffix(exemplar: Any) -> str:
-    labels = f'trace_id="{exemplar.trace_id:032x}",span_id="{exemplar.span_id:016x}"'
-    return f" # {{{labels}}} {_num(exemplar.value)} {exemplar.time_unix_nano / 1e9:.3f}"
+def _exemplar_suffix(value: float, at: int, trace_id: int, span_id: int) -> str:
+    labels = f'trace_id="{trace_id:032x}",span_id="{span_id:016x}"'
+    return f" # {{{labels}}} {_num(value)} {at / 1e9:.3f}"
 
 
 def _bucket_index(bounds: Sequence[float], value: float) -> int:
@@ -255,26 +257,28 @@ class Renderer:
         self._bucket_lines: dict[tuple[Any, ...], tuple[tuple[str, ...], str, str]] = {}
 
     # -- public --------------------------------------------------------------
-    def render(self, data: MetricsData | None, openmetrics: bool = False) -> str:
-        """The exposition text for ``data`` (``None`` renders the declarations only)."""
+    def render(self, data: MetricsData | None, openmetrics: bool = False, local: LocalCells | None = None) -> str:
+        """The exposition text for ``data`` (``None`` renders the declarations only), and for
+        ``local``: this process's cells by metric name, rendered as they are rather than as
+        data-model points first (:meth:`chatobs.cells.CellStore.local_cells`). A label set that
+        both carry is shown once, ``data``'s."""
         out: list[str] = []
         collected: dict[str, list[tuple[OtelMetric, str]]] = {}
         resource: Resource | None = self._resource
         for resource_metrics in data.resource_metrics if data else ():
             resource = resource_metrics.resource
             for scope_metrics in resource_metrics.scope_metrics:
-                scope = scope_metrics.scope
-                scope_pairs = (
-                    _label_block([("otel_scope_name", scope.name), ("otel_scope_version", scope.version or "")])
-                    if self._scope_labels
-                    else ""
-                )
+                scope_pairs = self._scope_block(scope_metrics.scope)
                 for metric in scope_metrics.metrics:
                     collected.setdefault(metric.name, []).append((metric, scope_pairs))
 
+        cells = local.cells if local is not None else {}
+        local_scope = self._scope_block(local.scope) if local is not None else ""
         for metric in self._catalogue.values():
-            if metric.name in collected:
-                self._render_collected(out, collected.pop(metric.name), metric, openmetrics)
+            entries = collected.pop(metric.name, None)
+            own = cells.get(metric.name)
+            if entries or own:
+                self._render_collected(out, entries or [], metric, openmetrics, own, local_scope)
             elif metric.name in self._declared:
                 self._render_declared(out, metric, openmetrics)
         if self._uncatalogued:
@@ -286,22 +290,58 @@ class Renderer:
             out.append("# EOF\n")
         return "".join(out)
 
+    def _scope_block(self, scope: InstrumentationScope) -> str:
+        if not self._scope_labels:
+            return ""
+        return _label_block([("otel_scope_name", scope.name), ("otel_scope_version", scope.version or "")])
+
     def _render_collected(
-        self, out: list[str], entries: list[tuple[OtelMetric, str]], catalogued: Metric | None, openmetrics: bool
+        self,
+        out: list[str],
+        entries: list[tuple[OtelMetric, str]],
+        catalogued: Metric | None,
+        openmetrics: bool,
+        own: Sequence[Cell] | None = None,
+        own_scope: str = "",
     ) -> None:
         # One name from several scopes (another meter with a catalogue name, two HTTP client
         # instrumentations) is one family: one header, and a label set seen twice kept once.
-        family = self._family(entries[0][0], catalogued)
+        family = self._family(entries[0][0] if entries else None, catalogued)
         self._header(out, family, openmetrics)
         seen: set[str] = set()
         for otel_metric, scope_labels in entries:
             self._samples(out, family, otel_metric, scope_labels, openmetrics, seen)
+        if own and catalogued is not None:
+            self._cell_samples(out, family.name, catalogued, own, own_scope, openmetrics, seen)
+
+    def _cell_samples(
+        self, out: list[str], name: str, metric: Metric, cells: Sequence[Cell], scope_labels: str, openmetrics: bool,
+        seen: set[str],
+    ) -> None:  # fmt: skip
+        """The cells' samples, as their points would render (``tests/unit/test_produced.py``)."""
+        if metric.buckets is not None:
+            for cell in cells:
+                labels = self._attribute_labels(cell.attributes, scope_labels, _HISTOGRAM_RESERVED)
+                if labels not in seen:
+                    seen.add(labels)
+                    counts, count, total = cell.snapshot()  # type: ignore[union-attr]
+                    found = ((value, at, span.trace_id, span.span_id)
+                             for value, at, span in filter(None, cell.exemplars))  # type: ignore[union-attr]  # fmt: skip
+                    self._histogram_lines(out, name, labels, metric.buckets, counts, count, total, found,
+                                          openmetrics)  # fmt: skip
+            return
+        for cell in cells:
+            labels = self._attribute_labels(cell.attributes, scope_labels)
+            if labels not in seen:
+                seen.add(labels)
+                out.append(f"{name}{labels} {_num(cell.value)}\n")  # type: ignore[union-attr]
 
     # -- families ------------------------------------------------------------
     @staticmethod
-    def _family(otel_metric: OtelMetric, catalogued: Metric | None) -> _Family:
+    def _family(otel_metric: OtelMetric | None, catalogued: Metric | None) -> _Family:
         if catalogued is not None:
             return _Family(catalogued.name, catalogued.prometheus_type, catalogued.description)
+        assert otel_metric is not None  # an uncatalogued family comes from collected data only
         data = otel_metric.data
         if isinstance(data, Histogram):
             prom_type = "histogram"
@@ -354,7 +394,11 @@ class Renderer:
     def _labels(
         self, point: NumberDataPoint | HistogramDataPoint, scope_labels: str, reserved: frozenset[str] = frozenset()
     ) -> str:
-        attributes = point.attributes
+        return self._attribute_labels(point.attributes, scope_labels, reserved)
+
+    def _attribute_labels(
+        self, attributes: Mapping[str, Any] | None, scope_labels: str, reserved: frozenset[str] = frozenset()
+    ) -> str:
         pairs = tuple(attributes.items()) if attributes else ()
         return _cached(self._label_blocks, (pairs, scope_labels, reserved),
                        lambda: _labels_text(pairs, scope_labels, reserved))  # fmt: skip
@@ -362,19 +406,27 @@ class Renderer:
     def _histogram_point(
         self, out: list[str], name: str, point: HistogramDataPoint, labels: str, openmetrics: bool
     ) -> None:
-        bounds = point.explicit_bounds
-        for exemplar in point.exemplars:
-            if exemplar.trace_id:
-                self._exemplars[(name, labels, _bucket_index(bounds, exemplar.value))] = _exemplar_suffix(exemplar)
+        found = ((e.value, e.time_unix_nano, e.trace_id, e.span_id) for e in point.exemplars if e.trace_id)
+        self._histogram_lines(out, name, labels, point.explicit_bounds, point.bucket_counts, point.count, point.sum,
+                              found, openmetrics)  # fmt: skip
+
+    def _histogram_lines(
+        self, out: list[str], name: str, labels: str, bounds: Sequence[float], bucket_counts: Sequence[int],
+        count: int, total: float, found: Iterable[tuple[float, int, int, int]], openmetrics: bool,
+    ) -> None:  # fmt: skip
+        """A histogram series' lines; ``found``: its exemplars, ``(value, time in ns, trace id, span id)``."""
+        for value, at, trace_id, span_id in found:
+            self._exemplars[(name, labels, _bucket_index(bounds, value))] = _exemplar_suffix(value, at, trace_id,
+                                                                                             span_id)  # fmt: skip
         buckets, count_prefix, sum_prefix = _cached(self._bucket_lines, (name, labels, tuple(bounds)),
                                                     lambda: _bucket_prefixes(name, labels, bounds))  # fmt: skip
         cumulative = 0
         exemplars = self._exemplars if openmetrics else {}
-        for index, count in enumerate(point.bucket_counts):
-            cumulative += count
+        for index, bucket_count in enumerate(bucket_counts):
+            cumulative += bucket_count
             suffix = exemplars.get((name, labels, index), "") if exemplars else ""
             out.append(f"{buckets[index]}{cumulative}{suffix}\n")
-        out.append(f"{count_prefix}{point.count}\n{sum_prefix}{_num(point.sum)}\n")
+        out.append(f"{count_prefix}{count}\n{sum_prefix}{_num(total)}\n")
 
     def _render_target_info(self, out: list[str], resource: Resource, openmetrics: bool) -> None:
         key = ("target_info", tuple(resource.attributes.items()), openmetrics)
@@ -472,14 +524,16 @@ def scrape_response(
     accept: str | None,
     accept_encoding: str | None,
     timeout_seconds: float = 5.0,
+    local: Callable[[], LocalCells | None] | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
-    """Collect, render and encode one scrape: ``(status, headers, body)``.
+    """Collect, render and encode one scrape: ``(status, headers, body)``; ``local`` gives
+    the cells rendered as they are (see :meth:`Renderer.render`).
 
     Shared by the FastAPI route and the standalone server so both behave alike.
     """
     openmetrics = negotiate_openmetrics(accept)
     data = reader.scrape(timeout_seconds)
-    text = renderer.render(data, openmetrics)
+    text = renderer.render(data, openmetrics, local() if local is not None else None)
     try:
         body = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in some label value: one '?' beats a failed scrape

@@ -130,3 +130,35 @@ def test_observable_callbacks_produce_what_the_sdk_instrument_gives(metric):
     (collected,) = [m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
                     for m in sm.metrics]  # fmt: skip
     assert _shape(produced) == _shape(collected)
+
+
+@pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
+@pytest.mark.parametrize("scope_labels", ["false", "true"])
+def test_a_scrape_renders_the_cells_as_their_produced_points_render(openmetrics, scope_labels):
+    """A scrape reads this process's cells directly instead of producing data-model points
+    first: the exposition is the one the produced points render, metric by metric, exemplars
+    included."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    env = {"CHATOBS_PROCESS_METRICS": "false", "CHATOBS_EXPOSE_SCOPE_LABELS": scope_labels,
+           "OTEL_METRICS_EXEMPLAR_FILTER": "always_on"}  # fmt: skip
+    telemetry = Telemetry(load_settings(env), service="worker")
+    tracer = TracerProvider().get_tracer("test")
+    for n in range(3):
+        for metric in NUMBER_METRICS:
+            if metric.kind is Kind.COUNTER:
+                telemetry.cells.add(metric.name, n + 1, _values(metric, n))
+            elif metric.kind is Kind.UP_DOWN:
+                telemetry.cells.move(metric.name, n - 1, _values(metric, n))
+            else:
+                telemetry.cells.set(metric.name, n * 1.5, _values(metric, n))
+        for metric in HISTOGRAMS:
+            with tracer.start_as_current_span("observed"):
+                telemetry.cells.observe(metric.name, (metric.buckets or (1.0,))[n] * 0.9, _values(metric, n % 2))
+    telemetry.cells.observe("llm_latency_seconds", 0.3, ("bad value that is not a model",) * 3)  # a rejected label
+    accept = "application/openmetrics-text" if openmetrics else None
+    direct = telemetry.scrape(accept)[2].decode()
+    through_points = telemetry._renderer.render(telemetry._with_produced(None), openmetrics)
+    assert direct == through_points
+    assert "_bucket{" in direct and (" # {trace_id=" in direct) is openmetrics
+    telemetry.shutdown()
