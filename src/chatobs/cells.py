@@ -607,7 +607,7 @@ class CellStore:
         (a scrape shows no start times or extremes, and building the data-model points first
         was about a third of a small service's scrape); None when the values are combined
         from several processes' files (:attr:`combines_files`): those are produced as points."""
-        if self._directory is not None:
+        if self.combines_files:
             return None
         return LocalCells({name: list(series.values()) for name, series in list(self._series.items()) if series},
                           scope)  # fmt: skip

@@ -39,7 +39,6 @@ from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
     MetricReader,
     MetricsData,
-    NumberDataPoint,
     Sum,
 )
 from opentelemetry.sdk.metrics.export import Metric as OtelMetric
@@ -88,8 +87,10 @@ def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
 class ScrapeReader(MetricReader):
     """A pull reader: collects cumulative metrics when a scrape asks.
 
-    ``produce(data)`` adds what the SDK does not collect (chatobs's cells and callbacks, as
-    :class:`chatobs.telemetry.Telemetry` passes it); it is part of the collection, timed with it.
+    ``produce(data)`` adds what the SDK does not collect (the observable metrics' callbacks,
+    and the cells when several processes' files are combined, as
+    :class:`chatobs.telemetry.Telemetry` passes it; a single process's cells are rendered
+    directly); it is part of the collection, timed with it.
 
     Scrapes are serialised, so two concurrent scrapes never interleave one
     collection's callbacks with another's. A scrape never fails for a slow or
@@ -379,22 +380,17 @@ class Renderer:
         name = family.name
         if isinstance(data, Histogram):
             for point in data.data_points:
-                labels = self._labels(point, scope_labels, _HISTOGRAM_RESERVED)
+                labels = self._attribute_labels(point.attributes, scope_labels, _HISTOGRAM_RESERVED)
                 if labels not in seen:
                     seen.add(labels)
                     self._histogram_point(out, name, point, labels, openmetrics)
             return
         if isinstance(data, (Sum, Gauge)):
             for point in data.data_points:
-                labels = self._labels(point, scope_labels)
+                labels = self._attribute_labels(point.attributes, scope_labels)
                 if labels not in seen:
                     seen.add(labels)
                     out.append(f"{name}{labels} {_num(point.value)}\n")
-
-    def _labels(
-        self, point: NumberDataPoint | HistogramDataPoint, scope_labels: str, reserved: frozenset[str] = frozenset()
-    ) -> str:
-        return self._attribute_labels(point.attributes, scope_labels, reserved)
 
     def _attribute_labels(
         self, attributes: Mapping[str, Any] | None, scope_labels: str, reserved: frozenset[str] = frozenset()

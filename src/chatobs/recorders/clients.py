@@ -88,12 +88,7 @@ class ClientRecorder(Recorder):
         seconds = checked_amount(seconds)
         if span is not None and not isinstance(span, SpanContext):
             raise TypeError(f"span must be a SpanContext or None, got {type(span).__name__}")
-        try:
-            series = self._operations.get((backend, operation))
-        except Exception:  # noqa: BLE001 - an unhashable operation (or one whose hash raises): bound below, as `other`
-            series = None
-        if series is None:
-            series = self._bind(backend, operation)
+        series = self._series(backend, operation)
         series[0].observe(seconds, span)
         if errors:
             # The error series was bound with the duration's, so it shows 0 before the first failure:
@@ -104,13 +99,16 @@ class ClientRecorder(Recorder):
         """:meth:`operation` for one ``backend`` and ``operation``, bound once (label checks and
         the series lookup done here, not per call): what a client instrumentor keeps per
         statement kind or command. Raises ``ValueError`` for an unknown backend."""
+        series = self._series(backend, operation)
+        return BoundOperation(series[0], series[1], _BACKEND_METRICS[backend][0], self._on_error)
+
+    def _series(self, backend: str, operation: str) -> tuple[Series, Series]:
+        """The duration and error series of ``operation`` on ``backend``, bound on first use."""
         try:
             series = self._operations.get((backend, operation))
-        except Exception:  # noqa: BLE001 - unhashable: bound below, as `other`
+        except Exception:  # noqa: BLE001 - an unhashable operation (or one whose hash raises): bound below, as `other`
             series = None
-        if series is None:
-            series = self._bind(backend, operation)
-        return BoundOperation(series[0], series[1], _BACKEND_METRICS[backend][0], self._on_error)
+        return series if series is not None else self._bind(backend, operation)
 
     def _bind(self, backend: str, operation: str) -> tuple[Series, Series]:
         names = _BACKEND_METRICS.get(backend)
