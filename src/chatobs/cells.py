@@ -36,11 +36,12 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -196,6 +197,10 @@ class HistogramCell:
         index = bisect_left(self._bounds, value)  # buckets are upper-inclusive, as Prometheus's `le`
         if sample is not None:
             exemplar_span = _looked_up(self._looked, index, sample)
+        if exemplar_span is not None:
+            # Before the count: a scrape that sees the new count sees this exemplar too (the
+            # renderer keeps a series' lines until its count moves).
+            self._keep_exemplar(index, value, exemplar_span)
         with self._lock:
             self.counts[index] += 1
             self.count += 1
@@ -204,8 +209,6 @@ class HistogramCell:
                 self.min = value
             if value > self.max:
                 self.max = value
-        if exemplar_span is not None:
-            self._keep_exemplar(index, value, exemplar_span)
 
     def _keep_exemplar(self, index: int, value: float, span: trace.SpanContext) -> None:
         # A tuple here, the SDK's Exemplar only at collection: most are replaced before a scrape.
@@ -306,6 +309,8 @@ class FileHistogramCell(HistogramCell):
         index = bisect_left(self._bounds, value)
         if sample is not None:
             exemplar_span = _looked_up(self._looked, index, sample)
+        if exemplar_span is not None:
+            self._keep_exemplar(index, value, exemplar_span)
         write, offset = self._file.write, self._offset
         with self._lock:
             self.counts[index] += 1
@@ -314,8 +319,6 @@ class FileHistogramCell(HistogramCell):
             write(offset, self.count)
             write(offset + 8, self.sum)
             write(offset + 16 + 8 * index, self.counts[index])
-        if exemplar_span is not None:
-            self._keep_exemplar(index, value, exemplar_span)
 
 
 Cell = CounterCell | GaugeCell | HistogramCell
@@ -323,10 +326,12 @@ Cell = CounterCell | GaugeCell | HistogramCell
 
 class LocalCells(NamedTuple):
     """This process's cells by metric name (:meth:`CellStore.local_cells`), with the scope
-    their metrics are produced under: what a scrape renders directly."""
+    their metrics are produced under, and the observable metrics' readings
+    (:meth:`chatobs.instruments.Instruments.readings`): what a scrape renders directly."""
 
     cells: dict[str, list[Cell]]
     scope: InstrumentationScope
+    readings: Mapping[str, Sequence[Observation]] = {}
 
 
 ExemplarFilter = Callable[[trace.SpanContext], "trace.SpanContext | None"]

@@ -31,8 +31,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics.export import (
     Gauge,
     Histogram,
@@ -46,11 +47,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from chatobs.catalogue import CATALOGUE, Kind, Metric
-from chatobs.cells import Cell, LocalCells
+from chatobs.cells import Cell, HistogramCell, LocalCells
 
 __all__ = [
     "CONTENT_TYPE_OPENMETRICS",
     "CONTENT_TYPE_TEXT",
+    "Collected",
     "Renderer",
     "ScrapeReader",
     "negotiate_openmetrics",
@@ -84,13 +86,20 @@ def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
     return found
 
 
+class Collected(NamedTuple):
+    """What one scrape collected: the data-model metrics, and what is rendered as it is."""
+
+    data: MetricsData | None
+    local: LocalCells | None = None
+
+
 class ScrapeReader(MetricReader):
     """A pull reader: collects cumulative metrics when a scrape asks.
 
-    ``produce(data)`` adds what the SDK does not collect (the observable metrics' callbacks,
-    and the cells when several processes' files are combined, as
-    :class:`chatobs.telemetry.Telemetry` passes it; a single process's cells are rendered
-    directly); it is part of the collection, timed with it.
+    ``produce(data)`` adds what the SDK does not collect (as :class:`chatobs.telemetry.Telemetry`
+    passes it: the cells and the observable metrics' callbacks when several processes' files
+    are combined); ``local()`` gives what the renderer reads as it is (a single process's
+    cells, and the callbacks' readings). Both are part of the collection, timed with it.
 
     Scrapes are serialised, so two concurrent scrapes never interleave one
     collection's callbacks with another's. A scrape never fails for a slow or
@@ -98,19 +107,25 @@ class ScrapeReader(MetricReader):
     and a counter that disappears for one scrape would read as a reset).
     """
 
-    def __init__(self, produce: Callable[[MetricsData | None], MetricsData | None] | None = None) -> None:
+    def __init__(
+        self,
+        produce: Callable[[MetricsData | None], MetricsData | None] | None = None,
+        local: Callable[[], LocalCells | None] | None = None,
+    ) -> None:
         super().__init__()
         self._produce = produce
+        self._local = local
         self._lock = threading.Lock()
         self._latest: MetricsData | None = None
-        self._last_good: MetricsData | None = None
+        self._last_good = Collected(None)
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
         self._latest = metrics_data
 
-    def scrape(self, timeout_seconds: float = 5.0) -> MetricsData | None:
-        """Collect now and return the data, or the last good data when another scrape holds
-        the collection past ``timeout_seconds`` or the collection fails (``None`` if there is none)."""
+    def scrape(self, timeout_seconds: float = 5.0) -> Collected:
+        """Collect now and return what was collected, or the last good collection when another
+        scrape holds the collection past ``timeout_seconds`` or the collection fails (an empty
+        one if there is none)."""
         if not self._lock.acquire(timeout=timeout_seconds):
             _logger.warning("chatobs: collection still busy after %.1fs; serving the previous one", timeout_seconds)
             return self._last_good
@@ -120,18 +135,19 @@ class ScrapeReader(MetricReader):
             try:
                 self.collect(timeout_millis=timeout_seconds * 1000)
                 data = self._produce(self._latest) if self._produce is not None else self._latest
+                collected = Collected(data, self._local() if self._local is not None else None)
             except Exception:
                 _logger.warning("chatobs: collection failed; serving the previous one", exc_info=True)
                 return self._last_good
             if time.monotonic() - started > timeout_seconds:
                 # The SDK abandons a collection past its deadline only between two instruments'
-                # callbacks, and the produced part has no deadline of its own: past it, the whole
+                # callbacks, and chatobs's own part has no deadline of its own: past it, the whole
                 # collection is abandoned here.
                 _logger.warning("chatobs: collection took over %.1fs; serving the previous one", timeout_seconds)
                 return self._last_good
-            if data is not None:
-                self._last_good = data
-            return data
+            if collected.data is not None or collected.local is not None:
+                self._last_good = collected
+            return collected
         finally:
             self._lock.release()
 
@@ -256,6 +272,11 @@ class Renderer:
         self._static: dict[tuple[Any, ...], str] = {}
         self._label_blocks: dict[tuple[Any, ...], str] = {}
         self._bucket_lines: dict[tuple[Any, ...], tuple[tuple[str, ...], str, str]] = {}
+        # A histogram cell's lines as last rendered, with the cell and its count then: most of
+        # a quiet service's histogram series see no observation between two scrapes, and a
+        # series' lines (a dozen buckets) were most of its scrape. A new count renders again.
+        self._histogram_texts: dict[tuple[str, str, bool], tuple[HistogramCell, int, str]] = {}
+        self._target_infos: dict[bool, tuple[Resource, str]] = {}
 
     # -- public --------------------------------------------------------------
     def render(self, data: MetricsData | None, openmetrics: bool = False, local: LocalCells | None = None) -> str:
@@ -273,11 +294,11 @@ class Renderer:
                 for metric in scope_metrics.metrics:
                     collected.setdefault(metric.name, []).append((metric, scope_pairs))
 
-        cells = local.cells if local is not None else {}
+        cells, readings = (local.cells, local.readings) if local is not None else ({}, {})
         local_scope = self._scope_block(local.scope) if local is not None else ""
         for metric in self._catalogue.values():
             entries = collected.pop(metric.name, None)
-            own = cells.get(metric.name)
+            own = cells.get(metric.name) or readings.get(metric.name)
             if entries or own:
                 self._render_collected(out, entries or [], metric, openmetrics, own, local_scope)
             elif metric.name in self._declared:
@@ -302,7 +323,7 @@ class Renderer:
         entries: list[tuple[OtelMetric, str]],
         catalogued: Metric | None,
         openmetrics: bool,
-        own: Sequence[Cell] | None = None,
+        own: Sequence[Cell | Observation] | None = None,
         own_scope: str = "",
     ) -> None:
         # One name from several scopes (another meter with a catalogue name, two HTTP client
@@ -316,20 +337,34 @@ class Renderer:
             self._cell_samples(out, family.name, catalogued, own, own_scope, openmetrics, seen)
 
     def _cell_samples(
-        self, out: list[str], name: str, metric: Metric, cells: Sequence[Cell], scope_labels: str, openmetrics: bool,
-        seen: set[str],
+        self, out: list[str], name: str, metric: Metric, cells: Sequence[Cell | Observation], scope_labels: str,
+        openmetrics: bool, seen: set[str],
     ) -> None:  # fmt: skip
-        """The cells' samples, as their points would render (``tests/unit/test_produced.py``)."""
+        """The samples of cells or readings, as their points would render (``tests/unit/test_produced.py``)."""
         if metric.buckets is not None:
+            texts = self._histogram_texts
             for cell in cells:
                 labels = self._attribute_labels(cell.attributes, scope_labels, _HISTOGRAM_RESERVED)
-                if labels not in seen:
-                    seen.add(labels)
-                    counts, count, total = cell.snapshot()  # type: ignore[union-attr]
-                    found = ((value, at, span.trace_id, span.span_id)
-                             for value, at, span in filter(None, cell.exemplars))  # type: ignore[union-attr]  # fmt: skip
-                    self._histogram_lines(out, name, labels, metric.buckets, counts, count, total, found,
-                                          openmetrics)  # fmt: skip
+                if labels in seen:
+                    continue
+                seen.add(labels)
+                key = (name, labels, openmetrics)
+                kept = texts.get(key)
+                if kept is not None and kept[0] is cell and kept[1] == cell.count:  # type: ignore[union-attr]
+                    out.append(kept[2])
+                    continue
+                counts, count, total = cell.snapshot()  # type: ignore[union-attr]
+                # A cell keeps its exemplars (the SDK hands each to one collection only), so the
+                # text format, which shows none, need not format them.
+                found = ((value, at, span.trace_id, span.span_id)
+                         for value, at, span in filter(None, cell.exemplars)) if openmetrics else ()  # type: ignore[union-attr]  # fmt: skip
+                lines: list[str] = []
+                self._histogram_lines(lines, name, labels, metric.buckets, counts, count, total, found, openmetrics)
+                text = "".join(lines)
+                if len(texts) >= _CACHE_LIMIT:
+                    texts.clear()
+                texts[key] = (cell, count, text)  # type: ignore[assignment]
+                out.append(text)
             return
         for cell in cells:
             labels = self._attribute_labels(cell.attributes, scope_labels)
@@ -425,8 +460,12 @@ class Renderer:
         out.append(f"{count_prefix}{count}\n{sum_prefix}{_num(total)}\n")
 
     def _render_target_info(self, out: list[str], resource: Resource, openmetrics: bool) -> None:
-        key = ("target_info", tuple(resource.attributes.items()), openmetrics)
-        out.append(_cached(self._static, key, lambda: _target_info_text(resource, openmetrics)))
+        kept = self._target_infos.get(openmetrics)
+        if kept is None or kept[0] is not resource:  # the same resource, scrape after scrape
+            key = ("target_info", tuple(resource.attributes.items()), openmetrics)
+            text = _cached(self._static, key, lambda: _target_info_text(resource, openmetrics))
+            kept = self._target_infos[openmetrics] = (resource, text)
+        out.append(kept[1])
 
 
 def _header_text(family: _Family, openmetrics: bool) -> str:
@@ -520,16 +559,14 @@ def scrape_response(
     accept: str | None,
     accept_encoding: str | None,
     timeout_seconds: float = 5.0,
-    local: Callable[[], LocalCells | None] | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
-    """Collect, render and encode one scrape: ``(status, headers, body)``; ``local`` gives
-    the cells rendered as they are (see :meth:`Renderer.render`).
+    """Collect, render and encode one scrape: ``(status, headers, body)``.
 
     Shared by the FastAPI route and the standalone server so both behave alike.
     """
     openmetrics = negotiate_openmetrics(accept)
-    data = reader.scrape(timeout_seconds)
-    text = renderer.render(data, openmetrics, local() if local is not None else None)
+    collected = reader.scrape(timeout_seconds)
+    text = renderer.render(collected.data, openmetrics, collected.local)
     try:
         body = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in some label value: one '?' beats a failed scrape

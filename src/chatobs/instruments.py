@@ -6,6 +6,7 @@ Example::
     >>> observables = Instruments()
     >>> observables.observe("outbox_pending", lambda options: [Observation(3)])
     >>> observables.produced_metrics()                 # at collection: Gauge points
+    >>> observables.readings()                         # at a scrape: the observations, kept as the View would
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Instruments:
 
     def __init__(self, metrics: Iterable[CatalogueMetric] = CATALOGUE):
         self._metrics = {metric.name: metric for metric in metrics if metric.kind in OBSERVABLE_KINDS}
+        self._keys = {name: _attribute_keys(metric) for name, metric in self._metrics.items()}
         self._callbacks: dict[str, ObservableCallback] = {}
         self._failing: set[str] = set()
         self._start = time.time_ns()
@@ -102,10 +104,26 @@ class Instruments:
         """Every registered callback's observations now: cumulative monotonic ``Sum`` points for
         an observable counter, ``Gauge`` points for an observable gauge."""
         now = time.time_ns()
+        return [
+            number_metric(self._metrics[name], [NumberDataPoint(observation.attributes or {}, self._start, now,
+                                                                observation.value, exemplars=[])
+                                                for observation in observations])
+            for name, observations in self.readings().items()
+        ]  # fmt: skip
+
+    def readings(self) -> dict[str, list[Observation]]:
+        """Every registered callback's observations now, by metric name, as the catalogue's View
+        keeps them: only its label keys, one observation per attribute set (the last, as in the
+        SDK). A scrape renders these as they are; :meth:`produced_metrics` makes points of them.
+
+        Example::
+
+            >>> observables.readings()
+            {'outbox_pending': [Observation(value=3, attributes=None, context=None)]}
+        """
         options = CallbackOptions()
-        produced = []
+        readings = {}
         for name, callback in list(self._callbacks.items()):
-            metric = self._metrics[name]
             try:
                 observations = list(callback(options))
             except Exception:  # one failing reading never fails the scrape
@@ -115,14 +133,17 @@ class Instruments:
                                     exc_info=True)  # fmt: skip
                 continue
             self._failing.discard(name)
-            keys = _attribute_keys(metric)
-            # One point per attribute set, the last observation of it winning, as in the SDK.
-            points = {}
-            for observation in observations:
-                attributes = {k: v for k, v in (observation.attributes or {}).items() if k in keys}
-                points[tuple(sorted(attributes.items()))] = NumberDataPoint(
-                    attributes, self._start, now, observation.value, exemplars=[]
-                )
-            if points:
-                produced.append(number_metric(metric, list(points.values())))
-        return produced
+            kept = self._kept(name, observations)
+            if kept:
+                readings[name] = kept
+        return readings
+
+    def _kept(self, name: str, observations: list[Observation]) -> list[Observation]:
+        if len(observations) == 1 and not observations[0].attributes:
+            return observations  # a process-wide reading: most of them, at every scrape
+        keys = self._keys[name]
+        kept = {}
+        for observation in observations:
+            attributes = {k: v for k, v in (observation.attributes or {}).items() if k in keys}
+            kept[tuple(sorted(attributes.items()))] = Observation(observation.value, attributes)
+        return list(kept.values())

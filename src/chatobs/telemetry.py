@@ -128,7 +128,7 @@ class Telemetry:
             accounting = ExportAccounting(self._export_failed, self._spans_dropped)
             readers = list(metric_readers) + build_metric_readers(self.settings, self._with_produced, accounting)
             if "prometheus" in settings.otel.metrics_exporter:
-                self.scrape_reader = ScrapeReader(produce=self._with_scraped)
+                self.scrape_reader = ScrapeReader(produce=self._with_scraped, local=self._local_cells)
                 readers.append(self.scrape_reader)
             self.meter_provider = MeterProvider(
                 metric_readers=readers,
@@ -219,19 +219,16 @@ class Telemetry:
             accept,
             accept_encoding,
             self.settings.chatobs.scrape_timeout_seconds,
-            local=self._local_cells,
         )
 
     def _with_scraped(self, data: MetricsData | None) -> MetricsData | None:
-        """What a scrape collects: :meth:`_with_produced` but for the cells of this process,
-        which the renderer reads directly (:meth:`_local_cells`)."""
-        produced = self.instruments.produced_metrics()
-        if self.cells.combines_files:
-            produced = [*self.cells.produced_metrics(), *produced]
-        return with_produced(data, produced, self._scope, self._resource)
+        """What a scrape collects: :meth:`_with_produced` but for the cells and readings of this
+        process, which the renderer reads directly (:meth:`_local_cells`)."""
+        return self._with_produced(data) if self.cells.combines_files else data
 
     def _local_cells(self) -> LocalCells | None:
-        return self.cells.local_cells(self._scope)
+        local = self.cells.local_cells(self._scope)
+        return local._replace(readings=self.instruments.readings()) if local is not None else None
 
     def _with_produced(self, data: MetricsData | None) -> MetricsData | None:
         """``data`` (what the SDK collected: other meters' instruments) plus chatobs's own metrics,

@@ -10,6 +10,7 @@ max) is what an SDK instrument with the catalogue's View gives, metric by metric
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -135,9 +136,10 @@ def test_observable_callbacks_produce_what_the_sdk_instrument_gives(metric):
 @pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
 @pytest.mark.parametrize("scope_labels", ["false", "true"])
 def test_a_scrape_renders_the_cells_as_their_produced_points_render(openmetrics, scope_labels):
-    """A scrape reads this process's cells directly instead of producing data-model points
-    first: the exposition is the one the produced points render, metric by metric, exemplars
-    included."""
+    """A scrape reads this process's cells and callbacks directly instead of producing
+    data-model points first, and keeps a histogram series' lines until its count moves: the
+    exposition is the one the produced points render, metric by metric, exemplars included,
+    scrape after scrape."""
     from opentelemetry.sdk.trace import TracerProvider
 
     env = {"CHATOBS_PROCESS_METRICS": "false", "CHATOBS_EXPOSE_SCOPE_LABELS": scope_labels,
@@ -156,9 +158,17 @@ def test_a_scrape_renders_the_cells_as_their_produced_points_render(openmetrics,
             with tracer.start_as_current_span("observed"):
                 telemetry.cells.observe(metric.name, (metric.buckets or (1.0,))[n] * 0.9, _values(metric, n % 2))
     telemetry.cells.observe("llm_latency_seconds", 0.3, ("bad value that is not a model",) * 3)  # a rejected label
+    for metric in OBSERVABLES:  # a stray attribute the View drops; an attribute set read twice, the last kept
+        readings = [Observation(7, {"pid": "11", "stray": "x"}), Observation(9, {"pid": "12"}),
+                    Observation(4, {"pid": "12"})]  # fmt: skip
+        telemetry.instruments.observe(metric.name, lambda options, readings=readings: readings)
     accept = "application/openmetrics-text" if openmetrics else None
-    direct = telemetry.scrape(accept)[2].decode()
-    through_points = telemetry._renderer.render(telemetry._with_produced(None), openmetrics)
-    assert direct == through_points
+    for round_ in range(3):
+        direct = telemetry.scrape(accept)[2].decode()
+        through_points = telemetry._renderer.render(telemetry._with_produced(None), openmetrics)
+        assert direct == through_points, f"scrape {round_ + 1}"
+        with tracer.start_as_current_span("observed again"):  # one series moves, the others keep their lines
+            telemetry.cells.observe(HISTOGRAMS[0].name, 2.5 + round_, _values(HISTOGRAMS[0], 0))
     assert "_bucket{" in direct and (" # {trace_id=" in direct) is openmetrics
+    assert re.search(r"^outbox_pending(\{[^}]*\})? 4$", direct, re.MULTILINE) and "stray" not in direct
     telemetry.shutdown()
