@@ -148,7 +148,7 @@ def scrape(series: int, rounds: int, changed: bool = False) -> tuple[Comparison,
 
     a, b = best_of(rounds, timed(ours.scrape, observe_ours), timed(lambda: generate_latest(registry), observe_theirs))
     ours.shutdown()
-    moved = ", every histogram series moved" if changed else ""
+    moved = ", every histogram series moved" if changed else ", nothing moved"
     return (Comparison(f"/metrics time at {series} series{moved}", a / 1e6, b / 1e6, "ms"),
             Comparison(f"/metrics bytes at {series} series", len(ours_body), len(theirs_body), "bytes"))  # fmt: skip
 

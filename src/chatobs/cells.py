@@ -37,6 +37,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 from opentelemetry import trace
@@ -197,11 +198,9 @@ class HistogramCell:
         index = bisect_left(self._bounds, value)  # buckets are upper-inclusive, as Prometheus's `le`
         if sample is not None:
             exemplar_span = _looked_up(self._looked, index, sample)
-        if exemplar_span is not None:
-            # Before the count: a scrape that sees the new count sees this exemplar too (the
-            # renderer keeps a series' lines until its count moves).
-            self._keep_exemplar(index, value, exemplar_span)
-        with self._lock:
+        # A tuple here, the SDK's Exemplar only at collection: most are replaced before a scrape.
+        exemplar = (value, time.time_ns(), exemplar_span) if exemplar_span is not None else None
+        with self._lock:  # the exemplar with its count: a scrape sees both or neither
             self.counts[index] += 1
             self.count += 1
             self.sum += value
@@ -209,21 +208,20 @@ class HistogramCell:
                 self.min = value
             if value > self.max:
                 self.max = value
+            if exemplar is not None:
+                self.exemplars[index] = exemplar
 
-    def _keep_exemplar(self, index: int, value: float, span: trace.SpanContext) -> None:
-        # A tuple here, the SDK's Exemplar only at collection: most are replaced before a scrape.
-        self.exemplars[index] = (value, time.time_ns(), span)
-
-    def snapshot(self) -> tuple[list[int], int, float]:
-        """``(bucket counts, count, sum)``, one consistent reading."""
+    def snapshot(self) -> tuple[list[int], int, float, list[RawExemplar | None]]:
+        """``(bucket counts, count, sum, each bucket's exemplar)``, one consistent reading."""
         with self._lock:
-            return list(self.counts), self.count, self.sum
+            return list(self.counts), self.count, self.sum, list(self.exemplars)
 
     def point(self, now: int) -> HistogramDataPoint:
         with self._lock:
             counts, count, total, low, high = list(self.counts), self.count, self.sum, self.min, self.max
+            exemplars = list(self.exemplars)
         extremes = (low, high) if count else (math.nan, math.nan)
-        return _histogram_point(self.attributes, self.start, now, counts, count, total, self._bounds, self.exemplars,
+        return _histogram_point(self.attributes, self.start, now, counts, count, total, self._bounds, exemplars,
                                 extremes)  # fmt: skip
 
 
@@ -309,8 +307,7 @@ class FileHistogramCell(HistogramCell):
         index = bisect_left(self._bounds, value)
         if sample is not None:
             exemplar_span = _looked_up(self._looked, index, sample)
-        if exemplar_span is not None:
-            self._keep_exemplar(index, value, exemplar_span)
+        exemplar = (value, time.time_ns(), exemplar_span) if exemplar_span is not None else None
         write, offset = self._file.write, self._offset
         with self._lock:
             self.counts[index] += 1
@@ -319,6 +316,8 @@ class FileHistogramCell(HistogramCell):
             write(offset, self.count)
             write(offset + 8, self.sum)
             write(offset + 16 + 8 * index, self.counts[index])
+            if exemplar is not None:
+                self.exemplars[index] = exemplar
 
 
 Cell = CounterCell | GaugeCell | HistogramCell
@@ -331,7 +330,7 @@ class LocalCells(NamedTuple):
 
     cells: dict[str, list[Cell]]
     scope: InstrumentationScope
-    readings: Mapping[str, Sequence[Observation]] = {}
+    readings: Mapping[str, Sequence[Observation]] = MappingProxyType({})
 
 
 ExemplarFilter = Callable[[trace.SpanContext], "trace.SpanContext | None"]

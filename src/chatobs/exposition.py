@@ -31,6 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from opentelemetry.metrics import Observation
@@ -71,6 +72,11 @@ _UNIT_SUFFIXES = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "rat
 #: Most entries each of the renderer's caches keeps (label blocks, bucket lines, static text);
 #: past it a cache starts again empty. Series are bounded by the label policy, so this is rarely reached.
 _CACHE_LIMIT = 20_000
+#: Most histogram series whose rendered lines the renderer keeps, per format (about 1 KB each,
+#: a series' share of the scrape); series past it are rendered at every scrape. Not emptied
+#: when full, unlike the caches above: a full cache that started again would render every
+#: series at every scrape, and keep nothing.
+_KEPT_SERIES_LIMIT = 20_000
 
 
 def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
@@ -87,10 +93,11 @@ def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
 
 
 class Collected(NamedTuple):
-    """What one scrape collected: the data-model metrics, and what is rendered as it is."""
+    """What one collection gave: the data-model metrics, and the observable metrics' readings
+    to render as they are."""
 
     data: MetricsData | None
-    local: LocalCells | None = None
+    readings: Mapping[str, Sequence[Observation]] = MappingProxyType({})
 
 
 class ScrapeReader(MetricReader):
@@ -98,8 +105,9 @@ class ScrapeReader(MetricReader):
 
     ``produce(data)`` adds what the SDK does not collect (as :class:`chatobs.telemetry.Telemetry`
     passes it: the cells and the observable metrics' callbacks when several processes' files
-    are combined); ``local()`` gives what the renderer reads as it is (a single process's
-    cells, and the callbacks' readings). Both are part of the collection, timed with it.
+    are combined); ``read()`` gives the callbacks' readings a single process renders as they
+    are. Both are part of the collection, timed with it. (The cells themselves are read by
+    the scrape, not here: they never block, so they are never the previous collection's.)
 
     Scrapes are serialised, so two concurrent scrapes never interleave one
     collection's callbacks with another's. A scrape never fails for a slow or
@@ -110,11 +118,11 @@ class ScrapeReader(MetricReader):
     def __init__(
         self,
         produce: Callable[[MetricsData | None], MetricsData | None] | None = None,
-        local: Callable[[], LocalCells | None] | None = None,
+        read: Callable[[], Mapping[str, Sequence[Observation]]] | None = None,
     ) -> None:
         super().__init__()
         self._produce = produce
-        self._local = local
+        self._read = read
         self._lock = threading.Lock()
         self._latest: MetricsData | None = None
         self._last_good = Collected(None)
@@ -135,7 +143,7 @@ class ScrapeReader(MetricReader):
             try:
                 self.collect(timeout_millis=timeout_seconds * 1000)
                 data = self._produce(self._latest) if self._produce is not None else self._latest
-                collected = Collected(data, self._local() if self._local is not None else None)
+                collected = Collected(data, self._read()) if self._read is not None else Collected(data)
             except Exception:
                 _logger.warning("chatobs: collection failed; serving the previous one", exc_info=True)
                 return self._last_good
@@ -145,7 +153,7 @@ class ScrapeReader(MetricReader):
                 # collection is abandoned here.
                 _logger.warning("chatobs: collection took over %.1fs; serving the previous one", timeout_seconds)
                 return self._last_good
-            if collected.data is not None or collected.local is not None:
+            if collected.data is not None or collected.readings:
                 self._last_good = collected
             return collected
         finally:
@@ -274,15 +282,19 @@ class Renderer:
         self._bucket_lines: dict[tuple[Any, ...], tuple[tuple[str, ...], str, str]] = {}
         # A histogram cell's lines as last rendered, with the cell and its count then: most of
         # a quiet service's histogram series see no observation between two scrapes, and a
-        # series' lines (a dozen buckets) were most of its scrape. A new count renders again.
+        # series' lines (a dozen buckets) were most of its scrape. A new count renders again
+        # (a cell counts an observation and keeps its exemplar under one lock).
         self._histogram_texts: dict[tuple[str, str, bool], tuple[HistogramCell, int, str]] = {}
         self._target_infos: dict[bool, tuple[Resource, str]] = {}
 
     # -- public --------------------------------------------------------------
     def render(self, data: MetricsData | None, openmetrics: bool = False, local: LocalCells | None = None) -> str:
         """The exposition text for ``data`` (``None`` renders the declarations only), and for
-        ``local``: this process's cells by metric name, rendered as they are rather than as
-        data-model points first (:meth:`chatobs.cells.CellStore.local_cells`). A label set that
+        ``local``: this process's cells and the observable metrics' readings by metric name,
+        rendered as they are rather than as data-model points first
+        (:meth:`chatobs.cells.CellStore.local_cells`,
+        :meth:`chatobs.instruments.Instruments.readings`); a histogram cell whose count has not
+        moved since the last rendering is written from that rendering's text. A label set that
         both carry is shown once, ``data``'s."""
         out: list[str] = []
         collected: dict[str, list[tuple[OtelMetric, str]]] = {}
@@ -353,17 +365,16 @@ class Renderer:
                 if kept is not None and kept[0] is cell and kept[1] == cell.count:  # type: ignore[union-attr]
                     out.append(kept[2])
                     continue
-                counts, count, total = cell.snapshot()  # type: ignore[union-attr]
+                counts, count, total, exemplars = cell.snapshot()  # type: ignore[union-attr]
                 # A cell keeps its exemplars (the SDK hands each to one collection only), so the
                 # text format, which shows none, need not format them.
                 found = ((value, at, span.trace_id, span.span_id)
-                         for value, at, span in filter(None, cell.exemplars)) if openmetrics else ()  # type: ignore[union-attr]  # fmt: skip
+                         for value, at, span in filter(None, exemplars)) if openmetrics else ()  # fmt: skip
                 lines: list[str] = []
                 self._histogram_lines(lines, name, labels, metric.buckets, counts, count, total, found, openmetrics)
                 text = "".join(lines)
-                if len(texts) >= _CACHE_LIMIT:
-                    texts.clear()
-                texts[key] = (cell, count, text)  # type: ignore[assignment]
+                if kept is not None or len(texts) < _KEPT_SERIES_LIMIT * 2:  # both formats
+                    texts[key] = (cell, count, text)  # type: ignore[assignment]
                 out.append(text)
             return
         for cell in cells:
@@ -559,14 +570,20 @@ def scrape_response(
     accept: str | None,
     accept_encoding: str | None,
     timeout_seconds: float = 5.0,
+    local: Callable[[], LocalCells | None] | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
-    """Collect, render and encode one scrape: ``(status, headers, body)``.
+    """Collect, render and encode one scrape: ``(status, headers, body)``; ``local`` gives
+    this process's cells, rendered as they are with the collection's readings (see
+    :meth:`Renderer.render`).
 
     Shared by the FastAPI route and the standalone server so both behave alike.
     """
     openmetrics = negotiate_openmetrics(accept)
     collected = reader.scrape(timeout_seconds)
-    text = renderer.render(collected.data, openmetrics, collected.local)
+    own = local() if local is not None else None
+    if own is not None and collected.readings:
+        own = own._replace(readings=collected.readings)
+    text = renderer.render(collected.data, openmetrics, own)
     try:
         body = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in some label value: one '?' beats a failed scrape

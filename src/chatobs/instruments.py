@@ -81,8 +81,9 @@ class Instruments:
     backlog gauges), looked up by metric name.
 
     A callback is what an OpenTelemetry observable instrument takes, ``(CallbackOptions) ->
-    Observations``; chatobs calls it at each collection itself and produces the points the
-    catalogue's View gives (:meth:`produced_metrics`): an SDK observable instrument costs
+    Observations``; chatobs calls it at each collection itself and keeps what the catalogue's
+    View would (:meth:`readings`, which a scrape renders as they are), or produces the points
+    that View gives (:meth:`produced_metrics`, for OTLP): an SDK observable instrument costs
     about 10 microseconds a series at every collection, most of a small service's scrape.
     A callback that raises reports nothing that collection (logged once per metric).
     """
@@ -125,7 +126,7 @@ class Instruments:
         readings = {}
         for name, callback in list(self._callbacks.items()):
             try:
-                observations = list(callback(options))
+                kept = self._kept(name, list(callback(options)))
             except Exception:  # one failing reading never fails the scrape
                 if name not in self._failing:
                     self._failing.add(name)
@@ -133,7 +134,6 @@ class Instruments:
                                     exc_info=True)  # fmt: skip
                 continue
             self._failing.discard(name)
-            kept = self._kept(name, observations)
             if kept:
                 readings[name] = kept
         return readings
@@ -145,5 +145,7 @@ class Instruments:
         kept = {}
         for observation in observations:
             attributes = {k: v for k, v in (observation.attributes or {}).items() if k in keys}
-            kept[tuple(sorted(attributes.items()))] = Observation(observation.value, attributes)
+            # A sequence is a valid attribute value (the SDK keeps it as a tuple): hashable here too.
+            identity = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in attributes.items()))
+            kept[identity] = Observation(observation.value, attributes)
         return list(kept.values())

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio.to_thread
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.metrics import NoOpMeterProvider, Observation
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
     AlwaysOnExemplarFilter,
@@ -128,7 +128,7 @@ class Telemetry:
             accounting = ExportAccounting(self._export_failed, self._spans_dropped)
             readers = list(metric_readers) + build_metric_readers(self.settings, self._with_produced, accounting)
             if "prometheus" in settings.otel.metrics_exporter:
-                self.scrape_reader = ScrapeReader(produce=self._with_scraped, local=self._local_cells)
+                self.scrape_reader = ScrapeReader(produce=self._with_scraped, read=self._readings)
                 readers.append(self.scrape_reader)
             self.meter_provider = MeterProvider(
                 metric_readers=readers,
@@ -219,16 +219,21 @@ class Telemetry:
             accept,
             accept_encoding,
             self.settings.chatobs.scrape_timeout_seconds,
+            local=self._local_cells,
         )
 
     def _with_scraped(self, data: MetricsData | None) -> MetricsData | None:
         """What a scrape collects: :meth:`_with_produced` but for the cells and readings of this
-        process, which the renderer reads directly (:meth:`_local_cells`)."""
+        process, which the renderer reads directly (:meth:`_local_cells`, :meth:`_readings`)."""
         return self._with_produced(data) if self.cells.combines_files else data
 
     def _local_cells(self) -> LocalCells | None:
-        local = self.cells.local_cells(self._scope)
-        return local._replace(readings=self.instruments.readings()) if local is not None else None
+        return self.cells.local_cells(self._scope)
+
+    def _readings(self) -> Mapping[str, Sequence[Observation]]:
+        """The callbacks' readings a scrape renders as they are; none when several processes'
+        files are combined (:meth:`_with_scraped` produces them as points then)."""
+        return {} if self.cells.combines_files else self.instruments.readings()
 
     def _with_produced(self, data: MetricsData | None) -> MetricsData | None:
         """``data`` (what the SDK collected: other meters' instruments) plus chatobs's own metrics,

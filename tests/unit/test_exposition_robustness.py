@@ -102,6 +102,39 @@ def test_a_collection_past_its_timeout_serves_the_previous_one():
     assert "outbox_pending 7\n" in body.decode(), "expected the previous collection, not an error"
 
 
+def test_a_collection_past_its_timeout_still_shows_the_cells_as_they_are():
+    """Only the readings are the previous collection's: the cells never block, so a scrape shows
+    their values now, and series recorded since, even with no good collection at all yet."""
+    telemetry = build(CHATOBS_SCRAPE_TIMEOUT_SECONDS="0.2")
+
+    def reading(options):
+        time.sleep(0.5)  # past the scrape timeout, at every collection
+        return [Observation(1)]
+
+    telemetry.instruments.observe("outbox_pending", reading)
+    telemetry.llm.request("sim-large", "simulator", "normal")
+    first = telemetry.scrape()[2].decode()
+    telemetry.llm.request("sim-small", "simulator", "normal")
+    telemetry.llm.request("sim-large", "simulator", "normal")
+    second = telemetry.scrape()[2].decode()
+    assert 'llm_requests_total{model="sim-large",provider="simulator",mode="normal"} 1\n' in first
+    assert 'llm_requests_total{model="sim-large",provider="simulator",mode="normal"} 2\n' in second
+    assert 'llm_requests_total{model="sim-small",provider="simulator",mode="normal"} 1\n' in second
+    assert "outbox_pending 1" not in second  # no collection came in time: no reading to show
+
+
+def test_a_reading_that_fails_costs_only_its_own_metric():
+    telemetry = build()
+    readings = [Observation(5, {"pid": ["a", "list"]}), Observation(6, {"pid": ["a", "list"]})]
+    telemetry.instruments.observe("process_open_fds", lambda options: readings)  # a valid, unhashable value
+    telemetry.instruments.observe("degraded_buffer_size", lambda options: 1 / 0)
+    telemetry.llm.request("sim-large", "simulator", "normal")
+    body = telemetry.scrape()[2].decode()
+    assert 'llm_requests_total{model="sim-large",provider="simulator",mode="normal"} 1\n' in body
+    assert "\nprocess_open_fds{pid=" in body and " 6\n" in body  # one series, the last reading
+    assert "\ndegraded_buffer_size " not in body
+
+
 def test_a_port_in_use_is_a_config_error_naming_the_variable():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -162,13 +162,14 @@ def test_a_scrape_renders_the_cells_as_their_produced_points_render(openmetrics,
         readings = [Observation(7, {"pid": "11", "stray": "x"}), Observation(9, {"pid": "12"}),
                     Observation(4, {"pid": "12"})]  # fmt: skip
         telemetry.instruments.observe(metric.name, lambda options, readings=readings: readings)
-    accept = "application/openmetrics-text" if openmetrics else None
     for round_ in range(3):
-        direct = telemetry.scrape(accept)[2].decode()
-        through_points = telemetry._renderer.render(telemetry._with_produced(None), openmetrics)
-        assert direct == through_points, f"scrape {round_ + 1}"
+        for each in (openmetrics, not openmetrics):  # the other format in between, on the same renderer
+            direct = telemetry.scrape("application/openmetrics-text" if each else None)[2].decode()
+            through_points = telemetry._renderer.render(telemetry._with_produced(None), each)
+            assert direct == through_points, f"scrape {round_ + 1}, {'OpenMetrics' if each else 'text'}"
         with tracer.start_as_current_span("observed again"):  # one series moves, the others keep their lines
             telemetry.cells.observe(HISTOGRAMS[0].name, 2.5 + round_, _values(HISTOGRAMS[0], 0))
+    direct = telemetry.scrape("application/openmetrics-text" if openmetrics else None)[2].decode()
     assert "_bucket{" in direct and (" # {trace_id=" in direct) is openmetrics
     assert re.search(r"^outbox_pending(\{[^}]*\})? 4$", direct, re.MULTILINE) and "stray" not in direct
     telemetry.shutdown()
