@@ -104,10 +104,11 @@ class ScrapeReader(MetricReader):
     """A pull reader: collects cumulative metrics when a scrape asks.
 
     ``produce(data)`` adds what the SDK does not collect (as :class:`chatobs.telemetry.Telemetry`
-    passes it: the cells and the observable metrics' callbacks when several processes' files
-    are combined); ``read()`` gives the callbacks' readings a single process renders as they
-    are. Both are part of the collection, timed with it. (The cells themselves are read by
-    the scrape, not here: they never block, so they are never the previous collection's.)
+    passes it when several processes' files are combined: the cells and the observable
+    metrics' callbacks, as points); ``read()`` gives the callbacks' readings a single process
+    renders as they are. Both are part of the collection, timed with it. (A single process's
+    cells are read by the scrape, not here: they never block, so they are never the previous
+    collection's.)
 
     Scrapes are serialised, so two concurrent scrapes never interleave one
     collection's callbacks with another's. A scrape never fails for a slow or
@@ -473,9 +474,7 @@ class Renderer:
     def _render_target_info(self, out: list[str], resource: Resource, openmetrics: bool) -> None:
         kept = self._target_infos.get(openmetrics)
         if kept is None or kept[0] is not resource:  # the same resource, scrape after scrape
-            key = ("target_info", tuple(resource.attributes.items()), openmetrics)
-            text = _cached(self._static, key, lambda: _target_info_text(resource, openmetrics))
-            kept = self._target_infos[openmetrics] = (resource, text)
+            kept = self._target_infos[openmetrics] = (resource, _target_info_text(resource, openmetrics))
         out.append(kept[1])
 
 

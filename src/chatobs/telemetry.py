@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio.to_thread
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import NoOpMeterProvider, Observation
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
     AlwaysOnExemplarFilter,
@@ -120,6 +120,7 @@ class Telemetry:
         )
         self._scope = InstrumentationScope(SCOPE_NAME, __version__)
         self._resource = build_resource(self.settings, role)
+        self.instruments = Instruments()
         self.scrape_reader: ScrapeReader | None = None
         if self.disabled:
             self.meter_provider: Any = NoOpMeterProvider()
@@ -128,7 +129,13 @@ class Telemetry:
             accounting = ExportAccounting(self._export_failed, self._spans_dropped)
             readers = list(metric_readers) + build_metric_readers(self.settings, self._with_produced, accounting)
             if "prometheus" in settings.otel.metrics_exporter:
-                self.scrape_reader = ScrapeReader(produce=self._with_scraped, read=self._readings)
+                # One process: a scrape renders its cells (`_local_cells`) and the callbacks'
+                # readings as they are. Several processes' files: all is produced as points.
+                self.scrape_reader = (
+                    ScrapeReader(produce=self._with_produced)
+                    if self.cells.combines_files
+                    else ScrapeReader(read=self.instruments.readings)
+                )
                 readers.append(self.scrape_reader)
             self.meter_provider = MeterProvider(
                 metric_readers=readers,
@@ -148,7 +155,6 @@ class Telemetry:
             resource=self._resource,
         )
 
-        self.instruments = Instruments()
         self._logged_errors: set[str] = set()
         recorder_args = (self.instruments, self.labels, self._recording_failed, self.cells)
         self.traffic = TrafficRecorder(*recorder_args)
@@ -222,18 +228,8 @@ class Telemetry:
             local=self._local_cells,
         )
 
-    def _with_scraped(self, data: MetricsData | None) -> MetricsData | None:
-        """What a scrape collects: :meth:`_with_produced` but for the cells and readings of this
-        process, which the renderer reads directly (:meth:`_local_cells`, :meth:`_readings`)."""
-        return self._with_produced(data) if self.cells.combines_files else data
-
     def _local_cells(self) -> LocalCells | None:
         return self.cells.local_cells(self._scope)
-
-    def _readings(self) -> Mapping[str, Sequence[Observation]]:
-        """The callbacks' readings a scrape renders as they are; none when several processes'
-        files are combined (:meth:`_with_scraped` produces them as points then)."""
-        return {} if self.cells.combines_files else self.instruments.readings()
 
     def _with_produced(self, data: MetricsData | None) -> MetricsData | None:
         """``data`` (what the SDK collected: other meters' instruments) plus chatobs's own metrics,
