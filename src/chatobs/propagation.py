@@ -8,11 +8,14 @@ Two uses:
   use (``OTEL_PROPAGATORS``), so both ends speak W3C Trace Context here
   (:func:`traceparent`, :func:`continued`): with ``b3`` headers the trace still crosses the
   outbox, and neither end walks the other configured propagators for it.
-* **A trace carried in message headers** (:func:`extract_pairs`, for Kafka records): what
-  ``propagate.extract`` gives, but read directly when the configured propagators are W3C
-  Trace Context and Baggage (the default) and a record carries only a ``traceparent``. Every
-  consumed record is extracted, and the general path (the composite propagator asking each
-  propagator, each asking the getter) cost more than twice the direct one.
+* **A trace carried in message headers** (:func:`extract_pairs`, for Kafka records; and
+  :func:`inject`, for Kafka records and HTTP requests): what ``propagate.extract`` reads and
+  ``propagate.inject`` writes, but done directly when the configured propagators are W3C
+  Trace Context and Baggage (the default) and the trace is a ``traceparent`` alone: no
+  trace state, no baggage. Every consumed record is extracted and every sent record and
+  outbound request injected, and the general path (the composite propagator asking each
+  propagator, each asking the getter or setter, each finding the current context again)
+  cost more than twice the direct one.
 
 The direct read parses a ``traceparent`` as OpenTelemetry's propagator does (the same pattern,
 the same refusals: version ``ff``, all-zero ids, extra fields in version ``00``), so both
@@ -23,6 +26,7 @@ Example::
     row["traceparent"] = traceparent()          # in the request that stores the row
     with tracer.start_as_current_span("outbox publish", context=continued(row["traceparent"])):
         ...                                     # in the process that reads it back
+    inject(request.headers)                     # an outbound request carries the current span
     parent = extract_pairs(record.headers)      # a consumed Kafka record's producer span
 """
 
@@ -30,16 +34,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TypeVar
 
-from opentelemetry import propagate, trace
-from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.context import Context, get_current
+from opentelemetry.propagators.textmap import Getter, Setter, default_setter
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, TraceFlags
 
-__all__ = ["continued", "extract_pairs", "traceparent"]
+__all__ = ["continued", "extract_pairs", "inject", "traceparent"]
 
-_W3C = TraceContextTextMapPropagator()
+_Carrier = TypeVar("_Carrier")
+
 #: ``version-traceid-parentid-flags`` (W3C Trace Context, section 3.2), with what a later
 #: version may append, and surrounding blanks: the pattern ``TraceContextTextMapPropagator`` reads.
 _TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$")
@@ -52,10 +57,27 @@ _GENERAL = frozenset({"tracestate", "baggage"})
 
 
 def traceparent(context: Context | None = None) -> str | None:
-    """The current (or ``context``'s) span as a ``traceparent`` value; None without a valid span."""
-    carrier: dict[str, str] = {}
-    _W3C.inject(carrier, context=context)
-    return carrier.get("traceparent")
+    """The current (or ``context``'s) span as a ``traceparent`` value, as
+    ``TraceContextTextMapPropagator`` writes it; None without a valid span."""
+    span_context = trace.get_current_span(context).get_span_context()
+    if span_context == INVALID_SPAN_CONTEXT:  # the propagator's test: equal, not `is_valid`
+        return None
+    return _traceparent_of(span_context)
+
+
+def _traceparent_of(span_context: SpanContext) -> str:
+    # One span usually writes several carriers (each outbound call while it is current): the
+    # last span context's value is kept, as one tuple replaced whole, so no thread sees half.
+    global _last_traceparent
+    last_context, last_value = _last_traceparent
+    if span_context is last_context:
+        return last_value
+    value = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    _last_traceparent = (span_context, value)
+    return value
+
+
+_last_traceparent: tuple[object, str] = (None, "")
 
 
 def continued(value: str | None) -> Context | None:
@@ -89,6 +111,25 @@ class _Propagators:
 
 
 _PROPAGATORS = _Propagators()
+
+
+def inject(carrier: _Carrier, setter: Setter[_Carrier] = default_setter) -> None:
+    """Write the current trace context into ``carrier`` as ``propagate.inject(carrier,
+    setter=setter)`` does, directly in the common case (see the module doc).
+
+    Example::
+
+        inject(request.headers)                          # httpx headers: a mapping
+        inject(record_headers, setter=PAIRS_SETTER)      # a list of (name, bytes)
+    """
+    if _PROPAGATORS.w3c_only():
+        current = get_current()
+        span_context = trace.get_current_span(current).get_span_context()
+        if not span_context.trace_state and not baggage.get_all(current):
+            if span_context != INVALID_SPAN_CONTEXT:
+                setter.set(carrier, "traceparent", _traceparent_of(span_context))
+            return
+    propagate.inject(carrier, setter=setter)
 
 
 def extract_pairs(pairs: Iterable[tuple[str, bytes | None]] | None, getter: Getter[object]) -> Context:

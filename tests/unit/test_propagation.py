@@ -125,3 +125,69 @@ def test_extract_pairs_gives_what_the_propagators_give(headers, propagators):
         assert _seen(extract_pairs(headers, _GETTER)) == expected
     finally:
         propagate.set_global_textmap(previous)
+
+
+def _contexts():
+    """Current contexts an outbound call may run in: none, spans with and without a trace
+    state or the sampled flag, baggage with and without a span, a span context with invalid ids."""
+    from opentelemetry import baggage
+    from opentelemetry import trace as trace_api
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    def span(flags=1, state=None, remote=False, trace_id=int(_TRACE, 16), span_id=int(_SPAN, 16)):
+        context = SpanContext(trace_id, span_id, is_remote=remote, trace_flags=TraceFlags(flags), trace_state=state)
+        return trace_api.set_span_in_context(NonRecordingSpan(context))
+
+    return {
+        "none": Context(),
+        "sampled": span(),
+        "unsampled": span(flags=0),
+        "remote": span(remote=True),
+        "trace-state": span(state=TraceState([("vendor", "v1")])),
+        "baggage": baggage.set_baggage("tenant", "acme", span()),
+        "baggage-only": baggage.set_baggage("tenant", "acme"),
+        "invalid-ids": span(trace_id=0, span_id=0, remote=True),
+        "other-span": span(span_id=int("1" * 16, 16)),
+    }
+
+
+@pytest.mark.parametrize("context_name", list(_contexts()))
+@pytest.mark.parametrize(
+    "propagators",
+    [
+        [TraceContextTextMapPropagator(), W3CBaggagePropagator()],
+        [TraceContextTextMapPropagator()],
+        [_OtherHeader(), TraceContextTextMapPropagator()],
+        [W3CBaggagePropagator()],
+    ],
+    ids=["default", "tracecontext", "other-first", "baggage-only"],
+)
+def test_inject_writes_what_the_propagators_write(context_name, propagators):
+    """The direct write against ``propagate.inject`` with the configured propagators, into a
+    mapping (httpx's headers) and into Kafka's ``(name, bytes)`` pairs, one span after another
+    (the last span's value is kept: a different span must not get it)."""
+    from opentelemetry import context as context_api
+
+    from chatobs.instrumentation.kafka import _SETTER
+    from chatobs.propagation import inject
+
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator(propagators))
+    try:
+        for name in ("sampled", context_name, "other-span", context_name):
+            token = context_api.attach(_contexts()[name])
+            try:
+                expected_mapping: dict[str, str] = {}
+                propagate.inject(expected_mapping)
+                expected_pairs: list[tuple[str, bytes]] = []
+                propagate.inject(expected_pairs, setter=_SETTER)
+                mapping: dict[str, str] = {}
+                inject(mapping)
+                pairs: list[tuple[str, bytes]] = [("kept", b"as it was")]
+                inject(pairs, setter=_SETTER)
+            finally:
+                context_api.detach(token)
+            assert mapping == expected_mapping, name
+            assert pairs == [("kept", b"as it was"), *expected_pairs], name
+    finally:
+        propagate.set_global_textmap(previous)

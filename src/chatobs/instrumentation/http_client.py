@@ -23,12 +23,12 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from opentelemetry import propagate
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
 from opentelemetry.util.http import ExcludeList, get_excluded_urls
 
 from chatobs.instrumentation.dispatch import ClientInstrumentor, ClientOperation, PatchSpec, Wiring, dispatcher
 from chatobs.instrumentation.methods import http_method
+from chatobs.propagation import inject
 from chatobs.recorders.clients import ClientRecorder
 
 __all__ = ["HttpClientInstrumentor"]
@@ -54,7 +54,7 @@ class _Request(ClientOperation):
     def propagate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         request = args[1] if len(args) > 1 else kwargs["request"]
         if self._excluded is None or not self._excluded.url_disabled(str(request.url)):
-            propagate.inject(request.headers)
+            inject(request.headers)
         return args, kwargs
 
     def record(self, described: tuple[str, str], seconds: float, result: Any, failed: bool) -> None:

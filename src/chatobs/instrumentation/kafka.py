@@ -37,7 +37,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import context as context_api
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -51,7 +51,7 @@ from chatobs.instrumentation.dispatch import (
     dispatching,
     spanned,
 )
-from chatobs.propagation import extract_pairs
+from chatobs.propagation import extract_pairs, inject
 from chatobs.recorders.clients import BoundOperation, ClientRecorder
 
 __all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
@@ -195,7 +195,7 @@ def _with_trace_headers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     else:
         headers = kwargs.get("headers")
     carrier = list(headers or ())
-    propagate.inject(carrier, setter=_SETTER)
+    inject(carrier, setter=_SETTER)
     return args, {**kwargs, "headers": carrier}
 
 
