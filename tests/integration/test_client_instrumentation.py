@@ -178,3 +178,46 @@ def test_a_dropped_trace_gets_no_client_spans_but_its_metrics(stack, upstream):
     assert samples[("postgres_operation_seconds_count", (("operation", "select"),))] == 2
     assert samples[("wal_publish_seconds_count", ())] == 1
     assert seen and seen[0] is not None and not int(seen[0].rsplit("-", 1)[1], 16) & 1, "told: not sampled"
+
+
+def test_calls_under_suppressed_instrumentation_are_not_measured(stack, upstream):
+    """``suppress_instrumentation`` (and, for HTTP, ``suppress_http_instrumentation``) turns
+    the client metrics off for the calls inside it, each time it is entered, and only there."""
+    from opentelemetry.instrumentation.utils import suppress_http_instrumentation, suppress_instrumentation
+
+    url, _ = upstream
+    telemetry = Telemetry(load_settings({}), service="worker")
+    telemetry.instrument()
+
+    async def calls(http: httpx.AsyncClient, client: aioredis.Redis, connection: asyncpg.Connection) -> None:
+        await client.get("client-test-suppressed")
+        await connection.fetchval("select 1")
+        (await http.get(url)).raise_for_status()
+
+    async def turns() -> None:
+        client = aioredis.Redis.from_url(stack["REDIS_URL"])
+        connection = await asyncpg.connect(stack["DATABASE_URL"])
+        try:
+            async with httpx.AsyncClient() as http:
+                await calls(http, client, connection)  # measured
+                with suppress_instrumentation():
+                    await calls(http, client, connection)
+                await calls(http, client, connection)  # measured
+                with suppress_instrumentation():
+                    await calls(http, client, connection)
+                with suppress_http_instrumentation():  # the HTTP call only
+                    await calls(http, client, connection)
+        finally:
+            await client.aclose()
+            await connection.close()
+
+    try:
+        asyncio.run(turns())
+    finally:
+        uninstrument_libraries()
+    samples = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    assert samples[("redis_operation_seconds_count", (("operation", "get"),))] == 3
+    assert samples[("postgres_operation_seconds_count", (("operation", "select"),))] == 3
+    http = [count for (name, _), count in samples.items() if name == "http_client_request_duration_seconds_count"]
+    assert http == [2]

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
@@ -111,12 +112,14 @@ def test_exemplars_carry_the_trace_id_in_openmetrics_only():
     assert trace_id not in scrape(telemetry)  # the classic text format has no exemplars
 
 
-def _bucket_exemplar_trace(telemetry: Telemetry, le: str) -> str | None:
+def _bucket_exemplar_trace(telemetry: Telemetry, le: str, span: bool = False) -> str | None:
+    """The trace id (or, with ``span``, the span id) of a ``context_build_seconds`` bucket's
+    exemplar, as an OpenMetrics scrape shows it."""
     om = scrape(telemetry, "application/openmetrics-text")
     for family in parse_openmetrics(om):
         for sample in family.samples:
             if sample.name == "context_build_seconds_bucket" and sample.labels["le"] == le:
-                return sample.exemplar.labels["trace_id"] if sample.exemplar else None
+                return sample.exemplar.labels["span_id" if span else "trace_id"] if sample.exemplar else None
     raise AssertionError(f"no context_build_seconds bucket le={le}")
 
 
@@ -143,6 +146,35 @@ def test_a_bucket_looks_for_its_exemplar_at_most_once_per_interval(monkeypatch):
     time.sleep(0.25)
     later = in_span(0.2)
     assert _bucket_exemplar_trace(telemetry, "0.25") == later
+
+
+def test_each_observation_keeps_the_span_current_then(monkeypatch):
+    """The exemplar is the span current at the observation, as contexts change and come back
+    (a child span and its parent again, another task's span, none): the sampler's memory of
+    the last context it looked at must never lend one span's exemplar to another."""
+    from chatobs import cells
+
+    monkeypatch.setattr(cells, "EXEMPLAR_REFRESH_NS", 0)  # every observation looks
+    telemetry = build("worker", OTEL_METRICS_EXEMPLAR_FILTER="trace_based")
+    tracer = TracerProvider().get_tracer("test")
+
+    def observed() -> str | None:
+        telemetry.somabrain.context_build(0.2)
+        return _bucket_exemplar_trace(telemetry, "0.25", span=True)
+
+    def span_id(span) -> str:
+        return format(span.get_span_context().span_id, "016x")
+
+    with tracer.start_as_current_span("parent") as parent:
+        assert observed() == span_id(parent)
+        with tracer.start_as_current_span("child") as child:
+            assert observed() == span_id(child)
+        assert observed() == span_id(parent)  # the parent's context, current again
+    with tracer.start_as_current_span("other", context=Context()) as other:
+        assert observed() == span_id(other)
+    assert observed() == span_id(other)  # no span: the bucket keeps what it had
+    with tracer.start_as_current_span("again", context=Context()) as again:
+        assert observed() == span_id(again)
 
 
 def test_target_info_and_scope_labels_follow_the_settings():

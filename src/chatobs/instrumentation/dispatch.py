@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context, get_current
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled, is_instrumentation_enabled
 from opentelemetry.trace import SpanKind
 
 from chatobs.instrumentation.gate import SpanGate
@@ -50,6 +51,8 @@ __all__ = [
     "dispatcher",
     "dispatching",
     "dispatching_sync",
+    "http_instrumentation_enabled",
+    "instrumentation_enabled",
     "spanned",
 ]
 
@@ -57,6 +60,29 @@ _logger = logging.getLogger("chatobs")
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
+
+
+def _per_context(answer: Callable[[], bool]) -> Callable[[], bool]:
+    """``answer()``, a question about the current context, asked again only when the context
+    is another one: a context is immutable, and a task's client calls mostly run in one."""
+    last: list[tuple[Context | None, bool]] = [(None, True)]  # one tuple, replaced whole (threads)
+
+    def answered() -> bool:
+        context = get_current()
+        seen, result = last[0]
+        if context is not seen:
+            result = answer()
+            last[0] = (context, result)
+        return result
+
+    return answered
+
+
+#: Whether instrumentation is on in the current context (``suppress_instrumentation`` says
+#: not): the contrib utility's answer, remembered for the last context it was asked in.
+instrumentation_enabled = _per_context(is_instrumentation_enabled)
+#: The same for HTTP instrumentation (``suppress_http_instrumentation`` too).
+http_instrumentation_enabled = _per_context(is_http_instrumentation_enabled)
 
 
 class ClientOperation:
@@ -72,7 +98,7 @@ class ClientOperation:
 
     def enabled(self) -> bool:
         """Whether to measure at all (``suppress_instrumentation`` says not)."""
-        return is_instrumentation_enabled()
+        return instrumentation_enabled()
 
     def describe(self, args: Args, kwargs: Kwargs) -> Any:
         """What :meth:`record` needs to know of the call (its operation, say); None: record nothing."""

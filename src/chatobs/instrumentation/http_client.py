@@ -23,10 +23,16 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
 from opentelemetry.util.http import ExcludeList, get_excluded_urls
 
-from chatobs.instrumentation.dispatch import ClientInstrumentor, ClientOperation, PatchSpec, Wiring, dispatcher
+from chatobs.instrumentation.dispatch import (
+    ClientInstrumentor,
+    ClientOperation,
+    PatchSpec,
+    Wiring,
+    dispatcher,
+    http_instrumentation_enabled,
+)
 from chatobs.instrumentation.methods import http_method
 from chatobs.propagation import inject
 from chatobs.recorders.clients import ClientRecorder
@@ -42,7 +48,7 @@ class _Request(ClientOperation):
         self._excluded = excluded
 
     def enabled(self) -> bool:
-        return is_http_instrumentation_enabled()
+        return http_instrumentation_enabled()
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str] | None:
         request = args[1] if len(args) > 1 else kwargs["request"]

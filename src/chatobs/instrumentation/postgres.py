@@ -34,7 +34,6 @@ from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.semconv.attributes.db_attributes import DB_OPERATION_NAME, DB_SYSTEM_NAME
 
 from chatobs.instrumentation.dispatch import (
@@ -44,6 +43,7 @@ from chatobs.instrumentation.dispatch import (
     Wiring,
     dispatcher,
     dispatching,
+    instrumentation_enabled,
     spanned,
 )
 from chatobs.recorders.clients import BoundOperation
@@ -90,7 +90,7 @@ class _Statement(BackendOperation):
     backend = "postgres"
 
     def enabled(self) -> bool:
-        return not _RESETTING.get() and is_instrumentation_enabled()
+        return not _RESETTING.get() and instrumentation_enabled()
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
         operation = _operation_of(args[1] if len(args) > 1 else kwargs.get("query"))
