@@ -1,0 +1,156 @@
+"""What the instrumentation of one event costs a quiet service, on cold caches.
+
+Under the demo's load the small services (publisher, replicator, tool executor) wake a few
+times a second, and by then other processes have evicted their caches: each event's
+instrumentation runs cold, and a cold Python call costs microseconds, not tens of
+nanoseconds. Here each event is run once after 64 MB were written (as in
+``bench/cold_scrape.py``), with the instrumentation and without it (the same call with
+nothing around it), alternating, and the medians are compared. "Cold calls" divides the
+instrumentation's part by the cost of one cold call of an empty Python function: how many
+such calls the instrumentation of that event weighs, a unit that carries between machines
+better than microseconds do.
+
+The events, with the tool executor's telemetry and the demo's tracing (every trace sampled,
+no span processor):
+
+* a statement: the dispatcher asyncpg's methods get, over a coroutine that returns at once;
+* a consumed record: ``consumer_span`` over a record carrying a ``traceparent``;
+* an outbox row: ``continued`` and the publisher's ``outbox publish`` span;
+* a sent record's trace headers: ``inject`` into a record's header list;
+* a request: the ASGI middleware over an app that answers at once.
+
+    python bench/cold_event.py [rounds]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from chatobs import Telemetry, load_settings
+from chatobs.instrumentation.dispatch import dispatching
+from chatobs.instrumentation.http_server import ServerMiddleware
+from chatobs.instrumentation.kafka import consumer_span
+from chatobs.instrumentation.postgres import _Statement  # the operation asyncpg's methods get
+from chatobs.propagation import continued, inject
+
+_JUNK = bytearray(64 * 1024 * 1024)  # twice the last-level cache, written in full
+_PATTERNS = (bytes(range(256)) * (len(_JUNK) // 256), bytes(reversed(range(256))) * (len(_JUNK) // 256))
+_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _run(coroutine: Any) -> None:
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError("the benchmark's coroutines never wait")
+
+
+async def _statement(connection: object, query: str) -> None:
+    return None
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    scope["route"] = SimpleNamespace(path="/v1/sessions/{session_id}/messages")
+    await send({"type": "http.response.start", "status": 202, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b""}
+
+
+async def _send(message: dict[str, Any]) -> None:
+    return None
+
+
+def _nothing() -> None:
+    return None
+
+
+class _PairsSetter:
+    def set(self, carrier: list[tuple[str, bytes]], key: str, value: str) -> None:
+        carrier.append((key, value.encode("latin-1")))
+
+
+_PAIRS = _PairsSetter()
+
+
+def _events(telemetry: Telemetry) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """Each event as (instrumented, bare)."""
+    tracer = telemetry.tracer
+    statement = dispatching(_statement, None, lambda: False, _Statement(telemetry.clients))
+    record = SimpleNamespace(topic="chat.wal", partition=0, offset=7, headers=[("traceparent", _TRACEPARENT.encode())])
+    middleware = ServerMiddleware(_app, tracer=tracer, cells=telemetry.cells, excluded_paths=frozenset({"/metrics"}))
+
+    def request(app: Any) -> Callable[[], None]:
+        def run() -> None:
+            scope = {"type": "http", "method": "POST", "path": "/v1/sessions/s1/messages", "scheme": "http",
+                     "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+            _run(app(scope, _receive, _send))
+
+        return run
+
+    def consumed() -> None:
+        with consumer_span(tracer, record):
+            pass
+
+    def outbox_row() -> None:
+        with tracer.start_as_current_span("outbox publish", context=continued(_TRACEPARENT)):
+            pass
+
+    def sent_headers() -> None:
+        with tracer.start_as_current_span("parent"):
+            inject([], setter=_PAIRS)
+
+    def bare_span() -> None:
+        with tracer.start_as_current_span("parent"):
+            pass
+
+    return {
+        "statement": (lambda: _run(statement(None, "select 1")), lambda: _run(_statement(None, "select 1"))),
+        "consumed record": (consumed, _nothing),
+        "outbox row": (outbox_row, _nothing),
+        "sent record's trace headers": (sent_headers, bare_span),
+        "request": (request(middleware), request(_app)),
+    }
+
+
+def _cold_medians(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    measured: dict[str, list[float]] = {name: [] for name in calls}
+    clock = time.perf_counter_ns
+    for index in range(rounds):
+        for name, call in calls.items():
+            _JUNK[:] = _PATTERNS[index % 2]
+            started = clock()
+            call()
+            measured[name].append((clock() - started) / 1000)
+    return {name: statistics.median(times) for name, times in measured.items()}
+
+
+def main(rounds: int) -> None:
+    telemetry = Telemetry(load_settings({}), service="tool_executor")
+    try:
+        events = _events(telemetry)
+        calls: dict[str, Callable[[], object]] = {"empty call": _nothing}
+        for name, (instrumented, bare) in events.items():
+            instrumented(), bare()  # first calls (imports, caches) outside the timing
+            calls[f"{name}|on"], calls[f"{name}|off"] = instrumented, bare
+        medians = _cold_medians(calls, rounds)
+    finally:
+        telemetry.shutdown()
+    unit = medians["empty call"]
+    print(f"cold, median of {rounds}; one cold call of an empty function: {unit:.1f} µs")
+    print(f"{'event':30s} {'on µs':>7s} {'off µs':>7s} {'+µs':>6s} {'cold calls':>10s}")
+    for name in events:
+        on, off = medians[f"{name}|on"], medians[f"{name}|off"]
+        print(f"{name:30s} {on:7.1f} {off:7.1f} {on - off:6.1f} {(on - off) / unit:10.1f}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
