@@ -1,5 +1,6 @@
-"""`python bench/run.py --quick` runs and prints its machine-readable line (no thresholds:
-benchmarks are not timed tests; their results are recorded in docs/performance.md)."""
+"""`python bench/run.py --quick` runs and prints its machine-readable line, and
+`bench/cold_event.py` its table (no thresholds: benchmarks are not timed tests; their
+results are recorded in docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,15 @@ def test_bench_quick_prints_every_ratio():
     last = result.stdout.strip().splitlines()[-1]
     names = ("recording_ratio", "histogram_ratio", "http_ratio", "scrape_ratio", "scrape_bytes_ratio")
     assert re.fullmatch(" ".join(rf"{name}=\d+\.\d\d" for name in names), last), last
+
+
+def test_cold_event_prints_every_event():
+    result = subprocess.run([sys.executable, "bench/cold_event.py", "3"], cwd=ROOT, env=clean_env({}),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {line[:30].strip(): line[30:].split() for line in result.stdout.splitlines()[2:]}
+    events = ("statement", "consumed record", "outbox row", "sent record's trace headers", "request")
+    assert sorted(rows) == sorted(events), result.stdout
+    for event in events:
+        on, off, _, calls = (float(value) for value in rows[event])
+        assert on > 0 and off > 0 and calls == calls, (event, rows[event])  # numbers, not NaN
