@@ -87,6 +87,20 @@ class _OtherHeader(TextMapPropagator):
         return {"x-other-trace"}
 
 
+#: The propagator configurations both direct paths are held to: the default, Trace Context
+#: alone, another propagator first, and Baggage alone (no ``traceparent``: the general path).
+_EACH_PROPAGATOR_CONFIG = pytest.mark.parametrize(
+    "propagators",
+    [
+        [TraceContextTextMapPropagator(), W3CBaggagePropagator()],
+        [TraceContextTextMapPropagator()],
+        [_OtherHeader(), TraceContextTextMapPropagator()],
+        [W3CBaggagePropagator()],
+    ],
+    ids=["default", "tracecontext", "other-first", "baggage-only"],
+)
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -102,16 +116,7 @@ class _OtherHeader(TextMapPropagator):
         None,
     ],
 )
-@pytest.mark.parametrize(
-    "propagators",
-    [
-        [TraceContextTextMapPropagator(), W3CBaggagePropagator()],
-        [TraceContextTextMapPropagator()],
-        [_OtherHeader(), TraceContextTextMapPropagator()],
-        [W3CBaggagePropagator()],
-    ],
-    ids=["default", "tracecontext", "other-first", "baggage-only"],
-)
+@_EACH_PROPAGATOR_CONFIG
 def test_extract_pairs_gives_what_the_propagators_give(headers, propagators):
     """The direct read of Kafka record headers against ``propagate.extract`` with the
     configured propagators, for headers it reads itself and headers it hands on."""
@@ -152,16 +157,7 @@ def _contexts():
 
 
 @pytest.mark.parametrize("context_name", list(_contexts()))
-@pytest.mark.parametrize(
-    "propagators",
-    [
-        [TraceContextTextMapPropagator(), W3CBaggagePropagator()],
-        [TraceContextTextMapPropagator()],
-        [_OtherHeader(), TraceContextTextMapPropagator()],
-        [W3CBaggagePropagator()],
-    ],
-    ids=["default", "tracecontext", "other-first", "baggage-only"],
-)
+@_EACH_PROPAGATOR_CONFIG
 def test_inject_writes_what_the_propagators_write(context_name, propagators):
     """The direct write against ``propagate.inject`` with the configured propagators, into a
     mapping (httpx's headers) and into Kafka's ``(name, bytes)`` pairs, one span after another
