@@ -6,18 +6,22 @@ instrumentation runs cold, and a cold Python call costs microseconds, not tens o
 nanoseconds. Here each event is run once after 64 MB were written (as in
 ``bench/cold_scrape.py``), with the instrumentation and without it (the same call with
 nothing around it), alternating, and the medians are compared. "Cold calls" divides the
-instrumentation's part by the cost of one cold call of an empty Python function: how many
-such calls the instrumentation of that event weighs, a unit that carries between machines
-better than microseconds do.
+instrumentation's part by the cost of one cold call of an empty Python function, timed the
+same way (so it includes a cold read of the clock): how many such calls the instrumentation
+of that event weighs, a unit that carries between machines better than microseconds do.
 
 The events, with the tool executor's telemetry and the demo's tracing (every trace sampled,
 no span processor):
 
-* a statement: the dispatcher asyncpg's methods get, over a coroutine that returns at once;
+* a statement: the dispatcher asyncpg's methods get, over a coroutine that returns at once,
+  as the first call within a new span (both with it and without);
 * a consumed record: ``consumer_span`` over a record carrying a ``traceparent``;
 * an outbox row: ``continued`` and the publisher's ``outbox publish`` span;
-* a sent record's trace headers: ``inject`` into a record's header list;
+* a sent record: the dispatcher aiokafka's ``send`` gets (the ``wal_publish`` metrics and the
+  trace headers), over a coroutine that returns at once, within a new span;
 * a request: the ASGI middleware over an app that answers at once.
+
+The last line, ``cold_calls statement=<x> ...``, gives each event's figure.
 
     python bench/cold_event.py [rounds]
 """
@@ -33,10 +37,11 @@ from typing import Any
 
 from chatobs import Telemetry, load_settings
 from chatobs.instrumentation.dispatch import dispatching
+from chatobs.instrumentation.gate import SpanGate
 from chatobs.instrumentation.http_server import ServerMiddleware
-from chatobs.instrumentation.kafka import consumer_span
+from chatobs.instrumentation.kafka import _Produce, consumer_span  # _Produce: what aiokafka's send gets
 from chatobs.instrumentation.postgres import _Statement  # the operation asyncpg's methods get
-from chatobs.propagation import continued, inject
+from chatobs.propagation import continued
 
 _JUNK = bytearray(64 * 1024 * 1024)  # twice the last-level cache, written in full
 _PATTERNS = (bytes(range(256)) * (len(_JUNK) // 256), bytes(reversed(range(256))) * (len(_JUNK) // 256))
@@ -55,6 +60,10 @@ async def _statement(connection: object, query: str) -> None:
     return None
 
 
+async def _send(producer: object, topic: str, value: bytes, key: bytes | None = None, headers: Any = None) -> None:
+    return None  # aiokafka returns the delivery's future; None has the record made at once
+
+
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     scope["route"] = SimpleNamespace(path="/v1/sessions/{session_id}/messages")
     await send({"type": "http.response.start", "status": 202, "headers": []})
@@ -65,7 +74,7 @@ async def _receive() -> dict[str, Any]:
     return {"type": "http.request", "body": b""}
 
 
-async def _send(message: dict[str, Any]) -> None:
+async def _respond(message: dict[str, Any]) -> None:
     return None
 
 
@@ -73,18 +82,12 @@ def _nothing() -> None:
     return None
 
 
-class _PairsSetter:
-    def set(self, carrier: list[tuple[str, bytes]], key: str, value: str) -> None:
-        carrier.append((key, value.encode("latin-1")))
-
-
-_PAIRS = _PairsSetter()
-
-
 def _events(telemetry: Telemetry) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """Each event as (instrumented, bare)."""
     tracer = telemetry.tracer
-    statement = dispatching(_statement, None, lambda: False, _Statement(telemetry.clients))
+    gate = SpanGate(telemetry.tracer_provider)  # no span processor: never through the traced path
+    statement = dispatching(_statement, _statement, gate, _Statement(telemetry.clients))
+    send = dispatching(_send, _send, gate, _Produce(telemetry.clients))
     record = SimpleNamespace(topic="chat.wal", partition=0, offset=7, headers=[("traceparent", _TRACEPARENT.encode())])
     middleware = ServerMiddleware(_app, tracer=tracer, cells=telemetry.cells, excluded_paths=frozenset({"/metrics"}))
 
@@ -92,7 +95,7 @@ def _events(telemetry: Telemetry) -> dict[str, tuple[Callable[[], object], Calla
         def run() -> None:
             scope = {"type": "http", "method": "POST", "path": "/v1/sessions/s1/messages", "scheme": "http",
                      "headers": [(b"content-type", b"application/json")]}  # fmt: skip
-            _run(app(scope, _receive, _send))
+            _run(app(scope, _receive, _respond))
 
         return run
 
@@ -104,19 +107,26 @@ def _events(telemetry: Telemetry) -> dict[str, tuple[Callable[[], object], Calla
         with tracer.start_as_current_span("outbox publish", context=continued(_TRACEPARENT)):
             pass
 
-    def sent_headers() -> None:
-        with tracer.start_as_current_span("parent"):
-            inject([], setter=_PAIRS)
+    def in_a_span(call: Callable[[], object]) -> Callable[[], None]:
+        # Statements and sends run within a request's or a record's span: a new context each
+        # time, as each first call in a span sees it.
+        def run() -> None:
+            with tracer.start_as_current_span("parent"):
+                call()
 
-    def bare_span() -> None:
-        with tracer.start_as_current_span("parent"):
-            pass
+        return run
 
     return {
-        "statement": (lambda: _run(statement(None, "select 1")), lambda: _run(_statement(None, "select 1"))),
+        "statement": (
+            in_a_span(lambda: _run(statement(None, "select 1"))),
+            in_a_span(lambda: _run(_statement(None, "select 1"))),
+        ),
         "consumed record": (consumed, _nothing),
         "outbox row": (outbox_row, _nothing),
-        "sent record's trace headers": (sent_headers, bare_span),
+        "sent record": (
+            in_a_span(lambda: _run(send(None, "chat.wal", b"{}", b"s1"))),
+            in_a_span(lambda: _run(_send(None, "chat.wal", b"{}", b"s1"))),
+        ),
         "request": (request(middleware), request(_app)),
     }
 
@@ -147,9 +157,12 @@ def main(rounds: int) -> None:
     unit = medians["empty call"]
     print(f"cold, median of {rounds}; one cold call of an empty function: {unit:.1f} µs")
     print(f"{'event':30s} {'on µs':>7s} {'off µs':>7s} {'+µs':>6s} {'cold calls':>10s}")
+    cold_calls = []
     for name in events:
         on, off = medians[f"{name}|on"], medians[f"{name}|off"]
         print(f"{name:30s} {on:7.1f} {off:7.1f} {on - off:6.1f} {(on - off) / unit:10.1f}")
+        cold_calls.append(f"{name.replace(' ', '_')}={(on - off) / unit:.1f}")
+    print("cold_calls", *cold_calls)
 
 
 if __name__ == "__main__":
