@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import psutil
+import pytest
 
 from tests.conftest import free_port
 from tests.metrics_text import value
@@ -53,6 +54,9 @@ def p99(latencies: list[float]) -> float:
     return statistics.quantiles(latencies, n=100)[98]
 
 
+# 40,500 interleaved requests take 105-110 s on this machine kind, alone: past the suite's
+# default 120 s as soon as anything else runs. The counts are what make a 5% p99 limit hold.
+@pytest.mark.timeout(300)
 def test_an_unreachable_collector_costs_no_latency_no_memory_and_is_counted(start_service, stack, blackhole,
                                                                             tmp_path):  # fmt: skip
     base = {**stack, "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments")}
