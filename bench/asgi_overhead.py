@@ -49,13 +49,14 @@ async def _per_request_us(requests: int = 10_000, rounds: int = 7, warm_up: int 
     return best * 1e6
 
 
-def measure() -> dict[str, float]:
-    """µs per request for each variant, each in its own process."""
+def measure(rounds: int = 7) -> dict[str, float]:
+    """µs per request for each variant, each in its own process: the best of ``rounds`` rounds
+    of 10,000 requests (``bench/run.py --quick`` takes 3)."""
     base = throughput.base_environment()
     results = {}
     for name, env in VARIANTS.items():
-        output = subprocess.run([sys.executable, __file__, "--child"], env={**base, **env}, capture_output=True,
-                                text=True, check=True).stdout  # fmt: skip
+        output = subprocess.run([sys.executable, __file__, "--child", "10000", str(rounds)], env={**base, **env},
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
         results[name] = float(output.strip().splitlines()[-1])
     return results
 

@@ -64,7 +64,7 @@ def main() -> int:
             seconds=http_seconds, rounds=http_rounds,
         )  # fmt: skip
     with console.status("cost per request in one process (ASGI, no server)"):
-        per_request = asgi_overhead.measure()
+        per_request = asgi_overhead.measure(rounds)
     counted = None
     if not args.quick and instructions.available():
         with console.status("instructions per request in one process (callgrind)"):
