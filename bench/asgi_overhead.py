@@ -26,7 +26,11 @@ _SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "me
           "headers": [(b"host", b"bench")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
 
 
-async def _per_request_us(requests: int = 10_000, rounds: int = 7, warm_up: int = 2_000) -> float:
+#: Requests per round.
+REQUESTS = 10_000
+
+
+async def _per_request_us(requests: int = REQUESTS, rounds: int = 7, warm_up: int = 2_000) -> float:
     sys.path.insert(0, str(HERE))
     from http_app import app
 
@@ -51,11 +55,11 @@ async def _per_request_us(requests: int = 10_000, rounds: int = 7, warm_up: int 
 
 def measure(rounds: int = 7) -> dict[str, float]:
     """µs per request for each variant, each in its own process: the best of ``rounds`` rounds
-    of 10,000 requests (``bench/run.py --quick`` takes 3)."""
+    of :data:`REQUESTS` requests (``bench/run.py --quick`` takes 3)."""
     base = throughput.base_environment()
     results = {}
     for name, env in VARIANTS.items():
-        output = subprocess.run([sys.executable, __file__, "--child", "10000", str(rounds)], env={**base, **env},
+        output = subprocess.run([sys.executable, __file__, "--child", str(REQUESTS), str(rounds)], env={**base, **env},
                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
         results[name] = float(output.strip().splitlines()[-1])
     return results

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from cold_scrape import evict_caches
+
 from chatobs import Telemetry, load_settings
 from chatobs.instrumentation.dispatch import dispatching
 from chatobs.instrumentation.gate import SpanGate
@@ -43,8 +45,6 @@ from chatobs.instrumentation.kafka import _Produce, consumer_span  # _Produce: w
 from chatobs.instrumentation.postgres import _Statement  # the operation asyncpg's methods get
 from chatobs.propagation import continued
 
-_JUNK = bytearray(64 * 1024 * 1024)  # twice the last-level cache, written in full
-_PATTERNS = (bytes(range(256)) * (len(_JUNK) // 256), bytes(reversed(range(256))) * (len(_JUNK) // 256))
 _TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -134,9 +134,9 @@ def _events(telemetry: Telemetry) -> dict[str, tuple[Callable[[], object], Calla
 def _cold_medians(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     measured: dict[str, list[float]] = {name: [] for name in calls}
     clock = time.perf_counter_ns
-    for index in range(rounds):
+    for _ in range(rounds):
         for name, call in calls.items():
-            _JUNK[:] = _PATTERNS[index % 2]
+            evict_caches()
             started = clock()
             call()
             measured[name].append((clock() - started) / 1000)
