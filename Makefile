@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 # Debian packages the tests need: prometheus (promtool and the server), chromium (UI tests,
 # driven by Playwright: no browser download is possible here), wrk (HTTP load for bench/).
 APT_PACKAGES := prometheus chromium wrk
+# Two pytest-xdist workers: the long tests mostly wait on servers and time windows, so two run
+# side by side in little more than the time of one. `loadgroup` keeps the tests that measure CPU
+# time (xdist_group "cpu_bound") on one worker, one after the other.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: demo test install system-deps lint docs
 

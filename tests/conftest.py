@@ -29,6 +29,15 @@ hypothesis_settings.register_profile("explore", database=None, deadline=None, pr
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `slow` tests first (stable otherwise). Under `make test`'s two workers, the minute-long
+    tests then start together and the short ones fill in around them; in file order, the last of
+    them would run on alone at the end. Tests in an xdist group go first anyway (xdist orders its
+    work units by size), so the cpu_bound group starts on one worker as the slow ones do on the other.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

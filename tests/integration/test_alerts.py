@@ -84,6 +84,7 @@ def fires(prometheus: LocalPrometheus, *alerts: str, timeout: float = 60) -> Non
                what=f"{alerts} firing (firing now: {prometheus.alerts()})")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_each_fault_fires_its_alert_and_steady_traffic_fires_none(watched):
     pipeline, prometheus, stack = watched
     with Load(pipeline.gateway_url):

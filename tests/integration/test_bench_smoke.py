@@ -8,9 +8,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, clean_env
 
+# Both measure CPU time: on one worker, one after the other (and after the collector-down test).
+pytestmark = pytest.mark.xdist_group("cpu_bound")
 
+
+@pytest.mark.slow
 def test_bench_quick_prints_every_ratio():
     result = subprocess.run([sys.executable, "bench/run.py", "--quick"], cwd=ROOT, env=clean_env({"COLUMNS": "160"}),
                             capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -9,6 +9,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, clean_env
 
@@ -42,6 +43,7 @@ def _command(process: psutil.Process) -> list[str]:
         return []
 
 
+@pytest.mark.slow
 def test_demo_runs_its_scenario_moves_every_metric_and_leaves_nothing_behind(tmp_path):
     process = _demo(tmp_path, 60)
     seen: dict[int, psutil.Process] = {}
@@ -56,6 +58,7 @@ def test_demo_runs_its_scenario_moves_every_metric_and_leaves_nothing_behind(tmp
     assert alive == [], f"left running: {[(p.pid, p.name()) for p in alive]}"
 
 
+@pytest.mark.slow
 def test_demo_stopped_by_sigterm_stops_everything_it_started(tmp_path):
     process = _demo(tmp_path, 600)
     seen: dict[int, psutil.Process] = {}

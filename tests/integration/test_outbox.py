@@ -6,6 +6,7 @@ import asyncio
 
 import asyncpg
 import httpx
+import pytest
 
 from chatpipe.launcher import Pipeline
 from tests.chat_client import ChatClient, eventually
@@ -23,6 +24,7 @@ def replicated_ids(database_url: str) -> list[str]:
     return asyncio.run(fetch())
 
 
+@pytest.mark.slow
 def test_outbox_holds_messages_through_a_broker_outage(own_stack, tmp_path):
     local = own_stack()
     env = {"CHATPIPE_BACKLOG_POLL_SECONDS": "0.3"}
@@ -51,6 +53,7 @@ def test_outbox_holds_messages_through_a_broker_outage(own_stack, tmp_path):
         assert len(stored) == len(set(stored)) == 10, "no message lost, none duplicated"
 
 
+@pytest.mark.slow
 def test_the_publisher_is_told_of_new_rows_instead_of_polling(stack, tmp_path):
     # With a minute between rounds, only the outbox's notification can make the publisher
     # send a message within seconds; and an idle publisher runs no statement at all.
