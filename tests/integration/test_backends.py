@@ -7,6 +7,7 @@ import contextlib
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -72,12 +73,17 @@ def test_metrics_answer_fast_with_redis_and_postgres_down(start_service, own_sta
     assert value(text, "postgres_errors_total", operation="connect") == 1
 
 
+#: This module's own WAL topic: the session's broker also holds other tests' `chat.wal` records,
+#: and the trace test below reads its topic from the earliest offset.
+WAL_TOPIC = f"chat.wal.backends-{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture
 def instrumented():
     """An in-process pipeline with the client libraries instrumented, spans kept in memory."""
     spans = InMemorySpanExporter()
     telemetry = Telemetry(
-        load_settings({"CHATOBS_WAL_TOPIC": "chat.wal"}),
+        load_settings({"CHATOBS_WAL_TOPIC": WAL_TOPIC}),
         service="worker",
         span_processors=[SimpleSpanProcessor(spans)],
     )
@@ -96,10 +102,10 @@ def test_produce_to_a_stopped_broker_is_a_kafka_and_wal_publish_error(instrument
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=1500, retry_backoff_ms=100)
         await producer.start()
         try:
-            await producer.send_and_wait("chat.wal", b"first")  # succeeds
+            await producer.send_and_wait(WAL_TOPIC, b"first")  # succeeds
             local.stop_server("kafka")
             with pytest.raises(Exception):  # noqa: B017 - aiokafka raises one of several errors here
-                await asyncio.wait_for(producer.send_and_wait("chat.wal", b"second"), 30)
+                await asyncio.wait_for(producer.send_and_wait(WAL_TOPIC, b"second"), 30)
         finally:
             with contextlib.suppress(Exception):  # stopping against a dead broker may time out
                 await asyncio.wait_for(producer.stop(), 5)
@@ -114,7 +120,7 @@ def test_produce_to_a_stopped_broker_is_a_kafka_and_wal_publish_error(instrument
 
 def test_one_trace_from_producer_process_to_consumer_with_exemplar(instrumented, stack):
     telemetry, spans = instrumented
-    topic = "chat.wal"
+    topic = WAL_TOPIC
     env = clean_env({"KAFKA_BOOTSTRAP_SERVERS": stack["KAFKA_BOOTSTRAP_SERVERS"], "CHATOBS_WAL_TOPIC": topic})
     produced = subprocess.run([sys.executable, "-m", "tests.apps.kafka_producer"], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -138,7 +144,7 @@ def test_one_trace_from_producer_process_to_consumer_with_exemplar(instrumented,
 
     asyncio.run(consume())
     consumer_traces = {format(span.context.trace_id, "032x") for span in spans.get_finished_spans()
-                       if span.name in ("chat.wal process", "chat.wal receive")}  # fmt: skip
+                       if span.name in (f"{topic} process", f"{topic} receive")}  # fmt: skip
     assert consumer_traces == {trace_id}
     openmetrics = telemetry.scrape(OPENMETRICS)[2].decode()
     assert trace_id in exemplar_trace_ids(openmetrics, "wal_consume_seconds")
