@@ -44,6 +44,7 @@ __all__ = [
     "ExportAccounting",
     "ExportBackoff",
     "ProducingExporter",
+    "PushExporters",
     "PushReader",
     "SdkTracerProvider",
     "build_metric_readers",
@@ -70,6 +71,55 @@ class ExportAccounting:
 
 
 NO_ACCOUNTING = ExportAccounting(lambda signal: None, lambda reason, count: None)
+
+
+class PushExporters:
+    """The push exporters of one telemetry, so that a shutdown which stops waiting can stop them.
+
+    The SDK shuts an exporter down only after its last export returned, and an OTLP exporter
+    retries a refused push with backoff until its timeout (10 s by default). A shutdown that
+    gives up waiting would leave that thread retrying, and logging each retry, after it
+    returned. :meth:`shut_down_now` shuts every exporter down at once, which ends the retries;
+    a push blocked on a silent socket still ends only at its timeout.
+
+    Example::
+
+        pushes = PushExporters()
+        readers = build_metric_readers(settings, pushes=pushes)
+        ...
+        if not finished_in_time:
+            pushes.shut_down_now()
+    """
+
+    def __init__(self) -> None:
+        self._exporters: list[SpanExporter | MetricExporter] = []
+
+    def add(self, exporter: SpanExporter | MetricExporter) -> None:
+        self._exporters.append(exporter)
+
+    def shut_down_now(self) -> None:
+        for exporter in self._exporters:
+            try:
+                exporter.shutdown()
+            except Exception:  # giving up already: an exporter that fails to stop is left as it is
+                _logger.debug("chatobs: shutting an exporter down failed", exc_info=True)
+
+
+class _Once:
+    """Runs a call the first time only: an exporter is shut down early by a shutdown that gave up
+    waiting (:class:`PushExporters`), then again by the SDK, whose second call would log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self, call: Callable[[], object]) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        call()
+
 
 #: After a failed export, the next one waits this long, doubling per failure up to the maximum.
 _EXPORT_BACKOFF_FIRST_SECONDS = 1.0
@@ -192,6 +242,7 @@ class ProducingExporter(MetricExporter):
         self._augment = augment
         self._accounting = accounting
         self._backoff = ExportBackoff()
+        self._shutdown = _Once()
 
     def ready(self) -> bool:
         """False while the collector is known down (the backoff after a failed export)."""
@@ -216,7 +267,7 @@ class ProducingExporter(MetricExporter):
         return self._inner.force_flush(timeout_millis)
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+        self._shutdown(lambda: self._inner.shutdown(timeout_millis=timeout_millis, **kwargs))
 
 
 class PushReader(PeriodicExportingMetricReader):
@@ -258,9 +309,11 @@ def build_metric_readers(
     settings: Settings,
     augment: Callable[[MetricsData | None], MetricsData | None] | None = None,
     accounting: ExportAccounting = NO_ACCOUNTING,
+    pushes: PushExporters | None = None,
 ) -> list[MetricReader]:
     """Push readers for ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``), each exporter given
-    what ``augment`` adds to every export, its failures counted in ``accounting``.
+    what ``augment`` adds to every export, its failures counted in ``accounting``, and added
+    to ``pushes``.
 
     The ``prometheus`` exporter is the pull :class:`~chatobs.exposition.ScrapeReader`,
     which the caller adds because it also serves it.
@@ -270,14 +323,11 @@ def build_metric_readers(
     push = {"otlp": _otlp_metric_exporter, "console": lambda _: ConsoleMetricExporter()}
     for name in otel.metrics_exporter:
         if name in push:
-            exporter = push[name](otel)
-            readers.append(
-                PushReader(
-                    ProducingExporter(exporter, augment, accounting),
-                    export_interval_millis=otel.metric_export_interval,
-                    export_timeout_millis=otel.metric_export_timeout,
-                )
-            )
+            exporter = ProducingExporter(push[name](otel), augment, accounting)
+            readers.append(PushReader(exporter, export_interval_millis=otel.metric_export_interval,
+                                      export_timeout_millis=otel.metric_export_timeout))  # fmt: skip
+            if pushes is not None:
+                pushes.add(exporter)
     return readers
 
 
@@ -321,6 +371,7 @@ class AccountedSpanExporter(SpanExporter):
         self._accounting = accounting
         self._on_taken = on_taken
         self._backoff = ExportBackoff()
+        self._shutdown = _Once()
 
     def ready(self) -> bool:
         """False while the collector is known down (the backoff after a failed export)."""
@@ -335,7 +386,7 @@ class AccountedSpanExporter(SpanExporter):
         return SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
-        self._inner.shutdown()
+        self._shutdown(self._inner.shutdown)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self._inner.force_flush(timeout_millis)
@@ -411,6 +462,11 @@ class BoundedBatchSpanProcessor(SpanProcessor):
             return
         self._batch.on_end(span)
 
+    @property
+    def exporter(self) -> AccountedSpanExporter:
+        """The exporter the batches go to (wrapping the one given)."""
+        return self._exporter
+
     def shutdown(self) -> None:
         self._batch.shutdown()
 
@@ -419,11 +475,15 @@ class BoundedBatchSpanProcessor(SpanProcessor):
 
 
 def build_tracer_provider(
-    settings: Settings, resource: Resource, accounting: ExportAccounting = NO_ACCOUNTING
+    settings: Settings,
+    resource: Resource,
+    accounting: ExportAccounting = NO_ACCOUNTING,
+    pushes: PushExporters | None = None,
 ) -> SdkTracerProvider | LeanTracerProvider:
     """A tracer provider with one bounded batch processor per ``OTEL_TRACES_EXPORTER`` entry
-    (``OTEL_BSP_*`` sizes; lost spans and failed exports counted in ``accounting``): chatobs's
-    :class:`~chatobs.tracing.LeanTracerProvider`, or the SDK's with ``CHATOBS_TRACER=sdk``.
+    (``OTEL_BSP_*`` sizes; lost spans and failed exports counted in ``accounting``; exporters
+    added to ``pushes``): chatobs's :class:`~chatobs.tracing.LeanTracerProvider`, or the SDK's
+    with ``CHATOBS_TRACER=sdk``.
 
     With no exporter the provider still samples spans (``OTEL_TRACES_SAMPLER``): they carry
     the trace ids that exemplars, logs and downstream services refer to, and record nothing
@@ -438,13 +498,14 @@ def build_tracer_provider(
         provider = SdkTracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
     for name in otel.traces_exporter:
         exporter = _otlp_span_exporter(otel) if name == "otlp" else ConsoleSpanExporter()
-        provider.add_span_processor(
-            BoundedBatchSpanProcessor(
-                exporter,
-                max_queue_size=otel.bsp_max_queue_size,
-                schedule_delay_millis=otel.bsp_schedule_delay,
-                max_export_batch_size=otel.bsp_max_export_batch_size,
-                accounting=accounting,
-            )
+        processor = BoundedBatchSpanProcessor(
+            exporter,
+            max_queue_size=otel.bsp_max_queue_size,
+            schedule_delay_millis=otel.bsp_schedule_delay,
+            max_export_batch_size=otel.bsp_max_export_batch_size,
+            accounting=accounting,
         )
+        provider.add_span_processor(processor)
+        if pushes is not None:
+            pushes.add(processor.exporter)
     return provider

@@ -41,7 +41,13 @@ from chatobs.instruments import Instruments, views
 from chatobs.labels import LabelPolicy
 from chatobs.multiprocess import ProcessDirectory
 from chatobs.process import register_process_metrics
-from chatobs.provider import ExportAccounting, build_metric_readers, build_resource, build_tracer_provider
+from chatobs.provider import (
+    ExportAccounting,
+    PushExporters,
+    build_metric_readers,
+    build_resource,
+    build_tracer_provider,
+)
 from chatobs.recorders import (
     BacklogRecorder,
     BudgetRecorder,
@@ -122,12 +128,15 @@ class Telemetry:
         self._resource = build_resource(self.settings, role)
         self.instruments = Instruments()
         self.scrape_reader: ScrapeReader | None = None
+        self._pushes = PushExporters()  # what a shutdown that gives up waiting stops at once
         if self.disabled:
             self.meter_provider: Any = NoOpMeterProvider()
             self.tracer_provider: Any = NoOpTracerProvider()
         else:
             accounting = ExportAccounting(self._export_failed, self._spans_dropped)
-            readers = list(metric_readers) + build_metric_readers(self.settings, self._with_produced, accounting)
+            readers = list(metric_readers) + build_metric_readers(
+                self.settings, self._with_produced, accounting, self._pushes
+            )
             if "prometheus" in settings.otel.metrics_exporter:
                 # One process: a scrape renders its cells (`_local_cells`) and the callbacks'
                 # readings as they are. Several processes' files: all is produced as points.
@@ -144,7 +153,7 @@ class Telemetry:
                 exemplar_filter=_EXEMPLAR_FILTERS[settings.otel.metrics_exemplar_filter](),
                 shutdown_on_exit=False,  # shutdown() below, or the atexit hook setup() installs
             )
-            self.tracer_provider = build_tracer_provider(self.settings, self._resource, accounting)
+            self.tracer_provider = build_tracer_provider(self.settings, self._resource, accounting, self._pushes)
             for processor in span_processors:
                 self.tracer_provider.add_span_processor(processor)
         self._renderer = Renderer(
@@ -360,6 +369,7 @@ class Telemetry:
         if not _run_bounded(flush_and_stop, seconds, "shutdown"):
             _logger.warning("chatobs: the last OTLP push did not finish within %.1fs (collector unreachable?); "
                             "stopping without it", seconds)  # fmt: skip
+            self._pushes.shut_down_now()  # else they retry, and log, until the OTLP timeout
         if self._directory is not None:
             self._directory.close()  # the file stays: this process's counts still count
 
@@ -367,7 +377,9 @@ class Telemetry:
 def _run_bounded(work: Callable[[], None], seconds: float, what: str) -> bool:
     """Run ``work`` on a daemon thread and wait at most ``seconds``; True if it finished.
 
-    A thread left behind is blocked on a socket of the exporter: it ends with the process.
+    A thread left behind is waiting on an exporter: the caller stops the exporters
+    (:class:`~chatobs.provider.PushExporters`), which ends their retries; a push blocked on a
+    silent socket ends at its timeout, or with the process.
     """
     finished = threading.Event()
 

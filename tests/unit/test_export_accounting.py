@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from chatobs import ConfigError, Telemetry, load_settings
 from chatobs.provider import BoundedBatchSpanProcessor, ExportAccounting, ProducingExporter, PushReader
+from tests.conftest import free_port
 from tests.metrics_text import value
 
 
@@ -85,6 +86,27 @@ def test_shutdown_gives_up_on_a_silent_collector_after_its_timeout(blackhole):
     started = time.monotonic()
     telemetry.shutdown()
     assert time.monotonic() - started < 2.5
+
+
+def test_a_shutdown_that_gives_up_leaves_no_export_retrying_behind(caplog):
+    # Nothing listens there: every push is refused, and the OTLP exporters retry a refused push
+    # with backoff until their timeout (here a minute), long after the shutdown stopped waiting.
+    env = otlp_env(f"http://127.0.0.1:{free_port()}", OTEL_EXPORTER_OTLP_TIMEOUT="60000",
+                   CHATOBS_SHUTDOWN_TIMEOUT_SECONDS="1")  # fmt: skip
+    before = set(threading.enumerate())
+    telemetry = Telemetry(load_settings(env), service="gateway")
+    telemetry.tracer.start_span("request").end()
+    started = time.monotonic()
+    telemetry.shutdown()
+    assert time.monotonic() - started < 2.5
+    given_up = time.time()  # the clock of log records' `created`
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=2)
+    left = [thread.name for thread in set(threading.enumerate()) - before]
+    assert left == [], f"still running after the shutdown returned: {left}"
+    retried_after = [record.getMessage() for record in caplog.records
+                     if record.created - given_up > 0.5 and "retrying" in record.getMessage()]  # fmt: skip
+    assert retried_after == []
 
 
 def test_a_batch_larger_than_the_queue_is_a_config_error_naming_the_variable():
