@@ -132,9 +132,13 @@ def blackhole() -> Iterator[str]:
             while True:
                 held.append(server.accept()[0])
 
-    threading.Thread(target=accept, daemon=True).start()
+    accepting = threading.Thread(target=accept, daemon=True)
+    accepting.start()
     yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    with contextlib.suppress(OSError):
+        server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
     server.close()
+    accepting.join(timeout=5)
     for connection in held:
         connection.close()
 
