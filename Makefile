@@ -7,9 +7,8 @@ BIN := $(VENV)/bin
 # driven by Playwright: no browser download is possible here), wrk (HTTP load for bench/).
 APT_PACKAGES := prometheus chromium wrk
 # Two pytest-xdist workers: the long tests mostly wait on servers and time windows, so two run
-# side by side in little more than the time of one. `loadgroup` keeps the tests that measure CPU
-# time (xdist_group "cpu_bound") on one worker, one after the other.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# side by side in little more than the time of one (a test marked `alone` runs by itself).
+PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test install system-deps lint docs
 

@@ -12,9 +12,6 @@ import pytest
 
 from tests.conftest import ROOT, clean_env
 
-# Both measure CPU time: on one worker, one after the other (and after the collector-down test).
-pytestmark = pytest.mark.xdist_group("cpu_bound")
-
 
 @pytest.mark.slow
 def test_bench_quick_prints_every_ratio():
