@@ -6,12 +6,6 @@ BIN := $(VENV)/bin
 # Debian packages the tests need: prometheus (promtool and the server), chromium (UI tests,
 # driven by Playwright: no browser download is possible here), wrk (HTTP load for bench/).
 APT_PACKAGES := prometheus chromium wrk
-# Two pytest-xdist workers: the long tests mostly wait on servers and time windows, so two run
-# side by side in little more than the time of one (a test marked `alone` runs by itself).
-# `loadgroup` hands the tests out a few at a time as a worker frees up (with no xdist_group
-# marks, each test is a unit of its own), so the long ones spread over both workers; `load`
-# sends them ahead in one block, here all to one worker, which ran on while the other sat idle.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: demo test install system-deps lint docs
 

@@ -4,13 +4,11 @@ configured by environment variables only, and is scraped over HTTP."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -29,41 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 hypothesis_settings.register_profile("explore", database=None, deadline=None, print_blob=True)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The `slow` tests first (stable otherwise). Under `make test`'s two workers, the minute-long
-    tests then start together and the short ones fill in around them; in file order, the last of
-    them would run on by itself at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
-    """Under pytest-xdist, a test marked `alone` runs with no other test beside it: it takes a
-    lock exclusively that every other test holds shared, from before its fixtures are set up
-    to after they are torn down. Outside pytest-timeout's clock (tryfirst: the outer wrapper),
-    so a test's wait for the lock is not counted against its timeout."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:  # not a worker: nothing runs beside this test
-        return (yield)
-    with _cores_lock(run).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
-        try:
-            return (yield)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    # A worker that finished runs no more tests, so nothing is left to keep apart.
-    if run := os.environ.get("PYTEST_XDIST_TESTRUNUID"):
-        _cores_lock(run).unlink(missing_ok=True)
-
-
-def _cores_lock(run: str) -> Path:
-    """The lock file the workers of one run share (by xdist's id of the run)."""
-    return Path(tempfile.gettempdir()) / f"chatobs-tests-{run}.lock"
 
 
 def free_port() -> int:
