@@ -20,6 +20,8 @@ import httpx
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from chatobs.stack import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Property tests are reproducible by default: the same examples every run, no example database
@@ -27,12 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 hypothesis_settings.register_profile("explore", database=None, deadline=None, print_blob=True)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:

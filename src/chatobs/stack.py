@@ -29,6 +29,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -54,6 +55,12 @@ SERVER_VARIABLES: dict[str, str] = {
 POSTGRES_SYSTEM_USER = "chatobs-pg"
 
 _START_TIMEOUT_SECONDS = 20.0
+#: Where free_port draws from: above the well-known and registered ports most servers take
+#: (Prometheus's 9090, and so on), below the ephemeral range.
+_FIRST_DRAWN_PORT = 10_000
+_PORT_DRAWS = 64
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_IANA_EPHEMERAL_START = 49_152
 
 
 class StackError(RuntimeError):
@@ -69,10 +76,40 @@ def _package_dir(package: str) -> Path:
 
 
 def free_port() -> int:
-    """A TCP port free on the loopback interface right now (for servers started next)."""
+    """A TCP port free on the loopback interface right now, for a server started next.
+
+    Drawn at random below the kernel's ephemeral range (``net.ipv4.ip_local_port_range``),
+    which is where outgoing connections take their local ports from: a port the kernel picks
+    for ``bind(0)`` is in that range too, and a connection made between this probe and the
+    server's own bind can take it ("Address already in use"). Below the range only another
+    server can, and random draws make two probers unlikely to meet. When nothing there is
+    free, the kernel's pick.
+
+    Example::
+
+        port = free_port()
+        subprocess.Popen(["redis-server", "--port", str(port)])
+    """
+    low = _ephemeral_ports_start()
+    for _ in range(_PORT_DRAWS):
+        port = random.randrange(_FIRST_DRAWN_PORT, low)  # noqa: S311 - not a secret
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        low = int(Path(_EPHEMERAL_RANGE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA range's start, as on most systems
+        return _IANA_EPHEMERAL_START
+    return max(low, _FIRST_DRAWN_PORT + _PORT_DRAWS)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: Path) -> None:

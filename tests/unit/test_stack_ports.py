@@ -1,0 +1,23 @@
+"""The local stack's ports: drawn where outgoing connections cannot take them first."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from chatobs.stack import free_port
+
+RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+@pytest.mark.skipif(not RANGE.exists(), reason="Linux's ephemeral port range")
+def test_free_ports_are_drawn_below_the_ephemeral_range_and_can_be_bound():
+    ephemeral_start = int(RANGE.read_text().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert all(10_000 <= port < ephemeral_start for port in ports), (ports, ephemeral_start)
+    assert len(set(ports)) > 10, "drawn at random: two probes at once should not meet"
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
