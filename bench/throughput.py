@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,13 +15,9 @@ from pathlib import Path
 
 import httpx
 
+from chatobs.stack import free_port
+
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_environment() -> dict[str, str]:
@@ -31,7 +26,7 @@ def base_environment() -> dict[str, str]:
 
 
 def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     base = base_environment()
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "http_app:app", "--port", str(port), "--log-level", "warning",
