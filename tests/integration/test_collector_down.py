@@ -57,6 +57,7 @@ def p99(latencies: list[float]) -> float:
 # 40,500 interleaved requests take 90-110 s on this machine kind, alone: past the suite's
 # default 120 s as soon as anything else runs. The counts are what make a 5% p99 limit hold.
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.timeout(300)
 def test_an_unreachable_collector_costs_no_latency_no_memory_and_is_counted(start_service, stack, blackhole,
                                                                             tmp_path):  # fmt: skip
