@@ -42,5 +42,5 @@ ifdef PYTEST_ARGS
 	$(BIN)/pytest $(PYTEST_ARGS)
 else
 	$(BIN)/pytest $(PARALLEL) -m "not alone"
-	$(BIN)/pytest -m alone
+	$(BIN)/pytest -m alone -rP  # -rP: its figures (the p99 ratios) in the log, passed or not
 endif
