@@ -30,8 +30,8 @@ demo: install
 	$(BIN)/chatobs demo $(DEMO_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 docs: install
 	$(BIN)/chatobs docs
