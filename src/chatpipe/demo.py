@@ -42,6 +42,10 @@ __all__ = ["Counters", "Tracker", "Traffic", "drive", "register"]
 
 #: Tenants the traffic comes from; `tiny` and `quota` have small budgets so overruns happen.
 TENANTS = ("acme", "globex", "initech", "tiny", "quota")
+#: A session's length in messages, drawn per session; then its user closes it (a DELETE) and
+#: opens another. A fixed bound, not a chance per message: even the shortest run deletes
+#: sessions (at 2% a message, a 60 s run of some 240 messages deleted none about once in a hundred).
+SESSION_LENGTH = (10, 30)
 DEMO_ENV = {
     "CHATPIPE_TENANT_TOKEN_BUDGETS": "tiny=400",
     "CHATPIPE_TENANT_MESSAGE_BUDGETS": "quota=3",
@@ -147,6 +151,8 @@ class Traffic:
         self.gateway = gateway
         self.counters = counters
         self.sessions: dict[str, str] = {}
+        #: Messages each tenant's session has left before its user closes it and opens another.
+        self._messages_left: dict[str, int] = {}
         self._listeners: dict[str, asyncio.Task[None]] = {}
 
     async def open_session(self, http: httpx.AsyncClient, tenant: str) -> None:
@@ -161,6 +167,7 @@ class Traffic:
         response = await http.post("/v1/sessions", headers={"X-Tenant-ID": tenant})
         response.raise_for_status()
         self.sessions[tenant] = response.json()["session_id"]
+        self._messages_left[tenant] = random.randint(*SESSION_LENGTH)  # noqa: S311 - load shaping
         self._listeners[tenant] = asyncio.create_task(self._listen(self.sessions[tenant]))
 
     async def _listen(self, session_id: str) -> None:
@@ -190,8 +197,9 @@ class Traffic:
 
     async def send_one(self, http: httpx.AsyncClient) -> None:
         tenant = random.choice(TENANTS)  # noqa: S311 - load shaping, not security
-        if tenant not in self.sessions or random.random() < 0.02:  # noqa: S311
+        if tenant not in self.sessions or self._messages_left[tenant] <= 0:
             await self.open_session(http, tenant)
+        self._messages_left[tenant] -= 1
         session = self.sessions[tenant]
         # A client type the deployment does not list yet shows up now and then: it is recorded as `other`.
         source = random.choice(("web", "web", "api", "cli", "mobile"))  # noqa: S311
