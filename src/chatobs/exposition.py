@@ -195,9 +195,15 @@ def _sanitize(name: str) -> str:
     return f"_{name}" if name[:1].isdigit() else name
 
 
+def _family_key(name: str) -> str:
+    """A family's name as OpenMetrics writes it (a counter without ``_total``): two families
+    with one key clash in either format."""
+    return name.removesuffix("_total")
+
+
 def _label_name(key: str) -> str:
     """A valid, unreserved Prometheus label name for an attribute key, which can be anything."""
-    name = _INVALID_LABEL_CHARS.sub("_", key)  # unlike a metric name, no `:`
+    name = _INVALID_LABEL_CHARS.sub("_", key) or "_"  # unlike a metric name, no `:`; `{="x"}` is unparseable
     if name[:1].isdigit():
         name = f"_{name}"
     # Prometheus reserves `__*` label names (a `__name__` label makes the line unparseable).
@@ -271,6 +277,11 @@ class Renderer:
         self._target_info = target_info
         self._scope_labels = scope_labels
         self._uncatalogued = uncatalogued
+        # An uncatalogued metric renamed into a family name already used (`http.server.request.duration`
+        # in seconds is the catalogue's `http_server_request_duration_seconds`; `a.b` and `a_b`) is left
+        # out: one family twice makes the whole scrape unparseable ("clashing name").
+        self._catalogue_families = frozenset({"target_info", *(_family_key(m.name) for m in catalogue)})
+        self._clashes_logged: set[str] = set()
         # The SDK hands each exemplar to one collection only; whichever scrape comes first
         # (text format, a second Prometheus, `chatobs check`) would take it. Keep the last
         # exemplar of each bucket so every OpenMetrics scrape shows it. Bounded by series x buckets.
@@ -317,13 +328,24 @@ class Renderer:
             elif metric.name in self._declared:
                 self._render_declared(out, metric, openmetrics)
         if self._uncatalogued:
-            for entries in collected.values():
+            taken = set(self._catalogue_families)
+            for name, entries in collected.items():
+                family = self._family(entries[0][0], None)
+                if _family_key(family.name) in taken:
+                    self._skip_clash(name, family.name)
+                    continue
+                taken.add(_family_key(family.name))
                 self._render_collected(out, entries, None, openmetrics)
         if self._target_info and resource is not None:
             self._render_target_info(out, resource, openmetrics)
         if openmetrics:
             out.append("# EOF\n")
         return "".join(out)
+
+    def _skip_clash(self, otel_name: str, family_name: str) -> None:
+        if otel_name not in self._clashes_logged:  # once per name: a scrape every few seconds
+            self._clashes_logged.add(otel_name)
+            _logger.warning("uncatalogued metric %r is not exposed: its name %s is taken", otel_name, family_name)
 
     def _scope_block(self, scope: InstrumentationScope) -> str:
         if not self._scope_labels:

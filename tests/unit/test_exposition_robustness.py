@@ -68,6 +68,26 @@ def test_one_name_from_two_meters_is_one_family():
     assert openmetrics.count("# TYPE llm_requests counter") == 1
 
 
+def test_uncatalogued_metrics_whose_names_clash_once_translated_are_left_out(caplog):
+    telemetry = Telemetry(load_settings({"CHATOBS_EXPOSE_UNCATALOGUED": "true"}), service="gateway")
+    meter = telemetry.meter_provider.get_meter("someone-else")
+    # FastAPI's own instrument, left on: in seconds it translates to the catalogue's name.
+    meter.create_histogram("http.server.request.duration", unit="s").record(0.1, {"http.route": "/x"})
+    meter.create_counter("jobs.done").add(1)
+    meter.create_counter("jobs_done").add(2)  # the same name once translated
+    meter.create_up_down_counter("queue.depth").add(1, {"kind": "a"})
+    text, openmetrics = both_formats(telemetry)  # both parse: no family twice
+    assert text.count("# TYPE http_server_request_duration_seconds histogram") == 1
+    assert 'http.route="/x"' not in text and 'http_route="/x"' not in text
+    assert text.count("# TYPE jobs_done_total counter") == 1
+    assert "jobs_done_total 1\n" in text  # the first of the two
+    assert 'queue_depth{kind="a"} 1\n' in text  # what does not clash is exposed
+    telemetry.scrape()
+    warnings = [r.getMessage() for r in caplog.records if "not exposed" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once each, not once a scrape
+    assert "'jobs_done'" in warnings[1] or "'jobs_done'" in warnings[0]
+
+
 def test_resource_attributes_that_collide_once_sanitised_keep_one_label():
     telemetry = build(OTEL_RESOURCE_ATTRIBUTES="service_name=shadow", OTEL_SERVICE_NAME="worker-1")
     text, _ = both_formats(telemetry)
