@@ -320,7 +320,7 @@ class Telemetry:
             options = self.settings.chatobs
             # Off the app, the metrics path is an unknown path like any other, and counted like one.
             scrape_paths = [options.metrics_path] if options.metrics_on_app else []
-            instrument_app(app, self.tracer, self.cells, [*scrape_paths, *options.health_paths])
+            instrument_app(app, self.tracer, self.cells, [*scrape_paths, *options.health_paths], self._recording_failed)
             names.append("fastapi")
         return names
 

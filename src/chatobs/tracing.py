@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 import time
 import traceback
@@ -79,6 +80,7 @@ from opentelemetry.util import types
 
 __all__ = ["DecidedByParent", "LeanSpan", "LeanTracer", "LeanTracerProvider", "ParentDecided", "parent_decisions"]
 
+_logger = logging.getLogger("chatobs")
 _UNSET = Status(StatusCode.UNSET)
 _PRIMITIVES = (str, bool, int, float)  # exact classes: the fast path
 #: Trace flags by (sampled, random trace id), built once: spans take one of these four.
@@ -327,7 +329,10 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         # Processors (and a batch exporter's thread) get attributes no late writer can change.
         self._attributes = dict(self._attributes)
         for processor in self._processors.ending:  # as SynchronousMultiSpanProcessor.on_end, one call less
-            processor.on_end(self)
+            try:
+                processor.on_end(self)
+            except Exception as error:  # noqa: BLE001 - a processor's failure is not the traced code's
+                _processor_failed(processor, "on_end", error)
 
     def _fail(self, error: BaseException, *, escaped: bool) -> None:
         """An exception left the span's block: record it and set ERROR, as the span was started
@@ -396,7 +401,10 @@ class LeanTracer(trace_api.Tracer):
                         time.time_ns() if start_time is None else start_time, record_exception,
                         set_status_on_exception)  # fmt: skip
         for processor in provider.processors.starting:
-            processor.on_start(span, parent_context=context)
+            try:
+                processor.on_start(span, parent_context=context)
+            except Exception as error:  # noqa: BLE001 - unlike the SDK's: the traced call goes on
+                _processor_failed(processor, "on_start", error)
         return span
 
     def start_as_current_span(  # type: ignore[override]
@@ -516,3 +524,16 @@ class LeanTracerProvider(trace_api.TracerProvider):
 
     def shutdown(self) -> None:
         self.processors.all.shutdown()
+
+
+_failed_processors: set[tuple[type, str]] = set()
+
+
+def _processor_failed(processor: SpanProcessor, hook: str, error: Exception) -> None:
+    """Log a span processor's failure once per processor type and hook: it would repeat on
+    every span. The SDK lets it raise into the traced call; the lean tracer does not."""
+    key = (type(processor), hook)
+    if key not in _failed_processors:
+        _failed_processors.add(key)
+        _logger.warning("chatobs: span processor %s.%s failed: %r (further failures not logged)",
+                        type(processor).__qualname__, hook, error)  # fmt: skip

@@ -9,12 +9,13 @@ import time
 import httpx
 import pytest
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from chatobs import Telemetry, load_settings
 from chatobs.exposition import negotiate_openmetrics
+from tests.metrics_text import value
 
 
 def build(role: str = "worker", **env: str) -> Telemetry:
@@ -324,4 +325,60 @@ def test_request_duration_keeps_the_request_span_as_exemplar():
     ]
     assert exemplars == [sampled]
     assert 'http_route="/items/{item}"' in om
+    telemetry.shutdown()
+
+
+class _Failing(SpanProcessor):
+    """A span processor that raises where it is told to: a user's, or a broken exporter's."""
+
+    def __init__(self) -> None:
+        self.fail_in: set[str] = set()
+
+    def on_start(self, span, parent_context=None) -> None:
+        if "start" in self.fail_in:
+            raise RuntimeError("on_start failed")
+
+    def on_end(self, span) -> None:
+        if "end" in self.fail_in:
+            raise RuntimeError("on_end failed")
+
+
+# The lean tracer swallows a processor's failure itself (logged once): every request is still
+# measured. The SDK's tracer raises it into the middleware, which serves the request anyway and
+# counts the failure (a failed start: served unmeasured).
+@pytest.mark.parametrize(("tracer", "measured", "errors"), [("lean", 4, 0), ("sdk", 2, 4)])
+def test_a_failing_span_processor_fails_no_request(tracer: str, measured: int, errors: int):
+    from fastapi import FastAPI
+
+    processor = _Failing()
+    settings = load_settings({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "httpx,redis,asyncpg,aiokafka",
+                              "CHATOBS_TRACER": tracer})  # fmt: skip
+    telemetry = Telemetry(settings, service="gateway", span_processors=[processor])
+    app = FastAPI()
+
+    @app.get("/ok")
+    async def ok() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise LookupError("the app's own")
+
+    assert telemetry.instrument(app) == ["fastapi"]
+
+    async def requests() -> list[int]:
+        statuses = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            for fail_in in ({"start"}, {"end"}, {"start", "end"}, set()):
+                processor.fail_in = fail_in
+                statuses.append((await client.get("/ok")).status_code)
+            processor.fail_in = {"end"}
+            with pytest.raises(LookupError, match="the app's own"):  # unchanged, not the processor's
+                await client.get("/boom")
+        return statuses
+
+    assert asyncio.run(requests()) == [200, 200, 200, 200]
+    text = scrape(telemetry)
+    assert value(text, "http_server_request_duration_seconds_count", http_route="/ok") == measured
+    assert value(text, "chatobs_recording_errors_total", metric="http_server_request_duration_seconds") == errors
     telemetry.shutdown()

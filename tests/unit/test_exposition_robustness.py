@@ -76,7 +76,7 @@ def test_uncatalogued_metrics_whose_names_clash_once_translated_are_left_out(cap
     meter.create_counter("jobs.done").add(1)
     meter.create_counter("jobs_done").add(2)  # the same name once translated
     meter.create_up_down_counter("queue.depth").add(1, {"kind": "a"})
-    text, openmetrics = both_formats(telemetry)  # both parse: no family twice
+    text, _ = both_formats(telemetry)  # both parse: no family twice
     assert text.count("# TYPE http_server_request_duration_seconds histogram") == 1
     assert 'http.route="/x"' not in text and 'http_route="/x"' not in text
     assert text.count("# TYPE jobs_done_total counter") == 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from opentelemetry.metrics import NoOpMeterProvider
@@ -113,13 +113,16 @@ def uninstrument_libraries() -> None:
             contrib.uninstrument()
 
 
-def instrument_app(app: Any, tracer: Tracer, cells: CellStore, excluded_paths: Iterable[str]) -> bool:
+def instrument_app(app: Any, tracer: Tracer, cells: CellStore, excluded_paths: Iterable[str],
+                   on_error: Callable[[str, BaseException], None] | None = None) -> bool:  # fmt: skip
     """Add :class:`ServerMiddleware` to a FastAPI/Starlette app (one span and one duration
-    observation per request, route templates only); False if it already has it."""
+    observation per request, route templates only); False if it already has it. A failure of
+    the instrumentation goes to ``on_error`` (default: logged once), never to the request."""
     if getattr(app, "_chatobs_http_instrumented", False):
         return False
     _turn_off_native_fastapi_telemetry(app)
-    app.add_middleware(ServerMiddleware, tracer=tracer, cells=cells, excluded_paths=frozenset(excluded_paths))
+    app.add_middleware(ServerMiddleware, tracer=tracer, cells=cells, excluded_paths=frozenset(excluded_paths),
+                       on_error=on_error)  # fmt: skip
     app._chatobs_http_instrumented = True
     return True
 

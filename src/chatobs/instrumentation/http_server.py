@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -46,6 +47,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 METRIC = "http_server_request_duration_seconds"
+_logger = logging.getLogger("chatobs")
 
 
 class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
@@ -63,31 +65,45 @@ _TRACE_HEADERS = (b"traceparent", b"baggage")
 
 
 class ServerMiddleware:
+    """One SERVER span and one duration observation per HTTP request (see the module doc).
+
+    Instrumentation never fails a request: an exception of its own (a span processor that
+    raises, a store closed at shutdown) goes to ``on_error`` (by default logged once) and
+    the request is served as if uninstrumented; the app's own exceptions pass unchanged.
+    """
+
     def __init__(self, app: Callable[..., Awaitable[None]], *, tracer: Tracer, cells: CellStore,
-                 excluded_paths: frozenset[str]):  # fmt: skip
+                 excluded_paths: frozenset[str],
+                 on_error: Callable[[str, BaseException], None] | None = None):  # fmt: skip
         self.app = app
         self._tracer = tracer
         self._observe = cells.observe
         self._excluded = excluded_paths
+        self._on_error = on_error or _log_once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self._excluded:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        method = http_method(scope["method"])
-        headers = scope.get("headers") or []
-        # Extracting costs a few microseconds: only when the caller sent trace context.
-        parent = None
-        for name, _ in headers:  # a loop, not any(...): no generator per request
-            if name in _TRACE_HEADERS:
-                parent = propagate.extract(headers, getter=_GETTER)
-                break
-        # The attributes known now are given at the start, where the conventions want them
-        # (samplers may read them); the route and the status follow at the end.
-        attributes = {HTTP_REQUEST_METHOD: method, URL_PATH: scope["path"], URL_SCHEME: scope.get("scheme", "http")}
-        span = self._tracer.start_span(method, kind=SpanKind.SERVER, context=parent, attributes=attributes)
-        token = context.attach(trace.set_span_in_context(span))
+        try:  # inline, not a method: a call more per request shows in a quiet service's CPU
+            method = http_method(scope["method"])
+            headers = scope.get("headers") or []
+            # Extracting costs a few microseconds: only when the caller sent trace context.
+            parent = None
+            for name, _ in headers:  # a loop, not any(...): no generator per request
+                if name in _TRACE_HEADERS:
+                    parent = propagate.extract(headers, getter=_GETTER)
+                    break
+            # The attributes known now are given at the start, where the conventions want them
+            # (samplers may read them); the route and the status follow at the end.
+            attributes = {HTTP_REQUEST_METHOD: method, URL_PATH: scope["path"], URL_SCHEME: scope.get("scheme", "http")}
+            span = self._tracer.start_span(method, kind=SpanKind.SERVER, context=parent, attributes=attributes)
+            token = context.attach(trace.set_span_in_context(span))
+        except Exception as error:  # noqa: BLE001 - serve the request uninstrumented
+            self._on_error(METRIC, error)
+            await self.app(scope, receive, send)
+            return
         status = 500
 
         async def send_and_watch(message: Message) -> None:
@@ -99,23 +115,39 @@ class ServerMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         except BaseException as error:
-            span.record_exception(error)
+            try:
+                span.record_exception(error)
+            except Exception as failure:  # noqa: BLE001 - the app's exception is the one to raise
+                self._on_error(METRIC, failure)
             raise
         finally:
+            # try/except, not a context manager: free when nothing fails, on every request.
+            context.detach(token)  # OpenTelemetry's detach logs its own failures
             try:
                 self._finish(span, scope, method, status, time.perf_counter() - started)
-            finally:
-                context.detach(token)
-                span.end()
+            except Exception as failure:  # noqa: BLE001 - instrumentation never fails a request
+                self._on_error(METRIC, failure)
 
     def _finish(self, span: trace.Span, scope: Scope, method: str, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or ""
-        if span.is_recording():
-            span.update_name(f"{method} {route}" if route else method)
-            span.set_attribute(HTTP_ROUTE, route)
-            span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-        # The request's span is the bucket's exemplar (if the exemplar filter keeps it): handed
-        # over as it is, rather than looked up again as the current span.
-        self._observe(METRIC, seconds, (method, route, str(status)), span=span.get_span_context())
+        try:
+            route = getattr(scope.get("route"), "path", None) or ""
+            if span.is_recording():
+                span.update_name(f"{method} {route}" if route else method)
+                span.set_attribute(HTTP_ROUTE, route)
+                span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+            # The request's span is the bucket's exemplar (if the exemplar filter keeps it):
+            # handed over as it is, rather than looked up again as the current span.
+            self._observe(METRIC, seconds, (method, route, str(status)), span=span.get_span_context())
+        finally:
+            span.end()  # whatever failed above: a span left open would never be exported
+
+
+_logged: set[str] = set()
+
+
+def _log_once(metric: str, error: BaseException) -> None:
+    if metric not in _logged:  # a failure here repeats on every request: say it once
+        _logged.add(metric)
+        _logger.warning("chatobs: instrumenting a request failed: %r (further failures not logged)", error)
