@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import typing
@@ -56,6 +57,11 @@ __all__ = [
 ]
 
 CHATOBS_PREFIX = "CHATOBS_"
+#: The libraries chatobs instruments (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` may name them).
+LIBRARIES = ("fastapi", "httpx", "redis", "asyncpg", "aiokafka")
+#: RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
 M = TypeVar("M", bound=BaseSettings)
 
@@ -175,7 +181,9 @@ class OtelSettings(_MappingOnly):
     )
     exporter_otlp_endpoint: AnyHttpUrl | None = Field(None, description="Base URL of the OTLP receiver.")
     exporter_otlp_protocol: OtlpProtocol = Field("http/protobuf", description="`http/protobuf` or `grpc`.")
-    exporter_otlp_headers: str = Field("", description="Headers sent with OTLP requests, `key=value,...`.")
+    exporter_otlp_headers: str = Field(
+        "", description="Headers sent with OTLP requests, `key=value,...`.", json_schema_extra={"secret": True}
+    )  # often credentials: a malformed value is never echoed
     exporter_otlp_metrics_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP metrics URL (overrides).")
     exporter_otlp_metrics_protocol: OtlpProtocol | None = Field(None, description="Protocol for metrics (overrides).")
     exporter_otlp_traces_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP traces URL (overrides).")
@@ -229,10 +237,30 @@ class OtelSettings(_MappingOnly):
             raise ValueError(f"must not exceed OTEL_BSP_MAX_QUEUE_SIZE ({queue})")
         return value
 
-    @field_validator("resource_attributes", "exporter_otlp_headers")
+    @field_validator("resource_attributes")
     @classmethod
     def _key_values(cls, value: str) -> str:
         parse_key_values(value)
+        return value
+
+    @field_validator("exporter_otlp_headers")
+    @classmethod
+    def _headers(cls, value: str) -> str:
+        try:
+            parse_key_values(value)
+        except ValueError:  # its message quotes the bad member, which may be a token
+            raise ValueError("expected key=value pairs separated by commas (the value is not shown)") from None
+        return value
+
+    @field_validator("python_disabled_instrumentations")
+    @classmethod
+    def _no_misspelt_library(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Other names are fine: with `opentelemetry-instrument` the variable also switches off
+        # other distributions' instrumentations. A near miss of one of ours is a typo.
+        for name in value:
+            close = difflib.get_close_matches(name, LIBRARIES, n=1, cutoff=0.75)
+            if name not in LIBRARIES and close:
+                raise ValueError(f"{name!r} instruments nothing (did you mean {close[0]}?)")
         return value
 
     @property
@@ -267,7 +295,9 @@ class ChatobsSettings(_MappingOnly):
         "`setup(service=...)` takes precedence; the zero-code path needs this variable.",
     )
     metrics_path: str = Field("/metrics", description="Path of the Prometheus scrape endpoint.")
-    metrics_host: str = Field("0.0.0.0", description="Bind address of the standalone metrics server.")
+    metrics_host: str = Field(
+        "0.0.0.0", description="Bind address of the standalone metrics server: an IP address or a host name."
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535,
         description="Port of the standalone metrics server, for services without an HTTP app (0: any free port).",
@@ -316,9 +346,10 @@ class ChatobsSettings(_MappingOnly):
         False, description="Also expose instruments that are not in the catalogue (names translated)."
     )
     process_metrics: bool = Field(True, description="Report process CPU, memory, open fds and data-dir disk free.")
-    data_dir: Path = Field(Path("."), description="Directory whose file system `data_dir_free_bytes` reports.")
+    data_dir: Path = Field(Path("."), description="Existing directory whose file system `data_dir_free_bytes` reports.")
     health_paths: CsvList = Field(
-        ("/health",), description="Probe paths kept out of HTTP metrics and traces (as the scrape path is)."
+        ("/health",),
+        description="Probe paths (each from `/`) kept out of HTTP metrics and traces, as the scrape path is.",
     )
     wal_topic: str = Field("chat.wal", min_length=1, description="Kafka topic of the WAL (for `wal_publish_*`).")
     # Before the label lists: their validator reads it. At least 64: every catalogue value
@@ -366,6 +397,32 @@ class ChatobsSettings(_MappingOnly):
         # mount), and a space, `?` or `#` could never be requested as it is written.
         if not _PLAIN_PATH.fullmatch(value):
             raise ValueError(f"must be a plain URL path (letters, digits and -._~!$&'()*+,;=:@%/), got {value!r}")
+        return value
+
+    @field_validator("health_paths")
+    @classmethod
+    def _absolute_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/"):  # a request path always does: this one would never match
+                raise ValueError(f"each path must start with '/', got {path!r}")
+        return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        host = value[1:-1] if value.startswith("[") and value.endswith("]") else value  # `[::1]` as in a URL
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(host):
+                raise ValueError(f"must be an IP address or a host name, got {value!r}") from None
+        return host
+
+    @field_validator("data_dir")
+    @classmethod
+    def _existing_directory(cls, value: Path) -> Path:
+        if not value.is_dir():  # `data_dir_free_bytes` would be missing from every scrape
+            raise ValueError(f"{str(value)!r} is not an existing directory")
         return value
 
     @field_validator("multiprocess_dir")
@@ -484,8 +541,10 @@ def _env_name(model: type[BaseSettings], field: str) -> str:
 
 
 def _is_secret(model: type[BaseSettings], field: str) -> bool:
-    annotation = model.model_fields[field].annotation
-    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+    info = model.model_fields[field]
+    if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("secret"):
+        return True
+    return info.annotation is SecretStr or SecretStr in typing.get_args(info.annotation)
 
 
 def _errors(model: type[BaseSettings], env: Mapping[str, str], exc: ValidationError) -> dict[str, str]:

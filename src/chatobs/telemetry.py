@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -65,6 +67,9 @@ from chatobs.version import __version__
 __all__ = ["Telemetry", "current", "setup"]
 
 _logger = logging.getLogger("chatobs")
+#: Binding errors that mean the host is wrong (asyncio re-raises a failed lookup as a plain
+#: OSError with the lookup's code): a name that does not resolve, an address not of this machine.
+_HOST_ERRORS = frozenset({errno.EADDRNOTAVAIL, socket.EAI_NONAME, socket.EAI_AGAIN, socket.EAI_FAIL})
 
 #: Instrumentation scope of the catalogue instruments.
 SCOPE_NAME = "chatobs"
@@ -298,9 +303,10 @@ class Telemetry:
         try:
             server = MetricsServer(self.scrape, host=host, port=port, path=options.metrics_path, auth=self.metrics_auth)
         except OSError as error:
-            raise ConfigError(
-                {"CHATOBS_METRICS_PORT": f"={port}: cannot listen on {host}:{port}: {error.strerror}"}
-            ) from error
+            # A name that does not resolve, or an address not of this machine: the host is wrong.
+            wrong_host = error.errno in _HOST_ERRORS or isinstance(error, socket.gaierror)
+            variable, given = ("CHATOBS_METRICS_HOST", host) if wrong_host else ("CHATOBS_METRICS_PORT", port)
+            raise ConfigError({variable: f"={given}: cannot listen on {host}:{port}: {error.strerror}"}) from error
         self._servers.append(server)
         _logger.info("chatobs: %s metrics at %s", self.service, server.url)
         return server

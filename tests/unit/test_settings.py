@@ -46,6 +46,10 @@ def test_values_are_parsed():
         ({"OTEL_RESOURCE_ATTRIBUTES": "no-equals-sign"}, "OTEL_RESOURCE_ATTRIBUTES"),
         ({"OTEL_METRICS_EXEMPLAR_FILTER": "sometimes"}, "OTEL_METRICS_EXEMPLAR_FILTER"),
         ({"OTEL_SDK_DISABLED": "maybe"}, "OTEL_SDK_DISABLED"),
+        ({"CHATOBS_METRICS_HOST": "metrics host"}, "CHATOBS_METRICS_HOST"),
+        ({"CHATOBS_DATA_DIR": "/nonexistent/chatobs"}, "CHATOBS_DATA_DIR"),
+        ({"CHATOBS_HEALTH_PATHS": "/health,ready"}, "CHATOBS_HEALTH_PATHS"),  # never matches a request path
+        ({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "redis,aiokafak"}, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_variable(env, variable):
@@ -66,3 +70,32 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as caught:
         load_settings({"CHATOBS_METRICS_PORT": "abc", "OTEL_METRICS_EXPORTER": "bogus"})
     assert set(caught.value.variables) == {"CHATOBS_METRICS_PORT", "OTEL_METRICS_EXPORTER"}
+
+
+def test_disabled_instrumentations_of_other_distributions_are_accepted():
+    # With `opentelemetry-instrument`, the variable also names other packages' instrumentations.
+    names = load_settings({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "requests,sqlalchemy,redis"})
+    assert names.otel.python_disabled_instrumentations == ("requests", "sqlalchemy", "redis")
+
+
+def test_a_malformed_otlp_header_value_is_never_shown():
+    # Header values are usually credentials; the member at fault is one too.
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cret,=t0ken"})
+    assert caught.value.variables == ("OTEL_EXPORTER_OTLP_HEADERS",)
+    assert "s3cret" not in str(caught.value) and "t0ken" not in str(caught.value)
+
+
+def test_a_bracketed_ipv6_metrics_host_is_the_address():
+    assert load_settings({"CHATOBS_METRICS_HOST": "[::1]"}).chatobs.metrics_host == "::1"
+
+
+def test_a_metrics_host_not_of_this_machine_is_an_error_naming_the_host():
+    from chatobs import Telemetry
+
+    telemetry = Telemetry(load_settings({"CHATOBS_METRICS_HOST": "192.0.2.1", "CHATOBS_METRICS_PORT": "0"}),
+                          service="worker")  # fmt: skip  # 192.0.2.1: TEST-NET-1, on no machine
+    with pytest.raises(ConfigError) as caught:
+        telemetry.serve()
+    assert caught.value.variables == ("CHATOBS_METRICS_HOST",)
+    telemetry.shutdown()

@@ -37,6 +37,7 @@ from chatobs.instrumentation.kafka import KafkaClientInstrumentor, consumer_span
 from chatobs.instrumentation.postgres import PostgresClientInstrumentor
 from chatobs.instrumentation.redis import RedisClientInstrumentor
 from chatobs.recorders.clients import ClientRecorder
+from chatobs.settings import LIBRARIES  # instrumented by instrument_libraries (fastapi: per app, instrument_app)
 
 __all__ = [
     "LIBRARIES",
@@ -53,9 +54,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("chatobs")
-
-#: Libraries instrumented by :func:`instrument_libraries` (fastapi: per app, :func:`instrument_app`).
-LIBRARIES = ("fastapi", "httpx", "redis", "asyncpg", "aiokafka")
 
 
 def _opt_in_to_stable_http_semconv() -> None:
