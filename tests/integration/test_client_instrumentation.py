@@ -221,3 +221,25 @@ def test_calls_under_suppressed_instrumentation_are_not_measured(stack, upstream
     assert samples[("postgres_operation_seconds_count", (("operation", "select"),))] == 3
     http = [count for (name, _), count in samples.items() if name == "http_client_request_duration_seconds_count"]
     assert http == [2]
+
+
+def test_uninstrumenting_leaves_the_applications_own_instrumentation(upstream):
+    # The application traces httpx itself (the contrib instrumentor, its own provider); chatobs
+    # instruments on top and is undone: the application's spans must go on.
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+
+    url, _ = upstream
+    exporter = InMemorySpanExporter()
+    own = TracerProvider()
+    own.add_span_processor(SimpleSpanProcessor(exporter))
+    HTTPXClientInstrumentor().instrument(tracer_provider=own)
+    try:
+        telemetry = Telemetry(load_settings({}), service="worker")
+        telemetry.instrument()
+        uninstrument_libraries()
+        telemetry.shutdown()
+        httpx.get(url).raise_for_status()
+        assert [span.kind for span in exporter.get_finished_spans()] == [SpanKind.CLIENT]
+    finally:
+        HTTPXClientInstrumentor().uninstrument()

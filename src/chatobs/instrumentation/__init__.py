@@ -73,6 +73,11 @@ _CLIENTS: dict[str, tuple[str, str, type[ClientInstrumentor]]] = {
 }
 
 
+#: The contrib instrumentors chatobs turned on, by library: only these does it turn off again
+#: (one the application had instrumented itself stays as it was).
+_contrib_turned_on: set[str] = set()
+
+
 def _contrib(module: str, name: str) -> Any:
     """The contrib instrumentor (a singleton, as every ``BaseInstrumentor``), imported when needed."""
     return getattr(importlib.import_module(module), name)()
@@ -93,6 +98,7 @@ def instrument_libraries(tracer_provider: Any, clients: ClientRecorder, disabled
                 # No contrib instrumentor gets the real meter provider: their synchronous SDK
                 # instruments are what costs, and chatobs's instrumentors measure the calls.
                 contrib.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
+                _contrib_turned_on.add(name)
             ours.instrument(tracer_provider=tracer_provider, clients=clients,
                             traced=contrib.is_instrumented_by_opentelemetry)  # fmt: skip
         names.append(name)
@@ -101,14 +107,17 @@ def instrument_libraries(tracer_provider: Any, clients: ClientRecorder, disabled
 
 def uninstrument_libraries() -> None:
     """Undo :func:`instrument_libraries` (for tests that build several pipelines): chatobs's
-    instrumentors first, then the contrib ones beneath them."""
-    for module, contrib_name, ours_class in _CLIENTS.values():
+    instrumentors first, then the contrib ones it turned on beneath them (not those the
+    application had turned on itself)."""
+    for name, (module, contrib_name, ours_class) in _CLIENTS.items():
         ours = ours_class()
         if ours.is_instrumented_by_opentelemetry:
             ours.uninstrument()
-        contrib = _contrib(module, contrib_name)
-        if contrib.is_instrumented_by_opentelemetry:
-            contrib.uninstrument()
+        if name in _contrib_turned_on:
+            _contrib_turned_on.discard(name)
+            contrib = _contrib(module, contrib_name)
+            if contrib.is_instrumented_by_opentelemetry:
+                contrib.uninstrument()
 
 
 def instrument_app(app: Any, tracer: Tracer, cells: CellStore, excluded_paths: Iterable[str],
