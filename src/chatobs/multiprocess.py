@@ -8,9 +8,10 @@ a scrape reads the files of every process of its server and combines them as the
 :class:`~chatobs.catalogue.Combine` says: counters and histograms sum over every process that
 ever ran (a killed worker's requests still happened), gauges over the live ones.
 
-Files are named ``<server pid>-<pid>.cells``; the server is the parent process (the gunicorn
-arbiter, uvicorn's supervisor), so a restarted server never adds the previous one's counts, and
-files whose server has exited are removed when the next one starts. A process is live while its
+Files are named ``<server pid>.<server start time>-<pid>.cells``; the server is the parent
+process (the gunicorn arbiter, uvicorn's supervisor), so a restarted server never adds the
+previous one's counts, even with the same pid (a container's pid 1 restarted over a directory
+that outlived it), and files whose server has exited are removed when the next one starts. A process is live while its
 pid exists with the start time written in its file's header (a reused pid is not mistaken for it).
 
 File layout, little-endian::
@@ -109,9 +110,10 @@ def _is_alive(pid: int, start_time: int) -> bool:
 class ProcessFile:
     """This process's values, written through to a memory-mapped file other processes read."""
 
-    def __init__(self, directory: Path, server_pid: int, pid: int | None = None):
+    def __init__(self, directory: Path, server_pid: int, pid: int | None = None, server_start: int | None = None):
         self.pid = os.getpid() if pid is None else pid
-        self.path = directory / f"{server_pid}-{self.pid}{_SUFFIX}"
+        server_start = _start_time(server_pid) if server_start is None else server_start
+        self.path = directory / f"{server_pid}.{server_start}-{self.pid}{_SUFFIX}"
         self._lock = threading.Lock()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -222,24 +224,32 @@ class ProcessDirectory:
 
     def __init__(self, path: Path, server_pid: int | None = None):
         self.path = path
-        self.server_pid = os.getppid() if server_pid is None else server_pid
+        self._serve_under(os.getppid() if server_pid is None else server_pid)
         self._remove_finished_servers()
-        self.own = ProcessFile(path, self.server_pid)
+        self.own = ProcessFile(path, self.server_pid, server_start=self._server[1])
 
-    def _files(self) -> Iterator[tuple[int, int, Path]]:
+    def _serve_under(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._server = (server_pid, _start_time(server_pid))  # what a server is: pid and start time
+
+    def _files(self) -> Iterator[tuple[tuple[int, int], int, Path]]:
+        """``((server pid, server start time), pid, path)`` of each process file."""
         for entry in self.path.glob(f"*{_SUFFIX}"):
             server, _, pid = entry.name[: -len(_SUFFIX)].partition("-")
-            if server.isdigit() and pid.isdigit():
-                yield int(server), int(pid), entry
+            server_pid, _, server_start = server.partition(".")
+            server_start = server_start or "0"  # named by an earlier version: `<server pid>-<pid>`
+            if server_pid.isdigit() and server_start.isdigit() and pid.isdigit():
+                yield (int(server_pid), int(server_start)), int(pid), entry
 
     def _remove_finished_servers(self) -> None:
-        """Files of servers that have exited: their counts ended with them."""
-        checked: dict[int, bool] = {}
+        """Files of servers that have exited: their counts ended with them. A server is gone
+        when no process has its pid with its start time (a reused pid started later)."""
+        checked: dict[tuple[int, int], bool] = {}
         for server, _pid, path in self._files():
-            if server == self.server_pid:
+            if server == self._server:
                 continue
             if server not in checked:
-                checked[server] = _is_alive(server, 0)
+                checked[server] = _is_alive(*server)
             if not checked[server]:
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -247,7 +257,7 @@ class ProcessDirectory:
     def snapshot(self) -> Snapshot:
         processes = []
         for server, pid, path in self._files():
-            if server != self.server_pid:
+            if server != self._server:
                 continue  # another server sharing the directory (or one still shutting down)
             read = _read(path)
             if read is None:
@@ -259,8 +269,8 @@ class ProcessDirectory:
 
     def reopen(self) -> None:
         """After a fork: this process's own file, under the new parent (the forking server)."""
-        self.server_pid = os.getppid()
-        self.own = ProcessFile(self.path, self.server_pid)
+        self._serve_under(os.getppid())
+        self.own = ProcessFile(self.path, self.server_pid, server_start=self._server[1])
 
     def close(self) -> None:
         self.own.close()

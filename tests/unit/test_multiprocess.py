@@ -103,6 +103,23 @@ def test_files_of_a_finished_server_are_removed_and_another_servers_ignored(tmp_
     assert other_server.path.exists()
 
 
+def test_a_restarted_server_with_the_same_pid_adds_nothing_of_the_previous_one(tmp_path, dead_pid):
+    # A container's pid 1 restarted over a directory that outlived it (a Kubernetes emptyDir):
+    # the same server pid, a later start time. The earlier run's worker counted 100 sessions.
+    server = os.getppid()
+    earlier = ProcessFile(tmp_path, server_pid=server, pid=dead_pid, server_start=1)
+    offset = earlier.allocate(series_key("sessions_created_total", {}), slots=1)
+    earlier.write(offset, 100)
+    earlier.close()
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="gateway")
+    try:
+        telemetry.traffic.session_created()
+        assert value(scrape(telemetry), "sessions_created_total") == 1
+    finally:
+        telemetry.shutdown()
+    assert not earlier.path.exists()
+
+
 def test_the_directory_must_exist_and_metric_push_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="CHATOBS_MULTIPROCESS_DIR"):
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path / "missing")})
