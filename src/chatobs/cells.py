@@ -578,6 +578,7 @@ class CellStore:
         assert self._directory is not None
         self._directory.reopen()
         self._lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+        self._labels.renew_locks()  # so may the label policy's
         self._bound = {}
         self._snapshot = None
         for name, series in self._series.items():

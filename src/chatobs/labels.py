@@ -142,6 +142,14 @@ class LabelPolicy:
         self._lock = threading.Lock()
         self._caches: dict[str, dict[tuple[str, ...], tuple[dict[str, str], tuple[str, ...]]]] = {}
 
+    def renew_locks(self) -> None:
+        """In a forked child: new locks. Another thread of the parent may have held one at the
+        fork, and the child has no such thread to release it: its first new label value would
+        wait for ever."""
+        self._lock = threading.Lock()
+        for allowed in {id(a): a for a in (*self._allowed.values(), *self._by_setting.values())}.values():
+            allowed._lock = threading.Lock()
+
     def _allowed_for(self, metric: Metric, label: Label) -> _AllowedValues:
         key = (metric.name, label.name)
         allowed = self._allowed.get(key)

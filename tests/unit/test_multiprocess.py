@@ -5,7 +5,10 @@ under the pids of a live process (a sleeping child) and of one that has exited."
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
 import subprocess
 from collections.abc import Iterator
 
@@ -125,3 +128,36 @@ def test_the_directory_must_exist_and_metric_push_is_refused(tmp_path):
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="OTEL_METRICS_EXPORTER"):
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path), "OTEL_METRICS_EXPORTER": "prometheus,otlp"})
+
+
+def test_a_worker_forked_while_a_label_lock_was_held_records_new_values(tmp_path):
+    # gunicorn --preload forks the app's process; a thread of the parent may be admitting a
+    # label value at that moment. Held here, as that thread would hold them, across the fork.
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="worker")
+    telemetry.llm.request("first-model", "p")
+    policy = telemetry.labels
+    locks = [policy._lock, *(allowed._lock for allowed in policy._allowed.values())]
+    for lock in locks:
+        lock.acquire()
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: record a value never seen, then report what its scrape shows
+        try:
+            telemetry.llm.request("second-model", "p")
+            shown = 'model="second-model"' in scrape(telemetry)
+            os.write(writing, b"shown" if shown else b"missing")
+        finally:
+            os._exit(0)
+    for lock in locks:
+        lock.release()
+    os.close(writing)
+    try:
+        ready, _, _ = select.select([reading], [], [], 10)
+        assert ready, "the forked worker hung on a lock it inherited held"
+        assert os.read(reading, 16) == b"shown"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(reading)
+        telemetry.shutdown()
