@@ -27,9 +27,11 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -127,6 +129,14 @@ class ScrapeReader(MetricReader):
         self._lock = threading.Lock()
         self._latest: MetricsData | None = None
         self._last_good = Collected(None)
+        # A forked child (gunicorn --preload) needs a lock of its own: one held by a scrape in
+        # the parent at the fork is never released in the child, whose every scrape would then
+        # wait out its timeout and serve the parent's last collection.
+        reader = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (it := reader()) is not None and it._renew_lock())
+
+    def _renew_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
         self._latest = metrics_data

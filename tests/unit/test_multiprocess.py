@@ -130,13 +130,14 @@ def test_the_directory_must_exist_and_metric_push_is_refused(tmp_path):
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path), "OTEL_METRICS_EXPORTER": "prometheus,otlp"})
 
 
-def test_a_worker_forked_while_a_label_lock_was_held_records_new_values(tmp_path):
+def test_a_worker_forked_while_locks_were_held_records_new_values_and_scrapes_them(tmp_path):
     # gunicorn --preload forks the app's process; a thread of the parent may be admitting a
-    # label value at that moment. Held here, as that thread would hold them, across the fork.
+    # label value, or scraping, at that moment. Held here, as that thread would hold them,
+    # across the fork.
     telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="worker")
     telemetry.llm.request("first-model", "p")
     policy = telemetry.labels
-    locks = [policy._lock, *(allowed._lock for allowed in policy._allowed.values())]
+    locks = [policy._lock, *(allowed._lock for allowed in policy._allowed.values()), telemetry.scrape_reader._lock]
     for lock in locks:
         lock.acquire()
     reading, writing = os.pipe()
@@ -154,7 +155,7 @@ def test_a_worker_forked_while_a_label_lock_was_held_records_new_values(tmp_path
     try:
         ready, _, _ = select.select([reading], [], [], 10)
         assert ready, "the forked worker hung on a lock it inherited held"
-        assert os.read(reading, 16) == b"shown"
+        assert os.read(reading, 16) == b"shown"  # not the parent's last collection, after a wait
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
