@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 import weakref
@@ -62,7 +61,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from chatobs import catalogue
 from chatobs.catalogue import Kind
 from chatobs.labels import LabelPolicy, cacheable
-from chatobs.multiprocess import ProcessDirectory, ProcessFile, Snapshot, series_key, split_key
+from chatobs.multiprocess import ProcessDirectory, ProcessFile, Snapshot, renew_in_forked_child, series_key, split_key
 
 __all__ = [
     "MAX_AMOUNT",
@@ -447,8 +446,7 @@ class CellStore:
         if directory is not None:
             # A server that builds the app before forking its workers (gunicorn --preload) hands
             # every worker this store: each must then write its own file, not the parent's.
-            store = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: (cells := store()) is not None and cells._after_fork())
+            renew_in_forked_child(self, CellStore._after_fork)
 
     # -- recording ------------------------------------------------------------------
     def add(self, name: str, amount: float, values: tuple[str, ...]) -> None:

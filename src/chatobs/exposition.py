@@ -27,11 +27,9 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import os
 import re
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -51,6 +49,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from chatobs.catalogue import CATALOGUE, Kind, Metric
 from chatobs.cells import Cell, HistogramCell, LocalCells
+from chatobs.multiprocess import renew_in_forked_child
 
 __all__ = [
     "CONTENT_TYPE_OPENMETRICS",
@@ -132,8 +131,7 @@ class ScrapeReader(MetricReader):
         # A forked child (gunicorn --preload) needs a lock of its own: one held by a scrape in
         # the parent at the fork is never released in the child, whose every scrape would then
         # wait out its timeout and serve the parent's last collection.
-        reader = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (it := reader()) is not None and it._renew_lock())
+        renew_in_forked_child(self, ScrapeReader._renew_lock)
 
     def _renew_lock(self) -> None:
         self._lock = threading.Lock()
@@ -213,7 +211,7 @@ def _family_key(name: str) -> str:
 
 def _label_name(key: str) -> str:
     """A valid, unreserved Prometheus label name for an attribute key, which can be anything."""
-    name = _INVALID_LABEL_CHARS.sub("_", key) or "_"  # unlike a metric name, no `:`; `{="x"}` is unparseable
+    name = _INVALID_LABEL_CHARS.sub("_", key)  # unlike a metric name, no `:`
     if name[:1].isdigit():
         name = f"_{name}"
     # Prometheus reserves `__*` label names (a `__name__` label makes the line unparseable).
@@ -341,10 +339,11 @@ class Renderer:
             taken = set(self._catalogue_families)
             for name, entries in collected.items():
                 family = self._family(entries[0][0], None)
-                if _family_key(family.name) in taken:
+                key = _family_key(family.name)
+                if key in taken:
                     self._skip_clash(name, family.name)
                     continue
-                taken.add(_family_key(family.name))
+                taken.add(key)
                 self._render_collected(out, entries, None, openmetrics)
         if self._target_info and resource is not None:
             self._render_target_info(out, resource, openmetrics)

@@ -147,7 +147,7 @@ class LabelPolicy:
         fork, and the child has no such thread to release it: its first new label value would
         wait for ever."""
         self._lock = threading.Lock()
-        for allowed in {id(a): a for a in (*self._allowed.values(), *self._by_setting.values())}.values():
+        for allowed in self._allowed.values():  # every shared (`_by_setting`) one is here too
             allowed._lock = threading.Lock()
 
     def _allowed_for(self, metric: Metric, label: Label) -> _AllowedValues:

@@ -11,8 +11,9 @@ ever ran (a killed worker's requests still happened), gauges over the live ones.
 Files are named ``<server pid>.<server start time>-<pid>.cells``; the server is the parent
 process (the gunicorn arbiter, uvicorn's supervisor), so a restarted server never adds the
 previous one's counts, even with the same pid (a container's pid 1 restarted over a directory
-that outlived it), and files whose server has exited are removed when the next one starts. A process is live while its
-pid exists with the start time written in its file's header (a reused pid is not mistaken for it).
+that outlived it), and files whose server has exited are removed when the next one starts. A
+process is live while its pid exists with the start time written in its file's header (a
+reused pid is not mistaken for it).
 
 File layout, little-endian::
 
@@ -39,13 +40,23 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from chatobs.catalogue import Combine
 
-__all__ = ["ProcessDirectory", "ProcessFile", "Snapshot", "proc_stat_fields", "series_key", "split_key"]
+__all__ = [
+    "ProcessDirectory",
+    "ProcessFile",
+    "Snapshot",
+    "proc_stat_fields",
+    "renew_in_forked_child",
+    "series_key",
+    "split_key",
+]
 
 _logger = logging.getLogger("chatobs")
 
@@ -57,6 +68,29 @@ _SLOT = struct.Struct("<d")
 _USED_OFFSET = 8
 _INITIAL_SIZE = 64 * 1024
 _SUFFIX = ".cells"
+
+
+_Owner = TypeVar("_Owner")
+
+
+def renew_in_forked_child(owner: _Owner, renew: Callable[[_Owner], None]) -> None:
+    """Call ``renew(owner)`` in every child forked while ``owner`` lives (``gunicorn --preload``
+    forks a process that built the app): what only the parent's threads could release, or
+    what belongs to the parent, is replaced there. The hook cannot be unregistered, so it holds
+    ``owner`` weakly.
+
+    Example::
+
+        renew_in_forked_child(self, Reader._renew_lock)
+    """
+    ref = weakref.ref(owner)
+
+    def hook() -> None:
+        alive = ref()
+        if alive is not None:
+            renew(alive)
+
+    os.register_at_fork(after_in_child=hook)
 
 
 def series_key(metric_name: str, attributes: dict[str, str]) -> str:
@@ -90,6 +124,11 @@ def _start_time(pid: int) -> int:
     """The process's start time, 0 where unknown."""
     stat = _stat(pid)
     return stat[1] if stat else 0
+
+
+def _server(pid: int) -> tuple[int, int]:
+    """What identifies a server: its pid with its start time (a restarted one may reuse the pid)."""
+    return pid, _start_time(pid)
 
 
 def _is_alive(pid: int, start_time: int) -> bool:
@@ -224,13 +263,16 @@ class ProcessDirectory:
 
     def __init__(self, path: Path, server_pid: int | None = None):
         self.path = path
-        self._serve_under(os.getppid() if server_pid is None else server_pid)
+        self._server = _server(os.getppid() if server_pid is None else server_pid)
         self._remove_finished_servers()
-        self.own = ProcessFile(path, self.server_pid, server_start=self._server[1])
+        self.own = self._own_file()
 
-    def _serve_under(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-        self._server = (server_pid, _start_time(server_pid))  # what a server is: pid and start time
+    @property
+    def server_pid(self) -> int:
+        return self._server[0]
+
+    def _own_file(self) -> ProcessFile:
+        return ProcessFile(self.path, self.server_pid, server_start=self._server[1])
 
     def _files(self) -> Iterator[tuple[tuple[int, int], int, Path]]:
         """``((server pid, server start time), pid, path)`` of each process file."""
@@ -269,8 +311,8 @@ class ProcessDirectory:
 
     def reopen(self) -> None:
         """After a fork: this process's own file, under the new parent (the forking server)."""
-        self._serve_under(os.getppid())
-        self.own = ProcessFile(self.path, self.server_pid, server_start=self._server[1])
+        self._server = _server(os.getppid())
+        self.own = self._own_file()
 
     def close(self) -> None:
         self.own.close()
