@@ -83,6 +83,8 @@ def renew_in_forked_child(owner: _Owner, renew: Callable[[_Owner], None]) -> Non
 
         renew_in_forked_child(self, Reader._renew_lock)
     """
+    if not hasattr(os, "register_at_fork"):  # no fork there (Windows): nothing to renew
+        return
     ref = weakref.ref(owner)
 
     def hook() -> None:

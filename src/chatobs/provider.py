@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
+from chatobs.multiprocess import renew_in_forked_child
 from chatobs.settings import OtelSettings, Settings
 from chatobs.tracing import DecidedByParent, LeanTracerProvider
 
@@ -427,8 +427,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
             schedule_delay_millis=schedule_delay_millis,
             max_export_batch_size=max_export_batch_size,
         )
-        if hasattr(os, "register_at_fork"):  # the SDK empties its queue in a forked child: so do we
-            os.register_at_fork(after_in_child=self._after_fork)
+        renew_in_forked_child(self, BoundedBatchSpanProcessor._after_fork)  # the SDK empties its queue there: so do we
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
