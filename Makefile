@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Debian packages the tests need: prometheus (promtool and the server), chromium (UI tests,
-# driven by Playwright: no browser download is possible here), wrk (HTTP load for bench/).
-APT_PACKAGES := prometheus chromium wrk
+# Debian packages the demo and the tests need: python3-venv (Debian ships `python3 -m venv`'s
+# ensurepip apart from Python), prometheus (promtool and the server the demo starts), chromium
+# (UI tests, driven by Playwright: no browser download is possible here), wrk (HTTP load for bench/).
+APT_PACKAGES := python3-venv prometheus chromium wrk
 # The suite on two pytest-xdist workers: the long tests mostly wait on servers and time
 # windows, so two run side by side in little more than the time of one. `loadgroup` hands the
 # tests out a few at a time as a worker frees up; `load` sent the slow ones ahead in one
@@ -24,9 +25,10 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet --editable '.[test]'
 
 system-deps:
-	@command -v promtool >/dev/null && command -v chromium >/dev/null && command -v wrk >/dev/null || { apt-get update && apt-get install -y $(APT_PACKAGES); }
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null && command -v wrk >/dev/null || { apt-get update && apt-get install -y $(APT_PACKAGES); }
 
-demo: install
+# system-deps before install: the venv needs python3-venv.
+demo: system-deps install
 	$(BIN)/chatobs demo $(DEMO_ARGS)
 
 lint: install

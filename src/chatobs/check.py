@@ -9,7 +9,7 @@ the bound the catalogue implies.
 
 Example::
 
-    report = check_endpoints(["http://127.0.0.1:8010/metrics"], settings)
+    [report] = check_endpoints(["http://127.0.0.1:8000/metrics"], settings)  # a gateway on its default port
     print(report.ok, report.violations)
 """
 

@@ -3,10 +3,17 @@
 Examples::
 
     chatobs catalogue --format md          # the metric catalogue as Markdown (or json)
-    chatobs check http://127.0.0.1:8010/metrics http://127.0.0.1:9464/metrics
+    chatobs check http://127.0.0.1:8000/metrics http://127.0.0.1:9464/metrics
     chatobs docs --check                   # are docs/metrics.md and the README table current?
-    eval "$(chatobs stack up)" &           # Redis, PostgreSQL, Kafka protocol on loopback ports
+    chatobs stack up --env-file .stack.env # Redis, PostgreSQL, Kafka protocol on loopback ports
+    . ./.stack.env                         # in another shell, once the file exists
     chatobs demo --duration 60             # the instrumented example service
+
+The ``check`` URLs are examples: the gateway on its default port (``CHATPIPE_GATEWAY_PORT``,
+8000) and a worker started with ``CHATOBS_METRICS_PORT=9464`` (that variable has no
+default; ``chatobs demo`` prints the URLs of the services it starts). ``stack up`` runs
+until Ctrl-C or SIGTERM, so ``eval "$(chatobs stack up)"`` would never return: the env
+file is written once every server is up, and removed when the stack stops.
 
 Commands that other packages provide (``demo`` comes from ``chatpipe``) are
 found through the ``chatobs.commands`` entry point group, so this package never
@@ -16,7 +23,9 @@ imports the pipeline.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -106,6 +115,19 @@ def _cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` by a rename, so a shell that sources ``path`` as soon as it
+    exists reads every line, never half of them."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:  # mkstemp's mode 0600: DATABASE_URL may carry a password
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     import shlex
     import signal
@@ -116,18 +138,29 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    env_file = Path(args.env_file).absolute() if args.env_file else None
+    if env_file is not None:
+        if not env_file.parent.is_dir():  # said now, not after the servers have started
+            print(f"chatobs: --env-file: no directory {env_file.parent}", file=sys.stderr)
+            return 2
+        env_file.unlink(missing_ok=True)  # one left by a killed run names servers that are gone
     stack = LocalStack.from_environment()
     for name in stack.given:
         print(f"using the given {name} server", file=sys.stderr)
     try:
         stack.start(progress=lambda message: print(f"started {message}", file=sys.stderr, flush=True))
-        for variable, value in stack.environment.items():
-            print(f"export {variable}={shlex.quote(value)}", flush=True)
+        exports = "".join(f"export {variable}={shlex.quote(value)}\n" for variable, value in stack.environment.items())
+        sys.stdout.write(exports)
+        sys.stdout.flush()
+        if env_file is not None:
+            _write_atomically(env_file, exports)
         print(
             f"# local stack is up (data in {stack.data_dir}); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True
         )
         stop.wait()
     finally:
+        if env_file is not None:  # first, so the file never names servers that have stopped
+            env_file.unlink(missing_ok=True)
         stack.stop()
         print("local stack stopped, data removed", file=sys.stderr, flush=True)
     return 0
@@ -156,6 +189,12 @@ def _parser() -> argparse.ArgumentParser:
 
     stack = commands.add_parser("stack", help="the embedded local stack (Redis, PostgreSQL, Kafka protocol)")
     stack.add_argument("action", choices=("up",), help="up: start, print `export` lines, run until Ctrl-C")
+    stack.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="also write the `export` lines to PATH once the stack is up (source it from another shell); "
+        "removed when the stack stops",
+    )
     stack.set_defaults(run=_cmd_stack)
 
     for entry_point in entry_points(group="chatobs.commands"):

@@ -51,11 +51,28 @@ def panel_queries(metric: Metric) -> list[tuple[str, str]]:
 
 
 def _unit(metric: Metric) -> str:
+    """Grafana unit of the panel's values. A counter's panel shows its rate, so its values are
+    the counter's unit per second, not the counter's unit."""
+    if metric.prometheus_type == "counter":
+        if metric.unit == "s":
+            return "percentunit"  # CPU seconds per second: the share of one core (1 = 100% = one core)
+        # Grafana has a unit for requests per second only; the description names the others.
+        return "reqps" if metric.unit == "{request}" else "short"
     if metric.unit == "s":
         return "s"
     if metric.unit == "By":
         return "bytes"
-    return "reqps" if metric.prometheus_type == "counter" else "short"
+    return "short"
+
+
+def _description(metric: Metric) -> str:
+    """The catalogue's description, plus what a counter's rate panel shows where its unit does not say."""
+    if metric.prometheus_type != "counter" or metric.unit == "{request}":
+        return metric.description
+    if metric.unit == "s":
+        return f"{metric.description} Shown as a rate: CPU seconds per second, the share of one core (100% = one core)."
+    thing = metric.unit.strip("{}")
+    return f"{metric.description} Shown as a rate, in {thing[:-1] + 'ies' if thing.endswith('y') else thing + 's'}/s."
 
 
 def _panel(metric: Metric, panel_id: int, x: int, y: int) -> dict[str, Any]:
@@ -69,7 +86,7 @@ def _panel(metric: Metric, panel_id: int, x: int, y: int) -> dict[str, Any]:
         "id": panel_id,
         "type": "timeseries",
         "title": metric.name,
-        "description": metric.description,
+        "description": _description(metric),
         "datasource": _DATASOURCE,
         "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
         "fieldConfig": {"defaults": {"unit": _unit(metric)}, "overrides": []},

@@ -68,7 +68,8 @@ def _backend_burst(backend: str, title: str) -> Alert:
         "warning",
         f"{title} client errors above 6 a minute on {{{{ $labels.job }}}}",
         f"The {title} client in this service is failing (the counter counts every failed client "
-        f"operation, from the instrumentation's spans). Look at `{backend}_errors_total` by `operation` to see "
+        f"operation, measured by chatobs's client instrumentation whether or not the call has a span). "
+        f"Look at `{backend}_errors_total` by `operation` to see "
         f"what fails, check the server's health and connection limits, and the service log for the error "
         f"type. A burst right after a deploy usually means a bad address or credentials.",
     )

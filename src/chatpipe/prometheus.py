@@ -67,8 +67,12 @@ class LocalPrometheus:
             for name, text in self._rules.items():
                 (self._dir / name).write_text(text)
                 config["rule_files"].append(name)
-        else:  # the rule files next to the original config
-            config["rule_files"] = [str(self._config.parent / path) for path in config.get("rule_files", [])]
+        else:
+            # The original config's rule files. Prometheus resolves a relative rule path against the
+            # directory of the config file naming it, and the file written here is in the run
+            # directory: each is anchored to the original's directory (an absolute one stays as is).
+            base = self._config.resolve().parent
+            config["rule_files"] = [str(base / path) for path in config.get("rule_files", [])]
         path = self._dir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
         return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -53,3 +54,33 @@ def test_stack_up_starts_three_servers_quickly_and_leaves_nothing_after_ctrl_c()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], f"left running: {[p.pid for p in alive]}"
     assert not data_dir.exists()
+
+
+def test_stack_up_env_file_is_written_once_up_sources_and_goes_when_the_stack_stops(tmp_path):
+    """`chatobs stack up --env-file PATH` in the background, `. PATH` from another shell."""
+    env_file, log = tmp_path / "stack.env", tmp_path / "stack.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "chatobs.cli", "stack", "up", "--env-file", str(env_file)],
+                                   env=clean_env({}), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not env_file.exists():
+            assert process.poll() is None, f"exited with {process.returncode}: {log.read_text()}"
+            assert time.monotonic() < deadline, f"no {env_file} after 20s: {log.read_text()}"
+            time.sleep(0.1)
+        # Sourced by a shell that has none of the variables, as a second terminal would.
+        sourced = subprocess.run(["sh", "-c", '. "$0" && env', str(env_file)], env={"PATH": os.environ["PATH"]},
+                                 capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
+        variables = dict(line.split("=", 1) for line in sourced.stdout.splitlines() if "=" in line)
+        assert {"REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"} <= set(variables)
+        assert redis.Redis.from_url(variables["REDIS_URL"]).ping()
+        assert sorted(tmp_path.iterdir()) == sorted([env_file, log]), "the temporary file was left behind"
+        assert env_file.stat().st_mode & 0o077 == 0, "readable by others: DATABASE_URL may carry a password"
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert not env_file.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

@@ -35,6 +35,21 @@ def test_prometheus_config_is_valid_and_scrapes_every_role(promtool):
     assert config["rule_files"] == ["rules/recording.yml", "rules/alerts.yml"]
 
 
+def test_the_demos_prometheus_config_loads_the_rule_files(promtool, tmp_path, monkeypatch):
+    """`chatobs demo` writes its config into the run directory from `otel/prometheus.yml` (a path
+    relative to the checkout); the rule files it names must still be found from there."""
+    from chatpipe.prometheus import LocalPrometheus
+
+    monkeypatch.chdir(ROOT)
+    written = LocalPrometheus(Path("otel/prometheus.yml"), {}, tmp_path)._write_config()
+    result = run_promtool(promtool, "check", "config", str(written), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("recording.yml", "alerts.yml"):
+        assert re.search(
+            rf"Checking {re.escape(str(RULES / name))}\n\s+SUCCESS: [1-9]\d* rules found", result.stdout
+        ), result.stdout
+
+
 def test_rules_are_valid(promtool):
     result = run_promtool(promtool, "check", "rules", "otel/rules/recording.yml", "otel/rules/alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -88,6 +103,23 @@ def test_dashboards_import_anywhere_and_show_exemplars_on_latency():
         for panel in dashboard["panels"]:
             if "_bucket[" in panel["targets"][0]["expr"]:
                 assert all(target["exemplar"] for target in panel["targets"]), panel["title"]
+
+
+def test_counter_panels_are_in_units_per_second():
+    """A counter's panel shows its rate: CPU seconds per second are a share of a core, tokens per
+    second are not requests per second."""
+    metrics = {metric.name: metric for metric in catalogue.CATALOGUE}
+    for path in GRAFANA.glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            metric, unit = metrics[panel["title"]], panel["fieldConfig"]["defaults"]["unit"]
+            if metric.prometheus_type != "counter":
+                continue
+            if metric.unit == "s":
+                assert unit == "percentunit", panel["title"]
+            elif metric.unit == "{request}":
+                assert unit == "reqps", panel["title"]
+            else:  # Grafana has no unit for tokens, errors, ... per second: the description says it
+                assert unit == "short" and panel["description"].endswith("/s."), panel["title"]
 
 
 def test_collector_pipelines_reference_only_defined_components():
