@@ -38,10 +38,10 @@ from typing import TypeVar
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import Context, get_current
-from opentelemetry.propagators.textmap import Getter, Setter, default_setter
+from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator, default_setter
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, TraceFlags
 
-__all__ = ["continued", "extract_pairs", "inject", "traceparent"]
+__all__ = ["continued", "extract_pairs", "fields", "inject", "traceparent"]
 
 _Carrier = TypeVar("_Carrier")
 
@@ -101,16 +101,32 @@ class _Propagators:
     def __init__(self) -> None:
         self._seen: object = None
         self._w3c = False
+        self._fields: frozenset[str] = frozenset()
 
     def w3c_only(self) -> bool:
         current = propagate.get_global_textmap()
-        if current is not self._seen:
-            fields = set(current.fields)
-            self._w3c, self._seen = "traceparent" in fields and fields <= _W3C_FIELDS, current
+        if current is not self._seen:  # inline, not shared with fields(): it runs on every event
+            self._look_at(current)
         return self._w3c
+
+    def fields(self) -> frozenset[str]:
+        current = propagate.get_global_textmap()
+        if current is not self._seen:
+            self._look_at(current)
+        return self._fields
+
+    def _look_at(self, current: TextMapPropagator) -> None:
+        fields = frozenset(current.fields)
+        self._w3c, self._fields, self._seen = "traceparent" in fields and fields <= _W3C_FIELDS, fields, current
 
 
 _PROPAGATORS = _Propagators()
+
+
+def fields() -> frozenset[str]:
+    """The header names the global propagators write (``traceparent``, ``tracestate``,
+    ``baggage`` by default): what a carrier must lose before the current context goes in."""
+    return _PROPAGATORS.fields()
 
 
 def inject(carrier: _Carrier, setter: Setter[_Carrier] = default_setter) -> None:

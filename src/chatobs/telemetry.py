@@ -38,7 +38,7 @@ from opentelemetry.trace import NoOpTracerProvider, Span
 
 from chatobs.cells import CellStore, LocalCells, with_produced
 from chatobs.exposition import Renderer, ScrapeReader, scrape_response
-from chatobs.instrumentation import consumer_span, instrument_app, instrument_libraries
+from chatobs.instrumentation import consumer_span, instrument_app, instrument_libraries, uninstrument_libraries
 from chatobs.instruments import Instruments, views
 from chatobs.labels import LabelPolicy
 from chatobs.multiprocess import ProcessDirectory
@@ -351,7 +351,8 @@ class Telemetry:
         return _run_bounded(flush, timeout_millis / 1000, "force_flush") and all(outcome)
 
     def shutdown(self, timeout_millis: int | None = None) -> None:
-        """Flush and stop: push exporters send their last data, servers close. Idempotent.
+        """Flush and stop: push exporters send their last data, servers close, and the client
+        libraries this handle instrumented are uninstrumented (so another handle can). Idempotent.
 
         Bounded by ``timeout_millis`` (default ``CHATOBS_SHUTDOWN_TIMEOUT_SECONDS``): with the
         collector unreachable or silent, the last push is given up rather than holding the
@@ -365,6 +366,10 @@ class Telemetry:
             server.stop()
         if self.disabled:
             return
+        try:
+            uninstrument_libraries(self.clients)
+        except Exception:  # the last push still goes
+            _logger.warning("chatobs: uninstrumenting failed", exc_info=True)
         seconds = self.settings.chatobs.shutdown_timeout_seconds if timeout_millis is None else timeout_millis / 1000
 
         def flush_and_stop() -> None:

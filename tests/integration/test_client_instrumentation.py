@@ -18,10 +18,11 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from chatobs import Telemetry, load_settings
@@ -56,8 +57,12 @@ def upstream() -> Iterator[tuple[str, list[str | None]]]:
     server.shutdown()
 
 
-async def _calls(telemetry: Telemetry, stack: dict[str, str], url: str) -> tuple[int, list[str]]:
-    """One chat turn's worth of client calls inside a SERVER span; its trace id and the consumed
+#: A ``traceparent`` from elsewhere, in headers passed on (a consumed record's, say).
+STALE_TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def _calls(telemetry: Telemetry, stack: dict[str, str], url: str) -> tuple[int, list[list[str]]]:
+    """One chat turn's worth of client calls inside a SERVER span; its trace id and each consumed
     record's ``traceparent`` headers. Records go to the WAL topic."""
     topic = telemetry.clients.wal_topic
     client = aioredis.Redis.from_url(stack["REDIS_URL"])
@@ -70,6 +75,8 @@ async def _calls(telemetry: Telemetry, stack: dict[str, str], url: str) -> tuple
         with telemetry.tracer.start_as_current_span("turn", kind=SpanKind.SERVER) as turn:
             await client.set("client-test", "v")
             await client.get("client-test")
+            with pytest.raises(TimeoutError):  # a call that never answers, given up by the caller
+                await asyncio.wait_for(client.xread({"client-test-stream": "$"}, block=0), 0.2)
             with pytest.raises(Exception, match="WRONGTYPE"):
                 await client.lpush("client-test", "x")
             async with client.pipeline() as pipe:
@@ -85,12 +92,19 @@ async def _calls(telemetry: Telemetry, stack: dict[str, str], url: str) -> tuple
                 await connection.close()
             async with httpx.AsyncClient() as http:
                 (await http.get(url)).raise_for_status()
-            await producer.send_and_wait(topic, b"turn", headers=[("tenant", b"acme")])
-            record = await asyncio.wait_for(consumer.getone(), 30)
+            # Headers passed on, with a trace context of their own, and the same list sent twice.
+            headers = [("tenant", b"acme"), ("traceparent", STALE_TRACEPARENT)]
+            await producer.send_and_wait(topic, b"turn", headers=headers)
+            await producer.send_and_wait(topic, b"turn again", headers=headers)
+            assert headers == [("tenant", b"acme"), ("traceparent", STALE_TRACEPARENT)], "the caller's list changed"
+            with pytest.raises(MessageSizeTooLargeError):  # refused before it is queued
+                await producer.send(topic, b"x" * 2**21)
+            records = [await asyncio.wait_for(consumer.getone(), 30) for _ in range(2)]
             await consumer.commit()
-        headers = [value.decode() for name, value in record.headers if name == "traceparent"]
-        assert ("tenant", b"acme") in record.headers, "the caller's own headers are kept"
-        return turn.get_span_context().trace_id, headers
+        for record in records:
+            assert ("tenant", b"acme") in record.headers, "the caller's own headers are kept"
+        parents = [[value.decode() for name, value in record.headers if name == "traceparent"] for record in records]
+        return turn.get_span_context().trace_id, parents
     finally:
         await client.aclose()
         await producer.stop()
@@ -121,10 +135,11 @@ def test_client_metrics_are_the_same_with_or_without_spans_and_the_trace_goes_on
             uninstrument_libraries()
         measured[tier] = _client_samples(telemetry.scrape()[2].decode())
         telemetry.shutdown()
-        # The upstream server and the consumer continue the caller's trace, span or no span.
-        for traceparent in [*seen, *record_parents]:
+        # The upstream server and the consumer continue the caller's trace, span or no span: each
+        # record carries one traceparent, the caller's, not the one its headers came with.
+        assert len(seen) == 1 and [len(parents) for parents in record_parents] == [1, 1], (tier, seen, record_parents)
+        for traceparent in [*seen, *(parents[0] for parents in record_parents)]:
             assert traceparent is not None and traceparent.split("-")[1] == format(trace_id, "032x"), (tier, seen)
-        assert len(seen) == 1 and len(record_parents) == 1, (tier, seen, record_parents)
 
     assert measured["metrics only"] == measured["spans too"]
     samples = measured["metrics only"]
@@ -133,16 +148,19 @@ def test_client_metrics_are_the_same_with_or_without_spans_and_the_trace_goes_on
         ("redis_operation_seconds_count", (("operation", "get"),)): 1,
         ("redis_errors_total", (("operation", "lpush"),)): 1,
         ("redis_errors_total", (("operation", "get"),)): 0,
+        ("redis_errors_total", (("operation", "xread"),)): 1,  # cancelled: no operation that completed
         ("redis_operation_seconds_count", (("operation", "pipeline"),)): 1,
         ("postgres_operation_seconds_count", (("operation", "connect"),)): 1,
         ("postgres_operation_seconds_count", (("operation", "select"),)): 2,
         ("postgres_errors_total", (("operation", "insert"),)): 1,
         ("postgres_operation_seconds_count", (("operation", "begin"),)): 1,
         ("postgres_operation_seconds_count", (("operation", "commit"),)): 1,
-        ("kafka_operation_seconds_count", (("operation", "produce"),)): 1,
+        ("kafka_operation_seconds_count", (("operation", "produce"),)): 3,
+        ("kafka_errors_total", (("operation", "produce"),)): 1,
         ("kafka_operation_seconds_count", (("operation", "commit"),)): 1,
-        ("wal_publish_seconds_count", ()): 1,
-        ("wal_publish_errors_total", (("operation", "produce"),)): 0,
+        ("kafka_errors_total", (("operation", "consume"),)): 0,
+        ("wal_publish_seconds_count", ()): 3,
+        ("wal_publish_errors_total", (("operation", "produce"),)): 1,
     }
     assert {key: samples.get(key) for key in expected} == expected
     http = {labels: count for (name, labels), count in samples.items() if name.startswith("http_client")}
@@ -155,6 +173,10 @@ def test_client_metrics_are_the_same_with_or_without_spans_and_the_trace_goes_on
     assert {"opentelemetry.instrumentation.redis", "opentelemetry.instrumentation.asyncpg",
             "opentelemetry.instrumentation.httpx", "opentelemetry.instrumentation.aiokafka",
             "chatobs.instrumentation.kafka", "chatobs.instrumentation.asyncpg"} <= scopes  # fmt: skip
+    refused = [span for span in spans if span.kind is SpanKind.PRODUCER and span.status.status_code is StatusCode.ERROR]
+    assert len(refused) == 1, refused
+    assert [event.name for event in refused[0].events] == ["exception"], "the failure is recorded once"
+    assert refused[0].attributes["error.type"] == "aiokafka.errors.MessageSizeTooLargeError"
     statements = [span for span in spans if span.instrumentation_scope.name == "opentelemetry.instrumentation.asyncpg"]
     assert len(statements) == 5  # select, insert, begin, select, commit: not the connection's reset
     assert all(span.attributes.get("db.statement") or span.attributes.get("db.query.text") for span in statements)
@@ -176,7 +198,7 @@ def test_a_dropped_trace_gets_no_client_spans_but_its_metrics(stack, upstream):
     assert exporter.get_finished_spans() == ()
     assert samples[("redis_errors_total", (("operation", "lpush"),))] == 1
     assert samples[("postgres_operation_seconds_count", (("operation", "select"),))] == 2
-    assert samples[("wal_publish_seconds_count", ())] == 1
+    assert samples[("wal_publish_seconds_count", ())] == 3
     assert seen and seen[0] is not None and not int(seen[0].rsplit("-", 1)[1], 16) & 1, "told: not sampled"
 
 
@@ -243,3 +265,61 @@ def test_uninstrumenting_leaves_the_applications_own_instrumentation(upstream):
         assert [span.kind for span in exporter.get_finished_spans()] == [SpanKind.CLIENT]
     finally:
         HTTPXClientInstrumentor().uninstrument()
+
+
+def test_a_failed_poll_counts_and_one_ended_by_a_stop_or_a_cancel_does_not(stack):
+    telemetry = Telemetry(load_settings({}), service="worker")
+    telemetry.instrument()
+
+    async def polls() -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=stack["KAFKA_BOOTSTRAP_SERVERS"], enable_auto_commit=False)
+        await consumer.start()
+        consumer.assign([TopicPartition("client-test-polls", 0)])
+        try:
+            with pytest.raises(AssertionError):  # aiokafka refuses the call: a poll that failed
+                await consumer.getone("not a partition")  # type: ignore[arg-type]
+            with pytest.raises(TimeoutError):  # nothing came: given up by the caller
+                await asyncio.wait_for(consumer.getone(), 0.5)
+            waiting = asyncio.ensure_future(consumer.getmany(timeout_ms=30_000))
+            await asyncio.sleep(0.2)
+        finally:
+            await consumer.stop()
+        assert (await waiting) == {} or waiting.exception() is None
+
+    try:
+        asyncio.run(polls())
+    finally:
+        uninstrument_libraries()
+    samples = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    assert samples[("kafka_errors_total", (("operation", "consume"),))] == 1
+    assert not any(name == "kafka_operation_seconds_count" and labels == (("operation", "consume"),)
+                   for name, labels in samples), "a poll's duration is waiting for records: not measured"  # fmt: skip
+
+
+def test_a_second_telemetry_measures_the_calls_once_the_first_has_shut_down(stack, caplog):
+    async def get(key: str) -> None:
+        client = aioredis.Redis.from_url(stack["REDIS_URL"])
+        try:
+            await client.get(key)
+        finally:
+            await client.aclose()
+
+    first = Telemetry(load_settings({}), service="worker")
+    second = Telemetry(load_settings({}), service="worker")
+    try:
+        assert "redis" in first.instrument()
+        # While the first runs, the libraries stay with it: the second says so and names none.
+        assert second.instrument() == []
+        assert "already instrumented for another Telemetry" in caplog.text
+        asyncio.run(get("client-test-first"))
+        first.shutdown()
+        assert "redis" in second.instrument()
+        asyncio.run(get("client-test-second"))
+        key = ("redis_operation_seconds_count", (("operation", "get"),))
+        counts = [_client_samples(telemetry.scrape()[2].decode()).get(key) for telemetry in (first, second)]
+        assert counts == [1, 1], "each handle measures the calls made while it had the instrumentation"
+    finally:
+        first.shutdown()
+        second.shutdown()
+        uninstrument_libraries()

@@ -51,7 +51,7 @@ from chatobs import ConfigError, Telemetry, llm_error_code, load_settings
 from chatobs.catalogue import CATALOGUE, OVERFLOW_VALUE, SERVICES, allowed_fixed_values, get
 from chatobs.check import check_exposition
 from chatobs.recorders._base import Recorder, Timer
-from chatobs.recorders.clients import BoundOperation
+from chatobs.recorders.clients import BoundFailures, BoundOperation
 from chatobs.settings import ChatobsSettings, Settings
 
 OPENMETRICS = "application/openmetrics-text"
@@ -252,7 +252,7 @@ def recorder_methods(telemetry: Telemetry) -> list[Method]:
             if name.startswith("_"):
                 continue
             hints = get_type_hints(function)
-            if hints.get("return") is BoundOperation:  # binds a handle, records nothing: tested on its own
+            if hints.get("return") in (BoundOperation, BoundFailures):  # binds a handle, records nothing
                 continue
             params = tuple(
                 Param(p.name, _kind(hints[p.name]), hints[p.name])

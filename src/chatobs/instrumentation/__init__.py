@@ -9,7 +9,10 @@ recorded (see :mod:`chatobs.instrumentation.dispatch`). For the inbound side of 
 chatobs's lean :class:`ServerMiddleware` (the contrib FastAPI instrumentation costs more than
 half the throughput; see docs/performance.md). Any library can be switched off with the
 standard ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` (names: fastapi, httpx, redis, asyncpg,
-aiokafka). Calling again is harmless: an instrumentor already in place is left alone.
+aiokafka). Calling again is harmless: an instrumentor already in place is left alone. The
+instrumentors are process-wide, so a library records into one Telemetry's recorder at a
+time: the one that instrumented it, until it shuts down (:meth:`Telemetry.shutdown
+<chatobs.Telemetry.shutdown>` undoes its instrumentation).
 
 Example::
 
@@ -76,6 +79,8 @@ _CLIENTS: dict[str, tuple[str, str, type[ClientInstrumentor]]] = {
 #: The contrib instrumentors chatobs turned on, by library: only these does it turn off again
 #: (one the application had instrumented itself stays as it was).
 _contrib_turned_on: set[str] = set()
+#: The client recorder each library instrumented by chatobs records into.
+_recording_into: dict[str, ClientRecorder] = {}
 
 
 def _contrib(module: str, name: str) -> Any:
@@ -85,14 +90,20 @@ def _contrib(module: str, name: str) -> Any:
 
 def instrument_libraries(tracer_provider: Any, clients: ClientRecorder, disabled: Collection[str] = ()) -> list[str]:
     """Instrument httpx, redis, asyncpg and aiokafka, metrics into ``clients``; return the names
-    now instrumented."""
+    now instrumented into ``clients``. A library already instrumented into another recorder (a
+    second Telemetry while the first runs) stays with that one, with a warning, and is not named."""
     _opt_in_to_stable_http_semconv()
     names = []
     for name, (module, contrib_name, ours_class) in _CLIENTS.items():
         if name in disabled:
             continue
         ours = ours_class()
-        if not ours.is_instrumented_by_opentelemetry:
+        if ours.is_instrumented_by_opentelemetry:
+            if _recording_into.get(name) is not clients:
+                _logger.warning("chatobs: %s is already instrumented for another Telemetry; its calls are "
+                                "measured there until that one shuts down", name)  # fmt: skip
+                continue
+        else:
             contrib = _contrib(module, contrib_name)
             if not contrib.is_instrumented_by_opentelemetry:
                 # No contrib instrumentor gets the real meter provider: their synchronous SDK
@@ -101,15 +112,19 @@ def instrument_libraries(tracer_provider: Any, clients: ClientRecorder, disabled
                 _contrib_turned_on.add(name)
             ours.instrument(tracer_provider=tracer_provider, clients=clients,
                             traced=contrib.is_instrumented_by_opentelemetry)  # fmt: skip
+            _recording_into[name] = clients
         names.append(name)
     return names
 
 
-def uninstrument_libraries() -> None:
-    """Undo :func:`instrument_libraries` (for tests that build several pipelines): chatobs's
-    instrumentors first, then the contrib ones it turned on beneath them (not those the
-    application had turned on itself)."""
+def uninstrument_libraries(clients: ClientRecorder | None = None) -> None:
+    """Undo :func:`instrument_libraries` (of those recording into ``clients`` alone, if given):
+    chatobs's instrumentors first, then the contrib ones it turned on beneath them (not those
+    the application had turned on itself)."""
     for name, (module, contrib_name, ours_class) in _CLIENTS.items():
+        if clients is not None and _recording_into.get(name) is not clients:
+            continue
+        _recording_into.pop(name, None)
         ours = ours_class()
         if ours.is_instrumented_by_opentelemetry:
             ours.uninstrument()

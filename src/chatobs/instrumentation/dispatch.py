@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -149,7 +150,10 @@ def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
 
 
 def _failed(operation: ClientOperation, error: BaseException) -> bool:
-    return isinstance(error, Exception) and not isinstance(error, operation.benign)
+    # A cancelled call did not complete: the caller's timeout ran out (`asyncio.wait_for`,
+    # `asyncio.timeout` cancel inside), as in a hung backend, or it stopped waiting. Counted
+    # as a failure, as OpenTelemetry marks its span ERROR, never as an operation that completed.
+    return isinstance(error, (Exception, asyncio.CancelledError)) and not isinstance(error, operation.benign)
 
 
 # The two dispatchers run on every client call: their steps are inlined and the operation's

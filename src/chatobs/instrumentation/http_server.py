@@ -11,7 +11,9 @@ instruments; on this project's benchmark it cut a FastAPI service's throughput t
   http_response_status_code}`` recorded in a cell (see :mod:`chatobs.cells`), with the
   request's span as the bucket's exemplar.
 
-The route template comes from Starlette (``scope["route"]``), never the raw path.
+The route template comes from Starlette (``scope["route"]``), never the raw path; behind a
+``Mount``, the mounts' path templates come first. Excluded paths are compared without the
+app's ``root_path`` (``uvicorn --root-path`` puts it in the path).
 
 Example::
 
@@ -28,6 +30,7 @@ from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import (
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
@@ -35,8 +38,10 @@ from opentelemetry.semconv.attributes.http_attributes import (
 )
 from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from starlette.routing import Match, Mount
 
 from chatobs.cells import CellStore
+from chatobs.instrumentation.errors import error_type as qualified_error_type
 from chatobs.instrumentation.methods import http_method
 
 __all__ = ["ServerMiddleware"]
@@ -79,10 +84,25 @@ class ServerMiddleware:
         self._tracer = tracer
         self._observe = cells.observe
         self._excluded = excluded_paths
-        self._on_error = on_error or _log_once
+        self._user_on_error = on_error
+
+    def _on_error(self, metric: str, error: BaseException) -> None:
+        if self._user_on_error is not None:
+            try:
+                self._user_on_error(metric, error)
+                return
+            except Exception as failure:  # noqa: BLE001 - a failing hook must not fail the request either
+                error = failure
+        _log_once(metric, error)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._excluded:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, root_path, app = scope["path"], scope.get("root_path"), scope.get("app")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :] or "/"
+        if path in self._excluded:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -105,6 +125,7 @@ class ServerMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
+        error_type = None
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -115,6 +136,7 @@ class ServerMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         except BaseException as error:
+            error_type = type(error)
             try:
                 span.record_exception(error)
             except Exception as failure:  # noqa: BLE001 - the app's exception is the one to raise
@@ -124,24 +146,55 @@ class ServerMiddleware:
             # try/except, not a context manager: free when nothing fails, on every request.
             context.detach(token)  # OpenTelemetry's detach logs its own failures
             try:
-                self._finish(span, scope, method, status, time.perf_counter() - started)
+                self._finish(span, scope, (root_path, app), method, status, error_type, time.perf_counter() - started)
             except Exception as failure:  # noqa: BLE001 - instrumentation never fails a request
                 self._on_error(METRIC, failure)
 
-    def _finish(self, span: trace.Span, scope: Scope, method: str, status: int, seconds: float) -> None:
+    def _finish(self, span: trace.Span, scope: Scope, entry: tuple[str | None, Any], method: str, status: int,
+                error_type: type[BaseException] | None, seconds: float) -> None:  # fmt: skip
+        """``entry``: the scope's root path and app as the request came in (a sub-app changes both)."""
         try:
             route = getattr(scope.get("route"), "path", None) or ""
+            if scope.get("root_path") != entry[0]:  # a Mount handed the request to a sub-app
+                route = _mounted_route(scope, *entry) or route
             if span.is_recording():
                 span.update_name(f"{method} {route}" if route else method)
                 span.set_attribute(HTTP_ROUTE, route)
                 span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-                if status >= 500:
+                if error_type is not None or status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
+                    span.set_attribute(ERROR_TYPE, qualified_error_type(error_type) if error_type else str(status))
             # The request's span is the bucket's exemplar (if the exemplar filter keeps it):
             # handed over as it is, rather than looked up again as the current span.
             self._observe(METRIC, seconds, (method, route, str(status)), span=span.get_span_context())
         finally:
             span.end()  # whatever failed above: a span left open would never be exported
+
+
+def _mounted_route(scope: Scope, root_path: str | None, app: Any) -> str | None:
+    """The route template of a request that went through ``Mount``s: each mount's path template,
+    then the template of the route that answered within the last one (Starlette keeps only that
+    last route in the scope). Found by matching again from the app's own routes; None if that
+    finds nothing (an app that is no Starlette one)."""
+    routes = getattr(getattr(app, "router", None), "routes", None)
+    if routes is None:
+        return None
+    # Matched as the app saw the request: with its own root path, none of the mounts'.
+    probe = {**scope, "root_path": root_path or ""}
+    template = ""
+    while routes:
+        for route in routes:
+            match, child = route.matches(probe)
+            if match is not Match.NONE:
+                break
+        else:
+            return template or None
+        if not isinstance(route, Mount):
+            return template + getattr(route, "path", "")
+        template += route.path
+        probe = {**probe, **child}
+        routes = route.routes
+    return template or None
 
 
 _logged: set[str] = set()

@@ -13,9 +13,14 @@ over ``AIOKafkaProducer.send``, ``AIOKafkaConsumer.commit``, ``getone`` and ``ge
 * when a span would be recorded, a delivery gets a PRODUCER span of its own from ``send()`` to
   the acknowledgement, around the contrib instrumentation's ``send`` span (which puts its
   context in the record's headers), and a commit a CLIENT span; ``getone``/``getmany`` go
-  through the contrib instrumentation's consumer spans;
+  through the contrib instrumentation's consumer spans, and a poll that fails counts in
+  ``kafka_errors_total{operation="consume"}`` (its duration is waiting for records, not work);
 * otherwise a ``send()`` puts the current trace context in the record's headers itself,
   so the consumer still continues the trace.
+
+A record always carries the current trace context, and only that: the trace headers of
+headers passed on (a consumed record's, say) are replaced, and the caller's list is never
+changed (it may be reused for the next record).
 
 :func:`consumer_span` continues the producer's trace while a consumer handles a record, so
 one chat turn is one trace across services.
@@ -39,6 +44,7 @@ from typing import Any
 from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from chatobs.instrumentation.dispatch import (
@@ -51,8 +57,9 @@ from chatobs.instrumentation.dispatch import (
     dispatching,
     spanned,
 )
-from chatobs.propagation import extract_pairs, inject
-from chatobs.recorders.clients import BoundOperation, ClientRecorder
+from chatobs.instrumentation.errors import error_type
+from chatobs.propagation import extract_pairs, fields, inject
+from chatobs.recorders.clients import BoundFailures, BoundOperation, ClientRecorder
 
 __all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
 
@@ -80,7 +87,12 @@ class _HeaderGetter(Getter[Any]):
 
 
 class _HeaderSetter(Setter[list[tuple[str, bytes]]]):
+    """Sets a header in aiokafka record headers, replacing any of that name (a list allows two)."""
+
     def set(self, carrier: list[tuple[str, bytes]], key: str, value: str) -> None:
+        for index in range(len(carrier) - 1, -1, -1):
+            if carrier[index][0] == key:
+                del carrier[index]
         carrier.append((key, value.encode("latin-1")))
 
 
@@ -130,6 +142,7 @@ class _ConsumerSpan:
         if isinstance(error, Exception) and span.is_recording():  # as start_as_current_span does
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            span.set_attribute(ERROR_TYPE, error_type(type(error)))
         span.end()
 
 
@@ -183,20 +196,45 @@ class _Commit(BackendOperation):
         return self._bound.get("commit") or self.bind("commit")
 
 
-class _Unmeasured(ClientOperation):
-    """Polls (``getone``/``getmany``): no metric of their own, only the contrib spans."""
+class _Poll(ClientOperation):
+    """A poll (``getone``/``getmany``): only its failures count, in ``kafka_errors_total{operation=
+    "consume"}``; how long it took is how long records took to come, no work of the broker's."""
+
+    def __init__(self, clients: ClientRecorder):
+        import aiokafka.errors
+
+        # Both end a poll when the consumer stops (a service shutting down), which is no failure.
+        self.benign = (asyncio.CancelledError, aiokafka.errors.ConsumerStoppedError)
+        self._failures: BoundFailures = clients.bound_failures("kafka", "consume")  # 0 before the first
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundFailures:
+        return self._failures
+
+    def record(self, described: BoundFailures, seconds: float, result: Any, failed: bool) -> None:
+        if failed:
+            described.record()
 
 
-def _with_trace_headers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``send()``'s arguments with the current trace context appended to a copy of the headers
-    (the caller's list is left as it was: it may be reused for the next record)."""
+def _fresh_headers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``send()``'s arguments with a copy of the headers, less any trace headers they had (the
+    caller's list is left as it was, and a record carries only the current trace context)."""
     if len(args) >= _SEND_HEADERS_POSITION + 1:
         headers, args = args[_SEND_HEADERS_POSITION], args[:_SEND_HEADERS_POSITION]
     else:
         headers = kwargs.get("headers")
-    carrier = list(headers or ())
-    inject(carrier, setter=_SETTER)
+    if headers:
+        trace_fields = fields()
+        carrier = [header for header in headers if header[0] not in trace_fields]
+    else:
+        carrier = []
     return args, {**kwargs, "headers": carrier}
+
+
+def _with_trace_headers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``send()``'s arguments with fresh headers (:func:`_fresh_headers`) carrying the current trace context."""
+    args, kwargs = _fresh_headers(args, kwargs)
+    inject(kwargs["headers"], setter=_SETTER)
+    return args, kwargs
 
 
 def _propagating(send: Any) -> Any:
@@ -209,13 +247,29 @@ def _propagating(send: Any) -> Any:
     return call
 
 
+def _through_contrib(send: Any) -> Any:
+    """The contrib ``send``, given fresh headers: it appends its span's context to the list it gets."""
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _fresh_headers(args, kwargs)
+        return await send(*args, **kwargs)
+
+    return call
+
+
 def _end_delivery(span: Span, future: asyncio.Future[Any]) -> None:
     if future.cancelled():
         span.set_status(Status(StatusCode.ERROR, "delivery cancelled"))
+        span.set_attribute(ERROR_TYPE, error_type(asyncio.CancelledError))
     elif (error := future.exception()) is not None:
-        span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        _failed_span(span, error)
     span.end()
+
+
+def _failed_span(span: Span, error: BaseException) -> None:
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    span.set_attribute(ERROR_TYPE, error_type(type(error)))
 
 
 def _delivery_span(send: Any, tracer: Tracer) -> Any:
@@ -227,11 +281,11 @@ def _delivery_span(send: Any, tracer: Tracer) -> Any:
                       MESSAGING_OPERATION_NAME: "produce"}  # fmt: skip
         span = tracer.start_span(f"{topic} publish", kind=SpanKind.PRODUCER, attributes=attributes)
         try:
-            with trace.use_span(span, end_on_exit=False):
+            # The failure is recorded once, below: use_span would record it too.
+            with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
                 delivery = await send(*args, **kwargs)
         except BaseException as error:
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            _failed_span(span, error)
             span.end()
             raise
         delivery.add_done_callback(lambda future: _end_delivery(span, future))
@@ -252,11 +306,16 @@ class KafkaClientInstrumentor(ClientInstrumentor):
         import aiokafka
 
         tracer = trace.get_tracer(KAFKA_SCOPE, tracer_provider=wiring.tracer_provider)
-        gate, produce, commit = wiring.gate, _Produce(wiring.clients), _Commit(wiring.clients)
+        gate, produce, commit, poll = (
+            wiring.gate,
+            _Produce(wiring.clients),
+            _Commit(wiring.clients),
+            _Poll(wiring.clients),
+        )
 
         def build_send(original: Any, contrib: Any) -> Any:
             # Through the contrib `send` (its span puts its context in the headers), or with our own headers.
-            inner = contrib if contrib is not None else _propagating(original)
+            inner = _through_contrib(contrib) if contrib is not None else _propagating(original)
             return dispatching(original, _delivery_span(inner, tracer), gate, produce)
 
         commit_attributes = {MESSAGING_SYSTEM: "kafka", MESSAGING_OPERATION_NAME: "commit"}
@@ -266,5 +325,5 @@ class KafkaClientInstrumentor(ClientInstrumentor):
 
         yield aiokafka.AIOKafkaProducer, "send", build_send, True
         yield aiokafka.AIOKafkaConsumer, "commit", build_commit, False
-        for poll in ("getone", "getmany"):
-            yield aiokafka.AIOKafkaConsumer, poll, dispatcher(gate, _Unmeasured()), True
+        for name in ("getone", "getmany"):
+            yield aiokafka.AIOKafkaConsumer, name, dispatcher(gate, poll), True

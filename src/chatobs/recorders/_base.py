@@ -61,6 +61,19 @@ def _name_from(compute: Callable[..., str], args: tuple[Any, ...], kwargs: dict[
         return OVERFLOW_VALUE
 
 
+def _never_raising(on_error: ErrorCallback) -> ErrorCallback:
+    """``on_error`` made safe to call where a recording failed: if it raises too, that is logged
+    (at debug: it would repeat on every recording) and swallowed, never raised into the app."""
+
+    def report(metric_name: str, error: BaseException) -> None:
+        try:
+            on_error(metric_name, error)
+        except Exception:  # the error path itself must not raise
+            _logger.debug("chatobs: the on_error hook failed on %s", metric_name, exc_info=True)
+
+    return report
+
+
 class Timer:
     """Context manager measuring wall time with ``perf_counter`` and handing it to ``record``.
 
@@ -90,7 +103,7 @@ class Recorder:
     def __init__(self, instruments: Instruments, labels: LabelPolicy, on_error: ErrorCallback, cells: CellStore):
         self._instruments = instruments
         self._labels = labels
-        self._on_error = on_error
+        self._on_error = _never_raising(on_error)
         # The hot path: counters and histograms go to bound cells (see chatobs.cells).
         self._cell_add = cells.add
         self._cell_observe = cells.observe

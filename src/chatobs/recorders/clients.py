@@ -16,7 +16,7 @@ from chatobs.instruments import Instruments
 from chatobs.labels import LabelPolicy
 from chatobs.recorders._base import ErrorCallback, Recorder, checked_amount, guarded
 
-__all__ = ["BACKENDS", "Backend", "BoundOperation", "ClientRecorder"]
+__all__ = ["BACKENDS", "Backend", "BoundFailures", "BoundOperation", "ClientRecorder"]
 
 #: Backends with `{backend}_operation_seconds` and `{backend}_errors_total` in the catalogue.
 Backend = Literal["redis", "kafka", "postgres"]
@@ -51,6 +51,38 @@ class BoundOperation:
             self._duration.observe(seconds)
             if failed:
                 self._errors.add(1)
+        except Exception as error:  # noqa: BLE001 - recording must never raise into the app
+            self._on_error(self._metric, error)
+
+
+def _metric_names(backend: str) -> tuple[str, str]:
+    names = _BACKEND_METRICS.get(backend)
+    if names is None:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return names
+
+
+class BoundFailures:
+    """One backend operation's error series alone, bound: for calls whose duration measures no
+    work of the backend's (a Kafka poll waits for records to arrive), only failures count.
+
+    Example::
+
+        polls = telemetry.clients.bound_failures("kafka", "consume")
+        polls.record()   # kafka_errors_total{operation="consume"} + 1
+    """
+
+    __slots__ = ("_errors", "_metric", "_on_error")
+
+    def __init__(self, errors: Series, metric: str, on_error: ErrorCallback):
+        self._errors = errors
+        self._metric = metric
+        self._on_error = on_error
+
+    def record(self) -> None:
+        """One failed call; never raises."""
+        try:
+            self._errors.add(1)
         except Exception as error:  # noqa: BLE001 - recording must never raise into the app
             self._on_error(self._metric, error)
 
@@ -102,6 +134,14 @@ class ClientRecorder(Recorder):
         series = self._series(backend, operation)
         return BoundOperation(series[0], series[1], _BACKEND_METRICS[backend][0], self._on_error)
 
+    def bound_failures(self, backend: Backend, operation: str) -> BoundFailures:
+        """The error series of ``operation`` on ``backend`` alone, bound now (it shows 0 until the
+        first failure). Raises ``ValueError`` for an unknown backend."""
+        names = _metric_names(backend)
+        errors = self._cells.series(names[1], (operation,))
+        errors.add(0)
+        return BoundFailures(errors, names[1], self._on_error)
+
     def _series(self, backend: str, operation: str) -> tuple[Series, Series]:
         """The duration and error series of ``operation`` on ``backend``, bound on first use."""
         try:
@@ -111,9 +151,7 @@ class ClientRecorder(Recorder):
         return series if series is not None else self._bind(backend, operation)
 
     def _bind(self, backend: str, operation: str) -> tuple[Series, Series]:
-        names = _BACKEND_METRICS.get(backend)
-        if names is None:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        names = _metric_names(backend)
         values = (operation,)
         series = (self._cells.series(names[0], values), self._cells.series(names[1], values))
         series[1].add(0)  # counts a rejected operation's `other` for the error series, once it shows

@@ -1,0 +1,182 @@
+"""The inbound HTTP middleware as an application sees it: routes behind mounts and a root path,
+what a failed request's span says, and a user's error hook that fails too.
+
+The app runs in process through httpx's ASGI transport, which builds the scope as uvicorn does
+(``root_path`` prefixed to ``path``, as uvicorn 0.26 and later do with ``--root-path``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from chatobs import Telemetry, load_settings
+from chatobs.instrumentation import instrument_app
+from tests.metrics_text import value
+
+DURATION = "http_server_request_duration_seconds_count"
+_NO_CLIENTS = {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "httpx,redis,asyncpg,aiokafka"}
+
+
+def _telemetry(exporter: InMemorySpanExporter | None = None) -> Telemetry:
+    processors = [SimpleSpanProcessor(exporter)] if exporter is not None else []
+    return Telemetry(load_settings(_NO_CLIENTS), service="gateway", span_processors=processors)
+
+
+def _scrape(telemetry: Telemetry) -> str:
+    status, _, body = telemetry.scrape(None, None)
+    assert status == 200
+    return body.decode()
+
+
+def _get(app: FastAPI, paths: list[str], root_path: str = "") -> list[int]:
+    async def run() -> list[int]:
+        transport = httpx.ASGITransport(app=app, root_path=root_path, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return [(await client.get(path)).status_code for path in paths]
+
+    return asyncio.run(run())
+
+
+def _items_app(version: str) -> FastAPI:
+    sub = FastAPI()
+
+    @sub.get("/items/{item}")
+    async def item(item: str) -> dict[str, str]:
+        return {"version": version, "item": item}
+
+    return sub
+
+
+def test_routes_behind_mounts_keep_the_mounts_templates():
+    telemetry = _telemetry()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.mount("/v1", _items_app("1"))
+    app.mount("/v2", _items_app("2"))
+    outer = FastAPI()
+    outer.mount("/tenants/{tenant}", _items_app("t"))  # a mount with a path parameter of its own
+    app.mount("/nested", outer)
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=["/health"])
+
+    paths = ["/v1/items/a", "/v1/items/b", "/v2/items/a", "/nested/tenants/acme/items/a", "/nested/tenants/x/items/b"]
+    assert _get(app, paths) == [200] * 5
+    text = _scrape(telemetry)
+    assert value(text, DURATION, http_route="/v1/items/{item}") == 2
+    assert value(text, DURATION, http_route="/v2/items/{item}") == 1
+    assert value(text, DURATION, http_route="/nested/tenants/{tenant}/items/{item}") == 2
+    assert value(text, DURATION, http_route="/items/{item}") == 0, "the mount prefixes were lost"
+    telemetry.shutdown()
+
+
+def test_excluded_paths_are_excluded_behind_a_root_path():
+    telemetry = _telemetry()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=["/health"])
+    # uvicorn --root-path /api: the scope's path carries the prefix, the app's routes do not.
+    assert _get(app, ["/api/health", "/api/hello", "/api/health"], root_path="/api") == [200, 200, 200]
+    text = _scrape(telemetry)
+    assert value(text, DURATION, http_route="/health") == 0, "/health behind the root path was measured"
+    assert value(text, DURATION, http_route="/hello") == 1
+    telemetry.shutdown()
+
+
+def test_a_failed_requests_span_says_what_failed():
+    exporter = InMemorySpanExporter()
+    telemetry = _telemetry(exporter)
+    app = FastAPI()
+
+    @app.get("/unavailable")
+    async def unavailable() -> None:
+        from fastapi import HTTPException
+
+        raise HTTPException(503, "down")
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise LookupError("the app's own")
+
+    @app.get("/missing")
+    async def missing() -> None:
+        from fastapi import HTTPException
+
+        raise HTTPException(404, "no such thing")
+
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=())
+    assert _get(app, ["/unavailable", "/boom", "/missing"]) == [503, 500, 404]
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert spans["GET /unavailable"].attributes.get("error.type") == "503"
+    assert spans["GET /unavailable"].status.status_code is StatusCode.ERROR
+    assert spans["GET /boom"].attributes.get("error.type") == "LookupError"
+    assert spans["GET /boom"].status.status_code is StatusCode.ERROR
+    assert "error.type" not in spans["GET /missing"].attributes, "a 4xx is the client's, not a server error"
+    telemetry.shutdown()
+
+
+def test_an_error_hook_that_raises_fails_no_request(caplog: pytest.LogCaptureFixture):
+    telemetry = _telemetry()
+    app = FastAPI()
+
+    @app.get("/ok")
+    async def ok() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise LookupError("the app's own")
+
+    hook_calls: list[str] = []
+
+    def broken_hook(metric: str, error: BaseException) -> None:
+        hook_calls.append(metric)
+        raise ValueError("the hook has a bug")
+
+    # A tracer whose spans cannot start: the middleware's own failure goes to the hook.
+    class Unstartable:
+        def start_span(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("no spans today")
+
+    instrument_app(app, Unstartable(), telemetry.cells, excluded_paths=(), on_error=broken_hook)  # type: ignore[arg-type]
+    assert _get(app, ["/ok", "/boom", "/ok"]) == [200, 500, 200]
+    assert hook_calls, "the hook was not called"
+    assert "the hook has a bug" in caplog.text or "no spans today" in caplog.text
+    telemetry.shutdown()
+
+
+@pytest.mark.parametrize("raising", [ValueError("hook"), KeyError("hook")])
+def test_a_recorders_error_hook_that_raises_does_not_reach_the_caller(raising: Exception):
+    from chatobs.recorders.clients import ClientRecorder
+
+    telemetry = _telemetry()
+    hook_calls: list[str] = []
+
+    def broken_hook(metric: str, error: BaseException) -> None:
+        hook_calls.append(metric)
+        raise raising
+
+    clients = ClientRecorder(telemetry.instruments, telemetry.labels, broken_hook, telemetry.cells, "wal")
+    record: Callable[..., None] = clients.operation
+    record("redis", "get", float("nan"), failed=False)  # a bad duration: the recording fails, then its hook
+    clients.bound("redis", "get").record(float("nan"), failed=False)
+    assert hook_calls == ["redis_operation_seconds", "redis_operation_seconds"]
+    telemetry.shutdown()
