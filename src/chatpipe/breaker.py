@@ -2,7 +2,9 @@
 
 Closed: calls go through; ``failure_threshold`` consecutive failures open it. Open: calls
 are refused for ``reset_seconds``, then one trial call is let through (half-open); its
-success closes the circuit, its failure opens it again.
+success closes the circuit, its failure opens it again. Every call :meth:`allow` lets
+through must end in :meth:`succeeded`, :meth:`failed` or :meth:`abandoned`, whatever
+goes wrong in it: until the trial ends, no other call is let through.
 
 Example::
 
@@ -10,9 +12,13 @@ Example::
     if breaker.allow():
         try:
             result = await call()
-            breaker.succeeded()
         except Exception:
             breaker.failed()
+        except BaseException:  # cancelled
+            breaker.abandoned()
+            raise
+        else:
+            breaker.succeeded()
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class CircuitBreaker:
         self._failures = 0
         self._trial_in_flight = False
         self._move(CircuitState.CLOSED)
+
+    def abandoned(self) -> None:
+        """The call let through ended with no verdict (it was cancelled): the next call may be the trial."""
+        self._trial_in_flight = False
 
     def failed(self) -> None:
         self._failures += 1

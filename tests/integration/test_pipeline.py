@@ -121,6 +121,26 @@ def test_llm_error_burst_is_counted_and_the_user_told(pipeline):
     assert scrapes.value("worker", "llm_errors_total", provider="simulator", code="http_5xx") == before + 1
 
 
+def test_a_malformed_llm_answer_is_counted_and_the_user_told(pipeline):
+    """A 200 from the provider that is no completion (here a stream cut off mid-chunk) is an LLM error."""
+    scrapes = Scrapes(pipeline)
+    before = scrapes.text("worker")
+    chat = ChatClient(pipeline.gateway_url)
+    control(pipeline.llm_url, malformed=True)
+    try:
+        event, _ = chat.turn(chat.new_session(), "are you well?")
+    finally:
+        control(pipeline.llm_url, malformed=False)
+    assert event == {"type": "error", "error": "the language model failed (other)"}
+    after = scrapes.text("worker")
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("llm_requests_total") == 1
+    assert moved("llm_errors_total", provider="simulator", code="other") == 1
+
+
 def test_a_tenant_over_its_budget_is_refused_clearly(pipeline):
     scrapes = Scrapes(pipeline)
     chat = ChatClient(pipeline.gateway_url, tenant="tiny")  # 30 tokens per window (PIPELINE_ENV in conftest)

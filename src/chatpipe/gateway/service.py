@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -28,6 +28,7 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
@@ -297,12 +298,27 @@ def create_app() -> FastAPI:
         directory = settings.attachment_dir / session_id
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / attachment_id
-        size = await _store(file, path, settings.attachment_max_bytes)
-        await app.state.pool.execute(
-            "insert into attachments (id, session_id, filename, content_type, size_bytes, path)"
-            " values ($1, $2, $3, $4, $5, $6)",
-            attachment_id, session_id, _stored_filename(file.filename, attachment_id), content_type, size, str(path),
-        )  # fmt: skip
+        stored = False
+        try:
+            size = await _store(file, path, settings.attachment_max_bytes)
+            async with app.state.pool.acquire() as connection:
+                await connection.execute(
+                    "insert into attachments (id, session_id, filename, content_type, size_bytes, path)"
+                    " values ($1, $2, $3, $4, $5, $6)",
+                    attachment_id, session_id, _stored_filename(file.filename, attachment_id), content_type, size,
+                    str(path),
+                )  # fmt: skip
+                stored = True
+        except BACKEND_UNAVAILABLE:
+            # As for messages: the connection can break as the pool takes it back, after the insert.
+            if not stored:
+                raise
+            _logger.warning("attachment %s stored; its connection broke afterwards", attachment_id)
+        finally:
+            if not stored:
+                # The client hears that nothing was stored, so nothing may be: a file no row refers to
+                # would stay for good, and each retry would leave another.
+                path.unlink(missing_ok=True)
         traffic.attachment_uploaded(time.perf_counter() - started)
         return {"attachment_id": attachment_id, "size_bytes": size, "content_type": content_type}
 
@@ -345,11 +361,18 @@ async def _check(probe: Any, timeout: float = 1.0) -> bool:
 
 
 async def _store(upload: UploadFile, path: Path, limit: int) -> int:
-    """Stream ``upload`` to ``path``; over ``limit`` bytes, remove it and answer 413."""
+    """Copy ``upload`` to ``path``; over ``limit`` bytes, remove it and answer 413. The copy runs in
+    a worker thread: writing megabytes to disk in the event loop would hold up every other request."""
+    return await run_in_threadpool(_copy_limited, upload.file, path, limit)
+
+
+def _copy_limited(source: BinaryIO, path: Path, limit: int) -> int:
+    """:func:`_store`'s copy, blocking: the number of bytes written."""
     size = 0
     try:
+        source.seek(0)
         with path.open("wb") as out:
-            while chunk := await upload.read(_UPLOAD_CHUNK):
+            while chunk := source.read(_UPLOAD_CHUNK):
                 size += len(chunk)
                 if size > limit:
                     raise _error(413, f"attachment larger than {limit} bytes")

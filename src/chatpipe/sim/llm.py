@@ -7,11 +7,16 @@ usage it reports is exact and tests can compare it with ``llm_tokens_total``.
 
 When the request offers tools and the last user message asks to calculate
 (``calc: 6*7``) or for the time, the reply is a ``tool_calls`` message; after the
-tool's result comes back, it answers with that result.
+tool's result comes back, it answers with that result. Streamed, the call comes in
+pieces as OpenAI sends it: a first delta with its ``index``, ``id``, ``type``, name and
+empty ``arguments``, then deltas with the same ``index`` and a few characters of the
+arguments each.
 
 Faults (``POST /control`` with any of these fields): ``latency_seconds`` (request to
 last token), ``first_token_seconds``, ``error_rates`` (``{"429": 0.5, "503": 0.1}``),
-``outage`` (every request answers 503), ``completion_words``.
+``outage`` (every request answers 503), ``completion_words``, ``malformed`` (answers
+200 with what is no completion: a body without ``choices``, or a stream whose second
+chunk is cut-off JSON).
 
 Example::
 
@@ -43,6 +48,7 @@ class LLMFaults(BaseModel):
     error_rates: dict[int, float] = Field(default_factory=dict)
     outage: bool = False
     completion_words: int = Field(24, ge=1, le=10_000)
+    malformed: bool = False
 
 
 class _Stats(BaseModel):
@@ -57,6 +63,8 @@ app.state.faults = LLMFaults()
 app.state.stats = _Stats()
 
 _CALC = re.compile(r"calc:\s*([0-9+\-*/(). ]+)", re.IGNORECASE)
+#: Characters of a tool call's arguments per streamed delta (OpenAI sends a few at a time).
+_ARGUMENTS_PIECE = 4
 
 
 def count_tokens(text: str) -> int:
@@ -117,6 +125,8 @@ async def completions(request: Request) -> JSONResponse | StreamingResponse:
             return _error(int(status))
     messages = body.get("messages", [])
     model = body.get("model", "sim-large")
+    if faults.malformed:
+        return _malformed(bool(body.get("stream")), model, faults)
     tool_call = _tool_call_for(messages, body.get("tools") or [])
     text = "" if tool_call else _answer(messages, faults.completion_words)
     usage = {"prompt_tokens": _prompt_tokens(messages), "completion_tokens": count_tokens(text)}
@@ -156,7 +166,13 @@ async def _stream(
 
     await asyncio.sleep(faults.first_token_seconds)
     if tool_call:
-        yield chunk({"role": "assistant", "tool_calls": [{"index": 0, **tool_call}]})
+        function, arguments = tool_call["function"], tool_call["function"]["arguments"]
+        yield chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": tool_call["id"], "type": "function",
+             "function": {"name": function["name"], "arguments": ""}}]})  # fmt: skip
+        for start in range(0, len(arguments), _ARGUMENTS_PIECE):
+            piece = arguments[start : start + _ARGUMENTS_PIECE]
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
         finish = "tool_calls"
     else:
         words = text.split(" ")
@@ -171,6 +187,24 @@ async def _stream(
                    "choices": [], "usage": usage}  # fmt: skip
         yield f"data: {json.dumps(payload)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _malformed(stream: bool, model: str, faults: LLMFaults) -> JSONResponse | StreamingResponse:
+    """A 200 that is no completion (the ``malformed`` fault): nothing of it is usage, so ``/stats`` counts none."""
+    if not stream:
+        return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "model": model})
+
+    async def cut_off() -> AsyncIterator[str]:
+        await asyncio.sleep(faults.first_token_seconds)
+        first = {
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Cut"}, "finish_reason": None}],
+        }
+        yield f"data: {json.dumps(first)}\n\n"
+        yield 'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": " of\n\n'
+
+    return StreamingResponse(cut_off(), media_type="text/event-stream")
 
 
 @app.get("/control")

@@ -4,7 +4,8 @@
 idempotently by ``id`` (a replay after an outage must not duplicate).
 
 Faults (``POST /control``): ``latency_seconds``; ``hang`` (requests wait until the
-client gives up: a timeout); ``outage`` (503).
+client gives up: a timeout); ``outage`` (503); ``malformed`` (``/recall`` answers 200
+with the memories as a bare JSON list, not ``{"memories": [...]}``).
 
 Example::
 
@@ -28,6 +29,7 @@ class SomabrainFaults(BaseModel):
     latency_seconds: float = Field(0.02, ge=0, le=120)
     hang: bool = False
     outage: bool = False
+    malformed: bool = False
 
 
 class Memory(BaseModel):
@@ -67,8 +69,10 @@ async def _faults() -> JSONResponse | None:
 async def recall(request: RecallRequest) -> JSONResponse | dict[str, Any]:
     if (failure := await _faults()) is not None:
         return failure
-    found = [m for m in app.state.memories.values() if m.session_id == request.session_id]
-    return {"memories": [m.model_dump() for m in found[-request.limit :]]}
+    found = [m.model_dump() for m in app.state.memories.values() if m.session_id == request.session_id]
+    if app.state.faults.malformed:
+        return JSONResponse(found[-request.limit :])
+    return {"memories": found[-request.limit :]}
 
 
 @app.post("/remember", response_model=None)

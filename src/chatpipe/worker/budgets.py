@@ -4,22 +4,77 @@ Allowances come from settings (``CHATPIPE_TOKEN_BUDGET``, ``CHATPIPE_TENANT_TOKE
 and the message equivalents); usage is counted in Redis so every worker shares it.
 A request is refused when the tenant has already spent its allowance; the refusal is
 counted in ``tenant_budget_*_overruns_total``.
+
+Messages are counted when they are admitted: the check and the count are one Redis script,
+so turns admitted at the same moment (a worker answers many at once, and workers share the
+budget) cannot all pass an allowance that has room for only some of them. A turn admitted
+but then not answered (the LLM failed, a backend went down) gives its message back with
+:meth:`Budgets.refund`; a refund lost to a Redis outage leaves the message counted (the
+tenant loses one message of the window, never gains one).
+
+Tokens are known only once the LLM has answered, so they are charged then, and a turn is
+admitted while the tokens already charged are under the allowance: the turns in flight
+when the allowance is reached can overrun it by what they spend, at most the worker's
+concurrency (times the number of workers) turns' worth of tokens.
+
+Example::
+
+    admission = await budgets.admit("acme")  # BudgetExceededError if a budget is spent
+    try:
+        reply = await llm.complete(...)
+    except Exception:
+        await budgets.refund(admission)  # not answered: the message goes back
+        raise
+    await budgets.charge(admission, tokens=reply.prompt_tokens + reply.completion_tokens)
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from chatobs.recorders import BudgetRecorder
 from chatpipe.settings import PipelineSettings
 
-__all__ = ["BudgetExceededError", "Budgets"]
+__all__ = ["Admission", "BudgetExceededError", "Budgets"]
+
+_logger = logging.getLogger("chatpipe.worker")
+
+#: KEYS: messages, tokens; ARGV: message allowance, token allowance, TTL. Counts the message only
+#: if both budgets have room; answers ``{verdict, messages used, tokens used}``.
+_ADMIT = """
+local messages = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+if messages >= tonumber(ARGV[1]) then return {'messages', messages, tokens} end
+if tokens >= tonumber(ARGV[2]) then return {'tokens', messages, tokens} end
+messages = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {'admitted', messages, tokens}
+"""
+#: KEYS: messages. Gives one message back (never below 0: the window's key may have expired).
+_REFUND = """
+local messages = tonumber(redis.call('GET', KEYS[1]) or '0')
+if messages > 0 then messages = redis.call('DECR', KEYS[1]) end
+return messages
+"""
 
 
 class BudgetExceededError(Exception):
     """The tenant's budget is spent; the message says which and how much."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A message admitted against its tenant's budgets. It holds the keys of the window that
+    counted it, so its tokens and a refund go to that window even if a new one began meanwhile."""
+
+    tenant: str
+    tokens_key: str
+    messages_key: str
 
 
 class Budgets:
@@ -32,33 +87,50 @@ class Budgets:
         window = int(time.time()) // self._settings.budget_window_seconds
         return f"budget:{tenant}:{window}:tokens", f"budget:{tenant}:{window}:messages"
 
-    async def admit(self, tenant: str) -> None:
-        """Raise :class:`BudgetExceededError` if ``tenant`` may not send another message now."""
+    async def admit(self, tenant: str) -> Admission:
+        """Count one message of ``tenant``, or raise :class:`BudgetExceededError` (counting nothing)
+        if it may not send another now."""
         tokens_key, messages_key = self._keys(tenant)
-        tokens_used, messages_used = (int(v or 0) for v in await self._redis.mget(tokens_key, messages_key))
         token_allowance = self._settings.token_allowance(tenant)
         message_allowance = self._settings.message_allowance(tenant)
-        self._recorder.tokens(tenant, allowed=token_allowance, used=tokens_used)
-        self._recorder.messages(tenant, allowed=message_allowance, used=messages_used)
-        if messages_used >= message_allowance:
+        ttl = self._settings.budget_window_seconds * 2
+        verdict, messages_used, tokens_used = await self._redis.eval(
+            _ADMIT, 2, messages_key, tokens_key, message_allowance, token_allowance, ttl
+        )
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict  # bytes unless decode_responses
+        self._recorder.tokens(tenant, allowed=token_allowance, used=int(tokens_used))
+        self._recorder.messages(tenant, allowed=message_allowance, used=int(messages_used))
+        if verdict == "messages":
             self._recorder.message_overrun(tenant)
             raise BudgetExceededError(
                 f"Message budget exceeded for tenant {tenant}: {messages_used} of {message_allowance} messages "
                 f"used in this {self._settings.budget_window_seconds}s window."
             )
-        if tokens_used >= token_allowance:
+        if verdict == "tokens":
             self._recorder.token_overrun(tenant)
             raise BudgetExceededError(
                 f"Token budget exceeded for tenant {tenant}: {tokens_used} of {token_allowance} tokens "
                 f"used in this {self._settings.budget_window_seconds}s window."
             )
+        return Admission(tenant, tokens_key, messages_key)
 
-    async def charge(self, tenant: str, *, tokens: int) -> None:
-        """Count one answered message and its tokens against the tenant's window."""
-        tokens_key, messages_key = self._keys(tenant)
+    async def charge(self, admission: Admission, *, tokens: int) -> None:
+        """Count the tokens the admitted message's turn spent."""
+        tenant = admission.tenant
         ttl = self._settings.budget_window_seconds * 2
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(tokens_key, tokens).expire(tokens_key, ttl).incr(messages_key).expire(messages_key, ttl)
-            tokens_used, _, messages_used, _ = await pipe.execute()
+            pipe.incrby(admission.tokens_key, tokens).expire(admission.tokens_key, ttl).get(admission.messages_key)
+            tokens_used, _, messages_used = await pipe.execute()
         self._recorder.tokens(tenant, allowed=self._settings.token_allowance(tenant), used=int(tokens_used))
+        self._recorder.messages(tenant, allowed=self._settings.message_allowance(tenant), used=int(messages_used or 0))
+
+    async def refund(self, admission: Admission) -> None:
+        """Give back the message of a turn that was admitted but not answered. Never raises: with
+        Redis unreachable the message stays counted (logged)."""
+        try:
+            messages_used = await self._redis.eval(_REFUND, 1, admission.messages_key)
+        except (redis.exceptions.RedisError, OSError) as error:
+            _logger.warning("message of tenant %s not given back to its budget: %r", admission.tenant, error)
+            return
+        tenant = admission.tenant
         self._recorder.messages(tenant, allowed=self._settings.message_allowance(tenant), used=int(messages_used))

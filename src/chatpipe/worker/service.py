@@ -2,7 +2,8 @@
 
 For each user message on the WAL topic:
 
-1. budget check (Redis): an overrun is refused with a clear message to the client;
+1. budget check (Redis): an overrun is refused with a clear message to the client; the
+   message is counted as it is admitted, and given back if the turn is not answered;
 2. context build: Somabrain recall, bounded by a timeout and a circuit breaker; if
    Somabrain is down, slow, or the circuit is open, the turn goes on in **degraded
    bypass**: the LLM answers without memories;
@@ -30,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import redis.asyncio as aioredis
@@ -59,6 +60,7 @@ ANSWERED_PREFIX = "answered:"
 BACKEND_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, KafkaError, OSError, TimeoutError)
 _SYSTEM_PROMPT = "You are a helpful assistant. Use the memories given when they are relevant."
 _CONCURRENCY = 16
+T = TypeVar("T")
 
 
 class _TokenRelay:
@@ -164,41 +166,49 @@ class Worker:
     async def answer(self, event: dict[str, Any]) -> None:
         session_id, tenant = event["session_id"], event["tenant"]
         try:
-            await self._budgets.admit(tenant)
+            admission = await self._budgets.admit(tenant)
         except BudgetExceededError as refusal:
             await self._emit(session_id, {"type": "error", "error": str(refusal), "reason": "budget"})
             return
-        with self._soma.time_context_build():
-            memories = await self._recall(tenant, session_id, event["content"])
-        degraded = memories is None
-        if degraded:
-            self._soma.bypass()
-        messages = self._prompt(event["content"], memories or [])
-
-        relay = _TokenRelay(lambda text: self._emit(session_id, {"type": "token", "text": text}))
-
-        mode = "degraded_bypass_somabrain" if degraded else "normal"
+        answered = False
         try:
-            reply = await self._llm.complete(messages, mode=mode, tools=TOOL_SPECS, on_token=relay)
-            tokens = reply.prompt_tokens + reply.completion_tokens
-            if reply.tool_calls:
-                messages.append({"role": "assistant", "content": None, "tool_calls": reply.tool_calls})
-                for call in reply.tool_calls:
-                    messages.append(await self._run_tool(call, session_id, tenant))
-                reply = await self._llm.complete(messages, mode=mode, on_token=relay)
-                tokens += reply.prompt_tokens + reply.completion_tokens
-        except LLMError as error:
+            with self._soma.time_context_build():
+                memories = await self._recall(tenant, session_id, event["content"])
+            degraded = memories is None
+            if degraded:
+                self._soma.bypass()
+            messages = self._prompt(event["content"], memories or [])
+
+            relay = _TokenRelay(lambda text: self._emit(session_id, {"type": "token", "text": text}))
+
+            mode = "degraded_bypass_somabrain" if degraded else "normal"
+            try:
+                reply = await self._llm.complete(messages, mode=mode, tools=TOOL_SPECS, on_token=relay)
+                tokens = reply.prompt_tokens + reply.completion_tokens
+                if reply.tool_calls:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": reply.tool_calls})
+                    for call in reply.tool_calls:
+                        messages.append(await self._run_tool(call, session_id, tenant))
+                    reply = await self._llm.complete(messages, mode=mode, on_token=relay)
+                    tokens += reply.prompt_tokens + reply.completion_tokens
+            except LLMError as error:
+                await relay.flush()
+                await self._emit(session_id, {"type": "error", "error": f"the language model failed ({error.code})"})
+                return
             await relay.flush()
-            await self._emit(session_id, {"type": "error", "error": f"the language model failed ({error.code})"})
-            return
-        await relay.flush()
-        await self._budgets.charge(tenant, tokens=tokens)
-        emit_mode = "degraded" if degraded else "normal"
-        await self._emit(session_id, {"type": "message", "content": reply.content, "mode": emit_mode,
-                                      "reply_to": event["message_id"]})  # fmt: skip
-        self._soma.assistant_emitted(emit_mode)
-        self._soma.event_to_response(time.time() - float(event["accepted_at"]), emit_mode)
-        await self._remember(tenant, session_id, event, reply.content, degraded=degraded)
+            await self._budgets.charge(admission, tokens=tokens)
+            emit_mode = "degraded" if degraded else "normal"
+            await self._emit(session_id, {"type": "message", "content": reply.content, "mode": emit_mode,
+                                          "reply_to": event["message_id"]})  # fmt: skip
+            answered = True
+            self._soma.assistant_emitted(emit_mode)
+            self._soma.event_to_response(time.time() - float(event["accepted_at"]), emit_mode)
+            await self._remember(tenant, session_id, event, reply.content, degraded=degraded)
+        finally:
+            if not answered:
+                # Counted when admitted; a turn that failed (or waits for a backend, and comes again)
+                # was not a message answered.
+                await self._budgets.refund(admission)
 
     def _prompt(self, content: str, memories: list[dict[str, Any]]) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = [{"role": "system", "content": _SYSTEM_PROMPT}]
@@ -214,28 +224,8 @@ class Worker:
     # -- Somabrain -------------------------------------------------------------------
     async def _recall(self, tenant: str, session_id: str, query: str) -> list[dict[str, Any]] | None:
         """Memories, or None when the turn must go on without Somabrain."""
-        if not self._breaker.allow():
-            self._soma.call("circuit_open")
-            return None
-        try:
-            response = await self._http.post(
-                f"{self._somabrain_url}/recall",
-                json={"tenant": tenant, "session_id": session_id, "query": query},
-                timeout=self._settings.somabrain_timeout_seconds,
-            )
-            response.raise_for_status()
-            memories = response.json()["memories"]
-        except httpx.TimeoutException:
-            self._soma.call("timeout")
-            self._breaker.failed()
-            return None
-        except (httpx.HTTPError, ValueError, KeyError):
-            self._soma.call("error")
-            self._breaker.failed()
-            return None
-        self._soma.call("success")
-        self._breaker.succeeded()
-        return list(memories)
+        body = {"tenant": tenant, "session_id": session_id, "query": query}
+        return await self._call_somabrain("/recall", body, lambda response: _memories(response.json()))
 
     async def _remember(self, tenant: str, session_id: str, event: dict[str, Any], reply: str, *,
                         degraded: bool) -> None:  # fmt: skip
@@ -247,24 +237,44 @@ class Worker:
         await self._redis.set(f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory))
 
     async def _store_memory(self, memory: dict[str, Any]) -> bool:
+        return await self._call_somabrain("/remember", memory, lambda _: True) is not None
+
+    async def _call_somabrain(self, path: str, body: dict[str, Any], read: Callable[[httpx.Response], T]) -> T | None:
+        """POST ``body`` to Somabrain's ``path`` through the circuit breaker: what ``read`` makes of the
+        answer, or None if the circuit is open or the call failed (timed out, refused, or answered
+        what ``read`` cannot read).
+
+        Every call the breaker lets through ends in ``succeeded`` or ``failed``, whatever goes wrong:
+        a half-open trial that ended in neither would stay in flight, and the breaker would let no
+        call through again until the worker restarts.
+        """
         if not self._breaker.allow():
             self._soma.call("circuit_open")
-            return False
+            return None
         try:
-            response = await self._http.post(f"{self._somabrain_url}/remember", json=memory,
+            response = await self._http.post(f"{self._somabrain_url}{path}", json=body,
                                              timeout=self._settings.somabrain_timeout_seconds)  # fmt: skip
             response.raise_for_status()
+            result = read(response)
         except httpx.TimeoutException:
             self._soma.call("timeout")
             self._breaker.failed()
-            return False
-        except httpx.HTTPError:
+            return None
+        except (httpx.HTTPError, ValueError):  # down, refusing, or an answer of the wrong shape
             self._soma.call("error")
             self._breaker.failed()
-            return False
+            return None
+        except Exception:
+            _logger.exception("Somabrain %s failed unexpectedly; counted as a failed call", path)
+            self._soma.call("error")
+            self._breaker.failed()
+            return None
+        except BaseException:
+            self._breaker.abandoned()  # cancelled (a stop): no verdict on Somabrain, but the trial is over
+            raise
         self._soma.call("success")
         self._breaker.succeeded()
-        return True
+        return result
 
     async def replay_round(self) -> bool:
         """Replay buffered memory writes while Somabrain accepts them; True if any was replayed."""
@@ -302,6 +312,17 @@ class Worker:
             result = json.loads(answer[1])
             content = str(result.get("result") if result.get("ok") else f"error: {result.get('error')}")
         return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def _memories(answer: Any) -> list[dict[str, Any]]:
+    """The memories of a recall answer, ``{"memories": [{"text": ...}, ...]}``; ``ValueError`` for
+    anything else (a bare list, ``null``, memories without text), which is a failed recall."""
+    memories = answer.get("memories") if isinstance(answer, dict) else None
+    if not isinstance(memories, list) or not all(
+        isinstance(memory, dict) and isinstance(memory.get("text"), str) for memory in memories
+    ):
+        raise ValueError(f"not a recall answer (a {type(answer).__name__} without a list of memories)")
+    return memories
 
 
 async def main() -> None:

@@ -1,0 +1,205 @@
+"""The worker's turns, run in this process against the session's real Redis and Kafka-protocol
+broker, with the LLM and Somabrain simulators as servers: WAL records in, the chat events the
+gateway would relay out, and the worker's scraped metrics.
+
+In this process nothing runs but what the test starts (no replay round, no other worker), so a
+batch of turns arrives in one consume round, and a breaker's half-open trial is the turn the
+test sends, exactly when the test says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from chatobs import Telemetry, load_settings
+from chatpipe.events import events_channel
+from chatpipe.kafka import start_producer
+from chatpipe.settings import load_pipeline_settings
+from chatpipe.worker.service import DEGRADED_PREFIX, Worker
+from tests.metrics_text import value
+
+BREAKER_RESET_SECONDS = 0.5
+
+
+@dataclass
+class Simulators:
+    llm: str
+    somabrain: str
+
+
+@pytest.fixture
+def simulators(start_service) -> Simulators:
+    """An LLM and a Somabrain simulator of this test's own (their faults are the test's)."""
+    llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health")
+    somabrain = start_service({}, app="chatpipe.sim.somabrain:app", ready_path="/health")
+    return Simulators(llm.base_url, somabrain.base_url)
+
+
+@dataclass
+class Turns:
+    """A worker fed by a WAL topic of its own; each :meth:`send` is a batch of user messages."""
+
+    worker: Worker
+    telemetry: Telemetry
+    redis: aioredis.Redis
+    http: httpx.AsyncClient
+    producer: AIOKafkaProducer
+    bootstrap: str
+    topic: str = field(default_factory=lambda: f"chat.wal.turns.{uuid.uuid4().hex[:8]}")
+    consumer: AIOKafkaConsumer | None = None
+    sent: list[str] = field(default_factory=list)
+
+    async def send(self, *contents: str, tenant: str = "acme") -> list[dict[str, Any]]:
+        """Each of ``contents`` as a user message of a session of its own, all in one record batch
+        (so one consume round takes them together); the final event (message or error) of each."""
+        events = [
+            {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": tenant, "role": "user",
+             "content": content, "source": "api", "accepted_at": time.time()}
+            for content in contents
+        ]  # fmt: skip
+        self.sent += [event["message_id"] for event in events]
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(*(events_channel(event["session_id"]) for event in events))
+        batch = self.producer.create_batch()
+        for event in events:
+            batch.append(key=event["session_id"].encode(), value=json.dumps(event).encode(), timestamp=None)
+        await (await self.producer.send_batch(batch, self.topic, partition=0))
+        if self.consumer is None:
+            # Assigned its partition rather than subscribed: no group to join (seconds), commits all the same.
+            self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.topic,
+                                             enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+            await self.consumer.start()
+            self.consumer.assign([TopicPartition(self.topic, 0)])
+        finals: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + 60
+        try:
+            while len(finals) < len(events):
+                assert time.monotonic() < deadline, f"{len(finals)} of {len(events)} turns answered"
+                await self.worker.consume_round(self.consumer)
+                while message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05):
+                    event = json.loads(message["data"])
+                    if event["type"] in ("message", "error"):
+                        finals[message["channel"].decode().rsplit(":", 1)[1]] = event
+        finally:
+            await pubsub.aclose()
+        return [finals[event["session_id"]] for event in events]
+
+    async def control(self, url: str, **faults: object) -> None:
+        (await self.http.post(f"{url}/control", json=faults, timeout=5)).raise_for_status()
+
+    def metrics(self) -> str:
+        return self.telemetry.scrape()[2].decode()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(stack: dict[str, str], simulators: Simulators, **env: str) -> AsyncIterator[Turns]:
+    settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{simulators.llm}/v1",
+                                       "CHATPIPE_SOMABRAIN_URL": simulators.somabrain, **env})  # fmt: skip
+    telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="worker")
+    redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+    producer = await start_producer(stack["KAFKA_BOOTSTRAP_SERVERS"], asyncio.Event())
+    assert producer is not None
+    turns = None
+    try:
+        async with httpx.AsyncClient() as http:
+            worker = Worker(telemetry, settings, redis, http, producer)
+            turns = Turns(worker, telemetry, redis, http, producer, stack["KAFKA_BOOTSTRAP_SERVERS"])
+            yield turns
+    finally:
+        if turns is not None:
+            if turns.consumer is not None:
+                await turns.consumer.stop()
+            # Memory writes buffered in degraded mode: no replay round here will ever take them.
+            await redis.delete(*(f"{DEGRADED_PREFIX}{message_id}" for message_id in turns.sent or ["none"]))
+        await producer.stop()
+        await redis.aclose()
+        telemetry.shutdown()
+
+
+def test_turns_admitted_together_stay_within_the_message_budget(stack, simulators):
+    """Ten turns in one consume round run at once; a budget of three messages answers three."""
+    tenant = f"trio{uuid.uuid4().hex[:6]}"
+
+    async def scenario() -> tuple[list[dict[str, Any]], str]:
+        async with running_worker(stack, simulators, CHATPIPE_TENANT_MESSAGE_BUDGETS=f"{tenant}=3") as turns:
+            finals = await turns.send(*(f"concurrent turn {n}" for n in range(10)), tenant=tenant)
+            return finals, turns.metrics()
+
+    finals, text = asyncio.run(scenario())
+    answered = [event for event in finals if event["type"] == "message"]
+    refused = [event for event in finals if event.get("reason") == "budget"]
+    assert (len(answered), len(refused)) == (3, 7), finals
+    refusal = f"Message budget exceeded for tenant {tenant}: 3 of 3 messages used in this 3600s window."
+    assert {event["error"] for event in refused} == {refusal}
+    assert value(text, "tenant_budget_messages_used", tenant=tenant) == 3
+    assert value(text, "tenant_budget_messages_allowed", tenant=tenant) == 3
+    assert value(text, "tenant_budget_messages_overruns_total", tenant=tenant) == 7
+
+
+def test_a_turn_that_is_not_answered_gives_its_message_back(stack, simulators):
+    """Messages count from admission; one whose turn failed is not a message answered."""
+    tenant = f"duo{uuid.uuid4().hex[:6]}"
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+        async with running_worker(stack, simulators, CHATPIPE_TENANT_MESSAGE_BUDGETS=f"{tenant}=2") as turns:
+            await turns.control(simulators.llm, outage=True)
+            failed = await turns.send("first, the LLM is down", "second, the LLM is down", tenant=tenant)
+            await turns.control(simulators.llm, outage=False)
+            later = await turns.send("one", "two", "three", tenant=tenant)
+            return failed, later, turns.metrics()
+
+    failed, later, text = asyncio.run(scenario())
+    assert [event["error"] for event in failed] == ["the language model failed (http_5xx)"] * 2
+    assert sorted(event["type"] for event in later) == ["error", "message", "message"], later
+    assert value(text, "tenant_budget_messages_used", tenant=tenant) == 2
+    assert value(text, "tenant_budget_messages_overruns_total", tenant=tenant) == 1
+
+
+def test_a_malformed_answer_to_the_half_open_trial_reopens_the_circuit_and_it_closes_again(stack, simulators):
+    """Somabrain answering the trial recall with a bare list (not ``{"memories": [...]}``) fails
+    the trial: the turn goes on degraded, and once Somabrain answers properly the circuit closes."""
+    breaker = {"CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "0.3", "CHATPIPE_BREAKER_FAILURE_THRESHOLD": "2",
+               "CHATPIPE_BREAKER_RESET_SECONDS": str(BREAKER_RESET_SECONDS)}  # fmt: skip
+    somabrain = simulators.somabrain
+
+    def circuit(text: str) -> float:
+        return value(text, "circuit_state", component="somabrain")
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with running_worker(stack, simulators, **breaker) as turns:
+            await turns.control(somabrain, outage=True)
+            seen["down"] = await turns.send("first while down") + await turns.send("second while down")
+            seen["opened"] = circuit(turns.metrics())
+            await turns.control(somabrain, outage=False, malformed=True)
+            await asyncio.sleep(BREAKER_RESET_SECONDS + 0.1)  # half-open: the next recall is the trial
+            seen["trial"] = await turns.send("the trial meets a malformed answer")
+            seen["reopened"] = circuit(turns.metrics())
+            await turns.control(somabrain, malformed=False)
+            await asyncio.sleep(BREAKER_RESET_SECONDS + 0.1)
+            seen["recovered"] = await turns.send("Somabrain is fine again")
+            seen["text"] = turns.metrics()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [(event["type"], event.get("mode")) for event in seen["down"]] == [("message", "degraded")] * 2
+    assert seen["opened"] == 2
+    assert [(event["type"], event.get("mode")) for event in seen["trial"]] == [("message", "degraded")]
+    assert seen["reopened"] == 2, "the failed trial opened the circuit again"
+    assert [(event["type"], event.get("mode")) for event in seen["recovered"]] == [("message", "normal")]
+    assert circuit(seen["text"]) == 0
+    assert value(seen["text"], "somabrain_calls_total", result="error") == 3  # two refused, one malformed
+    assert value(seen["text"], "somabrain_bypass_total") == 3
