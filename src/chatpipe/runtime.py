@@ -78,13 +78,26 @@ async def forever(name: str, step: Callable[[], Awaitable[bool]], stopping: asyn
 
 
 async def periodic(name: str, step: Callable[[], Awaitable[None]], stopping: asyncio.Event, *, every: float,
-                   timeout: float) -> None:  # fmt: skip
-    """Run ``step`` every ``every`` seconds, each run bounded by ``timeout`` (a gauge poller)."""
+                   timeout: float, on_failure: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Run ``step`` every ``every`` seconds, each run bounded by ``timeout`` (a gauge poller);
+    ``on_failure()`` after a run that failed or timed out (a gauge then shows no stale value).
+    The first failure after a success is logged as a warning, the rest until the next success
+    at debug level: a backend that stays slow does not flood the log."""
+    failing = False
     while not stopping.is_set():
         try:
             await asyncio.wait_for(step(), timeout)
-        except Exception:
-            _logger.debug("%s: measurement failed", name, exc_info=True)
+        except Exception as error:  # noqa: BLE001 - any failure leaves the gauge unmeasured; the poller goes on
+            if on_failure is not None:
+                on_failure()
+            log = _logger.debug if failing else _logger.warning
+            log("%s: measurement failed (%r; limit %.1fs); retrying every %.1fs", name, error, timeout, every,
+                exc_info=failing)  # fmt: skip
+            failing = True
+        else:
+            if failing:
+                _logger.info("%s: measured again", name)
+            failing = False
         await sleep_unless_stopped(stopping, every)
 
 

@@ -61,18 +61,22 @@ class Turns:
     topic: str = field(default_factory=lambda: f"chat.wal.turns.{uuid.uuid4().hex[:8]}")
     consumer: AIOKafkaConsumer | None = None
     sent: list[str] = field(default_factory=list)
+    #: Every chat event of the last :meth:`send`, as it arrived: (session id, event).
+    stream: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
-    async def send(self, *contents: str, tenant: str = "acme") -> list[dict[str, Any]]:
-        """Each of ``contents`` as a user message of a session of its own, all in one record batch
-        (so one consume round takes them together); the final event (message or error) of each."""
+    async def send(self, *contents: str, tenant: str = "acme", one_session: bool = False) -> list[dict[str, Any]]:
+        """Each of ``contents`` as a user message of a session of its own (or all of one session),
+        all in one record batch (so one consume round takes them together); the final event
+        (message or error) of each, in the order sent (for one session: in the order they came)."""
+        shared = uuid.uuid4().hex
         events = [
-            {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": tenant, "role": "user",
-             "content": content, "source": "api", "accepted_at": time.time()}
+            {"message_id": uuid.uuid4().hex, "session_id": shared if one_session else uuid.uuid4().hex,
+             "tenant": tenant, "role": "user", "content": content, "source": "api", "accepted_at": time.time()}
             for content in contents
         ]  # fmt: skip
         self.sent += [event["message_id"] for event in events]
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(*(events_channel(event["session_id"]) for event in events))
+        await pubsub.subscribe(*{events_channel(event["session_id"]) for event in events})
         batch = self.producer.create_batch()
         for event in events:
             batch.append(key=event["session_id"].encode(), value=json.dumps(event).encode(), timestamp=None)
@@ -83,19 +87,24 @@ class Turns:
                                              enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
             await self.consumer.start()
             self.consumer.assign([TopicPartition(self.topic, 0)])
-        finals: dict[str, dict[str, Any]] = {}
+        self.stream = []
+        finals: list[tuple[str, dict[str, Any]]] = []
         deadline = time.monotonic() + 60
         try:
             while len(finals) < len(events):
                 assert time.monotonic() < deadline, f"{len(finals)} of {len(events)} turns answered"
                 await self.worker.consume_round(self.consumer)
                 while message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05):
-                    event = json.loads(message["data"])
-                    if event["type"] in ("message", "error"):
-                        finals[message["channel"].decode().rsplit(":", 1)[1]] = event
+                    arrived = (message["channel"].decode().rsplit(":", 1)[1], json.loads(message["data"]))
+                    self.stream.append(arrived)
+                    if arrived[1]["type"] in ("message", "error"):
+                        finals.append(arrived)
         finally:
             await pubsub.aclose()
-        return [finals[event["session_id"]] for event in events]
+        if one_session:
+            return [event for _, event in finals]
+        by_session = dict(finals)
+        return [by_session[event["session_id"]] for event in events]
 
     async def control(self, url: str, **faults: object) -> None:
         (await self.http.post(f"{url}/control", json=faults, timeout=5)).raise_for_status()
@@ -203,3 +212,22 @@ def test_a_malformed_answer_to_the_half_open_trial_reopens_the_circuit_and_it_cl
     assert circuit(seen["text"]) == 0
     assert value(seen["text"], "somabrain_calls_total", result="error") == 3  # two refused, one malformed
     assert value(seen["text"], "somabrain_bypass_total") == 3
+
+
+def test_the_turns_of_one_session_are_answered_one_after_another_in_order(stack, simulators):
+    """Three messages of one session in one batch: each reply streams whole, before the next
+    begins, in the order sent (answered at once, their tokens went into one reply, interleaved)."""
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+        async with running_worker(stack, simulators) as turns:
+            finals = await turns.send("first question", "second question", "third question", one_session=True)
+            return finals, [event for _, event in turns.stream], turns.sent[-3:]
+
+    finals, stream, sent = asyncio.run(scenario())
+    assert [event.get("reply_to") for event in finals] == sent, "not answered in the order sent"
+    tokens = [event for event in stream if event["type"] == "token"]
+    assert tokens and all(event.get("reply_to") in sent for event in tokens), "a token says which message it answers"
+    # Each reply's events are one run: its tokens, then its message; then the next reply's.
+    runs = [event["reply_to"] for event in stream if event["type"] in ("token", "message")]
+    collapsed = [reply for n, reply in enumerate(runs) if n == 0 or runs[n - 1] != reply]
+    assert collapsed == sent, f"replies interleaved: {collapsed}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Literal
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
@@ -14,6 +15,9 @@ from chatobs.recorders._base import ErrorCallback, Recorder, Timer, checked_amou
 
 __all__ = ["BacklogRecorder"]
 
+#: The gauges a service measures with a poller and reports here.
+_MEASURED_GAUGES = ("outbox_pending", "degraded_buffer_size")
+
 
 class BacklogRecorder(Recorder):
     """Recording helpers for backlogs and the WAL.
@@ -21,7 +25,8 @@ class BacklogRecorder(Recorder):
     ``outbox_pending`` and ``degraded_buffer_size`` are observable gauges: the
     service measures them off the scrape path (a poller with a timeout) and
     reports the latest value here; a scrape reads that value and never waits
-    on Postgres or Redis.
+    on Postgres or Redis. A measurement that fails is reported too
+    (:meth:`unmeasured`): the gauge is then left out until one succeeds.
 
     Example::
 
@@ -35,7 +40,7 @@ class BacklogRecorder(Recorder):
         super().__init__(instruments, labels, on_error, cells)
         self._latest: dict[str, float] = {}
         self._lock = threading.Lock()
-        for name in ("outbox_pending", "degraded_buffer_size"):
+        for name in _MEASURED_GAUGES:
             instruments.observe(name, self._reader(name))
 
     def _reader(self, name: str):
@@ -54,6 +59,15 @@ class BacklogRecorder(Recorder):
     @guarded("degraded_buffer_size")
     def degraded_buffer_size(self, keys: int) -> None:
         self._latest["degraded_buffer_size"] = checked_amount(keys)
+
+    @guarded(lambda gauge: gauge if gauge in _MEASURED_GAUGES else "other")
+    def unmeasured(self, gauge: Literal["outbox_pending", "degraded_buffer_size"]) -> None:
+        """The latest measurement of ``gauge`` failed (it timed out, the backend is down): the
+        gauge is left out of scrapes until one succeeds, rather than showing a value that may
+        be long out of date."""
+        if gauge not in _MEASURED_GAUGES:
+            raise ValueError(f"not a measured backlog gauge: {gauge!r}")
+        self._latest.pop(gauge, None)
 
     @guarded("wal_publish_seconds")
     def wal_published(self, seconds: float) -> None:

@@ -17,8 +17,12 @@ A turn is answered once. When Redis or the broker is down, the turn cannot be an
 (budgets and replies go through Redis): its record is not committed and comes again once
 they are back. A finished turn leaves an ``answered:<message_id>`` key in Redis, so a
 record delivered twice (that retry, or the outbox sending again what a broker lost) is
-not answered twice. On SIGTERM the worker finishes the turns it is streaming, commits,
-and stops.
+not answered twice. Turns of different sessions are answered at once (up to 16); those of
+one session one after another, in the order of their records, so a reply streams whole
+before the next begins (each token event names the message it answers, ``reply_to``). On
+SIGTERM the worker gives the turns it is streaming ``CHATPIPE_SHUTDOWN_GRACE_SECONDS`` to
+finish, commits what finished, and stops; a turn cut off then is not committed, and comes
+again to the next instance.
 
 Run: ``python -m chatpipe.worker`` (metrics on ``CHATOBS_METRICS_PORT``).
 """
@@ -26,11 +30,12 @@ Run: ``python -m chatpipe.worker`` (metrics on ``CHATOBS_METRICS_PORT``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -86,6 +91,35 @@ class _TokenRelay:
         self._since = time.monotonic()
 
 
+class _SessionTurns:
+    """One turn at a time per session, in the order they ask: the turns of a session answered at
+    once would stream their tokens into the one reply the chat page is writing, interleaved.
+    Other sessions' turns go on meanwhile. A session's lock lives while a turn holds or awaits it.
+
+    Example::
+
+        async with sessions.turn(session_id):
+            await answer(event)
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # session -> (its lock, turns holding or awaiting)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, session_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(session_id) or (asyncio.Lock(), 0)
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:  # FIFO; taken at once when free, so without a suspension
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+
 class Worker:
     def __init__(
         self,
@@ -115,6 +149,7 @@ class Worker:
         self._llm = LLMClient(http, settings, telemetry.llm)
         self._budgets = Budgets(redis, settings, telemetry.budgets)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
+        self._sessions = _SessionTurns()
         self._in_flight: set[str] = set()  # message ids being answered here, against a duplicate in one batch
 
     # -- consuming ---------------------------------------------------------------
@@ -135,16 +170,17 @@ class Worker:
 
     async def _handle_record(self, record: ConsumerRecord) -> None:
         """Answer one WAL record; raises (the record comes again) only when a backend is down."""
-        async with self._slots:
-            with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
-                try:
-                    event = json.loads(record.value)
-                    message_id, session_id = str(event["message_id"]), str(event["session_id"])
-                except (ValueError, KeyError, TypeError):
-                    _logger.error("dropping malformed WAL record at offset %s", record.offset)
-                    return
-                if event.get("role") != "user":
-                    return  # only user messages are answered
+        with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
+            try:
+                event = json.loads(record.value)
+                message_id, session_id = str(event["message_id"]), str(event["session_id"])
+            except (ValueError, KeyError, TypeError):
+                _logger.error("dropping malformed WAL record at offset %s", record.offset)
+                return
+            if event.get("role") != "user":
+                return  # only user messages are answered
+            # The session's turn is taken before anything here awaits, so in the order of the records.
+            async with self._sessions.turn(session_id), self._slots:
                 if message_id in self._in_flight or await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
                     return  # delivered again: answered already (or being answered right now)
                 self._in_flight.add(message_id)
@@ -179,7 +215,9 @@ class Worker:
                 self._soma.bypass()
             messages = self._prompt(event["content"], memories or [])
 
-            relay = _TokenRelay(lambda text: self._emit(session_id, {"type": "token", "text": text}))
+            reply_to = event["message_id"]
+            relay = _TokenRelay(lambda text: self._emit(session_id, {"type": "token", "text": text,
+                                                                     "reply_to": reply_to}))  # fmt: skip
 
             mode = "degraded_bypass_somabrain" if degraded else "normal"
             try:
@@ -293,7 +331,9 @@ class Worker:
 
     async def measure_degraded_buffer(self) -> None:
         count = 0
-        async for _ in self._redis.scan_iter(match=f"{DEGRADED_PREFIX}*", count=500):
+        # Most of the keyspace is other keys (an `answered:` mark per message, kept a day): a
+        # large COUNT walks it in fewer round trips, within the measurement's time limit.
+        async for _ in self._redis.scan_iter(match=f"{DEGRADED_PREFIX}*", count=5000):
             count += 1
         self._telemetry.backlog.degraded_buffer_size(count)
 
@@ -348,7 +388,8 @@ async def main() -> None:
                 forever("consume", lambda: worker.consume_round(consumer), stopping, idle=0.05),
                 forever("replay", worker.replay_round, stopping, idle=settings.degraded_replay_seconds),
                 periodic("degraded_buffer_size", worker.measure_degraded_buffer, stopping,
-                         every=settings.backlog_poll_seconds, timeout=settings.backlog_query_timeout_seconds),
+                         every=settings.backlog_poll_seconds, timeout=settings.backlog_query_timeout_seconds,
+                         on_failure=lambda: telemetry.backlog.unmeasured("degraded_buffer_size")),
                 grace=settings.shutdown_grace_seconds,
             )  # fmt: skip
         finally:
