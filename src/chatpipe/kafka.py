@@ -4,8 +4,7 @@ consumers' at-least-once rule: an offset is committed only past records that wer
 Example::
 
     batches = await consumer.getmany(timeout_ms=500)
-    failed = [record for record in records if not await handle(record)]
-    await commit_handled(consumer, batches, failed)   # failed records come again
+    await handle_together(consumer, batches, handle, "records wait for a backend")  # failed ones come again
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -22,7 +21,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from chatpipe.runtime import sleep_unless_stopped
 
-__all__ = ["RecordsPostponedError", "commit_handled", "start_consumer", "start_producer"]
+__all__ = ["RecordsPostponedError", "commit_handled", "handle_together", "start_consumer", "start_producer"]
 
 _logger = logging.getLogger("chatpipe")
 
@@ -59,6 +58,33 @@ async def start_consumer(
 
 class RecordsPostponedError(RuntimeError):
     """Some records could not be handled now (a backend is down); they will be delivered again."""
+
+
+async def handle_together(
+    consumer: AIOKafkaConsumer,
+    batches: Mapping[TopicPartition, Sequence[ConsumerRecord]],
+    handle: Callable[[ConsumerRecord], Awaitable[None]],
+    waiting: str,
+) -> bool:
+    """``handle`` every record of ``batches`` at once, then commit what was handled (see
+    :func:`commit_handled`): a record whose handler raised, and those after it in its partition,
+    come again. ``waiting`` says in the log what such records wait for. False if there were none.
+
+    Example::
+
+        batches = await consumer.getmany(timeout_ms=500)
+        await handle_together(consumer, batches, answer, "turns wait for a backend")
+    """
+    records = [record for batch in batches.values() for record in batch]
+    if not records:
+        return False
+    outcomes = await asyncio.gather(*(handle(record) for record in records), return_exceptions=True)
+    failed = [record for record, outcome in zip(records, outcomes, strict=True) if isinstance(outcome, BaseException)]
+    if failed:
+        first = next(outcome for outcome in outcomes if isinstance(outcome, BaseException))
+        _logger.warning("%d of %d %s (%r); they come again", len(failed), len(records), waiting, first)
+    await commit_handled(consumer, batches, failed)  # raises RecordsPostponedError if any failed
+    return True
 
 
 async def commit_handled(

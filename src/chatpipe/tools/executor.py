@@ -17,12 +17,12 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
-import redis.exceptions
 from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord
 
 import chatobs
 from chatpipe.events import tool_result_key
-from chatpipe.kafka import commit_handled, start_consumer
+from chatpipe.kafka import handle_together, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import forever, install_stop_signals, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -32,6 +32,7 @@ __all__ = ["ToolExecutor", "main"]
 
 _logger = logging.getLogger("chatpipe.tools")
 _RESULT_TTL_SECONDS = 120
+_CONCURRENCY = 16
 
 
 class ToolExecutor:
@@ -41,6 +42,7 @@ class ToolExecutor:
         self._settings = settings
         self._redis = redis
         self._llm = LLMClient(http, settings, telemetry.llm)
+        self._slots = asyncio.Semaphore(_CONCURRENCY)
 
     async def run(self, name: str, arguments: dict[str, Any]) -> Any:
         if name == "calculator":
@@ -74,27 +76,26 @@ class ToolExecutor:
         return result
 
     async def execute_round(self, consumer: AIOKafkaConsumer) -> bool:
+        """Execute one batch of requests, at once (up to 16): each waits in a turn of its own, and a
+        slow one (a ``summarize`` waiting on the LLM) must not hold up those behind it until the
+        worker gives up on them. Committed up to the first request whose result could not be
+        handed over (Redis down): that one and those after it come again."""
         batches = await consumer.getmany(timeout_ms=500, max_records=50)
-        records = [record for batch in batches.values() for record in batch]
-        for index, record in enumerate(records):
+        return await handle_together(consumer, batches, self._handle, "tool results wait for Redis")
+
+    async def _handle(self, record: ConsumerRecord) -> None:
+        """Execute one request and hand its result to the worker; raises if Redis cannot take it."""
+        async with self._slots:
             with self._telemetry.consumer_span(record):
                 try:
                     request = json.loads(record.value)
                     key = tool_result_key(str(request.get("call_id")))
                 except (ValueError, AttributeError):
                     _logger.error("dropping malformed tool request at offset %s", record.offset)
-                    continue
+                    return
                 result = await self.execute(request)
-                try:
-                    async with self._redis.pipeline(transaction=True) as pipe:
-                        await pipe.rpush(key, json.dumps(result)).expire(key, _RESULT_TTL_SECONDS).execute()
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
-                    # Redis is down: the result cannot reach the worker; this request and the rest come again.
-                    _logger.warning("tool results wait for Redis (%r)", error)
-                    await commit_handled(consumer, batches, failed=records[index:])  # raises RecordsPostponedError
-        if records:
-            await commit_handled(consumer, batches)
-        return bool(records)
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.rpush(key, json.dumps(result)).expire(key, _RESULT_TTL_SECONDS).execute()
 
 
 async def main() -> None:

@@ -48,7 +48,7 @@ from aiokafka.structs import ConsumerRecord
 import chatobs
 from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
-from chatpipe.kafka import commit_handled, start_consumer, start_producer
+from chatpipe.kafka import handle_together, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import forever, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -155,18 +155,7 @@ class Worker:
     # -- consuming ---------------------------------------------------------------
     async def consume_round(self, consumer: AIOKafkaConsumer) -> bool:
         batches = await consumer.getmany(timeout_ms=500, max_records=_CONCURRENCY * 4)
-        records = [record for batch in batches.values() for record in batch]
-        if not records:
-            return False
-        outcomes = await asyncio.gather(*(self._handle_record(record) for record in records), return_exceptions=True)
-        failed = [
-            record for record, outcome in zip(records, outcomes, strict=True) if isinstance(outcome, BaseException)
-        ]
-        if failed:
-            first = next(outcome for outcome in outcomes if isinstance(outcome, BaseException))
-            _logger.warning("%d of %d turns wait for a backend (%r); they come again", len(failed), len(records), first)
-        await commit_handled(consumer, batches, failed)
-        return True
+        return await handle_together(consumer, batches, self._handle_record, "turns wait for a backend")
 
     async def _handle_record(self, record: ConsumerRecord) -> None:
         """Answer one WAL record; raises (the record comes again) only when a backend is down."""

@@ -1,0 +1,77 @@
+"""The tool executor, run in this process against the session's real Redis and Kafka-protocol
+broker, with the LLM simulator as a server: tool requests in, the results the worker waits on out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from chatobs import Telemetry, load_settings
+from chatpipe.events import tool_result_key
+from chatpipe.kafka import start_producer
+from chatpipe.settings import load_pipeline_settings
+from chatpipe.tools.executor import ToolExecutor
+from tests.metrics_text import value
+
+LLM_SECONDS = 3.0
+
+
+def test_a_slow_tool_call_does_not_hold_up_the_ones_behind_it(stack, start_service):
+    """A ``summarize`` waiting on a slow LLM, then a ``clock`` call, in one batch: the clock's
+    result is there long before the summary's (one after another, it waited the LLM's time)."""
+    llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
+    topic = f"chat.tools.{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> tuple[dict[str, float], str]:
+        settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{llm}/v1", "CHATPIPE_TOOL_TOPIC": topic})
+        telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="tool_executor")
+        redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+        producer = await start_producer(stack["KAFKA_BOOTSTRAP_SERVERS"], asyncio.Event())
+        assert producer is not None
+        consumer = AIOKafkaConsumer(bootstrap_servers=stack["KAFKA_BOOTSTRAP_SERVERS"], group_id=topic,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+        try:
+            async with httpx.AsyncClient() as http:
+                (await http.post(f"{llm}/control", json={"latency_seconds": LLM_SECONDS})).raise_for_status()
+                calls = {"summarize": {"text": "a long text " * 20}, "clock": {}}
+                ids = {name: uuid.uuid4().hex for name in calls}
+                batch = producer.create_batch()
+                for name, arguments in calls.items():
+                    request = {"call_id": ids[name], "name": name, "arguments": json.dumps(arguments),
+                               "session_id": "s", "tenant": "acme"}  # fmt: skip
+                    batch.append(key=b"s", value=json.dumps(request).encode(), timestamp=None)
+                await (await producer.send_batch(batch, topic, partition=0))
+                await consumer.start()
+                consumer.assign([TopicPartition(topic, 0)])
+                executor = ToolExecutor(telemetry, settings, redis, http)
+                started = time.monotonic()
+                arrived: dict[str, float] = {}
+
+                async def wait_for_results() -> None:
+                    for name in ("clock", "summarize"):
+                        answer = await redis.blpop([tool_result_key(ids[name])], timeout=30)
+                        assert answer is not None and json.loads(answer[1])["ok"], (name, answer)
+                        arrived[name] = time.monotonic() - started
+
+                waiting = asyncio.create_task(wait_for_results())
+                while not await executor.execute_round(consumer):
+                    pass
+                await waiting
+                return arrived, telemetry.scrape()[2].decode()
+        finally:
+            await consumer.stop()
+            await producer.stop()
+            await redis.aclose()
+            telemetry.shutdown()
+
+    arrived, text = asyncio.run(scenario())
+    assert arrived["summarize"] >= LLM_SECONDS
+    assert arrived["clock"] < LLM_SECONDS / 2, f"the clock call waited behind the summary: {arrived}"
+    assert value(text, "tool_calls_total", tool="clock", result="success") == 1
+    assert value(text, "tool_calls_total", tool="summarize", result="success") == 1
