@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 __all__ = [
+    "close_in_order",
     "forever",
     "freeze_startup_objects",
     "install_stop_signals",
@@ -75,6 +77,24 @@ async def forever(name: str, step: Callable[[], Awaitable[bool]], stopping: asyn
             continue
         if not busy:
             await pause(idle)
+
+
+async def close_in_order(*steps: tuple[str, Callable[[], object]], timeout: float = 10.0) -> None:
+    """A service's shutdown: each ``(name, close)`` in turn, each bounded by ``timeout`` if it
+    returns an awaitable. One that fails or hangs is logged and the next still runs, so the
+    last (the telemetry's final push) always does.
+
+    Example::
+
+        await close_in_order(("consumer", consumer.stop), ("pool", pool.close), ("telemetry", telemetry.shutdown))
+    """
+    for name, close in steps:
+        try:
+            result = close()
+            if inspect.isawaitable(result):
+                await asyncio.wait_for(result, timeout)
+        except Exception as error:  # noqa: BLE001 - the steps after it must still run
+            _logger.warning("stopping: closing the %s failed (%r); going on", name, error)
 
 
 async def periodic(name: str, step: Callable[[], Awaitable[None]], stopping: asyncio.Event, *, every: float,

@@ -34,7 +34,7 @@ import chatobs
 from chatobs.propagation import continued
 from chatpipe.db import OUTBOX_CHANNEL, connect_pool, migrate
 from chatpipe.kafka import start_producer
-from chatpipe.runtime import forever, install_stop_signals, periodic, run_service, run_until_stopped
+from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 
 __all__ = ["OutboxWakeup", "Publisher", "main"]
@@ -195,10 +195,8 @@ async def main() -> None:
             grace=settings.shutdown_grace_seconds,
         )  # fmt: skip
     finally:
-        await wakeup.close()
-        await asyncio.wait_for(producer.stop(), 10)
-        await pool.close()
-        telemetry.shutdown()
+        await close_in_order(("notifications", wakeup.close), ("producer", producer.stop), ("pool", pool.close),
+                             ("telemetry", telemetry.shutdown))  # fmt: skip
 
 
 if __name__ == "__main__":

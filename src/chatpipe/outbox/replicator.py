@@ -11,7 +11,6 @@ Run: ``python -m chatpipe.outbox.replicator`` (metrics on ``CHATOBS_METRICS_PORT
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from aiokafka import AIOKafkaConsumer
 import chatobs
 from chatpipe.db import connect_pool, migrate
 from chatpipe.kafka import commit_handled, start_consumer
-from chatpipe.runtime import forever, install_stop_signals, run_service, run_until_stopped
+from chatpipe.runtime import close_in_order, forever, install_stop_signals, run_service, run_until_stopped
 from chatpipe.settings import load_backend_settings, load_pipeline_settings
 
 __all__ = ["Replicator", "main"]
@@ -86,9 +85,7 @@ async def main() -> None:
         await run_until_stopped(stopping, forever("replicate", replicator.replicate_round, stopping, idle=0.05),
                                 grace=settings.shutdown_grace_seconds)  # fmt: skip
     finally:
-        await asyncio.wait_for(consumer.stop(), 10)
-        await pool.close()
-        telemetry.shutdown()
+        await close_in_order(("consumer", consumer.stop), ("pool", pool.close), ("telemetry", telemetry.shutdown))
 
 
 if __name__ == "__main__":

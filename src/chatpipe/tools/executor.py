@@ -24,7 +24,7 @@ import chatobs
 from chatpipe.events import tool_result_key
 from chatpipe.kafka import handle_together, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
-from chatpipe.runtime import forever, install_stop_signals, run_until_stopped
+from chatpipe.runtime import close_in_order, forever, install_stop_signals, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 from chatpipe.tools.catalog import ToolError, calculate, clock
 
@@ -114,6 +114,6 @@ async def main() -> None:
             await run_until_stopped(stopping, forever("tools", lambda: executor.execute_round(consumer), stopping,
                                                       idle=0.05), grace=settings.shutdown_grace_seconds)  # fmt: skip
         finally:
-            await asyncio.wait_for(consumer.stop(), 10)
-            await redis.aclose()
-            telemetry.shutdown()
+            await close_in_order(
+                ("consumer", consumer.stop), ("redis", redis.aclose), ("telemetry", telemetry.shutdown)
+            )

@@ -50,7 +50,7 @@ from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
 from chatpipe.kafka import handle_together, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
-from chatpipe.runtime import forever, install_stop_signals, periodic, run_until_stopped
+from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 from chatpipe.tools.catalog import TOOL_SPECS
 from chatpipe.worker.budgets import BudgetExceededError, Budgets
@@ -382,8 +382,5 @@ async def main() -> None:
                 grace=settings.shutdown_grace_seconds,
             )  # fmt: skip
         finally:
-            await asyncio.wait_for(consumer.stop(), 10)
-            await asyncio.wait_for(producer.stop(), 10)
-            await redis.aclose()
-            await waits.aclose()
-            telemetry.shutdown()
+            await close_in_order(("consumer", consumer.stop), ("producer", producer.stop), ("redis", redis.aclose),
+                                 ("redis", waits.aclose), ("telemetry", telemetry.shutdown))  # fmt: skip
