@@ -3,8 +3,8 @@ consumers' at-least-once rule: an offset is committed only past records that wer
 
 Example::
 
-    batches = await consumer.getmany(timeout_ms=500)
-    await handle_together(consumer, batches, handle, "records wait for a backend")  # failed ones come again
+    handler = ConcurrentHandler(handle, limit=64, waiting="records wait for a backend")
+    await handler.round(consumer)   # fetched records handled at once; committed in order as they finish
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from chatpipe.runtime import sleep_unless_stopped
+from chatpipe.runtime import forever, sleep_unless_stopped
 
-__all__ = ["RecordsPostponedError", "commit_handled", "handle_together", "start_consumer", "start_producer"]
+__all__ = ["ConcurrentHandler", "RecordsPostponedError", "commit_handled", "start_consumer", "start_producer"]
 
 _logger = logging.getLogger("chatpipe")
 
@@ -60,31 +60,113 @@ class RecordsPostponedError(RuntimeError):
     """Some records could not be handled now (a backend is down); they will be delivered again."""
 
 
-async def handle_together(
-    consumer: AIOKafkaConsumer,
-    batches: Mapping[TopicPartition, Sequence[ConsumerRecord]],
-    handle: Callable[[ConsumerRecord], Awaitable[None]],
-    waiting: str,
-) -> bool:
-    """``handle`` every record of ``batches`` at once, then commit what was handled (see
-    :func:`commit_handled`): a record whose handler raised, and those after it in its partition,
-    come again. ``waiting`` says in the log what such records wait for. False if there were none.
+class ConcurrentHandler:
+    """Records handled as they arrive, many at once, and committed in order as they finish.
+
+    Each :meth:`round` fetches what there is room for (up to ``limit`` records in flight),
+    starts a handler task per record, and commits each partition up to its first record still
+    being handled: the consumer fetches again while earlier records are handled, so one slow
+    record (a turn waiting on the LLM) holds up no other, and an offset never passes a record
+    that has not finished. When a handler raises (a backend is down), the handlers in flight
+    are let finish, the partition is committed up to that record and rewound to it
+    (:func:`commit_handled`), and :class:`RecordsPostponedError` is raised: it and the records
+    after it come again. Handlers must be idempotent, and take their turn in any order
+    constraint of their own before they first await (tasks start in the order of their records).
 
     Example::
 
-        batches = await consumer.getmany(timeout_ms=500)
-        await handle_together(consumer, batches, answer, "turns wait for a backend")
+        handler = ConcurrentHandler(answer, limit=64, waiting="turns wait for a backend")
+        try:
+            await forever("consume", lambda: handler.round(consumer), stopping, idle=0.05)
+            await handler.drain(consumer)      # on stop: what is in flight finishes, and is committed
+        finally:
+            handler.cancel()                   # past the grace: what is left comes again
     """
-    records = [record for batch in batches.values() for record in batch]
-    if not records:
-        return False
-    outcomes = await asyncio.gather(*(handle(record) for record in records), return_exceptions=True)
-    failed = [record for record, outcome in zip(records, outcomes, strict=True) if isinstance(outcome, BaseException)]
-    if failed:
-        first = next(outcome for outcome in outcomes if isinstance(outcome, BaseException))
-        _logger.warning("%d of %d %s (%r); they come again", len(failed), len(records), waiting, first)
-    await commit_handled(consumer, batches, failed)  # raises RecordsPostponedError if any failed
-    return True
+
+    def __init__(self, handle: Callable[[ConsumerRecord], Awaitable[None]], *, limit: int, waiting: str):
+        self._handle = handle
+        self._limit = limit
+        self._waiting = waiting
+        # Per partition, its records not yet committed, in offset order, each with its handler task.
+        self._started: dict[TopicPartition, list[tuple[ConsumerRecord, asyncio.Task[None]]]] = {}
+
+    def _running(self) -> list[asyncio.Task[None]]:
+        return [task for started in self._started.values() for _, task in started if not task.done()]
+
+    async def round(self, consumer: AIOKafkaConsumer) -> bool:
+        """Fetch and start what there is room for, then commit what has finished; True if either
+        happened. Raises :class:`RecordsPostponedError` once a handler has failed (see above)."""
+        running = self._running()
+        fetched = 0
+        if len(running) < self._limit:
+            # Records in flight: a short fetch, so finished ones are committed soon after.
+            batches = await consumer.getmany(timeout_ms=100 if running else 500, max_records=self._limit - len(running))
+            for partition, records in batches.items():
+                started = self._started.setdefault(partition, [])
+                for record in records:
+                    started.append((record, asyncio.create_task(self._handle(record))))
+                    fetched += 1
+        else:
+            await asyncio.wait(running, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+        if any(task.done() and _failed(task) for started in self._started.values() for _, task in started):
+            await self._postpone(consumer)
+        return await self._commit_finished(consumer) or fetched > 0
+
+    async def drain(self, consumer: AIOKafkaConsumer) -> None:
+        """Let every handler in flight finish, and commit (a stop): raises as :meth:`round` does."""
+        running = self._running()
+        if running:
+            await asyncio.wait(running)
+        if any(_failed(task) for started in self._started.values() for _, task in started):
+            await self._postpone(consumer)
+        await self._commit_finished(consumer)
+
+    async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event, name: str) -> None:
+        """Rounds until ``stopping``, then the handlers in flight finish and are committed (a
+        service loop: :func:`~chatpipe.runtime.run_until_stopped` cancels it past the stop's grace,
+        and what is still running then is cancelled, uncommitted, and comes again)."""
+        try:
+            await forever(name, lambda: self.round(consumer), stopping, idle=0.05)
+            await self.drain(consumer)
+        except RecordsPostponedError as postponed:
+            _logger.info("%s: stopped with records to come again (%s)", name, postponed)
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Cancel the handlers still running (their records are not committed: they come again)."""
+        for task in self._running():
+            task.cancel()
+        self._started.clear()
+
+    async def _commit_finished(self, consumer: AIOKafkaConsumer) -> bool:
+        finished: dict[TopicPartition, list[ConsumerRecord]] = {}
+        for partition, started in self._started.items():
+            count = 0
+            while count < len(started) and started[count][1].done():
+                count += 1
+            if count:
+                finished[partition] = [record for record, _ in started[:count]]
+                del started[:count]
+        if finished:
+            await commit_handled(consumer, finished)
+        return bool(finished)
+
+    async def _postpone(self, consumer: AIOKafkaConsumer) -> None:
+        running = self._running()
+        if running:
+            await asyncio.wait(running)  # each is idempotent: what it answered stays answered
+        started, self._started = self._started, {}
+        outcomes = [(record, task) for records in started.values() for record, task in records]
+        failed = [record for record, task in outcomes if _failed(task)]
+        first = next("cancelled" if task.cancelled() else task.exception() for _, task in outcomes if _failed(task))
+        _logger.warning("%d of %d %s (%r); they come again", len(failed), len(outcomes), self._waiting, first)
+        batches = {partition: [record for record, _ in records] for partition, records in started.items()}
+        await commit_handled(consumer, batches, failed)  # raises RecordsPostponedError
+
+
+def _failed(task: asyncio.Task[None]) -> bool:
+    return task.cancelled() or task.exception() is not None
 
 
 async def commit_handled(

@@ -63,6 +63,8 @@ class Turns:
     sent: list[str] = field(default_factory=list)
     #: Every chat event of the last :meth:`send`, as it arrived: (session id, event).
     stream: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: Held by the send that runs the worker's rounds (sends may overlap; one consumer, one round at a time).
+    pumping: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def send(self, *contents: str, tenant: str = "acme", one_session: bool = False) -> list[dict[str, Any]]:
         """Each of ``contents`` as a user message of a session of its own (or all of one session),
@@ -93,7 +95,11 @@ class Turns:
         try:
             while len(finals) < len(events):
                 assert time.monotonic() < deadline, f"{len(finals)} of {len(events)} turns answered"
-                await self.worker.consume_round(self.consumer)
+                if not self.pumping.locked():  # else another send runs the rounds meanwhile
+                    async with self.pumping:
+                        await self.worker.consume_round(self.consumer)
+                else:
+                    await asyncio.sleep(0.01)
                 while message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05):
                     arrived = (message["channel"].decode().rsplit(":", 1)[1], json.loads(message["data"]))
                     self.stream.append(arrived)
@@ -130,6 +136,8 @@ async def running_worker(stack: dict[str, str], simulators: Simulators, **env: s
     finally:
         if turns is not None:
             if turns.consumer is not None:
+                with contextlib.suppress(Exception):  # turns still in flight finish first (and are committed)
+                    await turns.worker.drain(turns.consumer)
                 await turns.consumer.stop()
             # Memory writes buffered in degraded mode: no replay round here will ever take them.
             await redis.delete(*(f"{DEGRADED_PREFIX}{message_id}" for message_id in turns.sent or ["none"]))
@@ -231,3 +239,25 @@ def test_the_turns_of_one_session_are_answered_one_after_another_in_order(stack,
     runs = [event["reply_to"] for event in stream if event["type"] in ("token", "message")]
     collapsed = [reply for n, reply in enumerate(runs) if n == 0 or runs[n - 1] != reply]
     assert collapsed == sent, f"replies interleaved: {collapsed}"
+
+
+def test_a_slow_turn_holds_up_no_other_sessions_turn(stack, simulators):
+    """A turn waiting on a tool nobody runs here (for the tool timeout), then, a second later, a
+    message of another session: that one is answered at once, not after the slow turn's wait."""
+    tool_wait = 4.0
+
+    async def scenario() -> dict[str, float]:
+        async with running_worker(stack, simulators, CHATPIPE_TOOL_TIMEOUT_SECONDS=str(tool_wait)) as turns:
+            slow = asyncio.create_task(turns.send("what time is it?"))  # a clock call: no executor here
+            await asyncio.sleep(1.0)
+            started = time.monotonic()
+            (quick,) = await turns.send("hello there")
+            answered = {"quick": time.monotonic() - started}
+            await slow
+            answered["slow"] = time.monotonic() - started
+            assert quick["type"] == "message", quick
+            return answered
+
+    answered = asyncio.run(scenario())
+    assert answered["slow"] >= tool_wait - 1.5, answered
+    assert answered["quick"] < tool_wait / 2, f"the quick turn waited behind the slow one: {answered}"

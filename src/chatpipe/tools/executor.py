@@ -22,9 +22,9 @@ from aiokafka.structs import ConsumerRecord
 
 import chatobs
 from chatpipe.events import tool_result_key
-from chatpipe.kafka import handle_together, start_consumer
+from chatpipe.kafka import ConcurrentHandler, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
-from chatpipe.runtime import close_in_order, forever, install_stop_signals, run_until_stopped
+from chatpipe.runtime import close_in_order, install_stop_signals, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 from chatpipe.tools.catalog import ToolError, calculate, clock
 
@@ -43,6 +43,7 @@ class ToolExecutor:
         self._redis = redis
         self._llm = LLMClient(http, settings, telemetry.llm)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
+        self._requests = ConcurrentHandler(self._handle, limit=50, waiting="tool results wait for Redis")
 
     async def run(self, name: str, arguments: dict[str, Any]) -> Any:
         if name == "calculator":
@@ -76,12 +77,15 @@ class ToolExecutor:
         return result
 
     async def execute_round(self, consumer: AIOKafkaConsumer) -> bool:
-        """Execute one batch of requests, at once (up to 16): each waits in a turn of its own, and a
-        slow one (a ``summarize`` waiting on the LLM) must not hold up those behind it until the
-        worker gives up on them. Committed up to the first request whose result could not be
-        handed over (Redis down): that one and those after it come again."""
-        batches = await consumer.getmany(timeout_ms=500, max_records=50)
-        return await handle_together(consumer, batches, self._handle, "tool results wait for Redis")
+        """Fetch and start requests while earlier ones run (up to 16 at once), and commit those that
+        finished (see :class:`~chatpipe.kafka.ConcurrentHandler`): each waits in a turn of its own,
+        and a slow one (a ``summarize`` waiting on the LLM) must not hold up those behind it until
+        the worker gives up on them. A request whose result Redis cannot take comes again."""
+        return await self._requests.round(consumer)
+
+    async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
+        """Requests until ``stopping``; those in flight then finish (within the stop's grace), and are committed."""
+        await self._requests.consume(consumer, stopping, "tools")
 
     async def _handle(self, record: ConsumerRecord) -> None:
         """Execute one request and hand its result to the worker; raises if Redis cannot take it."""
@@ -111,8 +115,9 @@ async def main() -> None:
             return
         executor = ToolExecutor(telemetry, settings, redis, http)
         try:
-            await run_until_stopped(stopping, forever("tools", lambda: executor.execute_round(consumer), stopping,
-                                                      idle=0.05), grace=settings.shutdown_grace_seconds)  # fmt: skip
+            await run_until_stopped(
+                stopping, executor.consume(consumer, stopping), grace=settings.shutdown_grace_seconds
+            )
         finally:
             await close_in_order(
                 ("consumer", consumer.stop), ("redis", redis.aclose), ("telemetry", telemetry.shutdown)

@@ -48,7 +48,7 @@ from aiokafka.structs import ConsumerRecord
 import chatobs
 from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
-from chatpipe.kafka import handle_together, start_consumer, start_producer
+from chatpipe.kafka import ConcurrentHandler, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -150,12 +150,22 @@ class Worker:
         self._budgets = Budgets(redis, settings, telemetry.budgets)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._sessions = _SessionTurns()
+        self._turns = ConcurrentHandler(self._handle_record, limit=_CONCURRENCY * 4, waiting="turns wait for a backend")
         self._in_flight: set[str] = set()  # message ids being answered here, against a duplicate in one batch
 
     # -- consuming ---------------------------------------------------------------
     async def consume_round(self, consumer: AIOKafkaConsumer) -> bool:
-        batches = await consumer.getmany(timeout_ms=500, max_records=_CONCURRENCY * 4)
-        return await handle_together(consumer, batches, self._handle_record, "turns wait for a backend")
+        """Fetch and start turns while earlier ones are answered, and commit those that finished
+        (see :class:`~chatpipe.kafka.ConcurrentHandler`); True if anything was fetched or committed."""
+        return await self._turns.round(consumer)
+
+    async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
+        """Turns until ``stopping``; then those in flight finish (within the stop's grace), and are committed."""
+        await self._turns.consume(consumer, stopping, "consume")
+
+    async def drain(self, consumer: AIOKafkaConsumer) -> None:
+        """Let the turns in flight finish, and commit them."""
+        await self._turns.drain(consumer)
 
     async def _handle_record(self, record: ConsumerRecord) -> None:
         """Answer one WAL record; raises (the record comes again) only when a backend is down."""
@@ -374,7 +384,7 @@ async def main() -> None:
         try:
             await run_until_stopped(
                 stopping,
-                forever("consume", lambda: worker.consume_round(consumer), stopping, idle=0.05),
+                worker.consume(consumer, stopping),
                 forever("replay", worker.replay_round, stopping, idle=settings.degraded_replay_seconds),
                 periodic("degraded_buffer_size", worker.measure_degraded_buffer, stopping,
                          every=settings.backlog_poll_seconds, timeout=settings.backlog_query_timeout_seconds,
