@@ -120,10 +120,14 @@ class Turns:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(stack: dict[str, str], simulators: Simulators, **env: str) -> AsyncIterator[Turns]:
+async def running_worker(stack: dict[str, str], simulators: Simulators, *, instrument: bool = False,
+                         **env: str) -> AsyncIterator[Turns]:  # fmt: skip
+    """A worker in this process; ``instrument``: its Redis, HTTP and Kafka clients measured too."""
     settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{simulators.llm}/v1",
                                        "CHATPIPE_SOMABRAIN_URL": simulators.somabrain, **env})  # fmt: skip
     telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="worker")
+    if instrument:
+        assert "redis" in telemetry.instrument()  # undone by telemetry.shutdown()
     redis = aioredis.Redis.from_url(stack["REDIS_URL"])
     producer = await start_producer(stack["KAFKA_BOOTSTRAP_SERVERS"], asyncio.Event())
     assert producer is not None
@@ -261,3 +265,38 @@ def test_a_slow_turn_holds_up_no_other_sessions_turn(stack, simulators):
     answered = asyncio.run(scenario())
     assert answered["slow"] >= tool_wait - 1.5, answered
     assert answered["quick"] < tool_wait / 2, f"the quick turn waited behind the slow one: {answered}"
+
+
+def test_the_degraded_buffer_is_counted_and_a_walk_out_of_time_is_no_redis_error(stack, simulators):
+    """The gauge counts the ``degraded:*`` keys among many others; a keyspace too large to walk
+    within the time limit leaves the measurement undone, without a Redis command cancelled (which
+    ``redis_errors_total`` would count, as a failure of Redis's)."""
+    run = uuid.uuid4().hex[:8]
+    fillers = [f"test-filler:{run}:{n}" for n in range(30_000)]
+    degraded = [f"{DEGRADED_PREFIX}{run}:{n}" for n in range(3)]
+
+    async def scenario() -> tuple[float, float, str]:
+        redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+        try:
+            async with running_worker(stack, simulators) as turns:
+                await turns.worker.measure_degraded_buffer()
+                before = value(turns.metrics(), "degraded_buffer_size")
+                async with redis.pipeline(transaction=False) as pipe:
+                    for key in [*fillers, *degraded]:
+                        pipe.set(key, "{}", ex=300)
+                    await pipe.execute()
+                await turns.worker.measure_degraded_buffer()
+                after = value(turns.metrics(), "degraded_buffer_size")
+            tiny_limit = {"CHATPIPE_BACKLOG_QUERY_TIMEOUT_SECONDS": "0.0001"}
+            async with running_worker(stack, simulators, instrument=True, **tiny_limit) as turns:
+                with pytest.raises(TimeoutError):
+                    await turns.worker.measure_degraded_buffer()
+                return before, after, turns.metrics()
+        finally:
+            await redis.delete(*fillers, *degraded)
+            await redis.aclose()
+
+    before, after, text = asyncio.run(scenario())
+    assert after - before == 3
+    assert value(text, "redis_errors_total", operation="scan") == 0
+    assert value(text, "redis_operation_seconds_count", operation="scan") >= 1

@@ -329,11 +329,23 @@ class Worker:
         return False  # pace rounds by degraded_replay_seconds either way
 
     async def measure_degraded_buffer(self) -> None:
-        count = 0
-        # Most of the keyspace is other keys (an `answered:` mark per message, kept a day): a
-        # large COUNT walks it in fewer round trips, within the measurement's time limit.
-        async for _ in self._redis.scan_iter(match=f"{DEGRADED_PREFIX}*", count=5000):
-            count += 1
+        """Count the ``degraded:*`` keys (a SCAN of the keyspace) into ``degraded_buffer_size``.
+
+        Raises :class:`TimeoutError` once the walk has taken most of the measurement's time limit
+        (``CHATPIPE_BACKLOG_QUERY_TIMEOUT_SECONDS``), between two SCAN calls: a keyspace too large
+        to walk in time is no Redis failure, so it must not end in a command cancelled in flight
+        (counted in ``redis_errors_total``, as a hung Redis is by the poller's hard limit)."""
+        budget = time.monotonic() + 0.8 * self._settings.backlog_query_timeout_seconds
+        count, cursor = 0, 0
+        while True:
+            # Most of the keyspace is other keys (an `answered:` mark per message, kept a day): a
+            # large COUNT walks it in fewer round trips.
+            cursor, keys = await self._redis.scan(cursor, match=f"{DEGRADED_PREFIX}*", count=5000)
+            count += len(keys)
+            if cursor == 0:
+                break
+            if time.monotonic() > budget:
+                raise TimeoutError("the keyspace could not be walked within the measurement's time limit")
         self._telemetry.backlog.degraded_buffer_size(count)
 
     # -- tools ---------------------------------------------------------------------------
