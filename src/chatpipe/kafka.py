@@ -63,24 +63,24 @@ class RecordsPostponedError(RuntimeError):
 class ConcurrentHandler:
     """Records handled as they arrive, many at once, and committed in order as they finish.
 
-    Each :meth:`round` fetches what there is room for (up to ``limit`` records in flight),
-    starts a handler task per record, and commits each partition up to its first record still
-    being handled: the consumer fetches again while earlier records are handled, so one slow
-    record (a turn waiting on the LLM) holds up no other, and an offset never passes a record
-    that has not finished. When a handler raises (a backend is down), the handlers in flight
-    are let finish, the partition is committed up to that record and rewound to it
-    (:func:`commit_handled`), and :class:`RecordsPostponedError` is raised: it and the records
-    after it come again. Handlers must be idempotent, and take their turn in any order
-    constraint of their own before they first await (tasks start in the order of their records).
+    Each :meth:`round` fetches, starts a handler task per record, and commits each partition up
+    to its first record still being handled: the consumer fetches again while earlier records
+    are handled, so one slow record (a turn waiting on the LLM) holds up no other, and an offset
+    never passes a record that has not finished. A partition with ``limit`` records unfinished
+    is paused (its fetching only: the others flow, and the consumer keeps polling, so the group
+    keeps it) until some finish. When a handler raises (a backend is down), the handlers in
+    flight are let finish, each partition is committed up to its first failed record and
+    rewound to it (:func:`commit_handled`), and :class:`RecordsPostponedError` is raised: that
+    record and those after it come again. A partition no longer assigned (a rebalance) is
+    forgotten: its new owner takes its records from the last commit.
+
+    Handlers must be idempotent, and take their turn in any order of their own before they
+    first await (tasks start in the order of their records).
 
     Example::
 
         handler = ConcurrentHandler(answer, limit=64, waiting="turns wait for a backend")
-        try:
-            await forever("consume", lambda: handler.round(consumer), stopping, idle=0.05)
-            await handler.drain(consumer)      # on stop: what is in flight finishes, and is committed
-        finally:
-            handler.cancel()                   # past the grace: what is left comes again
+        await handler.consume(consumer, stopping, "consume")  # a service loop, until stopping
     """
 
     def __init__(self, handle: Callable[[ConsumerRecord], Awaitable[None]], *, limit: int, waiting: str):
@@ -89,37 +89,39 @@ class ConcurrentHandler:
         self._waiting = waiting
         # Per partition, its records not yet committed, in offset order, each with its handler task.
         self._started: dict[TopicPartition, list[tuple[ConsumerRecord, asyncio.Task[None]]]] = {}
+        self._paused: set[TopicPartition] = set()
 
     def _running(self) -> list[asyncio.Task[None]]:
         return [task for started in self._started.values() for _, task in started if not task.done()]
 
     async def round(self, consumer: AIOKafkaConsumer) -> bool:
-        """Fetch and start what there is room for, then commit what has finished; True if either
-        happened. Raises :class:`RecordsPostponedError` once a handler has failed (see above)."""
-        running = self._running()
+        """Fetch and start records, then commit what has finished; True if either happened.
+        Raises :class:`RecordsPostponedError` once a handler has failed (see above)."""
+        self._forget_unassigned(consumer)
+        self._pace(consumer)
+        # Records in flight: a short fetch, so finished ones are committed soon after.
+        batches = await consumer.getmany(timeout_ms=100 if self._running() else 500, max_records=self._limit)
         fetched = 0
-        if len(running) < self._limit:
-            # Records in flight: a short fetch, so finished ones are committed soon after.
-            batches = await consumer.getmany(timeout_ms=100 if running else 500, max_records=self._limit - len(running))
-            for partition, records in batches.items():
-                started = self._started.setdefault(partition, [])
-                for record in records:
-                    started.append((record, asyncio.create_task(self._handle(record))))
-                    fetched += 1
-        else:
-            await asyncio.wait(running, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-        if any(task.done() and _failed(task) for started in self._started.values() for _, task in started):
+        for partition, records in batches.items():
+            started = self._started.setdefault(partition, [])
+            for record in records:
+                started.append((record, asyncio.create_task(self._handle(record))))
+                fetched += 1
+        if self._any_failed():
             await self._postpone(consumer)
         return await self._commit_finished(consumer) or fetched > 0
 
     async def drain(self, consumer: AIOKafkaConsumer) -> None:
-        """Let every handler in flight finish, and commit (a stop): raises as :meth:`round` does."""
-        running = self._running()
-        if running:
-            await asyncio.wait(running)
-        if any(_failed(task) for started in self._started.values() for _, task in started):
-            await self._postpone(consumer)
-        await self._commit_finished(consumer)
+        """Let every handler in flight finish (a stop), committing each as it does: a stop whose
+        grace runs out has still committed what finished. Raises as :meth:`round` does."""
+        while True:
+            if self._any_failed():
+                await self._postpone(consumer)
+            await self._commit_finished(consumer)
+            running = self._running()
+            if not running:
+                return
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
 
     async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event, name: str) -> None:
         """Rounds until ``stopping``, then the handlers in flight finish and are committed (a
@@ -131,15 +133,44 @@ class ConcurrentHandler:
         except RecordsPostponedError as postponed:
             _logger.info("%s: stopped with records to come again (%s)", name, postponed)
         finally:
-            self.cancel()
+            await self.cancel()
 
-    def cancel(self) -> None:
-        """Cancel the handlers still running (their records are not committed: they come again)."""
-        for task in self._running():
-            task.cancel()
+    async def cancel(self) -> None:
+        """Cancel the handlers still running (their records are not committed: they come again),
+        and wait a moment for them to end (a turn gives its budget back as it ends)."""
+        tasks = [task for started in self._started.values() for _, task in started]
         self._started.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        for task in tasks:  # retrieved: no "exception was never retrieved" at exit
+            if task.done() and not task.cancelled():
+                task.exception()
+
+    def _any_failed(self) -> bool:
+        return any(task.done() and _failed(task) for started in self._started.values() for _, task in started)
+
+    def _pace(self, consumer: AIOKafkaConsumer) -> None:
+        for partition in {*self._started, *self._paused}:
+            full = sum(not task.done() for _, task in self._started.get(partition, ())) >= self._limit
+            if full and partition not in self._paused:
+                consumer.pause(partition)
+                self._paused.add(partition)
+            elif not full and partition in self._paused:
+                consumer.resume(partition)
+                self._paused.discard(partition)
+
+    def _forget_unassigned(self, consumer: AIOKafkaConsumer) -> None:
+        assigned = consumer.assignment()
+        for partition in [partition for partition in self._started if partition not in assigned]:
+            # Revoked: committing it would fail the whole commit, and its new owner starts from the
+            # last commit anyway. Its handlers run on (idempotent), uncommitted.
+            del self._started[partition]
+        self._paused &= assigned
 
     async def _commit_finished(self, consumer: AIOKafkaConsumer) -> bool:
+        self._forget_unassigned(consumer)
         finished: dict[TopicPartition, list[ConsumerRecord]] = {}
         for partition, started in self._started.items():
             count = 0
@@ -156,13 +187,15 @@ class ConcurrentHandler:
         running = self._running()
         if running:
             await asyncio.wait(running)  # each is idempotent: what it answered stays answered
+        self._forget_unassigned(consumer)
         started, self._started = self._started, {}
         outcomes = [(record, task) for records in started.values() for record, task in records]
         failed = [record for record, task in outcomes if _failed(task)]
-        first = next("cancelled" if task.cancelled() else task.exception() for _, task in outcomes if _failed(task))
+        first = next(("cancelled" if task.cancelled() else task.exception() for _, task in outcomes
+                      if _failed(task)), None)  # fmt: skip
         _logger.warning("%d of %d %s (%r); they come again", len(failed), len(outcomes), self._waiting, first)
         batches = {partition: [record for record, _ in records] for partition, records in started.items()}
-        await commit_handled(consumer, batches, failed)  # raises RecordsPostponedError
+        await commit_handled(consumer, batches, failed)  # raises RecordsPostponedError if any failed here
 
 
 def _failed(task: asyncio.Task[None]) -> bool:

@@ -45,12 +45,24 @@ def _get(app: FastAPI, paths: list[str], root_path: str = "") -> list[int]:
     return asyncio.run(run())
 
 
+def _post(app: FastAPI, path: str) -> int:
+    async def run() -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            return (await client.post(path)).status_code
+
+    return asyncio.run(run())
+
+
 def _items_app(version: str) -> FastAPI:
     sub = FastAPI()
 
     @sub.get("/items/{item}")
     async def item(item: str) -> dict[str, str]:
         return {"version": version, "item": item}
+
+    @sub.post("/items/special")  # after a route whose path matches too, for another method
+    async def special() -> dict[str, str]:
+        return {"version": version, "item": "special"}
 
     return sub
 
@@ -72,7 +84,9 @@ def test_routes_behind_mounts_keep_the_mounts_templates():
 
     paths = ["/v1/items/a", "/v1/items/b", "/v2/items/a", "/nested/tenants/acme/items/a", "/nested/tenants/x/items/b"]
     assert _get(app, paths) == [200] * 5
+    assert _post(app, "/v1/items/special") == 200
     text = _scrape(telemetry)
+    assert value(text, DURATION, http_route="/v1/items/special") == 1, "the partial match was taken"
     assert value(text, DURATION, http_route="/v1/items/{item}") == 2
     assert value(text, DURATION, http_route="/v2/items/{item}") == 1
     assert value(text, DURATION, http_route="/nested/tenants/{tenant}/items/{item}") == 2

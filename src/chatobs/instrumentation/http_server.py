@@ -183,11 +183,16 @@ def _mounted_route(scope: Scope, root_path: str | None, app: Any) -> str | None:
     probe = {**scope, "root_path": root_path or ""}
     template = ""
     while routes:
-        for route in routes:
-            match, child = route.matches(probe)
-            if match is not Match.NONE:
+        # As Starlette's router: the first full match, else the first partial one (a method not allowed).
+        route, child = None, {}
+        for candidate in routes:
+            match, matched = candidate.matches(probe)
+            if match is Match.FULL:
+                route, child = candidate, matched
                 break
-        else:
+            if match is Match.PARTIAL and route is None:
+                route, child = candidate, matched
+        if route is None:
             return template or None
         if not isinstance(route, Mount):
             return template + getattr(route, "path", "")

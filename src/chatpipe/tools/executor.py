@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+import redis.exceptions
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
@@ -33,6 +34,7 @@ __all__ = ["ToolExecutor", "main"]
 _logger = logging.getLogger("chatpipe.tools")
 _RESULT_TTL_SECONDS = 120
 _CONCURRENCY = 16
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 class ToolExecutor:
@@ -94,12 +96,19 @@ class ToolExecutor:
                 try:
                     request = json.loads(record.value)
                     key = tool_result_key(str(request.get("call_id")))
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, TypeError):  # TypeError: a record without a value
                     _logger.error("dropping malformed tool request at offset %s", record.offset)
                     return
                 result = await self.execute(request)
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    await pipe.rpush(key, json.dumps(result)).expire(key, _RESULT_TTL_SECONDS).execute()
+                try:
+                    async with self._redis.pipeline(transaction=True) as pipe:
+                        await (
+                            pipe.rpush(key, json.dumps(result, default=str)).expire(key, _RESULT_TTL_SECONDS).execute()
+                        )
+                except _REDIS_DOWN:
+                    raise  # the request comes again, once Redis is back
+                except Exception:  # it would fail the same way each time it came, holding up its partition
+                    _logger.exception("dropping the result of the tool request at offset %s", record.offset)
 
 
 async def main() -> None:

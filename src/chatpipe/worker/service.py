@@ -91,10 +91,27 @@ class _TokenRelay:
         self._since = time.monotonic()
 
 
+class TurnPostponedError(RuntimeError):
+    """An earlier turn of the session failed and comes again: this one waits its turn behind it."""
+
+
+class _Session:
+    __slots__ = ("failed", "lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # turns holding or awaiting the lock
+        self.failed = False
+
+
 class _SessionTurns:
     """One turn at a time per session, in the order they ask: the turns of a session answered at
     once would stream their tokens into the one reply the chat page is writing, interleaved.
-    Other sessions' turns go on meanwhile. A session's lock lives while a turn holds or awaits it.
+    Other sessions' turns go on meanwhile. A session's state lives while a turn holds or awaits it.
+
+    A turn that raises (a backend is down: its record comes again) fails the turns of its
+    session queued behind it, with :class:`TurnPostponedError`: they come again after it, in
+    order, rather than answer before it.
 
     Example::
 
@@ -103,21 +120,27 @@ class _SessionTurns:
     """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # session -> (its lock, turns holding or awaiting)
+        self._sessions: dict[str, _Session] = {}
 
     @contextlib.asynccontextmanager
     async def turn(self, session_id: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(session_id) or (asyncio.Lock(), 0)
-        self._locks[session_id] = (lock, users + 1)
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session()
+        session.users += 1
         try:
-            async with lock:  # FIFO; taken at once when free, so without a suspension
-                yield
+            async with session.lock:  # FIFO; taken at once when free, so without a suspension
+                if session.failed:
+                    raise TurnPostponedError(f"an earlier turn of session {session_id} comes again first")
+                try:
+                    yield
+                except BaseException:
+                    session.failed = True
+                    raise
         finally:
-            lock, users = self._locks[session_id]
-            if users == 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
+            session.users -= 1
+            if session.users == 0:
+                del self._sessions[session_id]
 
 
 class Worker:
@@ -151,7 +174,6 @@ class Worker:
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._sessions = _SessionTurns()
         self._turns = ConcurrentHandler(self._handle_record, limit=_CONCURRENCY * 4, waiting="turns wait for a backend")
-        self._in_flight: set[str] = set()  # message ids being answered here, against a duplicate in one batch
 
     # -- consuming ---------------------------------------------------------------
     async def consume_round(self, consumer: AIOKafkaConsumer) -> bool:
@@ -180,22 +202,19 @@ class Worker:
                 return  # only user messages are answered
             # The session's turn is taken before anything here awaits, so in the order of the records.
             async with self._sessions.turn(session_id), self._slots:
-                if message_id in self._in_flight or await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
-                    return  # delivered again: answered already (or being answered right now)
-                self._in_flight.add(message_id)
+                # A duplicate of this record (the same session) waited behind it: answered by then.
+                if await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
+                    return  # delivered again: answered already
                 try:
-                    try:
-                        await self.answer(event)
-                    except BACKEND_DOWN:
-                        raise
-                    except Exception:
-                        _logger.exception("turn %s failed", message_id)
-                        await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
-                    # Shielded: a stop cancelling the turn now must not lose the mark of an answer already sent.
-                    await asyncio.shield(self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1",
-                                                         ex=self._settings.answered_ttl_seconds))  # fmt: skip
-                finally:
-                    self._in_flight.discard(message_id)
+                    await self.answer(event)
+                except BACKEND_DOWN:
+                    raise
+                except Exception:
+                    _logger.exception("turn %s failed", message_id)
+                    await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
+                # Shielded: a stop cancelling the turn now must not lose the mark of an answer already sent.
+                await asyncio.shield(self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1",
+                                                     ex=self._settings.answered_ttl_seconds))  # fmt: skip
 
     # -- one turn ------------------------------------------------------------------
     async def answer(self, event: dict[str, Any]) -> None:

@@ -1,0 +1,125 @@
+"""Records handled at once and committed in order, against the session's real Kafka-protocol broker:
+what the consumer group has committed is what a restarted service would start from."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
+
+from chatpipe.kafka import ConcurrentHandler
+
+
+async def _topic(bootstrap: str, partitions: int, records: dict[int, int]) -> str:
+    """A new topic of ``partitions`` partitions holding ``records[partition]`` records each."""
+    topic = f"chat.handler.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+    for partition, count in records.items():
+        for n in range(count):
+            await _send(bootstrap, topic, partition, f"{partition}-{n}".encode())
+    return topic
+
+
+async def _consumer(bootstrap: str, topic: str, partitions: int) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=topic, enable_auto_commit=False,
+                                auto_offset_reset="earliest")  # fmt: skip
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, partition) for partition in range(partitions)])
+    return consumer
+
+
+async def _rounds_until(handler: ConcurrentHandler, consumer: AIOKafkaConsumer, done: Callable[[], bool]) -> None:
+    for _ in range(20):  # a round waits 0.5 s at most
+        if done():
+            return
+        await handler.round(consumer)
+    raise AssertionError("not done after 20 rounds")
+
+
+async def _send(bootstrap: str, topic: str, partition: int, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, partition=partition)
+    finally:
+        await producer.stop()
+
+
+def _handler(handle: Callable[[ConsumerRecord], Awaitable[None]], limit: int = 8) -> ConcurrentHandler:
+    return ConcurrentHandler(handle, limit=limit, waiting="records wait")
+
+
+def test_a_stop_cut_short_has_committed_what_finished(stack):
+    """One record done at once, the next slow: a drain the stop's grace cuts short has committed
+    the first (the slow one comes again), rather than nothing."""
+    bootstrap = stack["KAFKA_BOOTSTRAP_SERVERS"]
+
+    async def scenario() -> int | None:
+        topic = await _topic(bootstrap, 1, {0: 2})
+        consumer = await _consumer(bootstrap, topic, 1)
+        handled: list[bytes] = []
+
+        async def handle(record: ConsumerRecord) -> None:
+            if record.offset == 1:
+                await asyncio.sleep(30)
+            handled.append(record.value)
+
+        handler = _handler(handle)
+        try:
+            while not await handler.round(consumer):  # until both are fetched (and started, not run yet)
+                pass
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(handler.drain(consumer), 5.0)  # the grace runs out on the slow one
+            await handler.cancel()
+            return await consumer.committed(TopicPartition(topic, 0))
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_a_partition_full_of_slow_records_holds_up_no_other_partition(stack):
+    """Partition 0's records all wait; with as many in flight as the limit, partition 0 is paused,
+    and a record arriving then on partition 1 is still fetched and handled."""
+    bootstrap = stack["KAFKA_BOOTSTRAP_SERVERS"]
+
+    async def scenario() -> tuple[list[bytes], int | None]:
+        topic = await _topic(bootstrap, 2, {0: 6})
+        consumer = await _consumer(bootstrap, topic, 2)
+        release = asyncio.Event()
+        waiting: list[bytes] = []
+        handled: list[bytes] = []
+
+        async def handle(record: ConsumerRecord) -> None:
+            if record.partition == 0:
+                waiting.append(record.value)
+                await release.wait()
+            handled.append(record.value)
+
+        handler = _handler(handle, limit=2)
+        try:
+            await _rounds_until(handler, consumer, lambda: len(waiting) >= 2)
+            await _send(bootstrap, topic, 1, b"1-0")
+            await _rounds_until(handler, consumer, lambda: b"1-0" in handled)
+            release.set()
+            await _rounds_until(handler, consumer, lambda: len(handled) == 7)
+            await handler.drain(consumer)
+            return handled, await consumer.committed(TopicPartition(topic, 0))
+        finally:
+            await handler.cancel()
+            await consumer.stop()
+
+    handled, committed = asyncio.run(scenario())
+    assert handled[0] == b"1-0", handled
+    assert sorted(handled[1:]) == [f"0-{n}".encode() for n in range(6)]
+    assert committed == 6
