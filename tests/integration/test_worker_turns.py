@@ -300,3 +300,32 @@ def test_the_degraded_buffer_is_counted_and_a_walk_out_of_time_is_no_redis_error
     assert after - before == 3
     assert value(text, "redis_errors_total", operation="scan") == 0
     assert value(text, "redis_operation_seconds_count", operation="scan") >= 1
+
+
+def test_a_buffered_memory_somabrain_refuses_is_dropped_and_opens_no_circuit(stack, simulators):
+    """A buffered write Somabrain answers 422 for (it lacks its text) would be refused each time:
+    the replay drops it, counts the refused call, and leaves the circuit closed; a good one
+    buffered beside it is replayed."""
+    run = uuid.uuid4().hex[:8]
+    good = {"id": f"good-{run}", "tenant": "acme", "session_id": f"s-{run}", "text": "user: hi | assistant: hello"}
+    bad = {"id": f"bad-{run}", "tenant": "acme", "session_id": f"s-{run}"}
+    breaker = {"CHATPIPE_BREAKER_FAILURE_THRESHOLD": "2"}
+
+    async def scenario() -> tuple[str, list[str], dict[str, Any]]:
+        async with running_worker(stack, simulators, **breaker) as turns:
+            for memory in (bad, good):
+                await turns.redis.set(f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory))
+            for _ in range(3):
+                await turns.worker.replay_round()
+            left = [key.decode() for key in await turns.redis.keys(f"{DEGRADED_PREFIX}*-{run}")]
+            stored = (
+                await turns.http.get(f"{simulators.somabrain}/memories", params={"session_id": good["session_id"]})
+            ).json()
+            return turns.metrics(), left, stored
+
+    text, left, stored = asyncio.run(scenario())
+    assert left == [], f"still buffered: {left}"
+    assert [memory["id"] for memory in stored["memories"]] == [good["id"]]
+    assert value(text, "circuit_state", component="somabrain") == 0, "a refused write opened the circuit"
+    assert value(text, "somabrain_calls_total", result="error") == 1
+    assert value(text, "somabrain_calls_total", result="success") == 1

@@ -36,7 +36,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import redis.asyncio as aioredis
@@ -281,56 +281,73 @@ class Worker:
     async def _recall(self, tenant: str, session_id: str, query: str) -> list[dict[str, Any]] | None:
         """Memories, or None when the turn must go on without Somabrain."""
         body = {"tenant": tenant, "session_id": session_id, "query": query}
-        return await self._call_somabrain("/recall", body, lambda response: _memories(response.json()))
+        _, memories = await self._call_somabrain("/recall", body, lambda response: _memories(response.json()))
+        return memories
 
     async def _remember(self, tenant: str, session_id: str, event: dict[str, Any], reply: str, *,
                         degraded: bool) -> None:  # fmt: skip
         memory = {"id": event["message_id"], "tenant": tenant, "session_id": session_id,
                   "text": f"user: {event['content']} | assistant: {reply}"}  # fmt: skip
-        if not degraded and await self._store_memory(memory):
-            return
+        if not degraded:
+            outcome = await self._store_memory(memory)
+            if outcome == "stored":
+                return
+            if outcome == "refused":
+                _logger.warning("Somabrain refused the memory of message %s; it is not kept", memory["id"])
+                return
         # Somabrain is unavailable: keep the write until it is back (replay_round).
         await self._redis.set(f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory))
 
-    async def _store_memory(self, memory: dict[str, Any]) -> bool:
-        return await self._call_somabrain("/remember", memory, lambda _: True) is not None
+    async def _store_memory(self, memory: dict[str, Any]) -> Literal["stored", "refused", "unavailable"]:
+        outcome, _ = await self._call_somabrain("/remember", memory, lambda _: True)
+        return "stored" if outcome == "answered" else outcome
 
-    async def _call_somabrain(self, path: str, body: dict[str, Any], read: Callable[[httpx.Response], T]) -> T | None:
-        """POST ``body`` to Somabrain's ``path`` through the circuit breaker: what ``read`` makes of the
-        answer, or None if the circuit is open or the call failed (timed out, refused, or answered
-        what ``read`` cannot read).
+    async def _call_somabrain(
+        self, path: str, body: dict[str, Any], read: Callable[[httpx.Response], T]
+    ) -> tuple[Literal["answered", "refused", "unavailable"], T | None]:
+        """POST ``body`` to Somabrain's ``path`` through the circuit breaker: ``("answered", what
+        read makes of the answer)``; ``("refused", None)`` when Somabrain refused this request (a
+        4xx other than 408 and 429: it is up, and would refuse it again); ``("unavailable", None)``
+        when the circuit is open or the call failed (timed out, a 5xx, unreachable, or an answer
+        ``read`` cannot read).
 
         Every call the breaker lets through ends in ``succeeded`` or ``failed``, whatever goes wrong:
         a half-open trial that ended in neither would stay in flight, and the breaker would let no
-        call through again until the worker restarts.
+        call through again until the worker restarts. A refusal is no failure of Somabrain's: a
+        memory it rejects for good must not open the circuit (and degrade every turn) each time
+        the replay offers it again.
         """
         if not self._breaker.allow():
             self._soma.call("circuit_open")
-            return None
+            return "unavailable", None
         try:
             response = await self._http.post(f"{self._somabrain_url}{path}", json=body,
                                              timeout=self._settings.somabrain_timeout_seconds)  # fmt: skip
+            if _refused(response.status_code):
+                self._soma.call("error")
+                self._breaker.succeeded()  # it answered
+                return "refused", None
             response.raise_for_status()
             result = read(response)
         except httpx.TimeoutException:
             self._soma.call("timeout")
             self._breaker.failed()
-            return None
-        except (httpx.HTTPError, ValueError):  # down, refusing, or an answer of the wrong shape
+            return "unavailable", None
+        except (httpx.HTTPError, ValueError):  # down, failing, or an answer of the wrong shape
             self._soma.call("error")
             self._breaker.failed()
-            return None
+            return "unavailable", None
         except Exception:
             _logger.exception("Somabrain %s failed unexpectedly; counted as a failed call", path)
             self._soma.call("error")
             self._breaker.failed()
-            return None
+            return "unavailable", None
         except BaseException:
             self._breaker.abandoned()  # cancelled (a stop): no verdict on Somabrain, but the trial is over
             raise
         self._soma.call("success")
         self._breaker.succeeded()
-        return result
+        return "answered", result
 
     async def replay_round(self) -> bool:
         """Replay buffered memory writes while Somabrain accepts them; True if any was replayed."""
@@ -339,8 +356,11 @@ class Worker:
             raw = await self._redis.get(key)
             if raw is None:
                 continue
-            if not await self._store_memory(json.loads(raw)):
+            outcome = await self._store_memory(json.loads(raw))
+            if outcome == "unavailable":
                 break  # still down: try again next round
+            if outcome == "refused":
+                _logger.warning("Somabrain refused the buffered memory %s; it is dropped", key)
             await self._redis.delete(key)
             replayed += 1
             if replayed >= 100:
@@ -382,6 +402,11 @@ class Worker:
             result = json.loads(answer[1])
             content = str(result.get("result") if result.get("ok") else f"error: {result.get('error')}")
         return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def _refused(status: int) -> bool:
+    """A 4xx but a timeout or a rate limit: the request itself is refused, not Somabrain down."""
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def _memories(answer: Any) -> list[dict[str, Any]]:
