@@ -64,7 +64,7 @@ class PipelineSettings(BaseSettings):
     degraded_replay_seconds: float = Field(2.0, gt=0, description="How often buffered memory writes are retried.")
     answered_ttl_seconds: int = Field(
         86_400, ge=1, description="How long the worker remembers a turn it answered (a record delivered again "
-        "within it is not answered twice).",
+        "within it is not answered twice); a message older than this is not answered.",
     )  # fmt: skip
     # --- Budgets (worker) --------------------------------------------------------
     budget_window_seconds: int = Field(3600, ge=1, description="Length of a tenant's budget window.")

@@ -66,15 +66,25 @@ class Turns:
     #: Held by the send that runs the worker's rounds (sends may overlap; one consumer, one round at a time).
     pumping: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def send(self, *contents: str, tenant: str = "acme", one_session: bool = False) -> list[dict[str, Any]]:
+    async def send(
+        self,
+        *contents: str,
+        tenant: str = "acme",
+        one_session: bool = False,
+        ages: tuple[float, ...] = (),
+        finals_expected: int | None = None,
+    ) -> list[dict[str, Any]]:
         """Each of ``contents`` as a user message of a session of its own (or all of one session),
         all in one record batch (so one consume round takes them together); the final event
-        (message or error) of each, in the order sent (for one session: in the order they came)."""
+        (message or error) of each, in the order sent (for one session: in the order they came).
+        ``ages``: how long ago each was accepted (0 by default); ``finals_expected``: how many final
+        events to wait for (for one session: all of them by default)."""
         shared = uuid.uuid4().hex
         events = [
             {"message_id": uuid.uuid4().hex, "session_id": shared if one_session else uuid.uuid4().hex,
-             "tenant": tenant, "role": "user", "content": content, "source": "api", "accepted_at": time.time()}
-            for content in contents
+             "tenant": tenant, "role": "user", "content": content, "source": "api",
+             "accepted_at": time.time() - (ages[n] if n < len(ages) else 0)}
+            for n, content in enumerate(contents)
         ]  # fmt: skip
         self.sent += [event["message_id"] for event in events]
         pubsub = self.redis.pubsub()
@@ -93,7 +103,7 @@ class Turns:
         finals: list[tuple[str, dict[str, Any]]] = []
         deadline = time.monotonic() + 60
         try:
-            while len(finals) < len(events):
+            while len(finals) < (len(events) if finals_expected is None else finals_expected):
                 assert time.monotonic() < deadline, f"{len(finals)} of {len(events)} turns answered"
                 if not self.pumping.locked():  # else another send runs the rounds meanwhile
                     async with self.pumping:
@@ -329,3 +339,56 @@ def test_a_buffered_memory_somabrain_refuses_is_dropped_and_opens_no_circuit(sta
     assert value(text, "circuit_state", component="somabrain") == 0, "a refused write opened the circuit"
     assert value(text, "somabrain_calls_total", result="error") == 1
     assert value(text, "somabrain_calls_total", result="success") == 1
+
+
+def test_a_message_older_than_the_answered_marks_is_not_answered(stack, simulators):
+    """Past ``CHATPIPE_ANSWERED_TTL_SECONDS`` a message's mark may have expired: answering it could
+    answer it twice, long after (a WAL read again from its start). The fresh one is answered."""
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]], list[str]]:
+        async with running_worker(stack, simulators, CHATPIPE_ANSWERED_TTL_SECONDS="60") as turns:
+            finals = await turns.send("from long ago", "just now", one_session=True, ages=(120, 0), finals_expected=1)
+            await asyncio.sleep(0.5)  # anything the old one would have said by now
+            return finals, turns.stream, turns.sent[-2:]
+
+    finals, stream, (old, fresh) = asyncio.run(scenario())
+    assert [(event["type"], event.get("reply_to")) for event in finals] == [("message", fresh)]
+    assert not any(event.get("reply_to") == old for _, event in stream)
+
+
+def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack, simulators):
+    """A stop whose grace runs out cancels a turn mid-way (here waiting on a tool nobody runs): the
+    client hears it was interrupted, so the next instance's reply is not appended to this one's."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with running_worker(stack, simulators, CHATPIPE_TOOL_TIMEOUT_SECONDS="30") as turns:
+            event = {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": "acme",
+                     "role": "user", "content": "what time is it?", "source": "api",
+                     "accepted_at": time.time()}  # fmt: skip
+            pubsub = turns.redis.pubsub()
+            await pubsub.subscribe(events_channel(event["session_id"]))
+            await turns.producer.send_and_wait(turns.topic, json.dumps(event).encode(), partition=0)
+            consumer = AIOKafkaConsumer(bootstrap_servers=turns.bootstrap, group_id=turns.topic,
+                                        enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+            await consumer.start()
+            consumer.assign([TopicPartition(turns.topic, 0)])
+            stopping = asyncio.Event()
+            consuming = asyncio.create_task(turns.worker.consume(consumer, stopping))
+            seen: list[dict[str, Any]] = []
+            try:
+                await asyncio.sleep(2)  # fetched, the LLM asked for the clock: the turn waits on the tool
+                stopping.set()
+                await asyncio.sleep(0.5)  # the grace
+                consuming.cancel()
+                await asyncio.gather(consuming, return_exceptions=True)
+                deadline = time.monotonic() + 3  # None for the subscription's own message too: read on
+                while time.monotonic() < deadline and not seen:
+                    if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2):
+                        seen.append(json.loads(message["data"]))
+            finally:
+                await pubsub.aclose()
+                await consumer.stop()
+            return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[-1]["type"] == "error" and seen[-1].get("reason") == "interrupted", seen

@@ -22,7 +22,9 @@ one session one after another, in the order of their records, so a reply streams
 before the next begins (each token event names the message it answers, ``reply_to``). On
 SIGTERM the worker gives the turns it is streaming ``CHATPIPE_SHUTDOWN_GRACE_SECONDS`` to
 finish, commits what finished, and stops; a turn cut off then is not committed, and comes
-again to the next instance.
+again to the next instance (the client is told, with an ``interrupted`` error event, to drop
+what it streamed). A message older than ``CHATPIPE_ANSWERED_TTL_SECONDS`` is not answered:
+its ``answered:`` mark may have expired, and it might be answered twice.
 
 Run: ``python -m chatpipe.worker`` (metrics on ``CHATOBS_METRICS_PORT``).
 """
@@ -200,6 +202,14 @@ class Worker:
                 return
             if event.get("role") != "user":
                 return  # only user messages are answered
+            accepted = _seconds(event.get("accepted_at"))
+            age = 0.0 if accepted is None else time.time() - accepted
+            if age > self._settings.answered_ttl_seconds:
+                # Its `answered:` mark, if it had one, has expired: answering it now could answer it
+                # twice, long after (a WAL replayed from the start, a row the outbox sent again).
+                _logger.warning("not answering message %s: accepted %.0fs ago, past the answered marks' %ds",
+                                message_id, age, self._settings.answered_ttl_seconds)  # fmt: skip
+                return
             # The session's turn is taken before anything here awaits, so in the order of the records.
             async with self._sessions.turn(session_id), self._slots:
                 # A duplicate of this record (the same session) waited behind it: answered by then.
@@ -207,6 +217,14 @@ class Worker:
                     return  # delivered again: answered already
                 try:
                     await self.answer(event)
+                except asyncio.CancelledError:
+                    # A stop past its grace: the turn comes again to the next instance, whose reply would
+                    # follow what this one streamed. The client is told to drop it (shielded: cancelled).
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._emit(session_id, {
+                            "type": "error", "error": "the assistant was interrupted; its answer comes again",
+                            "reason": "interrupted", "reply_to": message_id}))  # fmt: skip
+                    raise
                 except BACKEND_DOWN:
                     raise
                 except Exception:
@@ -402,6 +420,14 @@ class Worker:
             result = json.loads(answer[1])
             content = str(result.get("result") if result.get("ok") else f"error: {result.get('error')}")
         return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def _seconds(value: Any) -> float | None:
+    """``value`` as a number of seconds, or None for what is none."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _refused(status: int) -> bool:
