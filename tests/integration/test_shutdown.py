@@ -126,6 +126,9 @@ def test_sigterm_to_each_service_under_load_loses_nothing_and_flushes_otlp(own_s
         assert rows == len(ids) == len(accepted) and ids == accepted, "each accepted message stored exactly once"
         eventually(lambda: set(replies.answers) >= accepted, timeout=60, interval=1, what="every turn answered")
         replies.close()
-        assert replies.errors == []
+        interrupted = [error["reply_to"] for error in replies.errors if error.get("reason") == "interrupted"]
+        print(f"{len(interrupted)} turn(s) cut off by a stop and answered again")
+        # A turn a stop cut off says so (and is answered again, above); nothing else may fail.
+        assert [error for error in replies.errors if error.get("reason") != "interrupted"] == []
         twice = {message: count for message, count in replies.answers.items() if count > 1}
         assert twice == {}, f"answered more than once: {twice}"

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -32,6 +33,15 @@ from chatpipe.worker.service import DEGRADED_PREFIX, Worker
 from tests.metrics_text import value
 
 BREAKER_RESET_SECONDS = 0.5
+#: The Redis database these workers keep their data in: not the session pipeline's (0), whose
+#: worker replays and counts every `degraded:*` key of its own database while these tests run.
+PRIVATE_DATABASE = 7
+
+
+def private_database(url: str) -> str:
+    """``url`` (``redis://host:port/0``) with :data:`PRIVATE_DATABASE` as its database."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{PRIVATE_DATABASE}"))
 
 
 @dataclass
@@ -138,7 +148,7 @@ async def running_worker(stack: dict[str, str], simulators: Simulators, *, instr
     telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="worker")
     if instrument:
         assert "redis" in telemetry.instrument()  # undone by telemetry.shutdown()
-    redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+    redis = aioredis.Redis.from_url(private_database(stack["REDIS_URL"]))
     producer = await start_producer(stack["KAFKA_BOOTSTRAP_SERVERS"], asyncio.Event())
     assert producer is not None
     turns = None
@@ -286,7 +296,7 @@ def test_the_degraded_buffer_is_counted_and_a_walk_out_of_time_is_no_redis_error
     degraded = [f"{DEGRADED_PREFIX}{run}:{n}" for n in range(3)]
 
     async def scenario() -> tuple[float, float, str]:
-        redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+        redis = aioredis.Redis.from_url(private_database(stack["REDIS_URL"]))
         try:
             async with running_worker(stack, simulators) as turns:
                 await turns.worker.measure_degraded_buffer()

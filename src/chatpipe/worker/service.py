@@ -175,6 +175,7 @@ class Worker:
         self._budgets = Budgets(redis, settings, telemetry.budgets)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._sessions = _SessionTurns()
+        self._stopping: asyncio.Event | None = None
         self._turns = ConcurrentHandler(self._handle_record, limit=_CONCURRENCY * 4, waiting="turns wait for a backend")
 
     # -- consuming ---------------------------------------------------------------
@@ -184,7 +185,10 @@ class Worker:
         return await self._turns.round(consumer)
 
     async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
-        """Turns until ``stopping``; then those in flight finish (within the stop's grace), and are committed."""
+        """Turns until ``stopping``; then those in flight finish (within the stop's grace), and are
+        committed. Those still waiting for their session's turn or a slot then do not start: they
+        come again to the next instance rather than be cut off by the grace halfway."""
+        self._stopping = stopping
         await self._turns.consume(consumer, stopping, "consume")
 
     async def drain(self, consumer: AIOKafkaConsumer) -> None:
@@ -212,6 +216,8 @@ class Worker:
                 return
             # The session's turn is taken before anything here awaits, so in the order of the records.
             async with self._sessions.turn(session_id), self._slots:
+                if self._stopping is not None and self._stopping.is_set():
+                    raise TurnPostponedError("the worker is stopping: the turn comes again to the next instance")
                 # A duplicate of this record (the same session) waited behind it: answered by then.
                 if await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
                     return  # delivered again: answered already
