@@ -21,7 +21,14 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from chatpipe.runtime import forever, sleep_unless_stopped
 
-__all__ = ["ConcurrentHandler", "RecordsPostponedError", "commit_handled", "start_consumer", "start_producer"]
+__all__ = [
+    "ConcurrentHandler",
+    "PostponedError",
+    "RecordsPostponedError",
+    "commit_handled",
+    "start_consumer",
+    "start_producer",
+]
 
 _logger = logging.getLogger("chatpipe")
 
@@ -58,6 +65,11 @@ async def start_consumer(
 
 class RecordsPostponedError(RuntimeError):
     """Some records could not be handled now (a backend is down); they will be delivered again."""
+
+
+class PostponedError(RuntimeError):
+    """Raised by a handler that leaves its record to come again on purpose (its service is
+    stopping, say): the record is rewound to like a failed one, but said at INFO, not as a failure."""
 
 
 class ConcurrentHandler:
@@ -98,6 +110,14 @@ class ConcurrentHandler:
         """Fetch and start records, then commit what has finished; True if either happened.
         Raises :class:`RecordsPostponedError` once a handler has failed (see above)."""
         self._forget_unassigned(consumer)
+        if self._any_failed():
+            # Rewinding: fetch nothing more (it would come again anyway); commit what finished ahead
+            # of the failed records as their handlers end, and rewind once none is running.
+            committed = await self._commit_finished(consumer)
+            if running := self._running():
+                await asyncio.wait(running, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                return await self._commit_finished(consumer) or committed
+            await self._postpone(consumer)
         self._pace(consumer)
         # Records in flight: a short fetch, so finished ones are committed soon after.
         batches = await consumer.getmany(timeout_ms=100 if self._running() else 500, max_records=self._limit)
@@ -107,19 +127,17 @@ class ConcurrentHandler:
             for record in records:
                 started.append((record, asyncio.create_task(self._handle(record))))
                 fetched += 1
-        if self._any_failed():
-            await self._postpone(consumer)
         return await self._commit_finished(consumer) or fetched > 0
 
     async def drain(self, consumer: AIOKafkaConsumer) -> None:
         """Let every handler in flight finish (a stop), committing each as it does: a stop whose
         grace runs out has still committed what finished. Raises as :meth:`round` does."""
         while True:
-            if self._any_failed():
-                await self._postpone(consumer)
             await self._commit_finished(consumer)
             running = self._running()
             if not running:
+                if self._any_failed():
+                    await self._postpone(consumer)
                 return
             await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
 
@@ -173,8 +191,8 @@ class ConcurrentHandler:
         self._forget_unassigned(consumer)
         finished: dict[TopicPartition, list[ConsumerRecord]] = {}
         for partition, started in self._started.items():
-            count = 0
-            while count < len(started) and started[count][1].done():
+            count = 0  # up to the first record not finished, or failed (it is rewound to, later)
+            while count < len(started) and started[count][1].done() and not _failed(started[count][1]):
                 count += 1
             if count:
                 finished[partition] = [record for record, _ in started[:count]]
@@ -184,16 +202,16 @@ class ConcurrentHandler:
         return bool(finished)
 
     async def _postpone(self, consumer: AIOKafkaConsumer) -> None:
-        running = self._running()
-        if running:
-            await asyncio.wait(running)  # each is idempotent: what it answered stays answered
+        """Rewind each partition to its first failed record and raise (no handler is running)."""
         self._forget_unassigned(consumer)
         started, self._started = self._started, {}
         outcomes = [(record, task) for records in started.values() for record, task in records]
         failed = [record for record, task in outcomes if _failed(task)]
-        first = next(("cancelled" if task.cancelled() else task.exception() for _, task in outcomes
-                      if _failed(task)), None)  # fmt: skip
-        _logger.warning("%d of %d %s (%r); they come again", len(failed), len(outcomes), self._waiting, first)
+        errors = [task.exception() for _, task in outcomes if not task.cancelled() and task.exception() is not None]
+        first = errors[0] if errors else "cancelled"
+        # A handler that postponed its record on purpose (a stop) is no failure worth a warning.
+        log = _logger.info if all(isinstance(error, PostponedError) for error in errors) else _logger.warning
+        log("%d of %d %s (%r); they come again", len(failed), len(outcomes), self._waiting, first)
         batches = {partition: [record for record, _ in records] for partition, records in started.items()}
         await commit_handled(consumer, batches, failed)  # raises RecordsPostponedError if any failed here
 

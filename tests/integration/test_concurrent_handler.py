@@ -123,3 +123,32 @@ def test_a_partition_full_of_slow_records_holds_up_no_other_partition(stack):
     assert handled[0] == b"1-0", handled
     assert sorted(handled[1:]) == [f"0-{n}".encode() for n in range(6)]
     assert committed == 6
+
+
+def test_records_finished_ahead_of_a_failed_one_are_committed_while_others_still_run(stack):
+    """A record handled, the next failing (it comes again), a third still running: the first is
+    committed at once, not only once the slow one is done (a stop's grace may end before)."""
+    bootstrap = stack["KAFKA_BOOTSTRAP_SERVERS"]
+
+    async def scenario() -> int | None:
+        topic = await _topic(bootstrap, 1, {0: 3})
+        consumer = await _consumer(bootstrap, topic, 1)
+
+        async def handle(record: ConsumerRecord) -> None:
+            if record.offset == 1:
+                raise ConnectionError("a backend is down")
+            if record.offset == 2:
+                await asyncio.sleep(30)
+
+        handler = _handler(handle)
+        try:
+            while not await handler.round(consumer):  # until all three are fetched
+                pass
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(handler.drain(consumer), 5.0)
+            return await consumer.committed(TopicPartition(topic, 0))
+        finally:
+            await handler.cancel()
+            await consumer.stop()
+
+    assert asyncio.run(scenario()) == 1

@@ -367,13 +367,14 @@ def test_a_message_older_than_the_answered_marks_is_not_answered(stack, simulato
 
 
 def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack, simulators):
-    """A stop whose grace runs out cancels a turn mid-way (here waiting on a tool nobody runs): the
-    client hears it was interrupted, so the next instance's reply is not appended to this one's."""
+    """A stop whose grace runs out cancels a turn mid-way through its reply (a slow LLM): the client
+    hears it was interrupted, so the next instance's reply is not appended to the half it has."""
 
     async def scenario() -> list[dict[str, Any]]:
-        async with running_worker(stack, simulators, CHATPIPE_TOOL_TIMEOUT_SECONDS="30") as turns:
+        async with running_worker(stack, simulators) as turns:
+            await turns.control(simulators.llm, latency_seconds=20)  # the reply streams over 20 s
             event = {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": "acme",
-                     "role": "user", "content": "what time is it?", "source": "api",
+                     "role": "user", "content": "tell me a long story", "source": "api",
                      "accepted_at": time.time()}  # fmt: skip
             pubsub = turns.redis.pubsub()
             await pubsub.subscribe(events_channel(event["session_id"]))
@@ -386,13 +387,17 @@ def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack,
             consuming = asyncio.create_task(turns.worker.consume(consumer, stopping))
             seen: list[dict[str, Any]] = []
             try:
-                await asyncio.sleep(2)  # fetched, the LLM asked for the clock: the turn waits on the tool
+                deadline = time.monotonic() + 30
+                while not any(event["type"] == "token" for event in seen):  # the reply is streaming
+                    assert time.monotonic() < deadline, seen
+                    if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
+                        seen.append(json.loads(message["data"]))
                 stopping.set()
                 await asyncio.sleep(0.5)  # the grace
                 consuming.cancel()
                 await asyncio.gather(consuming, return_exceptions=True)
-                deadline = time.monotonic() + 3  # None for the subscription's own message too: read on
-                while time.monotonic() < deadline and not seen:
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline and seen[-1]["type"] == "token":
                     if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2):
                         seen.append(json.loads(message["data"]))
             finally:
@@ -402,3 +407,47 @@ def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack,
 
     seen = asyncio.run(scenario())
     assert seen[-1]["type"] == "error" and seen[-1].get("reason") == "interrupted", seen
+
+
+def test_a_stop_after_the_reply_went_out_marks_it_answered_and_says_nothing_more(stack, simulators):
+    """Cancelled while remembering the turn (the reply already delivered whole): the turn is marked
+    answered, so the next instance does not answer it again, and no interrupted notice follows."""
+
+    async def scenario() -> tuple[list[dict[str, Any]], bool]:
+        slow_memory = {"CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "5"}
+        async with running_worker(stack, simulators, **slow_memory) as turns:
+            await turns.control(simulators.somabrain, latency_seconds=1.5)  # recall, then remember: 1.5 s each
+            event = {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": "acme",
+                     "role": "user", "content": "hello", "source": "api", "accepted_at": time.time()}  # fmt: skip
+            pubsub = turns.redis.pubsub()
+            await pubsub.subscribe(events_channel(event["session_id"]))
+            await turns.producer.send_and_wait(turns.topic, json.dumps(event).encode(), partition=0)
+            consumer = AIOKafkaConsumer(bootstrap_servers=turns.bootstrap, group_id=turns.topic,
+                                        enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+            await consumer.start()
+            consumer.assign([TopicPartition(turns.topic, 0)])
+            stopping = asyncio.Event()
+            consuming = asyncio.create_task(turns.worker.consume(consumer, stopping))
+            seen: list[dict[str, Any]] = []
+            try:
+                deadline = time.monotonic() + 30
+                while not any(event["type"] == "message" for event in seen):
+                    assert time.monotonic() < deadline, seen
+                    if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
+                        seen.append(json.loads(message["data"]))
+                consuming.cancel()  # while the turn is remembered (1.5 s)
+                await asyncio.gather(consuming, return_exceptions=True)
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
+                        seen.append(json.loads(message["data"]))
+                marked = bool(await turns.redis.exists(f"answered:{event['message_id']}"))
+            finally:
+                await turns.control(simulators.somabrain, latency_seconds=0.02)
+                await pubsub.aclose()
+                await consumer.stop()
+            return seen, marked
+
+    seen, marked = asyncio.run(scenario())
+    assert seen[-1]["type"] == "message", f"something followed the whole reply: {seen[-1]}"
+    assert marked, "a reply delivered whole was not marked answered: the next instance would answer it again"

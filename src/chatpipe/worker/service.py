@@ -50,7 +50,7 @@ from aiokafka.structs import ConsumerRecord
 import chatobs
 from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
-from chatpipe.kafka import ConcurrentHandler, start_consumer, start_producer
+from chatpipe.kafka import ConcurrentHandler, PostponedError, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -68,6 +68,16 @@ BACKEND_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
 _SYSTEM_PROMPT = "You are a helpful assistant. Use the memories given when they are relevant."
 _CONCURRENCY = 16
 T = TypeVar("T")
+
+
+class _Progress:
+    """How far a turn got: whether tokens went out, and whether the whole reply did."""
+
+    __slots__ = ("replied", "streamed")
+
+    def __init__(self) -> None:
+        self.streamed = False
+        self.replied = False
 
 
 class _TokenRelay:
@@ -93,7 +103,7 @@ class _TokenRelay:
         self._since = time.monotonic()
 
 
-class TurnPostponedError(RuntimeError):
+class TurnPostponedError(PostponedError):
     """An earlier turn of the session failed and comes again: this one waits its turn behind it."""
 
 
@@ -221,15 +231,21 @@ class Worker:
                 # A duplicate of this record (the same session) waited behind it: answered by then.
                 if await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
                     return  # delivered again: answered already
+                progress = _Progress()
                 try:
-                    await self.answer(event)
+                    await self.answer(event, progress)
                 except asyncio.CancelledError:
-                    # A stop past its grace: the turn comes again to the next instance, whose reply would
-                    # follow what this one streamed. The client is told to drop it (shielded: cancelled).
+                    # A stop past its grace: the turn comes again to the next instance (shielded, as this
+                    # one is cancelled). A reply that went out whole is marked answered, or it would be
+                    # answered twice; one cut off halfway is dropped by the client, told so here.
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(self._emit(session_id, {
-                            "type": "error", "error": "the assistant was interrupted; its answer comes again",
-                            "reason": "interrupted", "reply_to": message_id}))  # fmt: skip
+                        if progress.replied:
+                            await asyncio.shield(self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1",
+                                                                 ex=self._settings.answered_ttl_seconds))  # fmt: skip
+                        elif progress.streamed:
+                            await asyncio.shield(self._emit(session_id, {
+                                "type": "error", "error": "the assistant was interrupted; its answer comes again",
+                                "reason": "interrupted", "reply_to": message_id}))  # fmt: skip
                     raise
                 except BACKEND_DOWN:
                     raise
@@ -241,7 +257,9 @@ class Worker:
                                                      ex=self._settings.answered_ttl_seconds))  # fmt: skip
 
     # -- one turn ------------------------------------------------------------------
-    async def answer(self, event: dict[str, Any]) -> None:
+    async def answer(self, event: dict[str, Any], progress: _Progress | None = None) -> None:
+        """Answer one user message (``progress``, if given, says how far it got)."""
+        progress = progress or _Progress()
         session_id, tenant = event["session_id"], event["tenant"]
         try:
             admission = await self._budgets.admit(tenant)
@@ -258,8 +276,12 @@ class Worker:
             messages = self._prompt(event["content"], memories or [])
 
             reply_to = event["message_id"]
-            relay = _TokenRelay(lambda text: self._emit(session_id, {"type": "token", "text": text,
-                                                                     "reply_to": reply_to}))  # fmt: skip
+
+            async def stream(text: str) -> None:
+                progress.streamed = True
+                await self._emit(session_id, {"type": "token", "text": text, "reply_to": reply_to})
+
+            relay = _TokenRelay(stream)
 
             mode = "degraded_bypass_somabrain" if degraded else "normal"
             try:
@@ -280,7 +302,7 @@ class Worker:
             emit_mode = "degraded" if degraded else "normal"
             await self._emit(session_id, {"type": "message", "content": reply.content, "mode": emit_mode,
                                           "reply_to": event["message_id"]})  # fmt: skip
-            answered = True
+            answered = progress.replied = True
             self._soma.assistant_emitted(emit_mode)
             self._soma.event_to_response(time.time() - float(event["accepted_at"]), emit_mode)
             await self._remember(tenant, session_id, event, reply.content, degraded=degraded)
@@ -330,16 +352,16 @@ class Worker:
         self, path: str, body: dict[str, Any], read: Callable[[httpx.Response], T]
     ) -> tuple[Literal["answered", "refused", "unavailable"], T | None]:
         """POST ``body`` to Somabrain's ``path`` through the circuit breaker: ``("answered", what
-        read makes of the answer)``; ``("refused", None)`` when Somabrain refused this request (a
-        4xx other than 408 and 429: it is up, and would refuse it again); ``("unavailable", None)``
-        when the circuit is open or the call failed (timed out, a 5xx, unreachable, or an answer
-        ``read`` cannot read).
+        read makes of the answer)``; ``("refused", None)`` when Somabrain refused this request for
+        good (400, 409, 413, 422: it would refuse it again); ``("unavailable", None)`` when the
+        circuit is open or the call failed (timed out, another 4xx or a 5xx, unreachable, or an
+        answer ``read`` cannot read).
 
-        Every call the breaker lets through ends in ``succeeded`` or ``failed``, whatever goes wrong:
-        a half-open trial that ended in neither would stay in flight, and the breaker would let no
-        call through again until the worker restarts. A refusal is no failure of Somabrain's: a
-        memory it rejects for good must not open the circuit (and degrade every turn) each time
-        the replay offers it again.
+        Every call the breaker lets through ends in ``succeeded``, ``failed`` or ``abandoned``,
+        whatever goes wrong: a half-open trial that ended in none would stay in flight, and the
+        breaker would let no call through again until the worker restarts. A refusal is no
+        verdict on Somabrain's health (``abandoned``): a memory it rejects for good must not open
+        the circuit (and degrade every turn) each time the replay offers it again, nor close it.
         """
         if not self._breaker.allow():
             self._soma.call("circuit_open")
@@ -349,7 +371,8 @@ class Worker:
                                              timeout=self._settings.somabrain_timeout_seconds)  # fmt: skip
             if _refused(response.status_code):
                 self._soma.call("error")
-                self._breaker.succeeded()  # it answered
+                # No verdict on Somabrain's health: a trial ends, the failure count stays as it is.
+                self._breaker.abandoned()
                 return "refused", None
             response.raise_for_status()
             result = read(response)
@@ -436,9 +459,14 @@ def _seconds(value: Any) -> float | None:
         return None
 
 
+#: Statuses that refuse the request itself, for good (malformed, conflicting, too large, invalid).
+#: Other 4xx (401, 403, 404, ...) often come from in front of Somabrain (expired credentials, a
+#: proxy while it restarts): sending again later may work, so they count as Somabrain unavailable.
+_REFUSALS = frozenset({400, 409, 413, 422})
+
+
 def _refused(status: int) -> bool:
-    """A 4xx but a timeout or a rate limit: the request itself is refused, not Somabrain down."""
-    return 400 <= status < 500 and status not in (408, 429)
+    return status in _REFUSALS
 
 
 def _memories(answer: Any) -> list[dict[str, Any]]:
