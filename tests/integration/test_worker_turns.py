@@ -24,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
+from redis.asyncio.client import PubSub
 
 from chatobs import Telemetry, load_settings
 from chatpipe.events import events_channel
@@ -366,6 +367,33 @@ def test_a_message_older_than_the_answered_marks_is_not_answered(stack, simulato
     assert not any(event.get("reply_to") == old for _, event in stream)
 
 
+@contextlib.asynccontextmanager
+async def consumed_as_in_service(
+    turns: Turns, content: str
+) -> AsyncIterator[tuple[PubSub, asyncio.Event, asyncio.Task[None]]]:
+    """``content`` as one user message, consumed by the worker's own loop (``Worker.consume``, as in
+    the service, stop and grace included): the session's event subscription, the stop to set, the loop."""
+    event = {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": "acme", "role": "user",
+             "content": content, "source": "api", "accepted_at": time.time()}  # fmt: skip
+    turns.sent.append(event["message_id"])
+    pubsub = turns.redis.pubsub()
+    await pubsub.subscribe(events_channel(event["session_id"]))
+    await turns.producer.send_and_wait(turns.topic, json.dumps(event).encode(), partition=0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=turns.bootstrap, group_id=turns.topic,
+                                enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+    await consumer.start()
+    consumer.assign([TopicPartition(turns.topic, 0)])
+    stopping = asyncio.Event()
+    consuming = asyncio.create_task(turns.worker.consume(consumer, stopping))
+    try:
+        yield pubsub, stopping, consuming
+    finally:
+        consuming.cancel()
+        await asyncio.gather(consuming, return_exceptions=True)
+        await pubsub.aclose()
+        await consumer.stop()
+
+
 def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack, simulators):
     """A stop whose grace runs out cancels a turn mid-way through its reply (a slow LLM): the client
     hears it was interrupted, so the next instance's reply is not appended to the half it has."""
@@ -373,20 +401,8 @@ def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack,
     async def scenario() -> list[dict[str, Any]]:
         async with running_worker(stack, simulators) as turns:
             await turns.control(simulators.llm, latency_seconds=20)  # the reply streams over 20 s
-            event = {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": "acme",
-                     "role": "user", "content": "tell me a long story", "source": "api",
-                     "accepted_at": time.time()}  # fmt: skip
-            pubsub = turns.redis.pubsub()
-            await pubsub.subscribe(events_channel(event["session_id"]))
-            await turns.producer.send_and_wait(turns.topic, json.dumps(event).encode(), partition=0)
-            consumer = AIOKafkaConsumer(bootstrap_servers=turns.bootstrap, group_id=turns.topic,
-                                        enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
-            await consumer.start()
-            consumer.assign([TopicPartition(turns.topic, 0)])
-            stopping = asyncio.Event()
-            consuming = asyncio.create_task(turns.worker.consume(consumer, stopping))
-            seen: list[dict[str, Any]] = []
-            try:
+            async with consumed_as_in_service(turns, "tell me a long story") as (pubsub, stopping, consuming):
+                seen: list[dict[str, Any]] = []
                 deadline = time.monotonic() + 30
                 while not any(event["type"] == "token" for event in seen):  # the reply is streaming
                     assert time.monotonic() < deadline, seen
@@ -400,9 +416,6 @@ def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack,
                 while time.monotonic() < deadline and seen[-1]["type"] == "token":
                     if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2):
                         seen.append(json.loads(message["data"]))
-            finally:
-                await pubsub.aclose()
-                await consumer.stop()
             return seen
 
     seen = asyncio.run(scenario())
@@ -417,19 +430,8 @@ def test_a_stop_after_the_reply_went_out_marks_it_answered_and_says_nothing_more
         slow_memory = {"CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "5"}
         async with running_worker(stack, simulators, **slow_memory) as turns:
             await turns.control(simulators.somabrain, latency_seconds=1.5)  # recall, then remember: 1.5 s each
-            event = {"message_id": uuid.uuid4().hex, "session_id": uuid.uuid4().hex, "tenant": "acme",
-                     "role": "user", "content": "hello", "source": "api", "accepted_at": time.time()}  # fmt: skip
-            pubsub = turns.redis.pubsub()
-            await pubsub.subscribe(events_channel(event["session_id"]))
-            await turns.producer.send_and_wait(turns.topic, json.dumps(event).encode(), partition=0)
-            consumer = AIOKafkaConsumer(bootstrap_servers=turns.bootstrap, group_id=turns.topic,
-                                        enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
-            await consumer.start()
-            consumer.assign([TopicPartition(turns.topic, 0)])
-            stopping = asyncio.Event()
-            consuming = asyncio.create_task(turns.worker.consume(consumer, stopping))
-            seen: list[dict[str, Any]] = []
-            try:
+            async with consumed_as_in_service(turns, "hello") as (pubsub, _, consuming):
+                seen: list[dict[str, Any]] = []
                 deadline = time.monotonic() + 30
                 while not any(event["type"] == "message" for event in seen):
                     assert time.monotonic() < deadline, seen
@@ -441,11 +443,7 @@ def test_a_stop_after_the_reply_went_out_marks_it_answered_and_says_nothing_more
                 while time.monotonic() < deadline:
                     if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
                         seen.append(json.loads(message["data"]))
-                marked = bool(await turns.redis.exists(f"answered:{event['message_id']}"))
-            finally:
-                await turns.control(simulators.somabrain, latency_seconds=0.02)
-                await pubsub.aclose()
-                await consumer.stop()
+                marked = bool(await turns.redis.exists(f"answered:{turns.sent[-1]}"))
             return seen, marked
 
     seen, marked = asyncio.run(scenario())
