@@ -240,8 +240,7 @@ class Worker:
                     # answered twice; one cut off halfway is dropped by the client, told so here.
                     with contextlib.suppress(Exception):
                         if progress.replied:
-                            await asyncio.shield(self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1",
-                                                                 ex=self._settings.answered_ttl_seconds))  # fmt: skip
+                            await self._mark_answered(message_id)
                         elif progress.streamed:
                             await asyncio.shield(self._emit(session_id, {
                                 "type": "error", "error": "the assistant was interrupted; its answer comes again",
@@ -252,9 +251,12 @@ class Worker:
                 except Exception:
                     _logger.exception("turn %s failed", message_id)
                     await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
-                # Shielded: a stop cancelling the turn now must not lose the mark of an answer already sent.
-                await asyncio.shield(self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1",
-                                                     ex=self._settings.answered_ttl_seconds))  # fmt: skip
+                await self._mark_answered(message_id)
+
+    async def _mark_answered(self, message_id: str) -> None:
+        # Shielded: a stop cancelling the turn now must not lose the mark of an answer already sent.
+        await asyncio.shield(self._redis.set(f"{ANSWERED_PREFIX}{message_id}", "1",
+                                             ex=self._settings.answered_ttl_seconds))  # fmt: skip
 
     # -- one turn ------------------------------------------------------------------
     async def answer(self, event: dict[str, Any], progress: _Progress | None = None) -> None:
@@ -266,7 +268,6 @@ class Worker:
         except BudgetExceededError as refusal:
             await self._emit(session_id, {"type": "error", "error": str(refusal), "reason": "budget"})
             return
-        answered = False
         try:
             with self._soma.time_context_build():
                 memories = await self._recall(tenant, session_id, event["content"])
@@ -302,12 +303,12 @@ class Worker:
             emit_mode = "degraded" if degraded else "normal"
             await self._emit(session_id, {"type": "message", "content": reply.content, "mode": emit_mode,
                                           "reply_to": event["message_id"]})  # fmt: skip
-            answered = progress.replied = True
+            progress.replied = True
             self._soma.assistant_emitted(emit_mode)
             self._soma.event_to_response(time.time() - float(event["accepted_at"]), emit_mode)
             await self._remember(tenant, session_id, event, reply.content, degraded=degraded)
         finally:
-            if not answered:
+            if not progress.replied:
                 # Counted when admitted; a turn that failed (or waits for a backend, and comes again)
                 # was not a message answered.
                 await self._budgets.refund(admission)
@@ -336,7 +337,7 @@ class Worker:
                   "text": f"user: {event['content']} | assistant: {reply}"}  # fmt: skip
         if not degraded:
             outcome = await self._store_memory(memory)
-            if outcome == "stored":
+            if outcome == "answered":
                 return
             if outcome == "refused":
                 _logger.warning("Somabrain refused the memory of message %s; it is not kept", memory["id"])
@@ -344,9 +345,9 @@ class Worker:
         # Somabrain is unavailable: keep the write until it is back (replay_round).
         await self._redis.set(f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory))
 
-    async def _store_memory(self, memory: dict[str, Any]) -> Literal["stored", "refused", "unavailable"]:
+    async def _store_memory(self, memory: dict[str, Any]) -> Literal["answered", "refused", "unavailable"]:
         outcome, _ = await self._call_somabrain("/remember", memory, lambda _: True)
-        return "stored" if outcome == "answered" else outcome
+        return outcome
 
     async def _call_somabrain(
         self, path: str, body: dict[str, Any], read: Callable[[httpx.Response], T]
@@ -369,7 +370,7 @@ class Worker:
         try:
             response = await self._http.post(f"{self._somabrain_url}{path}", json=body,
                                              timeout=self._settings.somabrain_timeout_seconds)  # fmt: skip
-            if _refused(response.status_code):
+            if response.status_code in _REFUSALS:
                 self._soma.call("error")
                 # No verdict on Somabrain's health: a trial ends, the failure count stays as it is.
                 self._breaker.abandoned()
@@ -463,10 +464,6 @@ def _seconds(value: Any) -> float | None:
 #: Other 4xx (401, 403, 404, ...) often come from in front of Somabrain (expired credentials, a
 #: proxy while it restarts): sending again later may work, so they count as Somabrain unavailable.
 _REFUSALS = frozenset({400, 409, 413, 422})
-
-
-def _refused(status: int) -> bool:
-    return status in _REFUSALS
 
 
 def _memories(answer: Any) -> list[dict[str, Any]]:
