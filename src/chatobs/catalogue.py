@@ -216,6 +216,7 @@ _LLM_CALLERS = frozenset({"worker", "tool_executor"})
 
 _MODEL = Label("model", setting="llm_models")
 _PROVIDER = Label("provider", setting="llm_providers")
+_LLM_ERROR_CODES = ("timeout", "rate_limited", "http_4xx", "http_5xx", "connection")
 _TENANT = Label("tenant", setting="tenants")
 _TOOL = Label("tool", setting="tools")
 _LLM_MODE = Label("mode", values=("normal", "degraded_bypass_somabrain"))
@@ -407,7 +408,8 @@ CATALOGUE: tuple[Metric, ...] = (
         unit="{error}",
         owners=_LLM_CALLERS,
         domain="llm",
-        labels=(_PROVIDER, Label("code", values=("timeout", "rate_limited", "http_4xx", "http_5xx", "connection"))),
+        # `other` is declared: the spec's code of an unclassified failure, not only the overflow.
+        labels=(_PROVIDER, Label("code", values=(*_LLM_ERROR_CODES, OVERFLOW_VALUE))),
     ),
     # --- Somabrain / degradation -------------------------------------------------------
     counter(
@@ -688,7 +690,8 @@ def to_markdown(metrics: Iterable[Metric] = CATALOGUE) -> str:
         "Generated from `src/chatobs/catalogue.py` by `chatobs catalogue --format md`; do not edit by hand.",
         "",
         f"Label values outside the allowed set are recorded as `{OVERFLOW_VALUE}` and counted in "
-        "`chatobs_label_rejections_total`.",
+        f"`chatobs_label_rejections_total`, except where a label lists `{OVERFLOW_VALUE}` among its values "
+        "(an unclassified LLM failure): there it is a value of its own.",
         "",
         f"Buckets: latency `{', '.join(f'{b:g}' for b in LATENCY_BUCKETS)}` seconds; "
         f"tokens `{', '.join(f'{b:g}' for b in TOKEN_BUCKETS)}`.",

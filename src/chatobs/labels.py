@@ -9,7 +9,9 @@ is outside the label's allowed set, and also, whatever the set, when it is not a
 string or an integer (``None``, bytes, floats, objects), longer than
 ``CHATOBS_MAX_LABEL_LENGTH``, not encodable as UTF-8 (a lone surrogate would be
 rendered as ``?``, and two such values would collide into one series), or ``other``
-itself (which would otherwise take a first-seen slot and merge with the overflow).
+itself where the label does not declare it (it would otherwise take a first-seen slot and
+merge with the overflow unseen). A label whose fixed values include ``other`` (the code of
+an unclassified LLM failure) records it as its own value, with no rejection.
 
 Example::
 
@@ -60,7 +62,7 @@ def label_text(raw: object, max_length: int) -> str | object:
         value = str(raw)
     else:
         return _INVALID
-    if len(value) > max_length or value == OVERFLOW_VALUE:
+    if len(value) > max_length:
         return _INVALID
     if not value.isascii():
         try:
@@ -95,7 +97,9 @@ class _AllowedValues:
         if value in self._admitted:
             return True
         # Full is final (the set only grows): a flood of new values is turned away without the lock.
-        if not self.open or len(self._admitted) >= self._limit:
+        # `other` is admitted only where the catalogue declares it: first seen, it would merge
+        # with the overflow and hide that values were turned away.
+        if not self.open or len(self._admitted) >= self._limit or value == OVERFLOW_VALUE:
             return False
         with self._lock:
             if value in self._admitted:
@@ -109,7 +113,7 @@ class _AllowedValues:
 def label_bound(metric: Metric, label: Label, settings: ChatobsSettings) -> int:
     """Most distinct values :class:`LabelPolicy` can record for ``label`` of ``metric``, ``other`` included."""
     if label.values:
-        return len(allowed_fixed_values(metric, label)) + 1
+        return len(allowed_fixed_values(metric, label) | {OVERFLOW_VALUE})
     configured = getattr(settings, label.setting) if label.setting else ()
     # A configured list is closed; an empty one (and a `bounded_by` label) admits the first N.
     return (len(configured) if configured else settings.max_label_values) + 1

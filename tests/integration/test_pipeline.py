@@ -139,6 +139,8 @@ def test_a_malformed_llm_answer_is_counted_and_the_user_told(pipeline):
 
     assert moved("llm_requests_total") == 1
     assert moved("llm_errors_total", provider="simulator", code="other") == 1
+    # `other` is the spec's code for an unclassified failure here, not a value turned away.
+    assert moved("chatobs_label_rejections_total", metric="llm_errors_total", label="code") == 0
 
 
 def test_a_tenant_over_its_budget_is_refused_clearly(pipeline):

@@ -159,8 +159,15 @@ def is_amount(value: object) -> bool:
     return 0 <= number <= 2**53
 
 
-def surely_rejected(value: object) -> bool:
+#: Labels that list `other` among their values (an unclassified LLM failure): there it is a
+#: value of its own, recorded with no rejection.
+DECLARING_OTHER = {(m.name, label.name) for m in CATALOGUE for label in m.labels if OVERFLOW_VALUE in label.values}
+
+
+def surely_rejected(value: object, *, other_declared: bool = False) -> bool:
     """A label value ``other`` must replace whatever the label's allowed set."""
+    if other_declared and value.__class__ is str and value == OVERFLOW_VALUE:
+        return False
     if isinstance(value, str):
         text = str.__str__(value)
     elif type(value) is int:
@@ -371,9 +378,11 @@ def test_recorders_never_raise_count_bad_input_and_keep_the_exposition_valid(bas
         assert errors == 0, "a good call was counted as a recording error"
         assert changed, "a good call recorded nothing"
         others = {(metric_of(name), label) for name, labels in changed for label, v in labels if v == OVERFLOW_VALUE}
-        assert others == rejections, "every `other` must be a counted rejection, and every rejection an `other`"
-        labels = [arguments[p.name] for p in method.params if p.kind == "label"]
-        if any(surely_rejected(value) for value in labels):
+        assert others - DECLARING_OTHER <= rejections, "every `other` not declared must be a counted rejection"
+        assert rejections <= others, "every rejection must be an `other`"
+        declaring = {label for _, label in DECLARING_OTHER}
+        labels = [(arguments[p.name], p.name in declaring) for p in method.params if p.kind == "label"]
+        if any(surely_rejected(value, other_declared=declared) for value, declared in labels):
             assert rejections, f"an invalid label value among {labels!r} was not rejected"
 
     def fuzz(method: Method) -> Callable[[], None]:
@@ -414,8 +423,8 @@ CODES = {"timeout", "connection", "rate_limited", "http_4xx", "http_5xx", OVERFL
 @given(status=st.one_of(st.integers(), AMOUNTS, LABELS), timeout=FLAGS, connection=FLAGS)
 def test_llm_error_code_always_answers_a_bounded_code(status, timeout, connection):
     assert llm_error_code(status, timeout=timeout, connection=connection) in CODES
-    # And always one the `code` label allows, or `other` (counted when recorded).
-    assert CODES - {OVERFLOW_VALUE} == set(get("llm_errors_total").label("code").values)
+    # And always one the `code` label declares: `other` too, the spec's unclassified failure.
+    assert set(get("llm_errors_total").label("code").values) == CODES
 
 
 def _traceparent() -> tuple[list[tuple[str, bytes]], int]:
@@ -659,3 +668,17 @@ def test_the_shortest_allowed_label_length_fits_every_catalogue_value():
     with pytest.raises(ConfigError) as error:
         load_settings({"CHATOBS_MAX_LABEL_LENGTH": "80", "CHATOBS_TENANTS": "acme," + "x" * 81})
     assert error.value.variables == ("CHATOBS_TENANTS",)
+
+
+def test_an_unclassified_llm_failure_is_a_code_of_its_own_and_no_rejection():
+    telemetry = build()
+    try:
+        telemetry.llm.error("openai", "other")
+        telemetry.llm.error("openai", "exploded")  # not a code: `other` too, and one rejection
+        status, _, body = telemetry.scrape()
+    finally:
+        telemetry.shutdown()
+    assert status == 200
+    text = body.decode()
+    assert 'llm_errors_total{provider="openai",code="other"} 2' in text, text
+    assert 'chatobs_label_rejections_total{metric="llm_errors_total",label="code"} 1' in text, text
