@@ -229,9 +229,9 @@ _REDIS_OPERATIONS = (
     "get", "set", "setex", "del", "exists", "expire", "incr", "incrby", "decr", "decrby",
     "hget", "hset", "hincrby", "hgetall", "mget", "mset", "lpush", "rpush", "lpop", "rpop",
     "lrange", "llen", "sadd", "srem", "smembers", "scan", "eval", "evalsha", "publish",
-    "subscribe", "xadd", "xread", "ping", "pipeline", "connect",
+    "subscribe", "xadd", "xread", "ping", "pipeline",
 )  # fmt: skip
-_KAFKA_OPERATIONS = ("produce", "consume", "commit", "connect", "metadata")
+_KAFKA_OPERATIONS = ("produce", "consume", "commit", "connect")
 _REDIS_USERS = frozenset({"gateway", "worker"})
 _KAFKA_USERS = frozenset({"worker", "publisher", "replicator", "tool_executor"})
 _POSTGRES_USERS = frozenset({"gateway", "publisher", "replicator"})

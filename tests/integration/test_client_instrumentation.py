@@ -10,6 +10,7 @@ record's consumer must see the caller's trace both times.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +20,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -158,6 +159,7 @@ def test_client_metrics_are_the_same_with_or_without_spans_and_the_trace_goes_on
         ("kafka_operation_seconds_count", (("operation", "produce"),)): 3,
         ("kafka_errors_total", (("operation", "produce"),)): 1,
         ("kafka_operation_seconds_count", (("operation", "commit"),)): 1,
+        ("kafka_operation_seconds_count", (("operation", "connect"),)): 2,  # the producer's and the consumer's start
         ("kafka_errors_total", (("operation", "consume"),)): 0,
         ("wal_publish_seconds_count", ()): 3,
         ("wal_publish_errors_total", (("operation", "produce"),)): 1,
@@ -295,6 +297,32 @@ def test_a_failed_poll_counts_and_one_ended_by_a_stop_or_a_cancel_does_not(stack
     assert samples[("kafka_errors_total", (("operation", "consume"),))] == 1
     assert not any(name == "kafka_operation_seconds_count" and labels == (("operation", "consume"),)
                    for name, labels in samples), "a poll's duration is waiting for records: not measured"  # fmt: skip
+
+
+def test_a_start_against_an_unreachable_broker_counts_a_connect_error(stack):
+    telemetry = Telemetry(load_settings({}), service="publisher")
+    telemetry.instrument()
+    with socket.socket() as closed:  # a port nothing listens on: bound, then closed
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"127.0.0.1:{closed.getsockname()[1]}"
+
+    async def starts() -> None:
+        down = AIOKafkaProducer(bootstrap_servers=unreachable, request_timeout_ms=2000)
+        with pytest.raises(KafkaConnectionError):
+            await down.start()
+        await down.stop()
+        up = AIOKafkaProducer(bootstrap_servers=stack["KAFKA_BOOTSTRAP_SERVERS"])
+        await up.start()
+        await up.stop()
+
+    try:
+        asyncio.run(starts())
+    finally:
+        uninstrument_libraries()
+    samples = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    assert samples[("kafka_errors_total", (("operation", "connect"),))] == 1
+    assert samples[("kafka_operation_seconds_count", (("operation", "connect"),))] == 2, "both are timed, as statements"
 
 
 def test_a_second_telemetry_measures_the_calls_once_the_first_has_shut_down(stack, caplog):

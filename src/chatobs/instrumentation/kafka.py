@@ -2,7 +2,8 @@
 and trace context carried in record headers.
 
 :class:`KafkaClientInstrumentor` puts dispatchers (:mod:`chatobs.instrumentation.dispatch`)
-over ``AIOKafkaProducer.send``, ``AIOKafkaConsumer.commit``, ``getone`` and ``getmany``:
+over ``AIOKafkaProducer.send``, ``AIOKafkaConsumer.commit``, ``getone`` and ``getmany``, and
+both clients' ``start``:
 
 * a ``send()`` is measured to the broker's acknowledgement, or the delivery's failure: the
   contrib instrumentation's span ends when the record is queued, so a broker that never
@@ -10,9 +11,12 @@ over ``AIOKafkaProducer.send``, ``AIOKafkaConsumer.commit``, ``getone`` and ``ge
   ``kafka_operation_seconds{operation="produce"}`` observation (and one
   ``kafka_errors_total`` when it failed), and on ``CHATOBS_WAL_TOPIC`` one
   ``wal_publish_seconds`` (``wal_publish_errors_total``); a ``commit()`` is one ``commit``;
+  a ``start()`` (the bootstrap: a connection to the brokers and the cluster's metadata) is one
+  ``connect``, so a service waiting for an unreachable broker shows it in
+  ``kafka_errors_total{operation="connect"}``;
 * when a span would be recorded, a delivery gets a PRODUCER span of its own from ``send()`` to
   the acknowledgement, around the contrib instrumentation's ``send`` span (which puts its
-  context in the record's headers), and a commit a CLIENT span; ``getone``/``getmany`` go
+  context in the record's headers), and a commit and a start a CLIENT span; ``getone``/``getmany`` go
   through the contrib instrumentation's consumer spans, and a poll that fails counts in
   ``kafka_errors_total{operation="consume"}`` (its duration is waiting for records, not work);
 * otherwise a ``send()`` puts the current trace context in the record's headers itself,
@@ -196,6 +200,13 @@ class _Commit(BackendOperation):
         return self._bound.get("commit") or self.bind("commit")
 
 
+class _Connect(BackendOperation):
+    backend = "kafka"
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+        return self._bound.get("connect") or self.bind("connect")
+
+
 class _Poll(ClientOperation):
     """A poll (``getone``/``getmany``): only its failures count, in ``kafka_errors_total{operation=
     "consume"}``; how long it took is how long records took to come, no work of the broker's."""
@@ -306,10 +317,11 @@ class KafkaClientInstrumentor(ClientInstrumentor):
         import aiokafka
 
         tracer = trace.get_tracer(KAFKA_SCOPE, tracer_provider=wiring.tracer_provider)
-        gate, produce, commit, poll = (
+        gate, produce, commit, connect, poll = (
             wiring.gate,
             _Produce(wiring.clients),
             _Commit(wiring.clients),
+            _Connect(wiring.clients),
             _Poll(wiring.clients),
         )
 
@@ -323,7 +335,14 @@ class KafkaClientInstrumentor(ClientInstrumentor):
         def build_commit(original: Any, _: Any) -> Any:
             return dispatching(original, spanned(original, tracer, "commit", commit_attributes), gate, commit)
 
+        connect_attributes = {MESSAGING_SYSTEM: "kafka"}
+
+        def build_connect(original: Any, _: Any) -> Any:
+            return dispatching(original, spanned(original, tracer, "connect", connect_attributes), gate, connect)
+
         yield aiokafka.AIOKafkaProducer, "send", build_send, True
+        yield aiokafka.AIOKafkaProducer, "start", build_connect, False
+        yield aiokafka.AIOKafkaConsumer, "start", build_connect, False
         yield aiokafka.AIOKafkaConsumer, "commit", build_commit, False
         for name in ("getone", "getmany"):
             yield aiokafka.AIOKafkaConsumer, name, dispatcher(gate, poll), True
