@@ -203,7 +203,10 @@ def _otlp_timeout_seconds(otel: OtelSettings, signal: str) -> float:
 
 def _otlp_metric_exporter(otel: OtelSettings):
     protocol, endpoint = _otlp_target(otel, "metrics")
-    options: dict[str, Any] = {"headers": otel.otlp_headers or None, "timeout": _otlp_timeout_seconds(otel, "metrics")}
+    options: dict[str, Any] = {
+        "headers": otel.otlp_headers_for("metrics") or None,
+        "timeout": _otlp_timeout_seconds(otel, "metrics"),
+    }
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
@@ -215,7 +218,10 @@ def _otlp_metric_exporter(otel: OtelSettings):
 
 def _otlp_span_exporter(otel: OtelSettings) -> SpanExporter:
     protocol, endpoint = _otlp_target(otel, "traces")
-    options: dict[str, Any] = {"headers": otel.otlp_headers or None, "timeout": _otlp_timeout_seconds(otel, "traces")}
+    options: dict[str, Any] = {
+        "headers": otel.otlp_headers_for("traces") or None,
+        "timeout": _otlp_timeout_seconds(otel, "traces"),
+    }
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 

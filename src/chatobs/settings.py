@@ -184,6 +184,12 @@ class OtelSettings(_MappingOnly):
     exporter_otlp_headers: str = Field(
         "", description="Headers sent with OTLP requests, `key=value,...`.", json_schema_extra={"secret": True}
     )  # often credentials: a malformed value is never echoed
+    exporter_otlp_metrics_headers: str = Field(
+        "", description="Headers for metrics instead of the generic ones.", json_schema_extra={"secret": True}
+    )
+    exporter_otlp_traces_headers: str = Field(
+        "", description="Headers for traces instead of the generic ones.", json_schema_extra={"secret": True}
+    )
     exporter_otlp_metrics_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP metrics URL (overrides).")
     exporter_otlp_metrics_protocol: OtlpProtocol | None = Field(None, description="Protocol for metrics (overrides).")
     exporter_otlp_traces_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP traces URL (overrides).")
@@ -219,6 +225,28 @@ class OtelSettings(_MappingOnly):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator(
+        "exporter_otlp_protocol", "exporter_otlp_metrics_protocol", "exporter_otlp_traces_protocol",
+        "traces_sampler", "metrics_exemplar_filter", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _case_blind(cls, value: object) -> object:
+        # The specification: enum values SHOULD be case-insensitive (`ALWAYS_ON`, `GRPC`).
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("sdk_disabled", mode="before")
+    @classmethod
+    def _true_or_false(cls, value: object) -> object:
+        # The specification's booleans: only `true` (any case) is true, and no other true value
+        # may be added; pydantic would also take `1`, `yes` or `on`. `false` is the other
+        # accepted word, and anything else an error rather than a silent `false`.
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word not in ("true", "false"):
+                raise ValueError(f"must be true or false, got {value!r}")
+            return word == "true"
+        return value
+
     @field_validator("metrics_exporter")
     @classmethod
     def _known_metrics_exporters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -243,7 +271,7 @@ class OtelSettings(_MappingOnly):
         parse_key_values(value)
         return value
 
-    @field_validator("exporter_otlp_headers")
+    @field_validator("exporter_otlp_headers", "exporter_otlp_metrics_headers", "exporter_otlp_traces_headers")
     @classmethod
     def _headers(cls, value: str) -> str:
         try:
@@ -269,11 +297,25 @@ class OtelSettings(_MappingOnly):
 
     @property
     def otlp_headers(self) -> dict[str, str]:
-        return parse_key_values(self.exporter_otlp_headers)
+        """``OTEL_EXPORTER_OTLP_HEADERS``, names in lower case: gRPC refuses metadata keys with
+        capitals (every push would fail over ``Authorization=...``), and HTTP's are case-blind."""
+        return _header_map(self.exporter_otlp_headers)
+
+    def otlp_headers_for(self, signal: Literal["metrics", "traces"]) -> dict[str, str]:
+        """The headers of ``signal``'s exports: its own variable's when set, in place of the
+        generic ones (as the specification says), else :attr:`otlp_headers`."""
+        own = getattr(self, f"exporter_otlp_{signal}_headers")
+        return _header_map(own) if own.strip() else self.otlp_headers
+
+
+def _header_map(text: str) -> dict[str, str]:
+    return {name.lower(): value for name, value in parse_key_values(text).items()}
 
 
 def _check_exporters(value: tuple[str, ...], known: tuple[str, ...]) -> tuple[str, ...]:
-    names = tuple(name.lower() for name in value) or ("none",)
+    names = tuple(name.lower() for name in value)
+    if not names:  # `,` or `" , "`: a blank value is unset (the default), `none` says none
+        raise ValueError("names no exporter; write `none` for none")
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(
@@ -581,6 +623,10 @@ def _unknown_variables(env: Mapping[str, str], model: type[BaseSettings]) -> dic
 
 def _validate(model: type[M], env: Mapping[str, str]) -> tuple[M | None, dict[str, str]]:
     values = {field: env[_env_name(model, field)] for field in model.model_fields if _env_name(model, field) in env}
+    if model is OtelSettings:
+        # The specification: an empty value is treated as unset (compose files write `${X:-}`),
+        # so `OTEL_METRICS_EXPORTER=` keeps `/metrics` rather than turning every exporter off.
+        values = {field: value for field, value in values.items() if value.strip()}
     try:
         # Pass values explicitly (not via the env source) so a test's mapping is
         # the whole truth and os.environ cannot leak in.

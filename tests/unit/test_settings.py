@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from chatobs import Telemetry
 from chatobs.settings import ConfigError, load_settings
 
 
@@ -99,3 +100,44 @@ def test_a_metrics_host_not_of_this_machine_is_an_error_naming_the_host():
         telemetry.serve()
     assert caught.value.variables == ("CHATOBS_METRICS_HOST",)
     telemetry.shutdown()
+
+
+def test_an_empty_otel_variable_is_unset_as_the_specification_says():
+    # Compose files write `VAR: ${X:-}`: an empty value must keep the default, not change it.
+    blank = {name: value for name, value in (
+        ("OTEL_METRICS_EXPORTER", ""), ("OTEL_SDK_DISABLED", ""), ("OTEL_EXPORTER_OTLP_ENDPOINT", " "),
+        ("OTEL_TRACES_SAMPLER", ""), ("OTEL_METRIC_EXPORT_INTERVAL", ""), ("OTEL_EXPORTER_OTLP_PROTOCOL", ""),
+    )}  # fmt: skip
+    settings = load_settings(blank)
+    assert settings.otel.metrics_exporter == ("prometheus",), "an empty value turned /metrics off"
+    assert settings.otel.sdk_disabled is False
+    assert settings.otel.exporter_otlp_endpoint is None
+    assert settings.otel.traces_sampler == "parentbased_always_on"
+    telemetry = Telemetry(settings, service="worker")
+    try:
+        assert telemetry.scrape()[0] == 200
+    finally:
+        telemetry.shutdown()
+
+
+def test_an_exporter_list_of_nothing_but_commas_is_an_error():
+    with pytest.raises(ConfigError, match=r"OTEL_METRICS_EXPORTER.*names no exporter") as raised:
+        load_settings({"OTEL_METRICS_EXPORTER": " , "})
+    assert raised.value.variables == ("OTEL_METRICS_EXPORTER",)
+
+
+@pytest.mark.parametrize("value", ["1", "yes", "on", "enabled"])
+def test_only_true_or_false_disables_or_enables_the_sdk(value):
+    # pydantic would take `1` or `yes` for true; the specification allows no true value but `true`.
+    with pytest.raises(ConfigError, match=f"OTEL_SDK_DISABLED='{value}': .*must be true or false"):
+        load_settings({"OTEL_SDK_DISABLED": value})
+    assert load_settings({"OTEL_SDK_DISABLED": "TRUE"}).otel.sdk_disabled is True
+    assert load_settings({"OTEL_SDK_DISABLED": "False"}).otel.sdk_disabled is False
+
+
+def test_enum_values_are_case_insensitive():
+    otel = load_settings({"OTEL_TRACES_SAMPLER": "ALWAYS_ON", "OTEL_EXPORTER_OTLP_PROTOCOL": "GRPC",
+                          "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "HTTP/Protobuf",
+                          "OTEL_METRICS_EXEMPLAR_FILTER": "Trace_Based"}).otel  # fmt: skip
+    assert (otel.traces_sampler, otel.exporter_otlp_protocol) == ("always_on", "grpc")
+    assert (otel.exporter_otlp_traces_protocol, otel.metrics_exemplar_filter) == ("http/protobuf", "trace_based")
