@@ -486,10 +486,11 @@ BOOL_TEXT = st.sampled_from(["true", "false", "1", "0"])
 SETUP_VARIABLES: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[str]]] = {
     "OTEL_SERVICE_NAME": (st.one_of(TEXT, SPECIAL_TEXT), WITH_SURROGATE),
     "OTEL_RESOURCE_ATTRIBUTES": (st.one_of(KEY_VALUES, ODD_ATTRIBUTES), TEXT),
-    "OTEL_SDK_DISABLED": (st.sampled_from(["false", "0", "true"]), st.sampled_from(["yes", "maybe", ""])),
+    # An empty OTEL_* value is unset; a boolean is `true` or `false`, in any case.
+    "OTEL_SDK_DISABLED": (st.sampled_from(["false", "True", "true", ""]), st.sampled_from(["yes", "maybe", "0"])),
     "OTEL_METRICS_EXPORTER": (
-        st.sampled_from(["prometheus", "none"]),
-        st.sampled_from(["", "bogus", "prometheus,none"]),
+        st.sampled_from(["prometheus", "none", "", "Prometheus"]),
+        st.sampled_from([",", "bogus", "prometheus,none"]),
     ),
     "CHATOBS_SERVICE": (st.sampled_from(SERVICES), TEXT),
     "CHATOBS_METRICS_PATH": (
