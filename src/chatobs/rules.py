@@ -287,12 +287,12 @@ ALERT_CASES: tuple[AlertCase, ...] = (
     AlertCase("TenantBudgetOverrun", {'tenant_budget_tokens_overruns_total{job="worker",tenant="acme"}': "5x10"}, "8m"),
     *(
         case
-        for backend, alert in (("redis", "RedisErrorBurst"), ("kafka", "KafkaErrorBurst"),
-                               ("postgres", "PostgreSQLErrorBurst"))
+        for backend, alert, operation in (("redis", "RedisErrorBurst", "get"), ("kafka", "KafkaErrorBurst", "connect"),
+                                          ("postgres", "PostgreSQLErrorBurst", "connect"))
         for case in (
-            AlertCase(alert, {f'{backend}_errors_total{{job="worker",operation="connect"}}': "0+10x20"}, "10m",
+            AlertCase(alert, {f'{backend}_errors_total{{job="worker",operation="{operation}"}}': "0+10x20"}, "10m",
                       ({"job": "worker"},)),
-            AlertCase(alert, {f'{backend}_errors_total{{job="worker",operation="connect"}}': "0+1x20"}, "10m"),
+            AlertCase(alert, {f'{backend}_errors_total{{job="worker",operation="{operation}"}}': "0+1x20"}, "10m"),
         )
     ),
     AlertCase("ScrapeTargetDown", {'up{job="worker",instance="127.0.0.1:9464"}': "0x10"}, "5m",

@@ -94,7 +94,7 @@ class BacklogRecorder(Recorder):
 
     @guarded("kafka_errors_total")
     def kafka_error(self, operation: str) -> None:
-        """A failed Kafka client operation (produce, consume, commit, connect, metadata)."""
+        """A failed Kafka client operation (produce, consume, commit, connect)."""
         self._add("kafka_errors_total", 1, operation)
 
     @guarded("postgres_errors_total")
