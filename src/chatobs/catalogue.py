@@ -461,6 +461,14 @@ CATALOGUE: tuple[Metric, ...] = (
         kind=Kind.OBSERVABLE_GAUGE,
     ),
     counter(
+        "outbox_rows_parked_total",
+        "Outbox rows the broker refused for good (too large for it), set aside unsent: their messages "
+        "get no reply until an operator clears `parked_at`.",
+        unit="{row}",
+        owners=_PUBLISHER,
+        domain="backlog",
+    ),
+    counter(
         "wal_publish_errors_total",
         "Failed publishes to the WAL topic.",
         unit="{error}",

@@ -139,6 +139,17 @@ ALERTS: tuple[Alert, ...] = (
         "`wal_publish_errors_total`) and that the publisher runs.",
     ),
     Alert(
+        "OutboxRowsParked",
+        "sum by (job) (increase(outbox_rows_parked_total[{w}])) > 0",
+        0,
+        "critical",
+        "Outbox rows refused for good by the broker on {{ $labels.job }}",
+        "The broker refuses some accepted messages for good (too large for it), so they were set aside "
+        "and their users get no reply. The publisher's log names each row. Raise the broker's "
+        "`message.max.bytes` (or lower `CHATPIPE_MESSAGE_MAX_CHARS`), then send them again: "
+        "`update outbox set parked_at = null where parked_at is not null`.",
+    ),
+    Alert(
         "WALPublishErrors",
         "sum by (job) (increase(wal_publish_errors_total[{w}])) > 0",
         0,
@@ -276,6 +287,9 @@ ALERT_CASES: tuple[AlertCase, ...] = (
     AlertCase("OutboxBacklogNotDraining", {'outbox_pending{job="publisher"}': "5+1x30"}, "20m",
               ({"job": "publisher"},)),
     AlertCase("OutboxBacklogNotDraining", {'outbox_pending{job="publisher"}': "5-1x5 0x25"}, "20m"),
+    AlertCase("OutboxRowsParked", {'outbox_rows_parked_total{job="publisher"}': "0 0 0 1 1 1"}, "5m",
+              ({"job": "publisher"},)),
+    AlertCase("OutboxRowsParked", {'outbox_rows_parked_total{job="publisher"}': "1x10"}, "8m"),
     AlertCase("WALPublishErrors", {'wal_publish_errors_total{job="publisher",operation="produce"}': "0 0 0 1 2 3 4 5"},
               "6m", ({"job": "publisher"},)),
     AlertCase("WALPublishErrors", {'wal_publish_errors_total{job="publisher",operation="produce"}': "3x10"}, "8m"),

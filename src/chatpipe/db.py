@@ -8,7 +8,9 @@ Tables:
   stamps ``confirmed_at`` once the message is in ``replicated_messages``. A row sent but
   never confirmed (a broker that lost it) is sent again (``deliveries`` counts the sends).
   A row that becomes pending (added, or made pending again) notifies channel
-  :data:`OUTBOX_CHANNEL` when its transaction commits, so the publisher need not poll;
+  :data:`OUTBOX_CHANNEL` when its transaction commits, so the publisher need not poll.
+  A row the broker refuses for good (too large for it) is parked: ``parked_at`` and
+  ``parked_reason`` set, no longer sent, until an operator clears ``parked_at``;
 * ``replicated_messages``: the replicator's copy of the WAL, keyed by ``message_id`` so a
   record delivered twice is stored once;
 * ``attachments``: uploaded files' metadata (the bytes live under ``CHATPIPE_ATTACHMENT_DIR``).
@@ -39,7 +41,10 @@ create table if not exists outbox (
     created_at timestamptz not null default now(),
     sent_at timestamptz
 );
-create index if not exists outbox_unsent on outbox (id) where sent_at is null;
+alter table outbox add column if not exists parked_at timestamptz;
+alter table outbox add column if not exists parked_reason text;
+drop index if exists outbox_unsent;
+create index if not exists outbox_claimable on outbox (id) where sent_at is null and parked_at is null;
 alter table outbox add column if not exists confirmed_at timestamptz;
 alter table outbox add column if not exists deliveries integer not null default 0;
 create index if not exists outbox_unconfirmed on outbox (sent_at) where confirmed_at is null and sent_at is not null;

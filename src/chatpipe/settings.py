@@ -84,7 +84,11 @@ class PipelineSettings(BaseSettings):
         ("text/plain", "application/pdf", "image/png", "image/jpeg"),
         description="Content types accepted for attachments (415 otherwise).",
     )
-    message_max_chars: int = Field(8000, ge=1, description="Longest chat message accepted.")
+    # At most 100,000: the outbox row, at up to 6 bytes a character (`\u0001` as PostgreSQL's
+    # jsonb writes a control character), must fit one Kafka record (aiokafka's 1 MiB).
+    message_max_chars: int = Field(
+        8000, ge=1, le=100_000, description="Longest chat message accepted (at most 100000: one Kafka record)."
+    )
     request_max_bytes: int = Field(
         262_144,
         ge=1024,

@@ -69,6 +69,11 @@ class BacklogRecorder(Recorder):
             raise ValueError(f"not a measured backlog gauge: {gauge!r}")
         self._latest.pop(gauge, None)
 
+    @guarded("outbox_rows_parked_total")
+    def outbox_row_parked(self) -> None:
+        """The publisher set an outbox row aside: the broker refuses it for good."""
+        self._add("outbox_rows_parked_total", 1)
+
     @guarded("wal_publish_seconds")
     def wal_published(self, seconds: float) -> None:
         self._observe("wal_publish_seconds", seconds)

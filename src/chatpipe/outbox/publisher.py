@@ -7,8 +7,16 @@ absorbs. An acknowledgement is not the end of it: a broker can lose what it ackn
 (a restart without durable storage, an unclean leader election), so a row the replicator
 has not confirmed within ``CHATPIPE_OUTBOX_REDELIVER_SECONDS`` of being sent is sent again,
 with the wait doubling per send. Rows are locked with ``FOR UPDATE SKIP LOCKED``, so
-several publishers can run. Each record continues the trace of the HTTP request that
-created the row.
+several publishers can run, and each round holds its sessions (a transaction-level advisory
+lock per session): another publisher skips a session whose earlier row is still waiting for
+its acknowledgement here, so it cannot send that session's later row first. Each record
+continues the trace of the HTTP request that created the row.
+
+A row the broker refuses for good (too large for it: no retry can change that) is parked,
+logged and counted in ``outbox_rows_parked_total``, so it neither blocks the outbox nor
+makes the rows before it be sent again each round. Any other failure ends the round: the
+rows acknowledged are marked sent, except those behind a failed row of their session,
+which are sent again after it.
 
 The publisher does not poll: it listens on :data:`~chatpipe.db.OUTBOX_CHANNEL`, which the
 outbox's trigger notifies when a row becomes pending, and reads the outbox when told (and
@@ -28,6 +36,7 @@ import logging
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from opentelemetry.trace import SpanKind
 
 import chatobs
@@ -42,6 +51,11 @@ __all__ = ["OutboxWakeup", "Publisher", "main"]
 _logger = logging.getLogger("chatpipe.publisher")
 #: After the listening connection fails, how long before connecting it again.
 _RELISTEN_SECONDS = 5.0
+#: First key of the publishers' per-session advisory locks ("outb"): the second is the
+#: session id's hash. The two-key form never meets `pg_advisory_xact_lock(bigint)`'s keys.
+_SESSION_LOCKS = 0x6F757462
+#: Refusals no retry can change: the record is too large for the producer or the broker.
+_REFUSED_FOR_GOOD = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
 class OutboxWakeup:
@@ -113,34 +127,53 @@ class Publisher:
         (more rows may be waiting), False if the outbox is drained."""
         async with self._pool.acquire() as connection, connection.transaction():
             rows = await connection.fetch(
-                "select id, session_id, payload, traceparent from outbox where sent_at is null"
+                "select id, session_id, payload, traceparent from outbox"
+                " where sent_at is null and parked_at is null"
+                " and pg_try_advisory_xact_lock($2, hashtext(session_id))"
                 " order by id limit $1 for update skip locked",
                 self._settings.publisher_batch_size,
+                _SESSION_LOCKS,
             )
             if not rows:
                 return False
-            deliveries = []
-            for row in rows:
-                parent = continued(row["traceparent"])
-                with self._telemetry.tracer.start_as_current_span("outbox publish", context=parent,
-                                                                  kind=SpanKind.INTERNAL):  # fmt: skip
-                    payload = row["payload"] if isinstance(row["payload"], str) else json.dumps(row["payload"])
-                    deliveries.append(
-                        await self._producer.send(self._topic, payload.encode(), key=row["session_id"].encode())
-                    )
-            results = await asyncio.gather(*deliveries, return_exceptions=True)
-            # Mark the prefix that was delivered: a later row must not overtake a failed one.
-            delivered = []
-            for row, result in zip(rows, results, strict=True):
-                if isinstance(result, BaseException):
-                    break
-                delivered.append(row["id"])
+            outcomes = await asyncio.gather(*await self._send(rows), return_exceptions=True)
+            delivered, parked, held_back = _sorted_out(rows, outcomes)
             await connection.execute(
                 "update outbox set sent_at = now(), deliveries = deliveries + 1 where id = any($1::bigint[])", delivered
             )
-        if len(delivered) < len(rows):
-            raise RuntimeError(f"{len(rows) - len(delivered)} of {len(rows)} outbox rows not acknowledged")
+            if parked:
+                await connection.executemany(
+                    "update outbox set parked_at = now(), parked_reason = $2 where id = $1",
+                    [(row["id"], reason) for row, reason in parked],
+                )
+        for row, reason in parked:
+            self._telemetry.backlog.outbox_row_parked()
+            _logger.error("publisher: outbox row %d (session %s) parked, the broker refuses it for good: %s",
+                          row["id"], row["session_id"], reason)  # fmt: skip
+        if held_back:
+            raise RuntimeError(f"{held_back} of {len(rows)} outbox rows not acknowledged")
         return len(rows) >= self._settings.publisher_batch_size
+
+    async def _send(self, rows: list[asyncpg.Record]) -> list[asyncio.Future[object]]:
+        """Each row's delivery, in order; a row ``send()`` refused at once has its error as its
+        outcome, and after one it refused for a reason that may pass, nothing more is sent."""
+        deliveries: list[asyncio.Future[object]] = []
+        for row in rows:
+            parent = continued(row["traceparent"])
+            with self._telemetry.tracer.start_as_current_span("outbox publish", context=parent,
+                                                              kind=SpanKind.INTERNAL):  # fmt: skip
+                payload = row["payload"] if isinstance(row["payload"], str) else json.dumps(row["payload"])
+                try:
+                    deliveries.append(
+                        await self._producer.send(self._topic, payload.encode(), key=row["session_id"].encode())
+                    )
+                except Exception as error:  # noqa: BLE001 - sorted out with the deliveries' failures
+                    refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                    refused.set_exception(error)
+                    deliveries.append(refused)
+                    if not isinstance(error, _REFUSED_FOR_GOOD):
+                        break
+        return deliveries
 
     async def redeliver_round(self) -> None:
         """Make rows sent but never confirmed by the replicator pending again (they are sent again).
@@ -164,9 +197,37 @@ class Publisher:
         # caller's does), asyncpg cancels the statement on the server too, so a slow count
         # cannot pile up behind the next one.
         pending = await self._pool.fetchval(
-            "select count(*) from outbox where sent_at is null", timeout=self._settings.backlog_query_timeout_seconds
+            "select count(*) from outbox where sent_at is null and parked_at is null",
+            timeout=self._settings.backlog_query_timeout_seconds,
         )
         self._telemetry.backlog.outbox_pending(pending)
+
+
+def _sorted_out(
+    rows: list[asyncpg.Record], outcomes: list[object]
+) -> tuple[list[int], list[tuple[asyncpg.Record, str]], int]:
+    """``(ids delivered, rows refused for good and why, rows held back)`` of a round.
+
+    A row is delivered when the broker acknowledged it and no earlier row of its session
+    failed for a reason that may pass: a later row must not overtake a failed one of its
+    session, so it is held back and sent again after it. A row refused for good holds back
+    nothing (it will never be sent). Rows the round did not get to send are held back too.
+    """
+    delivered: list[int] = []
+    parked: list[tuple[asyncpg.Record, str]] = []
+    failed_sessions: set[str] = set()
+    held_back = len(rows) - len(outcomes)
+    for row, outcome in zip(rows, outcomes, strict=False):
+        if row["session_id"] in failed_sessions:
+            held_back += 1
+        elif isinstance(outcome, _REFUSED_FOR_GOOD):
+            parked.append((row, f"{type(outcome).__name__}: {outcome}"[:500]))
+        elif isinstance(outcome, BaseException):
+            failed_sessions.add(row["session_id"])
+            held_back += 1
+        else:
+            delivered.append(row["id"])
+    return delivered, parked, held_back
 
 
 async def main() -> None:
