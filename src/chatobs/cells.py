@@ -435,6 +435,7 @@ class CellStore:
         self._exemplar_of_span = exemplar_span_filter(exemplar_filter)
         self._directory = directory
         self._snapshot: Snapshot | None = None
+        self._unreadable = False  # the shared directory could not be read at the last refresh
         self._start = time.time_ns()
         # Hot-path cache: name -> raw label values -> (cell, labels of those values that were rejected).
         self._bound: dict[str, dict[tuple[str, ...], tuple[Cell, tuple[str, ...]]]] = {}
@@ -592,9 +593,17 @@ class CellStore:
         if self._directory is not None:
             try:
                 self._snapshot = self._directory.snapshot()
-            except OSError:
-                # The directory went away or became unreadable: the previous values beat a failed scrape.
-                _logger.warning("chatobs: cannot read %s; serving the previous values", self._directory.path)
+            except OSError as error:
+                # The directory went away or became unreadable: the previous values beat a failed
+                # scrape, or counts at zero. Said once per run of failures, not on every scrape.
+                if not self._unreadable:
+                    _logger.warning(
+                        "chatobs: cannot read %s (%s); serving the previous values until it can be read: "
+                        "restart the server if it was removed", self._directory.path, error,
+                    )  # fmt: skip
+                self._unreadable = True
+            else:
+                self._unreadable = False
 
     def live_pids(self) -> list[int]:
         """The live worker processes of this server (this one alone without a directory)."""
@@ -670,9 +679,12 @@ class CellStore:
             cell = local.get(tuple(attributes.values()))
             exemplars = cell.exemplars if isinstance(cell, HistogramCell) else ()
             counts = [int(count) for count in values[2:]]
+            # The count from the buckets, not its own slot: a scrape may read a file between an
+            # observation's three writes, and `_count` must equal the `+Inf` bucket (OpenMetrics
+            # parsers refuse the scrape otherwise), as prometheus_client's multiprocess mode does.
             points.append(
                 _histogram_point(
-                    attributes, self._start, now, counts, int(values[0]), values[1], metric.buckets or (), exemplars
+                    attributes, self._start, now, counts, sum(counts), values[1], metric.buckets or (), exemplars
                 )
             )
         return points

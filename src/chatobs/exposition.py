@@ -474,6 +474,11 @@ class Renderer:
         self, attributes: Mapping[str, Any] | None, scope_labels: str, reserved: frozenset[str] = frozenset()
     ) -> str:
         pairs = tuple(attributes.items()) if attributes else ()
+        for _, value in pairs:
+            if value.__class__ is not str:
+                # Not cached: `True`, `1` and `1.0` are equal keys, yet separate series in the SDK
+                # and separate label texts here; sharing one entry would drop all but one of them.
+                return _labels_text(pairs, scope_labels, reserved)
         return _cached(self._label_blocks, (pairs, scope_labels, reserved),
                        lambda: _labels_text(pairs, scope_labels, reserved))  # fmt: skip
 

@@ -154,7 +154,10 @@ class ProcessFile:
     def __init__(self, directory: Path, server_pid: int, pid: int | None = None, server_start: int | None = None):
         self.pid = os.getpid() if pid is None else pid
         server_start = _start_time(server_pid) if server_start is None else server_start
-        self.path = directory / f"{server_pid}.{server_start}-{self.pid}{_SUFFIX}"
+        own_start = _start_time(self.pid)
+        # The process's start time too: a new worker given a dead one's pid must not truncate
+        # the dead one's file, whose counts still belong in the sums.
+        self.path = directory / f"{server_pid}.{server_start}-{self.pid}.{own_start}{_SUFFIX}"
         self._lock = threading.Lock()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -163,7 +166,7 @@ class ProcessFile:
         finally:
             os.close(fd)  # the mapping keeps the file open
         self._used = _HEADER.size
-        _HEADER.pack_into(self._mm, 0, _MAGIC, _VERSION, self._used, _start_time(self.pid), 0)
+        _HEADER.pack_into(self._mm, 0, _MAGIC, _VERSION, self._used, own_start, 0)
 
     def allocate(self, key: str, slots: int) -> int:
         """Append a record of ``slots`` zeroed values for ``key``; returns the first slot's offset."""
@@ -277,13 +280,20 @@ class ProcessDirectory:
         return ProcessFile(self.path, self.server_pid, server_start=self._server[1])
 
     def _files(self) -> Iterator[tuple[tuple[int, int], int, Path]]:
-        """``((server pid, server start time), pid, path)`` of each process file."""
-        for entry in self.path.glob(f"*{_SUFFIX}"):
-            server, _, pid = entry.name[: -len(_SUFFIX)].partition("-")
+        """``((server pid, server start time), pid, path)`` of each process file.
+
+        Raises ``OSError`` when the directory cannot be listed (``Path.glob`` would find
+        nothing in a directory that went away, and a scrape would show every count at zero).
+        """
+        with os.scandir(self.path) as entries:
+            names = [entry.name for entry in entries if entry.name.endswith(_SUFFIX)]
+        for name in names:
+            server, _, process = name[: -len(_SUFFIX)].partition("-")
             server_pid, _, server_start = server.partition(".")
             server_start = server_start or "0"  # named by an earlier version: `<server pid>-<pid>`
+            pid = process.partition(".")[0]  # `<pid>.<its start time>`, or `<pid>` (earlier versions)
             if server_pid.isdigit() and server_start.isdigit() and pid.isdigit():
-                yield (int(server_pid), int(server_start)), int(pid), entry
+                yield (int(server_pid), int(server_start)), int(pid), self.path / name
 
     def _remove_finished_servers(self) -> None:
         """Files of servers that have exited: their counts ended with them. A server is gone
@@ -299,7 +309,11 @@ class ProcessDirectory:
                     path.unlink()
 
     def snapshot(self) -> Snapshot:
+        """Every process file of this server, read. Raises ``OSError`` when the directory, or
+        this process's own file in it, is gone: what it would show is not what was counted."""
         processes = []
+        if not self.own.path.exists():
+            raise FileNotFoundError(f"{self.own.path} is gone")
         for server, pid, path in self._files():
             if server != self._server:
                 continue  # another server sharing the directory (or one still shutting down)

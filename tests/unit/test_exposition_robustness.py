@@ -259,3 +259,19 @@ def test_standalone_server_closes_an_idle_connection(monkeypatch):
     finally:
         connection.close()
         telemetry.shutdown()
+
+
+def test_attribute_values_python_finds_equal_are_separate_series():
+    # `True == 1 == 1.0`: one cached label text for all three dropped all but one of the series.
+    telemetry = Telemetry(load_settings({"CHATOBS_EXPOSE_UNCATALOGUED": "true"}), service="gateway")
+    jobs = telemetry.meter_provider.get_meter("someone-else").create_counter("jobs")
+    try:
+        jobs.add(1, {"retry": True})
+        jobs.add(5, {"retry": 1})
+        jobs.add(7, {"retry": 1.0})
+        jobs.add(9, {"retry": "1"})
+        text, _ = both_formats(telemetry)
+    finally:
+        telemetry.shutdown()
+    lines = sorted(line for line in text.splitlines() if line.startswith("jobs_total{"))
+    assert lines == ['jobs_total{retry="1"} 5', 'jobs_total{retry="1.0"} 7', 'jobs_total{retry="True"} 1'], lines

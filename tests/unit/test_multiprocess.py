@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from chatobs import Telemetry
 from chatobs.catalogue import LATENCY_BUCKETS
@@ -20,6 +21,8 @@ from chatobs.multiprocess import ProcessFile, series_key
 from chatobs.recorders import CircuitState
 from chatobs.settings import ConfigError, load_settings
 from tests.metrics_text import value
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 @pytest.fixture
@@ -162,3 +165,61 @@ def test_a_worker_forked_while_locks_were_held_records_new_values_and_scrapes_th
         os.waitpid(pid, 0)
         os.close(reading)
         telemetry.shutdown()
+
+
+def test_a_histogram_read_between_an_observations_writes_still_parses(tmp_path, live_pid):
+    # An observation is three writes (count, sum, bucket): a scrape can read the count already
+    # raised and the bucket not yet. `_count` must still equal the `+Inf` bucket.
+    request = ("http_server_request_duration_seconds", (("http_request_method", "GET"), ("http_route", "/"),
+                                                         ("http_response_status_code", "200")))  # fmt: skip
+    buckets = len(LATENCY_BUCKETS) + 1
+    halfway = [3.0, 0.21, 0.0, 2.0] + [0.0] * (buckets - 2)  # count 3, buckets holding 2
+    worker_file(tmp_path, live_pid, {request: halfway})
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="gateway")
+    try:
+        status, _, body = telemetry.scrape(OPENMETRICS)
+    finally:
+        telemetry.shutdown()
+    assert status == 200
+    families = {family.name: family for family in parse_openmetrics(body.decode())}  # raises on a mismatch
+    samples = {s.name: s.value for s in families["http_server_request_duration_seconds"].samples
+               if s.name.endswith("_count") or s.labels.get("le") == "+Inf"}  # fmt: skip
+    name = "http_server_request_duration_seconds"
+    assert samples == {f"{name}_bucket": 2, f"{name}_count": 2}
+
+
+def test_a_removed_directory_keeps_the_counts_instead_of_zeroing_them(tmp_path, caplog):
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(directory)}), service="gateway")
+    try:
+        for _ in range(42):
+            telemetry.traffic.session_created()
+        assert value(scrape(telemetry), "sessions_created_total") == 42
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()  # a tmpfs cleaned, a reaper, an `rm -rf` during an incident
+        telemetry.traffic.session_created()
+        texts = [scrape(telemetry) for _ in range(3)]
+    finally:
+        telemetry.shutdown()
+    assert [value(text, "sessions_created_total") for text in texts] == [42] * 3, "a counter dropped: a reset"
+    assert caplog.text.count("serving the previous values") == 1, "said once, not on every scrape"
+
+
+def test_a_new_worker_given_a_dead_workers_pid_keeps_its_counts(tmp_path, dead_pid):
+    worker_file(tmp_path, dead_pid, {("sessions_created_total", ()): [500]})
+    # The pid comes round again: the new worker's file must not be the dead one's, truncated.
+    # (Same pid, a later start: faked by naming the dead file with a start time of 1.)
+    (dead_file,) = tmp_path.glob("*.cells")
+    server, _, process = dead_file.name[: -len(".cells")].partition("-")
+    dead_file.rename(tmp_path / f"{server}-{process.partition('.')[0]}.1.cells")
+    reborn = ProcessFile(tmp_path, server_pid=os.getppid(), pid=dead_pid)
+    reborn.close()
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="gateway")
+    try:
+        telemetry.traffic.session_created()
+        text = scrape(telemetry)
+    finally:
+        telemetry.shutdown()
+    assert value(text, "sessions_created_total") == 501
