@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 __all__ = [
+    "LoopEndedError",
     "close_in_order",
     "forever",
     "freeze_startup_objects",
@@ -31,6 +32,11 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("chatpipe")
+
+
+class LoopEndedError(RuntimeError):
+    """A service loop ended, or failed, before the service was asked to stop: the process must
+    exit with a failure, so its supervisor starts it again, rather than idle on without it."""
 
 
 def freeze_startup_objects() -> None:
@@ -70,13 +76,11 @@ async def forever(name: str, step: Callable[[], Awaitable[bool]], stopping: asyn
     pause = pause or (lambda seconds: sleep_unless_stopped(stopping, seconds))
     while not stopping.is_set():
         try:
-            busy = await step()
+            if not await step():
+                await pause(idle)  # a pause that fails (its notification channel, say) is a failed round too
         except Exception:
             _logger.warning("%s: round failed; retrying in %.1fs", name, backoff, exc_info=True)
             await sleep_unless_stopped(stopping, backoff)
-            continue
-        if not busy:
-            await pause(idle)
 
 
 async def close_in_order(*steps: tuple[str, Callable[[], object]], timeout: float = 10.0) -> None:
@@ -129,11 +133,18 @@ async def run_until_stopped(stopping: asyncio.Event, *loops: Coroutine[Any, Any,
     Cancelled work is work not acknowledged: a Kafka record not committed comes again to the
     next consumer, an outbox transaction rolled back leaves its rows pending. So a stop is
     prompt even when a turn waits on a slow tool or a produce on a dead broker, and loses nothing.
+
+    A loop that ends before ``stopping`` is set (it returned, or raised) stops the others the
+    same way, then raises :class:`LoopEndedError`: a service missing one of its loops would
+    otherwise look alive, or exit with success, and not be started again.
     """
     freeze_startup_objects()
     tasks = [asyncio.create_task(loop) for loop in loops]
     waiter = asyncio.create_task(stopping.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    ended_early = [task for task in tasks if task.done()] if not stopping.is_set() else []
+    if ended_early:
+        stopping.set()  # the other loops finish their work in flight, as on SIGTERM
     _, unfinished = await asyncio.wait(tasks, timeout=grace)
     if unfinished:
         _logger.warning("stopping: %d loop(s) still busy after %.1fs; cancelling (their work comes again)",
@@ -145,9 +156,18 @@ async def run_until_stopped(stopping: asyncio.Event, *loops: Coroutine[Any, Any,
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
             _logger.error("a service loop ended with an error", exc_info=task.exception())
+    if ended_early:
+        first = ended_early[0]
+        error = None if first.cancelled() else first.exception()
+        raise LoopEndedError(f"a service loop ended before the service was stopped ({error!r})") from error
 
 
 def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Entry point of a service process: timestamped log lines, then ``main`` until it stops."""
+    """Entry point of a service process: timestamped log lines, then ``main`` until it stops.
+    A loop that ended early (:class:`LoopEndedError`) exits with status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except LoopEndedError as error:
+        _logger.critical("%s; exiting", error)
+        raise SystemExit(1) from None

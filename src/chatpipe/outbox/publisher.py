@@ -95,11 +95,15 @@ class OutboxWakeup:
         if (self._connection is not None and not self._connection.is_closed()) or loop.time() < self._listen_after:
             return
         self._listen_after = loop.time() + _RELISTEN_SECONDS
+        connection = None
         try:
             connection = await asyncpg.connect(self._database_url, timeout=2)
             await connection.add_listener(OUTBOX_CHANNEL, self._notify)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-            _logger.info("publisher: not listening for outbox rows (%s); reading it every round", error)
+        except Exception as error:  # noqa: BLE001 - e.g. InterfaceError: closed before LISTEN ran
+            _logger.info("publisher: not listening for outbox rows (%r); reading it every round", error)
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(connection.close(), 2)
             return
         self._connection = connection
         self._notified.set()  # rows may have been added while nobody listened
