@@ -3,6 +3,8 @@ never a 500, and its HTTP metrics show the answer under the route template, neve
 
 from __future__ import annotations
 
+import socket
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.chat_client import ChatClient
+from tests.chat_client import ChatClient, eventually
 from tests.metrics_text import value
 
 JSON = {"Content-Type": "application/json"}
@@ -127,3 +129,33 @@ def test_every_client_error_is_a_4xx_json_answer_counted_by_route_template(pipel
     assert 'http_response_status_code="500"' not in after
     for raw in (UNKNOWN, LONG_ID[:100], "no-such-route", "not\\u0000a"):
         assert raw not in after, f"{raw!r} reached a label"
+
+
+def test_a_client_that_closes_mid_body_is_a_499_not_a_server_error(pipeline):
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    metrics_url = pipeline.metrics_urls["gateway"]
+    url = httpx.URL(pipeline.gateway_url)
+    before = httpx.get(metrics_url, timeout=5).text
+    uploads = (
+        (MESSAGES, "application/json", b'{"content": "hel'),
+        (ATTACHMENTS, "multipart/form-data; boundary=b",
+         b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\nab'),
+    )  # fmt: skip
+    for route, content_type, part in uploads:
+        with socket.create_connection((url.host, url.port), timeout=5) as connection:
+            path = route.replace("{session_id}", session)
+            connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: {content_type}\r\n"
+                               f"Content-Length: 1000\r\n\r\n".encode() + part)  # fmt: skip
+            time.sleep(0.3)  # the gateway is reading the body when the client goes
+    status = {"http_request_method": "POST", "http_response_status_code": "499"}
+
+    def moved(route: str, **labels: str) -> float:
+        after = httpx.get(metrics_url, timeout=5).text
+        name = "http_server_request_duration_seconds_count"
+        return value(after, name, http_route=route, **labels) - value(before, name, http_route=route, **labels)
+
+    eventually(lambda: moved(MESSAGES, **status) == 1 and moved(ATTACHMENTS, **status) == 1, timeout=10,
+               what="both aborted requests counted as 499")  # fmt: skip
+    after = httpx.get(metrics_url, timeout=5).text
+    assert 'http_response_status_code="500"' not in after, "an aborted upload counted as a server error"

@@ -4,7 +4,8 @@ Every error a client can cause is a 4xx with a JSON body ``{"error": "...", "det
 (``detail`` only where there is more to say), never a 500: malformed or non-JSON bodies,
 bodies over ``CHATPIPE_REQUEST_MAX_BYTES`` / ``CHATPIPE_ATTACHMENT_MAX_BYTES`` (refused from
 their ``Content-Length`` before they are read, or as soon as a streamed body passes the
-limit), unknown or malformed session ids, unknown routes and methods.
+limit), unknown or malformed session ids, unknown routes and methods. A client that closes
+the connection before its body was read is answered (and counted) 499, as nginx logs it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive
 
 import chatobs
@@ -51,6 +53,8 @@ _UPLOAD_CHUNK = 64 * 1024
 _MULTIPART_OVERHEAD = 16 * 1024
 _KEEPALIVE_SECONDS = 15.0
 _RETRY_AFTER_SECONDS = 2
+#: The status of a request whose client closed the connection before its body was read.
+_CLIENT_CLOSED = 499
 #: Errors that mean PostgreSQL or Redis cannot be reached (down, restarting, refusing): 503, not 500.
 BACKEND_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,  # the connection broke
@@ -184,6 +188,15 @@ def create_app() -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": "invalid request", "detail": _problems(exc.errors())}, status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client closed the connection mid-body (an upload aborted, a phone gone into a
+        # tunnel): nothing was stored, nobody reads this answer, and it is no server fault to
+        # count among the 5xx. 499, as nginx logs a request its client closed.
+        _logger.info("%s %s: the client closed the connection before its body was read",
+                     request.method, request.url.path)  # fmt: skip
+        return JSONResponse({"error": "client closed the request"}, status_code=_CLIENT_CLOSED)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
