@@ -190,8 +190,12 @@ class Traffic:
                                 self.counters.refused += 1
                             else:
                                 self.counters.errors += 1
-                    if stream.status_code == 404:
+                    if stream.status_code in (404, 410):
                         return
+                    # Any other end (a 503 during a backend blip, a stream timed out): come back
+                    # after the gateway's Retry-After, as a browser's EventSource would, not at once.
+                    retry_after = stream.headers.get("retry-after", "")
+                    await asyncio.sleep(float(retry_after) if retry_after.isdigit() else 1.0)
             except (httpx.HTTPError, ValueError):
                 await asyncio.sleep(1)
 
