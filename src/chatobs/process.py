@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -80,8 +81,9 @@ def _resident_bytes(pid: int | None) -> float:
     except OSError:
         if pid is not None:
             raise
-        # Peak, not current, resident size: the best the portable API offers.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # Peak, not current, resident size: the best the portable API offers (in KiB on
+        # Linux, in bytes on macOS).
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _open_fds(pid: int | None) -> float:

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import os
 import re
@@ -621,6 +622,18 @@ def _unknown_variables(env: Mapping[str, str], model: type[BaseSettings]) -> dic
     return problems
 
 
+@functools.cache
+def _mapping_only(model: type[M]) -> type[M]:
+    """``model`` reading only what it is given: a subclass with :class:`_MappingOnly`'s sources
+    (a plain ``BaseSettings`` would fill a field missing from the mapping from ``os.environ``)."""
+    if issubclass(model, _MappingOnly):
+        return model
+    sources = _MappingOnly.__dict__["settings_customise_sources"]
+    namespace = {"__module__": model.__module__, "__qualname__": model.__qualname__, "__doc__": model.__doc__,
+                 "settings_customise_sources": sources}  # fmt: skip
+    return type(model.__name__, (model,), namespace)  # type: ignore[return-value]
+
+
 def _validate(model: type[M], env: Mapping[str, str]) -> tuple[M | None, dict[str, str]]:
     values = {field: env[_env_name(model, field)] for field in model.model_fields if _env_name(model, field) in env}
     if model is OtelSettings:
@@ -630,7 +643,7 @@ def _validate(model: type[M], env: Mapping[str, str]) -> tuple[M | None, dict[st
     try:
         # Pass values explicitly (not via the env source) so a test's mapping is
         # the whole truth and os.environ cannot leak in.
-        return model.model_validate(values), {}
+        return _mapping_only(model).model_validate(values), {}
     except ValidationError as exc:
         return None, _errors(model, env, exc)
 

@@ -16,8 +16,10 @@ Example::
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote
 
 from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,8 +125,14 @@ class PipelineSettings(BaseSettings):
     @field_validator("tenant_token_budgets", "tenant_message_budgets")
     @classmethod
     def _allowances(cls, value: str) -> str:
-        for tenant, allowance in parse_key_values(value).items():
-            if not allowance.isdigit():
+        allowances = parse_key_values(value)
+        named = [unquote(member.partition("=")[0].strip()) for member in value.split(",") if member.strip()]
+        if len(named) != len(allowances):  # `acme=100,acme=5`: which one was meant?
+            twice = sorted({tenant for tenant in named if named.count(tenant) > 1})
+            raise ValueError(f"{', '.join(map(repr, twice))} given more than one allowance")
+        for tenant, allowance in allowances.items():
+            # ASCII digits only: `str.isdigit` also takes `²`, which `int()` then refuses on every message.
+            if not re.fullmatch(r"[0-9]+", allowance):
                 raise ValueError(f"allowance of {tenant!r} must be a whole number, got {allowance!r}")
         return value
 

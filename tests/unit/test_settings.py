@@ -4,6 +4,7 @@ import pytest
 
 from chatobs import Telemetry
 from chatobs.settings import ConfigError, load_settings
+from chatpipe.settings import load_pipeline_settings
 
 
 def test_defaults_need_no_environment():
@@ -141,3 +142,25 @@ def test_enum_values_are_case_insensitive():
                           "OTEL_METRICS_EXEMPLAR_FILTER": "Trace_Based"}).otel  # fmt: skip
     assert (otel.traces_sampler, otel.exporter_otlp_protocol) == ("always_on", "grpc")
     assert (otel.exporter_otlp_traces_protocol, otel.metrics_exemplar_filter) == ("http/protobuf", "trace_based")
+
+
+def test_a_pipeline_mapping_is_the_whole_truth(monkeypatch):
+    # Validated from a mapping, a plain BaseSettings model still filled missing fields from os.environ.
+    monkeypatch.setenv("CHATPIPE_LLM_MODEL", "from-the-shell")
+    assert load_pipeline_settings({}).llm_model != "from-the-shell"
+    assert load_pipeline_settings({"CHATPIPE_LLM_MODEL": "given"}).llm_model == "given"
+
+
+@pytest.mark.parametrize(
+    ("budgets", "problem"),
+    [
+        ("acme=\u00b2", "must be a whole number"),  # `isdigit` takes it, `int` does not: every message failed
+        ("acme=1\u0663", "must be a whole number"),  # an Arabic-Indic digit
+        ("acme=100,acme=5", "'acme' given more than one allowance"),
+    ],
+)
+def test_a_tenant_allowance_is_ascii_digits_given_once(budgets, problem):
+    with pytest.raises(ConfigError, match=problem) as raised:
+        load_pipeline_settings({"CHATPIPE_TENANT_TOKEN_BUDGETS": budgets})
+    assert raised.value.variables == ("CHATPIPE_TENANT_TOKEN_BUDGETS",)
+    assert load_pipeline_settings({"CHATPIPE_TENANT_TOKEN_BUDGETS": "acme=100,beta=5"}).token_allowance("beta") == 5
