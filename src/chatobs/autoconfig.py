@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Collection
 from importlib.metadata import EntryPoint
 from typing import Any
@@ -62,10 +63,19 @@ class ChatobsConfigurator:
     """Builds the providers through :func:`chatobs.setup` (settings from the environment)."""
 
     def configure(self, **kwargs: Any) -> None:
+        from chatobs.settings import ConfigError
         from chatobs.telemetry import setup
 
-        # The client libraries now; FastAPI apps as they are built (MetricsRouteInstrumentor).
-        setup()
+        try:
+            # The client libraries now; FastAPI apps as they are built (MetricsRouteInstrumentor).
+            setup()
+        except ConfigError as error:
+            # `opentelemetry-instrument` catches an Exception here and runs the app anyway, with
+            # no telemetry and no /metrics; a bad setting must stop the service, as `setup()` does.
+            # This runs in `sitecustomize`, where a SystemExit is a "Fatal Python error" and a
+            # traceback: exit at once, with the message alone, as a usage error (2).
+            print(f"chatobs: bad settings, not starting: {error}", file=sys.stderr, flush=True)
+            os._exit(2)
 
 
 def _mount_after_init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

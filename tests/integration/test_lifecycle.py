@@ -131,6 +131,20 @@ def test_zero_code_path_gives_the_same_metrics_route(start_service):
         assert f"# TYPE {metric.name} {metric.prometheus_type}\n" in text
 
 
+def test_zero_code_path_stops_the_service_on_a_bad_setting():
+    # opentelemetry-instrument catches the configurator's exception and ran the app anyway,
+    # with no telemetry and no /metrics.
+    instrument = ROOT / ".venv/bin/opentelemetry-instrument"
+    command = [str(instrument) if instrument.exists() else "opentelemetry-instrument",
+               sys.executable, "-c", "print('the app ran')"]  # fmt: skip
+    env = clean_env({"CHATOBS_SERVICE": "worker", "CHATOBS_METRICS_PORT": "abc",
+                     "OTEL_PYTHON_DISTRO": "chatobs", "OTEL_PYTHON_CONFIGURATOR": "chatobs"})  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert "the app ran" not in done.stdout
+    assert "CHATOBS_METRICS_PORT='abc'" in done.stderr
+
+
 def test_check_passes_a_conforming_endpoint(start_service, capsys):
     service = start_service({"CHATOBS_SERVICE": "worker"})
     httpx.post(service.base_url + "/exercise", timeout=10).raise_for_status()

@@ -194,3 +194,18 @@ def test_a_recorders_error_hook_that_raises_does_not_reach_the_caller(raising: E
     clients.bound("redis", "get").record(float("nan"), failed=False)
     assert hook_calls == ["redis_operation_seconds", "redis_operation_seconds"]
     telemetry.shutdown()
+
+
+def test_a_sub_app_instrumented_too_counts_each_request_once():
+    # The zero-code path instruments every FastAPI app built, sub-apps mounted into another too.
+    telemetry = _telemetry()
+    app = FastAPI()
+    sub = _items_app("1")
+    app.mount("/v1", sub)
+    for each in (sub, app):
+        instrument_app(each, telemetry.tracer, telemetry.cells, excluded_paths=[])
+    assert _get(app, ["/v1/items/a", "/v1/items/b", "/v1/items/c"]) == [200] * 3
+    text = _scrape(telemetry)
+    telemetry.shutdown()
+    assert value(text, DURATION, http_route="/v1/items/{item}") == 3
+    assert value(text, DURATION) == 3, "the sub-app's middleware counted the requests again"

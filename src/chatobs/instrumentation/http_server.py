@@ -67,6 +67,8 @@ class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
 
 _GETTER = _HeaderGetter()
 _TRACE_HEADERS = (b"traceparent", b"baggage")
+#: Scope key the outermost middleware sets: a request is measured by one middleware only.
+_MEASURED = "chatobs.measured"
 
 
 class ServerMiddleware:
@@ -96,9 +98,12 @@ class ServerMiddleware:
         _log_once(metric, error)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _MEASURED in scope:
+            # Already measured by the app this one is mounted into (the zero-code path instruments
+            # every FastAPI app built, sub-apps too): once is the request's count and its span.
             await self.app(scope, receive, send)
             return
+        scope[_MEASURED] = True  # a mount hands its app this scope, updated, so a sub-app sees it
         path, root_path, app = scope["path"], scope.get("root_path"), scope.get("app")
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :] or "/"
