@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -390,6 +391,10 @@ def _copy_limited(source: BinaryIO, path: Path, limit: int) -> int:
                 if size > limit:
                     raise _error(413, f"attachment larger than {limit} bytes")
                 out.write(chunk)
+            # On disk before its row commits and the client is told 201: after a crash, the row
+            # of an acknowledged attachment must not point at an empty or missing file.
+            out.flush()
+            os.fsync(out.fileno())
     except BaseException:
         path.unlink(missing_ok=True)
         raise
