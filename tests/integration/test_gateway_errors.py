@@ -159,3 +159,26 @@ def test_a_client_that_closes_mid_body_is_a_499_not_a_server_error(pipeline):
                what="both aborted requests counted as 499")  # fmt: skip
     after = httpx.get(metrics_url, timeout=5).text
     assert 'http_response_status_code="500"' not in after, "an aborted upload counted as a server error"
+
+
+def test_a_message_sent_again_with_its_idempotency_key_is_stored_and_counted_once(pipeline):
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    metrics_url = pipeline.metrics_urls["gateway"]
+    path = f"/v1/sessions/{session}/messages"
+    before = value(httpx.get(metrics_url, timeout=5).text, "chat_messages_in_total")
+    key = {"Idempotency-Key": f"retry-{uuid.uuid4()}"}
+    first = chat.http.post(path, json={"content": "once, please"}, headers=key)
+    again = chat.http.post(path, json={"content": "once, please"}, headers=key)
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert first.json()["message_id"] == again.json()["message_id"]
+    assert again.headers.get("idempotent-replayed") == "true" and "idempotent-replayed" not in first.headers
+    other = chat.http.post(path, json={"content": "something else"}, headers=key)
+    assert other.status_code == 422 and "Idempotency-Key" in other.json()["error"]
+    elsewhere = chat.http.post(f"/v1/sessions/{chat.new_session()}/messages", json={"content": "once, please"},
+                               headers=key)  # fmt: skip
+    assert elsewhere.status_code == 202 and elsewhere.json()["message_id"] != first.json()["message_id"]
+    bad = chat.http.post(path, json={"content": "x"}, headers={"Idempotency-Key": "has spaces"})
+    assert bad.status_code == 400
+    after = value(httpx.get(metrics_url, timeout=5).text, "chat_messages_in_total")
+    assert after - before == 2, "the replay was counted as a message in"

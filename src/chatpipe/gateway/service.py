@@ -6,6 +6,10 @@ bodies over ``CHATPIPE_REQUEST_MAX_BYTES`` / ``CHATPIPE_ATTACHMENT_MAX_BYTES`` (
 their ``Content-Length`` before they are read, or as soon as a streamed body passes the
 limit), unknown or malformed session ids, unknown routes and methods. A client that closes
 the connection before its body was read is answered (and counted) 499, as nginx logs it.
+
+A message posted with an ``Idempotency-Key`` header is stored once however often it is
+sent: a retry gets the same ``message_id`` (202, ``Idempotent-Replayed: true``), and is
+not answered or charged again. A 503 says whether the message may have been stored.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Annotated, Any, BinaryIO
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -49,6 +53,10 @@ _logger = logging.getLogger("chatpipe.gateway")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: Session ids are what create_session makes (uuid4 hex); anything else names no session.
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+#: An ``Idempotency-Key`` header: what a client retries a message with (printable ASCII, no spaces).
+_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")
+#: Namespace of the message ids made from a session and an idempotency key.
+_IDEMPOTENT_MESSAGES = uuid.UUID("5b0b8a7e-3f0c-4b8e-9a51-6b1f3c2d7e90")
 _UPLOAD_CHUNK = 64 * 1024
 #: Room for the multipart boundaries and part headers around an attachment of the largest size.
 _MULTIPART_OVERHEAD = 16 * 1024
@@ -134,6 +142,29 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
         raise _error(400, "malformed JSON body", str(error)[:200]) from None
+
+
+async def _same_message(connection: asyncpg.Connection, message_id: str, message: MessageIn) -> None:
+    """A message sent again with its ``Idempotency-Key`` must be the same message (422 otherwise)."""
+    stored = await connection.fetchrow(
+        "select payload->>'role' as role, payload->>'content' as content from outbox where message_id = $1",
+        message_id,
+    )
+    if stored is not None and (stored["role"], stored["content"]) != (message.role, message.content):
+        raise _error(422, "this Idempotency-Key was used for another message in this session")
+
+
+def _unsure_if_stored(key: str | None) -> HTTPException:
+    advice = (
+        "retry with the same Idempotency-Key: it is stored once"
+        if key
+        else "retry with an Idempotency-Key header next time, so a retry cannot store it twice"
+    )
+    return HTTPException(
+        status_code=503,
+        detail={"error": f"postgres is unavailable; the message may or may not have been stored; {advice}"},
+        headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
+    )
 
 
 def _problems(errors: Any) -> list[dict[str, Any]]:
@@ -241,7 +272,7 @@ def create_app() -> FastAPI:
         traffic.session_deleted()
 
     @app.post("/v1/sessions/{session_id}/messages", status_code=202, openapi_extra=_MESSAGE_BODY)
-    async def post_message(session_id: str, request: Request) -> dict[str, str]:
+    async def post_message(session_id: str, request: Request, response: Response) -> dict[str, str]:
         # The body is read here rather than by FastAPI, so its type and size are checked before
         # it is read (413 and 415, not a 422 after buffering any amount).
         try:
@@ -252,8 +283,12 @@ def create_app() -> FastAPI:
             raise _error(422, f"role must be one of {', '.join(ROLES)}")
         if len(message.content) > settings.message_max_chars:
             raise _error(413, f"message longer than {settings.message_max_chars} characters")
-        message_id = uuid.uuid4().hex
-        stored = False
+        key = request.headers.get("idempotency-key")
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise _error(400, "Idempotency-Key must be 1 to 128 printable ASCII characters without spaces")
+        # With a key, a retry of the same message is the same row: one reply, one budget charge.
+        message_id = uuid.uuid5(_IDEMPOTENT_MESSAGES, f"{session_id}/{key}").hex if key else uuid.uuid4().hex
+        stored = inserting = replayed = False
         with traffic.time_enqueue():
             try:
                 async with app.state.pool.acquire() as connection:
@@ -268,17 +303,29 @@ def create_app() -> FastAPI:
                         "source": message.source,
                         "accepted_at": time.time(),
                     }
-                    await connection.execute(
-                        "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)",
+                    inserting = True
+                    inserted = await connection.fetchval(
+                        "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)"
+                        " on conflict (message_id) do nothing returning true",
                         message_id, session_id, json.dumps(payload), parent,
                     )  # fmt: skip
                     stored = True
+                    if not inserted:
+                        replayed = True
+                        await _same_message(connection, message_id, message)
             except BACKEND_UNAVAILABLE:
                 # PostgreSQL going away can break the connection as the pool takes it back, after the
                 # insert: the message is stored then, and refusing it would make the client send it twice.
-                if not stored:
+                if stored:
+                    _logger.warning("message %s stored; its connection broke afterwards", message_id)
+                elif inserting:
+                    # The insert may have committed before the connection broke or the time ran out.
+                    raise _unsure_if_stored(key) from None
+                else:
                     raise
-                _logger.warning("message %s stored; its connection broke afterwards", message_id)
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+            return {"message_id": message_id}
         traffic.message_in(role=message.role, source=message.source)
         return {"message_id": message_id}
 
