@@ -94,7 +94,10 @@ async def migrate(pool: asyncpg.Pool) -> None:
         await connection.execute(SCHEMA)
 
 
-async def connect_pool(database_url: str, *, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:
-    """A pool whose connection attempts time out rather than hang on a dead server."""
+async def connect_pool(
+    database_url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float = 10.0
+) -> asyncpg.Pool:
+    """A pool whose connection attempts time out rather than hang on a dead server
+    (``CHATPIPE_DB_POOL_SIZE`` and ``CHATPIPE_DB_COMMAND_TIMEOUT_SECONDS`` in the services)."""
     return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=5,
-                                     command_timeout=10)  # fmt: skip
+                                     command_timeout=command_timeout)  # fmt: skip

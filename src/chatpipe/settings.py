@@ -116,6 +116,12 @@ class PipelineSettings(BaseSettings):
     )  # fmt: skip
     backlog_poll_seconds: float = Field(2.0, gt=0, description="How often backlog gauges are measured.")
     backlog_query_timeout_seconds: float = Field(1.0, gt=0, description="Time bound of one backlog measurement.")
+    db_pool_size: int = Field(
+        10, ge=1, le=1000, description="Most PostgreSQL connections one service process holds (its pool's size)."
+    )
+    db_command_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest a PostgreSQL statement may take before it is cancelled (503 at the gateway)."
+    )
 
     @field_validator("attachment_types", mode="before")
     @classmethod

@@ -197,7 +197,9 @@ def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = aioredis.Redis.from_url(backends.redis_url, socket_timeout=5, socket_connect_timeout=2)
-        app.state.pool = await connect_pool(backends.database_url)
+        app.state.pool = await connect_pool(
+            backends.database_url, max_size=settings.db_pool_size, command_timeout=settings.db_command_timeout_seconds
+        )
         await migrate(app.state.pool)
         settings.attachment_dir.mkdir(parents=True, exist_ok=True)
         freeze_startup_objects()

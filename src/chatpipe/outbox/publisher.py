@@ -239,7 +239,9 @@ async def main() -> None:
     backends = load_backend_settings()
     settings = load_pipeline_settings()
     stopping = install_stop_signals()
-    pool = await connect_pool(backends.database_url)
+    pool = await connect_pool(
+        backends.database_url, max_size=settings.db_pool_size, command_timeout=settings.db_command_timeout_seconds
+    )
     await migrate(pool)
     producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
     if producer is None:

@@ -74,7 +74,9 @@ async def main() -> None:
     backends = load_backend_settings()
     settings = load_pipeline_settings()
     stopping = install_stop_signals()
-    pool = await connect_pool(backends.database_url)
+    pool = await connect_pool(
+        backends.database_url, max_size=settings.db_pool_size, command_timeout=settings.db_command_timeout_seconds
+    )
     await migrate(pool)
     topic = telemetry.settings.chatobs.wal_topic
     consumer = await start_consumer(topic, "replicator", backends.kafka_bootstrap_servers, stopping)
