@@ -7,7 +7,7 @@ import httpx
 
 from chatpipe.launcher import Pipeline
 from tests.chat_client import ChatClient, eventually
-from tests.metrics_text import value
+from tests.metrics_text import exemplar_trace_ids, value
 
 
 class Scrapes:
@@ -63,6 +63,11 @@ def test_a_chat_turn_streams_the_reply_and_moves_the_roadmap_metrics(pipeline):
     # Derived from the httpx client spans: the LLM call and the Somabrain recall and remember.
     assert moved("worker", "http_client_request_duration_seconds_count", http_request_method="POST") == 3
     eventually(lambda: moved("replicator", "wal_consume_seconds_count") == 1, what="replicated")
+    # The turn is one trace: the replicator's record points at a trace the worker's does too.
+    openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    traces = {service: exemplar_trace_ids(httpx.get(scrapes.urls[service], headers=openmetrics, timeout=5).text,
+                                          "wal_consume_seconds") for service in ("worker", "replicator")}  # fmt: skip
+    assert traces["replicator"] & traces["worker"], traces
 
 
 def test_somabrain_outage_degrades_buffers_and_recovers(pipeline):

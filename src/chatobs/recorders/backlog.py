@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanContext
 
 from chatobs.cells import CellStore
 from chatobs.instruments import Instruments
@@ -86,8 +87,13 @@ class BacklogRecorder(Recorder):
         self._add("wal_publish_errors_total", 1, operation)
 
     @guarded("wal_consume_seconds")
-    def wal_consumed(self, seconds: float) -> None:
-        self._observe("wal_consume_seconds", seconds)
+    def wal_consumed(self, seconds: float, *, span: SpanContext | None = None) -> None:
+        """One WAL record handled, received to committed. The bucket's exemplar is ``span`` if
+        given (the record's own, for records committed after their spans ended), else the
+        current span."""
+        if span is not None and not isinstance(span, SpanContext):
+            raise TypeError(f"span must be a SpanContext or None, got {type(span).__name__}")
+        self._observe("wal_consume_seconds", seconds, span=span)
 
     def time_wal_consume(self) -> Timer:
         return Timer(self.wal_consumed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 
 import asyncpg
@@ -46,12 +47,15 @@ class Replicator:
         records = [record for batch in batches.values() for record in batch]
         if not records:
             return False
+        received = time.perf_counter()
+        spans = []  # each record's span context, for its exemplar once the batch is committed
         try:
             # One transaction per batch: all of it is stored and confirmed, or none (and it comes again).
             async with self._pool.acquire() as connection, connection.transaction():
                 stored = []
                 for record in records:
-                    with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
+                    with self._telemetry.consumer_span(record) as span:
+                        spans.append(span.get_span_context())
                         try:
                             event = json.loads(record.value)
                             values = (event["message_id"], event["session_id"], event["tenant"], event["role"],
@@ -66,6 +70,11 @@ class Replicator:
             _logger.warning("replicate: a batch of %d was not stored (%s); it comes again", len(records), error)
             await commit_handled(self._consumer, batches, failed=records)  # raises RecordsPostponedError
         await commit_handled(self._consumer, batches)
+        # Received to committed, as the metric says: the batch's records are stored, confirmed and
+        # committed together, so each took the batch's time (its exemplar, the record's trace).
+        seconds = time.perf_counter() - received
+        for span in spans:
+            self._telemetry.backlog.wal_consumed(seconds, span=span)
         return True
 
 
