@@ -462,7 +462,7 @@ CATALOGUE: tuple[Metric, ...] = (
     ),
     counter(
         "outbox_rows_parked_total",
-        "Outbox rows the broker refused for good (too large for it), set aside unsent: their messages "
+        "Outbox rows too large to be sent (the producer refuses them), set aside unsent: their messages "
         "get no reply until an operator clears `parked_at`.",
         unit="{row}",
         owners=_PUBLISHER,

@@ -143,11 +143,11 @@ ALERTS: tuple[Alert, ...] = (
         "sum by (job) (increase(outbox_rows_parked_total[{w}])) > 0",
         0,
         "critical",
-        "Outbox rows refused for good by the broker on {{ $labels.job }}",
-        "The broker refuses some accepted messages for good (too large for it), so they were set aside "
-        "and their users get no reply. The publisher's log names each row. Raise the broker's "
-        "`message.max.bytes` (or lower `CHATPIPE_MESSAGE_MAX_CHARS`), then send them again: "
-        "`update outbox set parked_at = null where parked_at is not null`.",
+        "Outbox rows too large to be sent on {{ $labels.job }}",
+        "Some accepted messages are larger than one Kafka request may be, so the publisher set them "
+        "aside and their users get no reply. The publisher's log names each row. Lower "
+        "`CHATPIPE_MESSAGE_MAX_CHARS` so no new one is accepted; to send them, raise the producer's "
+        "and the broker's limits, then `update outbox set parked_at = null where parked_at is not null`.",
     ),
     Alert(
         "WALPublishErrors",
@@ -301,12 +301,13 @@ ALERT_CASES: tuple[AlertCase, ...] = (
     AlertCase("TenantBudgetOverrun", {'tenant_budget_tokens_overruns_total{job="worker",tenant="acme"}': "5x10"}, "8m"),
     *(
         case
-        for backend, alert, operation in (("redis", "RedisErrorBurst", "get"), ("kafka", "KafkaErrorBurst", "connect"),
-                                          ("postgres", "PostgreSQLErrorBurst", "connect"))
+        for backend, alert, job, operation in (("redis", "RedisErrorBurst", "worker", "get"),
+                                               ("kafka", "KafkaErrorBurst", "worker", "connect"),
+                                               ("postgres", "PostgreSQLErrorBurst", "publisher", "connect"))
         for case in (
-            AlertCase(alert, {f'{backend}_errors_total{{job="worker",operation="{operation}"}}': "0+10x20"}, "10m",
-                      ({"job": "worker"},)),
-            AlertCase(alert, {f'{backend}_errors_total{{job="worker",operation="{operation}"}}': "0+1x20"}, "10m"),
+            AlertCase(alert, {f'{backend}_errors_total{{job="{job}",operation="{operation}"}}': "0+10x20"}, "10m",
+                      ({"job": job},)),
+            AlertCase(alert, {f'{backend}_errors_total{{job="{job}",operation="{operation}"}}': "0+1x20"}, "10m"),
         )
     ),
     AlertCase("ScrapeTargetDown", {'up{job="worker",instance="127.0.0.1:9464"}': "0x10"}, "5m",

@@ -9,7 +9,7 @@ Tables:
   never confirmed (a broker that lost it) is sent again (``deliveries`` counts the sends).
   A row that becomes pending (added, or made pending again) notifies channel
   :data:`OUTBOX_CHANNEL` when its transaction commits, so the publisher need not poll.
-  A row the broker refuses for good (too large for it) is parked: ``parked_at`` and
+  A row too large to be sent (the producer refuses it) is parked: ``parked_at`` and
   ``parked_reason`` set, no longer sent, until an operator clears ``parked_at``;
 * ``replicated_messages``: the replicator's copy of the WAL, keyed by ``message_id`` so a
   record delivered twice is stored once;
@@ -95,9 +95,22 @@ async def migrate(pool: asyncpg.Pool) -> None:
 
 
 async def connect_pool(
-    database_url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float = 10.0
+    database_url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float = 10.0,
+    idle_in_transaction_seconds: float | None = None,
 ) -> asyncpg.Pool:
     """A pool whose connection attempts time out rather than hang on a dead server
-    (``CHATPIPE_DB_POOL_SIZE`` and ``CHATPIPE_DB_COMMAND_TIMEOUT_SECONDS`` in the services)."""
+    (``CHATPIPE_DB_POOL_SIZE`` and ``CHATPIPE_DB_COMMAND_TIMEOUT_SECONDS`` in the services).
+
+    ``idle_in_transaction_seconds``: the server ends a session left that long inside a
+    transaction, so a client cut off mid-transaction (its host gone, no TCP reset) does not
+    hold its locks until TCP gives up.
+    """
+    server_settings = {}
+    if idle_in_transaction_seconds is not None:
+        server_settings["idle_in_transaction_session_timeout"] = str(int(idle_in_transaction_seconds * 1000))
     return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=5,
-                                     command_timeout=command_timeout)  # fmt: skip
+                                     command_timeout=command_timeout, server_settings=server_settings)  # fmt: skip

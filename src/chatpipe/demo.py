@@ -62,8 +62,8 @@ EXPECTED_STILL = {
     "chatobs_export_failures_total",
     "chatobs_spans_dropped_total",
     "chatobs_scrapes_refused_total",
-    # Only a broker that refuses a record for good moves it (tests/integration/test_publisher.py):
-    # the gateway's CHATPIPE_MESSAGE_MAX_CHARS keeps every row within a Kafka record.
+    # Only a row too large to be sent moves it (tests/integration/test_publisher.py): the
+    # gateway's CHATPIPE_MESSAGE_MAX_CHARS keeps every row within a Kafka request.
     "outbox_rows_parked_total",
 }
 _SUMMARY = (
@@ -357,8 +357,8 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         console.print("[green]every catalogue metric moved[/green] (chatobs_recording_errors_total, the "
                       "export and refused-scrape self-metrics stay 0 unless chatobs, a collector or a "
-                      "scraper's credentials fail; outbox_rows_parked_total unless the broker refuses a "
-                      "record for good)")  # fmt: skip
+                      "scraper's credentials fail; outbox_rows_parked_total unless a row is too large to be "
+                      "sent)")  # fmt: skip
     console.print("stopped: every process ended, stack data removed")
     return 0
 

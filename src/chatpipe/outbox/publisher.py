@@ -6,16 +6,18 @@ acknowledgement and the mark sends a row twice, which the replicator's idempoten
 absorbs. An acknowledgement is not the end of it: a broker can lose what it acknowledged
 (a restart without durable storage, an unclean leader election), so a row the replicator
 has not confirmed within ``CHATPIPE_OUTBOX_REDELIVER_SECONDS`` of being sent is sent again,
-with the wait doubling per send. Rows are locked with ``FOR UPDATE SKIP LOCKED``, so
-several publishers can run, and each round holds its sessions (a transaction-level advisory
-lock per session): another publisher skips a session whose earlier row is still waiting for
-its acknowledgement here, so it cannot send that session's later row first. Each record
-continues the trace of the HTTP request that created the row.
+with the wait doubling per send. Several publishers can run, for availability: one round at
+a time among them (a transaction-level advisory lock), so no publisher sends a session's later
+row while another waits for the broker to acknowledge an earlier one, and when one stops (its
+connection, and so its lock, gone) another takes the next round. A round sends a batch of
+rows at once, so one publisher at a time keeps up. Each record continues the trace of the
+HTTP request that created the row.
 
-A row the broker refuses for good (too large for it: no retry can change that) is parked,
-logged and counted in ``outbox_rows_parked_total``, so it neither blocks the outbox nor
-makes the rows before it be sent again each round. Any other failure ends the round: the
-rows acknowledged are marked sent, except those behind a failed row of their session,
+A row the producer refuses for good (larger than a Kafka request may be: no retry can change
+that) is parked, logged and counted in ``outbox_rows_parked_total``, so it neither blocks the
+outbox nor makes the rows before it be sent again each round. Any other failure, a broker's
+refusal included (it refuses a whole batch of rows, most of them innocent), ends the round:
+the rows acknowledged are marked sent, except those behind a failed row of their session,
 which are sent again after it.
 
 The publisher does not poll: it listens on :data:`~chatpipe.db.OUTBOX_CHANNEL`, which the
@@ -36,7 +38,7 @@ import logging
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError
 from opentelemetry.trace import SpanKind
 
 import chatobs
@@ -51,11 +53,16 @@ __all__ = ["OutboxWakeup", "Publisher", "main"]
 _logger = logging.getLogger("chatpipe.publisher")
 #: After the listening connection fails, how long before connecting it again.
 _RELISTEN_SECONDS = 5.0
-#: First key of the publishers' per-session advisory locks ("outb"): the second is the
-#: session id's hash. The two-key form never meets `pg_advisory_xact_lock(bigint)`'s keys.
-_SESSION_LOCKS = 0x6F757462
-#: Refusals no retry can change: the record is too large for the producer or the broker.
-_REFUSED_FOR_GOOD = (MessageSizeTooLargeError, RecordTooLargeError)
+#: The publishers' round lock ("outb"): one round at a time among all the publishers.
+_ROUND_LOCK = 0x6F757462
+#: The longest a round's transaction may sit idle (waiting on the broker) before PostgreSQL
+#: ends it, and with it the round lock; aiokafka's delivery timeout is well under it.
+_ROUND_IDLE_LIMIT_SECONDS = 120.0
+#: The pending rows in id order. No SKIP LOCKED: skipping a row would send the rows after it first.
+_CLAIM_ROWS = (
+    "select id, session_id, payload, traceparent from outbox"
+    " where sent_at is null and parked_at is null order by id limit $1 for update"
+)
 
 
 class OutboxWakeup:
@@ -130,14 +137,11 @@ class Publisher:
         """Publish one batch of pending rows in id order; True if a full batch was published
         (more rows may be waiting), False if the outbox is drained."""
         async with self._pool.acquire() as connection, connection.transaction():
-            rows = await connection.fetch(
-                "select id, session_id, payload, traceparent from outbox"
-                " where sent_at is null and parked_at is null"
-                " and pg_try_advisory_xact_lock($2, hashtext(session_id))"
-                " order by id limit $1 for update skip locked",
-                self._settings.publisher_batch_size,
-                _SESSION_LOCKS,
-            )
+            if not await connection.fetchval("select pg_try_advisory_xact_lock($1)", _ROUND_LOCK):
+                return False  # another publisher's round is on: this one waits its turn, idle
+            # A statement of its own, so its snapshot is taken once the round is held: it sees what
+            # the last round committed (or rolled back), and the rows still pending in id order.
+            rows = await connection.fetch(_CLAIM_ROWS, self._settings.publisher_batch_size)
             if not rows:
                 return False
             outcomes = await asyncio.gather(*await self._send(rows), return_exceptions=True)
@@ -152,7 +156,7 @@ class Publisher:
                 )
         for row, reason in parked:
             self._telemetry.backlog.outbox_row_parked()
-            _logger.error("publisher: outbox row %d (session %s) parked, the broker refuses it for good: %s",
+            _logger.error("publisher: outbox row %d (session %s) parked, too large to be sent: %s",
                           row["id"], row["session_id"], reason)  # fmt: skip
         if held_back:
             raise RuntimeError(f"{held_back} of {len(rows)} outbox rows not acknowledged")
@@ -173,9 +177,12 @@ class Publisher:
                     )
                 except Exception as error:  # noqa: BLE001 - sorted out with the deliveries' failures
                     refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-                    refused.set_exception(error)
+                    # Only the producer's own refusal, before sending, is this row's for good: the
+                    # broker refuses a whole batch of rows, most of them innocent, and is retried.
+                    refused.set_exception(_RefusedForGoodError(error) if isinstance(error, MessageSizeTooLargeError)
+                                          else error)  # fmt: skip
                     deliveries.append(refused)
-                    if not isinstance(error, _REFUSED_FOR_GOOD):
+                    if not isinstance(error, MessageSizeTooLargeError):
                         break
         return deliveries
 
@@ -207,6 +214,14 @@ class Publisher:
         self._telemetry.backlog.outbox_pending(pending)
 
 
+class _RefusedForGoodError(Exception):
+    """A row the producer refused before sending it (too large): no retry can change that."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.__cause__ = error
+
+
 def _sorted_out(
     rows: list[asyncpg.Record], outcomes: list[object]
 ) -> tuple[list[int], list[tuple[asyncpg.Record, str]], int]:
@@ -224,8 +239,9 @@ def _sorted_out(
     for row, outcome in zip(rows, outcomes, strict=False):
         if row["session_id"] in failed_sessions:
             held_back += 1
-        elif isinstance(outcome, _REFUSED_FOR_GOOD):
-            parked.append((row, f"{type(outcome).__name__}: {outcome}"[:500]))
+        elif isinstance(outcome, _RefusedForGoodError):
+            error = outcome.__cause__
+            parked.append((row, f"{type(error).__name__}: {error}"[:500]))
         elif isinstance(outcome, BaseException):
             failed_sessions.add(row["session_id"])
             held_back += 1
@@ -240,8 +256,11 @@ async def main() -> None:
     settings = load_pipeline_settings()
     stopping = install_stop_signals()
     pool = await connect_pool(
-        backends.database_url, max_size=settings.db_pool_size, command_timeout=settings.db_command_timeout_seconds
-    )
+        backends.database_url, max_size=settings.db_pool_size, command_timeout=settings.db_command_timeout_seconds,
+        # A round holds the round lock while the broker acknowledges (seconds at most): a publisher
+        # cut off mid-round must not hold up the others until TCP notices.
+        idle_in_transaction_seconds=_ROUND_IDLE_LIMIT_SECONDS,
+    )  # fmt: skip
     await migrate(pool)
     producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
     if producer is None:
