@@ -49,3 +49,19 @@ def test_chat_page_streams_a_reply_and_counts_the_sse_client(pipeline, browser, 
 
     page.close()
     eventually(lambda: sse_clients() == 0, what="the stream ends when the page closes")
+
+
+def test_chat_page_sends_from_a_plain_http_address_too(pipeline, browser):
+    # crypto.randomUUID exists only in secure contexts: opened at http://<a LAN address>, the
+    # page threw before sending. Taken away here, as such an address would.
+    page = browser.new_page()
+    page.add_init_script("delete Crypto.prototype.randomUUID")
+    page.goto(f"{pipeline.gateway_url}/")
+    assert page.evaluate("typeof crypto.randomUUID") == "undefined"
+    page.click("#new-session")
+    page.wait_for_selector("#status[data-ready='1']")
+    page.fill("#message", "hello without randomUUID")
+    page.click("#send")
+    reply = page.wait_for_selector(".assistant.done", timeout=30_000)
+    assert reply.text_content().startswith("You said: hello without randomUUID.")
+    page.close()
