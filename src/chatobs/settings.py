@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import logging
 import os
 import re
 import typing
@@ -56,6 +57,8 @@ __all__ = [
     "read_secret_file",
     "settings_table",
 ]
+
+_logger = logging.getLogger("chatobs")
 
 CHATOBS_PREFIX = "CHATOBS_"
 #: The libraries chatobs instruments (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` may name them).
@@ -238,13 +241,13 @@ class OtelSettings(_MappingOnly):
     @field_validator("sdk_disabled", mode="before")
     @classmethod
     def _true_or_false(cls, value: object) -> object:
-        # The specification's booleans: only `true` (any case) is true, and no other true value
-        # may be added; pydantic would also take `1`, `yes` or `on`. `false` is the other
-        # accepted word, and anything else an error rather than a silent `false`.
+        # The specification's booleans: only `true` (any case) is true, no other true value may
+        # be added (pydantic would take `1`, `yes` or `on`), and anything else is false, with a
+        # warning when it is not `false`: `OTEL_SDK_DISABLED=0` keeps the SDK on, as elsewhere.
         if isinstance(value, str):
             word = value.strip().lower()
             if word not in ("true", "false"):
-                raise ValueError(f"must be true or false, got {value!r}")
+                _logger.warning("OTEL_SDK_DISABLED=%r is not true or false: taken as false (the SDK stays on)", value)
             return word == "true"
         return value
 

@@ -486,8 +486,8 @@ BOOL_TEXT = st.sampled_from(["true", "false", "1", "0"])
 SETUP_VARIABLES: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[str]]] = {
     "OTEL_SERVICE_NAME": (st.one_of(TEXT, SPECIAL_TEXT), WITH_SURROGATE),
     "OTEL_RESOURCE_ATTRIBUTES": (st.one_of(KEY_VALUES, ODD_ATTRIBUTES), TEXT),
-    # An empty OTEL_* value is unset; a boolean is `true` or `false`, in any case.
-    "OTEL_SDK_DISABLED": (st.sampled_from(["false", "True", "true", ""]), st.sampled_from(["yes", "maybe", "0"])),
+    # An empty OTEL_* value is unset; anything but `true` (any case) is false.
+    "OTEL_SDK_DISABLED": (st.sampled_from(["false", "True", "true", "", "0", "yes", "maybe"]), st.nothing()),
     "OTEL_METRICS_EXPORTER": (
         st.sampled_from(["prometheus", "none", "", "Prometheus"]),
         st.sampled_from([",", "bogus", "prometheus,none"]),

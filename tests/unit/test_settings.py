@@ -47,7 +47,6 @@ def test_values_are_parsed():
         ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "no-equals-sign"}, "OTEL_RESOURCE_ATTRIBUTES"),
         ({"OTEL_METRICS_EXEMPLAR_FILTER": "sometimes"}, "OTEL_METRICS_EXEMPLAR_FILTER"),
-        ({"OTEL_SDK_DISABLED": "maybe"}, "OTEL_SDK_DISABLED"),
         ({"CHATOBS_METRICS_HOST": "metrics host"}, "CHATOBS_METRICS_HOST"),
         ({"CHATOBS_DATA_DIR": "/nonexistent/chatobs"}, "CHATOBS_DATA_DIR"),
         ({"CHATOBS_HEALTH_PATHS": "/health,ready"}, "CHATOBS_HEALTH_PATHS"),  # never matches a request path
@@ -127,13 +126,16 @@ def test_an_exporter_list_of_nothing_but_commas_is_an_error():
     assert raised.value.variables == ("OTEL_METRICS_EXPORTER",)
 
 
-@pytest.mark.parametrize("value", ["1", "yes", "on", "enabled"])
-def test_only_true_or_false_disables_or_enables_the_sdk(value):
-    # pydantic would take `1` or `yes` for true; the specification allows no true value but `true`.
-    with pytest.raises(ConfigError, match=f"OTEL_SDK_DISABLED='{value}': .*must be true or false"):
-        load_settings({"OTEL_SDK_DISABLED": value})
+@pytest.mark.parametrize("value", ["1", "yes", "on", "enabled", "0", "maybe"])
+def test_only_true_disables_the_sdk_and_anything_else_is_false_with_a_warning(value, caplog):
+    # pydantic would take `1` or `yes` for true; the specification allows no true value but
+    # `true`, and reads anything else as false (a warning unless it is `false`).
+    assert load_settings({"OTEL_SDK_DISABLED": value}).otel.sdk_disabled is False
+    assert f"OTEL_SDK_DISABLED={value!r} is not true or false" in caplog.text
+    caplog.clear()
     assert load_settings({"OTEL_SDK_DISABLED": "TRUE"}).otel.sdk_disabled is True
     assert load_settings({"OTEL_SDK_DISABLED": "False"}).otel.sdk_disabled is False
+    assert "OTEL_SDK_DISABLED" not in caplog.text
 
 
 def test_enum_values_are_case_insensitive():
