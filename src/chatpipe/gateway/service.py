@@ -311,10 +311,10 @@ def create_app() -> FastAPI:
                         " on conflict (message_id) do nothing returning true",
                         message_id, session_id, json.dumps(payload), parent,
                     )  # fmt: skip
-                    stored = True
-                    if not inserted:
-                        replayed = True
+                    if not inserted:  # the key's message is stored already: it must be this one
                         await _same_message(connection, message_id, message)
+                        replayed = True
+                    stored = True
             except BACKEND_UNAVAILABLE:
                 # PostgreSQL going away can break the connection as the pool takes it back, after the
                 # insert: the message is stored then, and refusing it would make the client send it twice.
