@@ -49,6 +49,7 @@ __all__ = [
     "ChatobsSettings",
     "ConfigError",
     "CsvList",
+    "MappingSettings",
     "OtelSettings",
     "Settings",
     "load_model",
@@ -146,11 +147,20 @@ def parse_key_values(text: str) -> dict[str, str]:
     return pairs
 
 
-class _MappingOnly(BaseSettings):
-    """Settings whose values come only from the mapping :func:`load_settings` passes.
+class MappingSettings(BaseSettings):
+    """Settings whose values come only from the mapping :func:`load_model` passes.
 
     pydantic-settings would also read ``os.environ`` while validating; a test's mapping must be
-    the whole truth (``load_settings({})`` means defaults, whatever the shell exports).
+    the whole truth (``load_settings({})`` means defaults, whatever the shell exports). Base a
+    model read with :func:`load_model` on it.
+
+    Example::
+
+        class WorkerSettings(MappingSettings):
+            model_config = SettingsConfigDict(env_prefix="MYAPP_")
+            batch_size: int = 10
+
+        load_model(WorkerSettings, {"MYAPP_BATCH_SIZE": "20"}).batch_size  # 20, whatever os.environ says
     """
 
     @classmethod
@@ -165,7 +175,7 @@ class _MappingOnly(BaseSettings):
         return (init_settings,)
 
 
-class OtelSettings(_MappingOnly):
+class OtelSettings(MappingSettings):
     """Standard OpenTelemetry SDK variables (see the OpenTelemetry specification)."""
 
     model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore", frozen=True)
@@ -330,7 +340,7 @@ def _check_exporters(value: tuple[str, ...], known: tuple[str, ...]) -> tuple[st
     return () if names == ("none",) else names
 
 
-class ChatobsSettings(_MappingOnly):
+class ChatobsSettings(MappingSettings):
     """This project's own settings, every variable prefixed ``CHATOBS_``."""
 
     model_config = SettingsConfigDict(env_prefix=CHATOBS_PREFIX, extra="ignore", frozen=True)
@@ -627,11 +637,13 @@ def _unknown_variables(env: Mapping[str, str], model: type[BaseSettings]) -> dic
 
 @functools.cache
 def _mapping_only(model: type[M]) -> type[M]:
-    """``model`` reading only what it is given: a subclass with :class:`_MappingOnly`'s sources
-    (a plain ``BaseSettings`` would fill a field missing from the mapping from ``os.environ``)."""
-    if issubclass(model, _MappingOnly):
+    """``model`` reading only what it is given. A plain ``BaseSettings`` model (one not based on
+    :class:`MappingSettings`) would fill a field missing from the mapping from ``os.environ``,
+    so it is validated through a subclass with :class:`MappingSettings`'s sources: its
+    instances are of that subclass (an ``isinstance`` of ``model``, but not ``type(...) is``)."""
+    if issubclass(model, MappingSettings):
         return model
-    sources = _MappingOnly.__dict__["settings_customise_sources"]
+    sources = MappingSettings.__dict__["settings_customise_sources"]
     namespace = {"__module__": model.__module__, "__qualname__": model.__qualname__, "__doc__": model.__doc__,
                  "settings_customise_sources": sources}  # fmt: skip
     return type(model.__name__, (model,), namespace)  # type: ignore[return-value]
@@ -658,7 +670,7 @@ def load_model(model: type[M], env: Mapping[str, str] | None = None, *, reject_u
 
     Example::
 
-        class WorkerSettings(BaseSettings):
+        class WorkerSettings(MappingSettings):
             model_config = SettingsConfigDict(env_prefix="MYAPP_")
             batch_size: int = 10
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from pydantic import AnyHttpUrl, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from chatobs.settings import ConfigError, CsvList, load_model, parse_key_values
+from chatobs.settings import ConfigError, CsvList, MappingSettings, load_model, parse_key_values
 
 __all__ = ["BackendSettings", "PipelineSettings", "load_backend_settings", "load_pipeline_settings"]
 
@@ -35,7 +35,7 @@ def _allowances(value: str) -> dict[str, int]:
     return {tenant: int(allowance) for tenant, allowance in parse_key_values(value).items()}
 
 
-class BackendSettings(BaseSettings):
+class BackendSettings(MappingSettings):
     """Where the backends are (``chatobs stack up`` prints these)."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
@@ -47,7 +47,7 @@ class BackendSettings(BaseSettings):
     )
 
 
-class PipelineSettings(BaseSettings):
+class PipelineSettings(MappingSettings):
     """Every ``CHATPIPE_`` variable."""
 
     model_config = SettingsConfigDict(env_prefix="CHATPIPE_", extra="ignore", frozen=True)

@@ -4,7 +4,7 @@ import pytest
 
 from chatobs import Telemetry
 from chatobs.settings import ConfigError, load_settings
-from chatpipe.settings import load_pipeline_settings
+from chatpipe.settings import PipelineSettings, load_pipeline_settings
 
 
 def test_defaults_need_no_environment():
@@ -166,3 +166,9 @@ def test_a_tenant_allowance_is_ascii_digits_given_once(budgets, problem):
         load_pipeline_settings({"CHATPIPE_TENANT_TOKEN_BUDGETS": budgets})
     assert raised.value.variables == ("CHATPIPE_TENANT_TOKEN_BUDGETS",)
     assert load_pipeline_settings({"CHATPIPE_TENANT_TOKEN_BUDGETS": "acme=100,beta=5"}).token_allowance("beta") == 5
+
+
+def test_pipeline_settings_are_their_own_class():
+    settings = load_pipeline_settings({})
+    assert type(settings) is PipelineSettings
+    assert settings == load_pipeline_settings({})
