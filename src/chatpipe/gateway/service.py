@@ -441,13 +441,24 @@ def _copy_limited(source: BinaryIO, path: Path, limit: int) -> int:
                     raise _error(413, f"attachment larger than {limit} bytes")
                 out.write(chunk)
             # On disk before its row commits and the client is told 201: after a crash, the row
-            # of an acknowledged attachment must not point at an empty or missing file.
+            # of an acknowledged attachment must not point at an empty or missing file. The
+            # directories too: a new file's entry (and a new session directory's) is theirs.
             out.flush()
             os.fsync(out.fileno())
+        for directory in (path.parent, path.parent.parent):
+            _fsync_directory(directory)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return size
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 async def _sse(pubsub: Any, request: Request, telemetry: chatobs.Telemetry, idle_timeout: float) -> AsyncIterator[str]:
