@@ -607,16 +607,24 @@ class CellStore:
 
     def live_pids(self) -> list[int]:
         """The live worker processes of this server (this one alone without a directory)."""
-        if self._directory is None:
-            return []
-        snapshot = self._snapshot or self._directory.snapshot()
-        return snapshot.live_pids
+        snapshot = self._current_snapshot()
+        return [] if snapshot is None else snapshot.live_pids
 
-    def _combined(self, name: str) -> dict[str, list[float]] | None:
+    def _current_snapshot(self) -> Snapshot | None:
+        """The last snapshot read, or one read now; ``None`` without a directory, or when it has
+        never been readable (then this process's own cells are all there is to show)."""
         if self._directory is None:
             return None
-        snapshot = self._snapshot or self._directory.snapshot()
-        return snapshot.combined(name, catalogue.get(name).combine)  # type: ignore[arg-type]
+        if self._snapshot is None:
+            try:
+                self._snapshot = self._directory.snapshot()
+            except OSError:
+                return None
+        return self._snapshot
+
+    def _combined(self, name: str) -> dict[str, list[float]] | None:
+        snapshot = self._current_snapshot()
+        return None if snapshot is None else snapshot.combined(name, catalogue.get(name).combine)  # type: ignore[arg-type]
 
     @property
     def combines_files(self) -> bool:

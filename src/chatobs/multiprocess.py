@@ -8,7 +8,8 @@ a scrape reads the files of every process of its server and combines them as the
 :class:`~chatobs.catalogue.Combine` says: counters and histograms sum over every process that
 ever ran (a killed worker's requests still happened), gauges over the live ones.
 
-Files are named ``<server pid>.<server start time>-<pid>.cells``; the server is the parent
+Files are named ``<server pid>.<server start time>-<pid>.<its start time>.cells``, so a new
+worker given a dead one's pid never truncates the dead one's counts; the server is the parent
 process (the gunicorn arbiter, uvicorn's supervisor), so a restarted server never adds the
 previous one's counts, even with the same pid (a container's pid 1 restarted over a directory
 that outlived it), and files whose server has exited are removed when the next one starts. A

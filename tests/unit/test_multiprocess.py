@@ -223,3 +223,18 @@ def test_a_new_worker_given_a_dead_workers_pid_keeps_its_counts(tmp_path, dead_p
     finally:
         telemetry.shutdown()
     assert value(text, "sessions_created_total") == 501
+
+
+def test_a_directory_gone_before_the_first_scrape_still_shows_this_process(tmp_path):
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(directory)}), service="gateway")
+    try:
+        telemetry.traffic.session_created()
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()
+        text = scrape(telemetry)  # raised: no earlier snapshot to serve
+    finally:
+        telemetry.shutdown()
+    assert value(text, "sessions_created_total") == 1
