@@ -348,7 +348,8 @@ CATALOGUE: tuple[Metric, ...] = (
     ),
     latency(
         "llm_latency_seconds",
-        "LLM call duration, request sent to last token received.",
+        "LLM call duration, request sent to last token received (the time spent handing tokens on excluded); "
+        "a failed call's too, up to its failure (a timeout: its whole wait).",
         owners=_LLM_CALLERS,
         domain="llm",
         labels=(_MODEL, _PROVIDER, _LLM_MODE),

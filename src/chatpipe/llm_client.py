@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,20 @@ class LLMReply:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Whether the provider reported usage (a stream may not): without it, no token counts.
+    usage_reported: bool = False
+
+
+@dataclass
+class _Call:
+    """One call's clock: its time so far, less the time spent handing tokens on."""
+
+    mode: str
+    started: float = field(default_factory=time.perf_counter)
+    relayed: float = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.relayed
 
 
 class LLMClient:
@@ -70,27 +85,40 @@ class LLMClient:
         if tools:
             body["tools"] = tools
         self._recorder.request(self.model, self.provider, mode)
-        started = time.perf_counter()
+        call = _Call(mode)
+        # The whole call, however the provider paces it: httpx's timeout bounds each read only.
+        deadline = asyncio.timeout(self._timeout)
         try:
-            if stream:
-                reply = await self._stream(body, started, on_token)
-            else:
-                response = await self._http.post(self._url, json=body, headers=self._headers, timeout=self._timeout)
-                self._raise_for_status(response)
-                reply = _parse(response.content)
+            async with deadline:
+                if stream:
+                    reply = await self._stream(body, call, on_token)
+                else:
+                    response = await self._http.post(self._url, json=body, headers=self._headers,
+                                                     timeout=self._timeout)  # fmt: skip
+                    self._raise_for_status(response)
+                    reply = _parse(response.content)
+        except TimeoutError as error:
+            if not deadline.expired():
+                raise  # not this call's deadline (the token relay's own, say)
+            raise self._failed(call, LLMError("timeout", f"LLM call took over {self._timeout:g}s")) from error
         except httpx.TimeoutException as error:
-            raise self._failed(LLMError("timeout", f"LLM call timed out: {error}")) from error
+            raise self._failed(call, LLMError("timeout", f"LLM call timed out: {error}")) from error
         except httpx.TransportError as error:
-            raise self._failed(LLMError("connection", f"LLM unreachable: {error}")) from error
+            raise self._failed(call, LLMError("connection", f"LLM unreachable: {error}")) from error
         except httpx.DecodingError as error:  # a body its Content-Encoding does not decode: malformed too
-            raise self._failed(LLMError("other", f"malformed LLM response: {error}")) from error
+            raise self._failed(call, LLMError("other", f"malformed LLM response: {error}")) from error
         except LLMError as error:
-            raise self._failed(error) from error
-        self._recorder.latency(time.perf_counter() - started, self.model, self.provider, mode)
-        self._recorder.tokens(self.model, self.provider, prompt=reply.prompt_tokens, completion=reply.completion_tokens)
+            raise self._failed(call, error) from error
+        self._recorder.latency(call.seconds(), self.model, self.provider, mode)
+        if reply.usage_reported:
+            self._recorder.tokens(self.model, self.provider, prompt=reply.prompt_tokens,
+                                  completion=reply.completion_tokens)  # fmt: skip
         return reply
 
-    def _failed(self, error: LLMError) -> LLMError:
+    def _failed(self, call: _Call, error: LLMError) -> LLMError:
+        # A failed call's duration counts too: a provider that hangs until the timeout must show
+        # in the latency quantiles, not leave them to the fast successes.
+        self._recorder.latency(call.seconds(), self.model, self.provider, call.mode)
         self._recorder.error(self.provider, error.code)
         return error
 
@@ -100,7 +128,7 @@ class LLMClient:
             raise LLMError(llm_error_code(response.status_code), f"LLM answered {response.status_code}")
 
     async def _stream(
-        self, body: dict[str, Any], started: float, on_token: Callable[[str], Awaitable[None]] | None
+        self, body: dict[str, Any], call: _Call, on_token: Callable[[str], Awaitable[None]] | None
     ) -> LLMReply:
         reply = LLMReply()
         tool_calls = _ToolCalls()
@@ -119,15 +147,19 @@ class LLMClient:
                 chunk = _read_chunk(data)
                 if chunk.usage is not None:
                     reply.prompt_tokens, reply.completion_tokens = chunk.usage
+                    reply.usage_reported = True
                 if first and (chunk.text or chunk.tool_call_deltas):
                     first = False
-                    self._recorder.time_to_first_token(time.perf_counter() - started, self.model, self.provider)
+                    self._recorder.time_to_first_token(call.seconds(), self.model, self.provider)
                 for delta in chunk.tool_call_deltas:
                     tool_calls.add(delta)
                 if chunk.text:
                     reply.content += chunk.text
                     if on_token is not None:
+                        # Handing the token on (to Redis) is the caller's time, not the provider's.
+                        relay_started = time.perf_counter()
                         await on_token(chunk.text)
+                        call.relayed += time.perf_counter() - relay_started
         reply.tool_calls = tool_calls.calls()
         return reply
 
@@ -165,8 +197,10 @@ def _parse(raw: bytes) -> LLMReply:
         for call in message.get("tool_calls") or ():
             calls.add(call)
         content = _text(message.get("content"), "content")
-        prompt, completion = _usage(body.get("usage") or {})
-        return LLMReply(content, calls.calls(), prompt_tokens=prompt, completion_tokens=completion)
+        usage = body.get("usage")
+        prompt, completion = _usage(usage or {})
+        return LLMReply(content, calls.calls(), prompt_tokens=prompt, completion_tokens=completion,
+                        usage_reported=bool(usage))  # fmt: skip
     except _MALFORMED as error:
         raise _malformed("completion", error) from None
 

@@ -57,7 +57,9 @@ class PipelineSettings(MappingSettings):
     llm_api_key: str = Field("", description="Bearer token for the LLM API (none for the simulator).")
     llm_model: str = Field("sim-large", description="Model name sent to the provider.")
     llm_provider: str = Field("simulator", description="Provider name, the `provider` label.")
-    llm_timeout_seconds: float = Field(30.0, gt=0, description="Whole-request timeout of an LLM call.")
+    llm_timeout_seconds: float = Field(
+        30.0, gt=0, description="Whole-request timeout of an LLM call (the whole stream, not each read)."
+    )
     # --- Somabrain (worker) ----------------------------------------------------
     somabrain_url: AnyHttpUrl | None = Field(None, description="Somabrain base URL.")
     somabrain_timeout_seconds: float = Field(0.5, gt=0, description="Timeout of one Somabrain call.")

@@ -118,4 +118,61 @@ def test_an_answer_that_is_no_completion_is_an_llm_error_and_counted(telemetry, 
     text = scraped(telemetry)
     assert value(text, "llm_requests_total") == 1
     assert value(text, "llm_errors_total", provider="simulator", code="other") == 1
-    assert value(text, "llm_latency_seconds_count") == 0  # a failed call is no completed one
+    assert value(text, "llm_latency_seconds_count") == 1  # a failed call's duration counts too
+
+
+def test_a_provider_that_trickles_past_the_timeout_fails_then_and_its_wait_is_in_the_latency(telemetry):
+    # Every read comes within httpx's timeout, the whole answer does not: the call's deadline ends it.
+    class Trickle(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                yield f"data: {json.dumps(delta(content='.'))}\n\n".encode()
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Trickle(), headers={"Content-Type": "text/event-stream"})
+
+    async def call() -> float:
+        settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": "http://llm.test/v1",
+                                           "CHATPIPE_LLM_TIMEOUT_SECONDS": "0.5"})  # fmt: skip
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(LLMError) as raised:
+                await LLMClient(http, settings, telemetry.llm).complete([{"role": "user", "content": "hi"}])
+            assert raised.value.code == "timeout"
+            return asyncio.get_running_loop().time() - started
+
+    took = asyncio.run(call())
+    assert took < 1.5, f"the call ran {took:.1f}s past a 0.5s deadline"
+    text = scraped(telemetry)
+    assert value(text, "llm_errors_total", code="timeout") == 1
+    assert value(text, "llm_latency_seconds_count") == 1
+    assert value(text, "llm_latency_seconds_sum") >= 0.5, "a hung call must weigh in the latency"
+
+
+def test_the_time_spent_handing_tokens_on_is_not_the_providers(telemetry):
+    body = sse(delta(content="a"), delta(content="b"), delta(content="c"), USAGE)
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"Content-Type": "text/event-stream"})
+
+    async def slow_relay(token: str) -> None:
+        await asyncio.sleep(0.2)  # a slow Redis publish
+
+    async def call() -> None:
+        settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": "http://llm.test/v1"})
+        async with httpx.AsyncClient(transport=httpx.MockTransport(provider)) as http:
+            await LLMClient(http, settings, telemetry.llm).complete([{"role": "user", "content": "hi"}],
+                                                                   on_token=slow_relay)  # fmt: skip
+
+    asyncio.run(call())
+    text = scraped(telemetry)
+    assert value(text, "llm_latency_seconds_count") == 1
+    assert value(text, "llm_latency_seconds_sum") < 0.3, "the relay's 0.6 s was counted as the LLM's"
+
+
+def test_a_stream_without_usage_records_no_token_counts(telemetry):
+    complete(telemetry, sse(delta(content="Hello")))
+    text = scraped(telemetry)
+    assert value(text, "llm_latency_seconds_count") == 1
+    assert value(text, "llm_request_tokens_count") == 0, "an observation of 0 tokens for usage not reported"
