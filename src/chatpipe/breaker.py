@@ -59,6 +59,12 @@ class CircuitBreaker:
             return True
         return self.state is CircuitState.CLOSED
 
+    def would_allow(self) -> bool:
+        """Would :meth:`allow` let a call through now? Asking changes nothing (no trial begins)."""
+        if self.state is CircuitState.OPEN:
+            return time.monotonic() - self._opened_at >= self._reset_seconds
+        return self.state is CircuitState.CLOSED or not self._trial_in_flight
+
     def succeeded(self) -> None:
         self._failures = 0
         self._trial_in_flight = False

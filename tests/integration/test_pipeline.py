@@ -89,11 +89,15 @@ def test_somabrain_outage_degrades_buffers_and_recovers(pipeline):
     assert moved("somabrain_calls_total", result="timeout") >= 2
     assert moved("somabrain_calls_total", result="circuit_open") >= 1
     assert moved("somabrain_bypass_total") == 3
+    assert moved("somabrain_calls_total", result="skipped") == 3, "each degraded turn's memory write skips it"
     assert moved("llm_requests_total", mode="degraded_bypass_somabrain") == 3
     assert moved("assistant_emitted_total", mode="degraded") == 3
     # Recovery: the breaker half-opens, the replay drains the buffer, the circuit closes.
     eventually(lambda: scrapes.value("worker", "circuit_state", component="somabrain") == 0, what="circuit closed")
     eventually(lambda: scrapes.value("worker", "degraded_buffer_size") == 0, what="buffer drained")
+    # With no traffic, an open circuit is no call: the replay waiting for it counts none refused.
+    refused = scrapes.value("worker", "somabrain_calls_total", result="circuit_open")
+    assert refused - value(after, "somabrain_calls_total", result="circuit_open") <= 1
     remembered = httpx.get(f"{pipeline.somabrain_url}/memories", params={"session_id": session}).json()
     assert remembered["count"] == 3, "every buffered memory write was replayed once"
 

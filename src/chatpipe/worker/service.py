@@ -272,8 +272,6 @@ class Worker:
             with self._soma.time_context_build():
                 memories = await self._recall(tenant, session_id, event["content"])
             degraded = memories is None
-            if degraded:
-                self._soma.bypass()
             messages = self._prompt(event["content"], memories or [])
 
             reply_to = event["message_id"]
@@ -305,6 +303,8 @@ class Worker:
                                           "reply_to": event["message_id"]})  # fmt: skip
             progress.replied = True
             self._soma.assistant_emitted(emit_mode)
+            if degraded:
+                self._soma.bypass()  # answered without Somabrain: counted once it is answered
             self._soma.event_to_response(time.time() - float(event["accepted_at"]), emit_mode)
             await self._remember(tenant, session_id, event, reply.content, degraded=degraded)
         finally:
@@ -335,7 +335,9 @@ class Worker:
                         degraded: bool) -> None:  # fmt: skip
         memory = {"id": event["message_id"], "tenant": tenant, "session_id": session_id,
                   "text": f"user: {event['content']} | assistant: {reply}"}  # fmt: skip
-        if not degraded:
+        if degraded:
+            self._soma.call("skipped")  # the turn went on without Somabrain: so does its memory write
+        else:
             outcome = await self._store_memory(memory)
             if outcome == "answered":
                 return
@@ -399,6 +401,8 @@ class Worker:
 
     async def replay_round(self) -> bool:
         """Replay buffered memory writes while Somabrain accepts them; True if any was replayed."""
+        if not self._breaker.would_allow():
+            return False  # an open circuit: no call to make, and none to count as `circuit_open`
         replayed = 0
         async for key in self._redis.scan_iter(match=f"{DEGRADED_PREFIX}*", count=100):
             raw = await self._redis.get(key)
