@@ -229,7 +229,7 @@ _REDIS_OPERATIONS = (
     "get", "set", "setex", "del", "exists", "expire", "incr", "incrby", "decr", "decrby",
     "hget", "hset", "hincrby", "hgetall", "mget", "mset", "lpush", "rpush", "lpop", "rpop",
     "lrange", "llen", "sadd", "srem", "smembers", "scan", "eval", "evalsha", "publish",
-    "subscribe", "xadd", "xread", "ping", "pipeline",
+    "subscribe", "unsubscribe", "xadd", "xread", "blpop", "ping", "pipeline",
 )  # fmt: skip
 _KAFKA_OPERATIONS = ("produce", "consume", "commit", "connect")
 _REDIS_USERS = frozenset({"gateway", "worker"})

@@ -19,6 +19,7 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -323,6 +324,48 @@ def test_a_start_against_an_unreachable_broker_counts_a_connect_error(stack):
     telemetry.shutdown()
     assert samples[("kafka_errors_total", (("operation", "connect"),))] == 1
     assert samples[("kafka_operation_seconds_count", (("operation", "connect"),))] == 2, "both are timed, as statements"
+
+
+def test_redis_waits_count_only_their_failures_and_pub_sub_is_measured(stack):
+    telemetry = Telemetry(load_settings({}), service="gateway")
+    telemetry.instrument()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+
+    async def calls() -> None:
+        client = aioredis.Redis.from_url(stack["REDIS_URL"])
+        admin = aioredis.Redis.from_url(stack["REDIS_URL"])
+        try:
+            assert await client.blpop(["client-test-nothing"], timeout=0.2) is None  # waited, found nothing
+            pubsub = client.pubsub()
+            await pubsub.subscribe("client-test-channel")
+            assert (await pubsub.get_message(timeout=1.0))["type"] == "subscribe"
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # the server drops the listener
+            with pytest.raises(redis.exceptions.ConnectionError):
+                for _ in range(5):
+                    await pubsub.get_message(timeout=0.5)
+            await pubsub.aclose()
+            down = aioredis.Redis.from_url(unreachable).pubsub()
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await down.subscribe("client-test-channel")
+            await down.aclose()
+        finally:
+            await client.aclose()
+            await admin.aclose()
+
+    try:
+        asyncio.run(calls())
+    finally:
+        uninstrument_libraries()
+    samples = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    assert not any(name == "redis_operation_seconds_count" and labels == (("operation", "blpop"),)
+                   for name, labels in samples), "a blocking wait's duration is the caller's timeout"  # fmt: skip
+    assert samples.get(("redis_errors_total", (("operation", "blpop"),))) == 0
+    # The first subscribe, the refused one, and those redis-py makes again on reconnecting.
+    assert samples[("redis_operation_seconds_count", (("operation", "subscribe"),))] >= 2
+    assert samples[("redis_errors_total", (("operation", "subscribe"),))] == 2, "the dropped listener and the refusal"
 
 
 def test_a_second_telemetry_measures_the_calls_once_the_first_has_shut_down(stack, caplog):

@@ -9,6 +9,12 @@ is one ``redis_operation_seconds{operation}`` observation and, when it raised, o
 pipeline is that command). A pipeline's ``WatchError`` (the watched key changed) is the
 transaction's outcome, not a failure, as for the contrib span.
 
+A blocking command (``blpop``, ``xread`` with ``BLOCK``...) waits for data to come, so only
+its failures count: its duration is the wait, no work of Redis's, and would make the
+latency quantiles the timeouts callers chose. A pub/sub connection's commands
+(``subscribe``, ``unsubscribe``) are measured as commands; a failure to read its messages
+(``get_message``) counts in ``redis_errors_total{operation="subscribe"}``.
+
 Example::
 
     RedisInstrumentor().instrument(tracer_provider=telemetry.tracer_provider)  # the contrib spans
@@ -22,8 +28,15 @@ import importlib
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from chatobs.instrumentation.dispatch import BackendOperation, ClientInstrumentor, PatchSpec, Wiring, dispatcher
-from chatobs.recorders.clients import BoundOperation, ClientRecorder
+from chatobs.instrumentation.dispatch import (
+    BackendOperation,
+    ClientInstrumentor,
+    ClientOperation,
+    PatchSpec,
+    Wiring,
+    dispatcher,
+)
+from chatobs.recorders.clients import BoundFailures, BoundOperation, ClientRecorder
 
 __all__ = ["RedisClientInstrumentor"]
 
@@ -39,7 +52,13 @@ _METHODS = (
     ("redis.asyncio.client", "Pipeline", "immediate_execute_command", False, True),
     ("redis.asyncio.cluster", "RedisCluster", "execute_command", False, True),
     ("redis.asyncio.cluster", "ClusterPipeline", "execute", True, True),
+    ("redis.client", "PubSub", "execute_command", False, False),
+    ("redis.asyncio.client", "PubSub", "execute_command", False, True),
 )
+#: Commands that wait for data (with a timeout of the caller's): only their failures count.
+_BLOCKING = frozenset({"blpop", "brpop", "blmove", "blmpop", "brpoplpush", "bzpopmin", "bzpopmax", "bzmpop"})
+#: Commands that wait only when given ``BLOCK``.
+_BLOCKING_WITH_OPTION = frozenset({"xread", "xreadgroup"})
 
 
 def _command_name(command: Any) -> str:
@@ -50,12 +69,51 @@ def _command_name(command: Any) -> str:
     return "other"
 
 
+def _blocks(operation: str, args: tuple[Any, ...]) -> bool:
+    if operation in _BLOCKING:
+        return True
+    if operation in _BLOCKING_WITH_OPTION:
+        return any(_command_name(arg) == "block" for arg in args[2:] if arg.__class__ in (str, bytes))
+    return False
+
+
 class _Command(BackendOperation):
     backend = "redis"
 
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
+    def __init__(self, clients: ClientRecorder):
+        super().__init__(clients)
+        self._waits: dict[str, BoundFailures] = {}
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation | BoundFailures:
         operation = _command_name(args[1]) if len(args) > 1 else "other"
+        if _blocks(operation, args):
+            waits = self._waits.get(operation)
+            if waits is None:
+                waits = self._waits[operation] = self._clients.bound_failures("redis", operation)
+            return waits
         return self._bound.get(operation) or self.bind(operation)
+
+    def record(self, described: BoundOperation | BoundFailures, seconds: float, result: Any, failed: bool) -> None:
+        if described.__class__ is BoundFailures:
+            if failed:
+                described.record()  # type: ignore[call-arg]
+            return
+        described.record(seconds, failed)  # type: ignore[call-arg]
+
+
+class _MessageRead(ClientOperation):
+    """A pub/sub connection's ``get_message``: only a failure counts (as ``subscribe``); how long
+    it took is how long messages took to come."""
+
+    def __init__(self, clients: ClientRecorder):
+        self._failures = clients.bound_failures("redis", "subscribe")
+
+    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundFailures:
+        return self._failures
+
+    def record(self, described: BoundFailures, seconds: float, result: Any, failed: bool) -> None:
+        if failed:
+            described.record()
 
 
 class _PipelineExecute(_Command):
@@ -95,3 +153,7 @@ class RedisClientInstrumentor(ClientInstrumentor):
             if hasattr(owner, method):
                 operation = pipeline if is_pipeline else command
                 yield owner, method, dispatcher(wiring.gate, operation, sync=not is_async), True
+        reads = _MessageRead(wiring.clients)
+        for module_name, is_async in (("redis.client", False), ("redis.asyncio.client", True)):
+            owner = importlib.import_module(module_name).PubSub
+            yield owner, "get_message", dispatcher(wiring.gate, reads, sync=not is_async), False
