@@ -219,3 +219,27 @@ def test_session_lifecycle_and_health(pipeline):
     assert 'http_route="/v1/sessions/{session_id}"' in after
     assert "/health" not in after.split("http_server_request_duration_seconds", 1)[1]
     assert session not in after
+
+
+def test_a_client_gone_mid_reply_is_an_sse_stream_error(pipeline):
+    scrapes = Scrapes(pipeline)
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    before = scrapes.value("gateway", "sse_stream_errors_total", reason="client_disconnect")
+    control(pipeline.llm_url, latency_seconds=4.0, completion_words=40)  # a token every 0.1 s
+    try:
+        with (
+            httpx.Client(timeout=30) as sse,
+            sse.stream("GET", f"{pipeline.gateway_url}/v1/sessions/{session}/events") as stream,
+        ):
+            lines = stream.iter_lines()
+            assert next(lines) == ": connected"
+            chat.http.post(f"/v1/sessions/{session}/messages", json={"content": "a long answer, please"})
+            for line in lines:
+                if line == "event: token":
+                    break  # the reply is streaming: the client goes away now
+    finally:
+        control(pipeline.llm_url, latency_seconds=0.2, completion_words=24)
+    eventually(lambda: scrapes.value("gateway", "sse_stream_errors_total", reason="client_disconnect") == before + 1,
+               timeout=10, what="the disconnect mid-reply counted")  # fmt: skip
+    eventually(lambda: scrapes.value("gateway", "sse_clients_gauge") == 0, what="the stream's client gone")

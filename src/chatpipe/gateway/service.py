@@ -498,6 +498,12 @@ async def _sse(pubsub: Any, request: Request, telemetry: chatobs.Telemetry, idle
                 continue
             replying = kind == "token"
             yield f"event: {kind}\ndata: {json.dumps(event)}\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        # Under uvicorn (ASGI 2.3+), Starlette notices the client gone and cancels the stream
+        # before the loop's own check can: a disconnect mid-reply is counted here then.
+        if replying:
+            traffic.sse_stream_error("client_disconnect")
+        raise
     finally:
         traffic.sse_client_disconnected()
         try:
