@@ -371,7 +371,8 @@ CATALOGUE: tuple[Metric, ...] = (
     latency("wal_publish_seconds", "Publishing one record to the WAL topic.", owners=_PUBLISHER, domain="backlog"),
     latency(
         "wal_consume_seconds",
-        "Handling one consumed WAL record, received to committed.",
+        "Handling one consumed WAL record, received to done with: answered (worker), stored and committed "
+        "with its batch (replicator). An attempt that failed and comes again is not counted.",
         owners=frozenset({"worker", "replicator"}),
         domain="backlog",
     ),

@@ -398,7 +398,7 @@ def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack,
     """A stop whose grace runs out cancels a turn mid-way through its reply (a slow LLM): the client
     hears it was interrupted, so the next instance's reply is not appended to the half it has."""
 
-    async def scenario() -> list[dict[str, Any]]:
+    async def scenario() -> tuple[list[dict[str, Any]], str]:
         async with running_worker(stack, simulators) as turns:
             await turns.control(simulators.llm, latency_seconds=20)  # the reply streams over 20 s
             async with consumed_as_in_service(turns, "tell me a long story") as (pubsub, stopping, consuming):
@@ -416,10 +416,11 @@ def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack,
                 while time.monotonic() < deadline and seen[-1]["type"] == "token":
                     if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2):
                         seen.append(json.loads(message["data"]))
-            return seen
+            return seen, turns.metrics()
 
-    seen = asyncio.run(scenario())
+    seen, text = asyncio.run(scenario())
     assert seen[-1]["type"] == "error" and seen[-1].get("reason") == "interrupted", seen
+    assert value(text, "wal_consume_seconds_count") == 0, "a record that comes again was counted as done with"
 
 
 def test_a_stop_after_the_reply_went_out_marks_it_answered_and_says_nothing_more(stack, simulators):

@@ -88,7 +88,7 @@ class BacklogRecorder(Recorder):
 
     @guarded("wal_consume_seconds")
     def wal_consumed(self, seconds: float, *, span: SpanContext | None = None) -> None:
-        """One WAL record handled, received to committed. The bucket's exemplar is ``span`` if
+        """One WAL record done with (see the catalogue). The bucket's exemplar is ``span`` if
         given (the record's own, for records committed after their spans ended), else the
         current span."""
         if span is not None and not isinstance(span, SpanContext):

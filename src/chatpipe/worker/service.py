@@ -207,51 +207,58 @@ class Worker:
 
     async def _handle_record(self, record: ConsumerRecord) -> None:
         """Answer one WAL record; raises (the record comes again) only when a backend is down."""
-        with self._telemetry.consumer_span(record), self._telemetry.backlog.time_wal_consume():
+        with self._telemetry.consumer_span(record):
+            received = time.perf_counter()
+            await self._answer_record(record)
+            # Done with (answered, or dropped for good): a record that comes again, because a
+            # backend was down or the worker stopping, is timed when it is done with, once.
+            self._telemetry.backlog.wal_consumed(time.perf_counter() - received)
+
+    async def _answer_record(self, record: ConsumerRecord) -> None:
+        try:
+            event = json.loads(record.value)
+            message_id, session_id = str(event["message_id"]), str(event["session_id"])
+        except (ValueError, KeyError, TypeError):
+            _logger.error("dropping malformed WAL record at offset %s", record.offset)
+            return
+        if event.get("role") != "user":
+            return  # only user messages are answered
+        accepted = _seconds(event.get("accepted_at"))
+        age = 0.0 if accepted is None else time.time() - accepted
+        if age > self._settings.answered_ttl_seconds:
+            # Its `answered:` mark, if it had one, has expired: answering it now could answer it
+            # twice, long after (a WAL replayed from the start, a row the outbox sent again).
+            _logger.warning("not answering message %s: accepted %.0fs ago, past the answered marks' %ds",
+                            message_id, age, self._settings.answered_ttl_seconds)  # fmt: skip
+            return
+        # The session's turn is taken before anything here awaits, so in the order of the records.
+        async with self._sessions.turn(session_id), self._slots:
+            if self._stopping is not None and self._stopping.is_set():
+                raise TurnPostponedError("the worker is stopping: the turn comes again to the next instance")
+            # A duplicate of this record (the same session) waited behind it: answered by then.
+            if await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
+                return  # delivered again: answered already
+            progress = _Progress()
             try:
-                event = json.loads(record.value)
-                message_id, session_id = str(event["message_id"]), str(event["session_id"])
-            except (ValueError, KeyError, TypeError):
-                _logger.error("dropping malformed WAL record at offset %s", record.offset)
-                return
-            if event.get("role") != "user":
-                return  # only user messages are answered
-            accepted = _seconds(event.get("accepted_at"))
-            age = 0.0 if accepted is None else time.time() - accepted
-            if age > self._settings.answered_ttl_seconds:
-                # Its `answered:` mark, if it had one, has expired: answering it now could answer it
-                # twice, long after (a WAL replayed from the start, a row the outbox sent again).
-                _logger.warning("not answering message %s: accepted %.0fs ago, past the answered marks' %ds",
-                                message_id, age, self._settings.answered_ttl_seconds)  # fmt: skip
-                return
-            # The session's turn is taken before anything here awaits, so in the order of the records.
-            async with self._sessions.turn(session_id), self._slots:
-                if self._stopping is not None and self._stopping.is_set():
-                    raise TurnPostponedError("the worker is stopping: the turn comes again to the next instance")
-                # A duplicate of this record (the same session) waited behind it: answered by then.
-                if await self._redis.exists(f"{ANSWERED_PREFIX}{message_id}"):
-                    return  # delivered again: answered already
-                progress = _Progress()
-                try:
-                    await self.answer(event, progress)
-                except asyncio.CancelledError:
-                    # A stop past its grace: the turn comes again to the next instance (shielded, as this
-                    # one is cancelled). A reply that went out whole is marked answered, or it would be
-                    # answered twice; one cut off halfway is dropped by the client, told so here.
-                    with contextlib.suppress(Exception):
-                        if progress.replied:
-                            await self._mark_answered(message_id)
-                        elif progress.streamed:
-                            await asyncio.shield(self._emit(session_id, {
-                                "type": "error", "error": "the assistant was interrupted; its answer comes again",
-                                "reason": "interrupted", "reply_to": message_id}))  # fmt: skip
-                    raise
-                except BACKEND_DOWN:
-                    raise
-                except Exception:
-                    _logger.exception("turn %s failed", message_id)
-                    await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
-                await self._mark_answered(message_id)
+                await self.answer(event, progress)
+            except asyncio.CancelledError:
+                # A stop past its grace: the turn comes again to the next instance (shielded, as this
+                # one is cancelled). A reply that went out whole is marked answered, or it would be
+                # answered twice; one cut off halfway is dropped by the client, told so here.
+                with contextlib.suppress(Exception):
+                    if progress.replied:
+                        await self._mark_answered(message_id)
+                    elif progress.streamed:
+                        await asyncio.shield(self._emit(session_id, {
+                            "type": "error", "error": "the assistant was interrupted; its answer comes again",
+                            "reason": "interrupted", "reply_to": message_id}))  # fmt: skip
+                raise
+            except BACKEND_DOWN:
+                raise
+            except Exception:
+                _logger.exception("turn %s failed", message_id)
+                await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
+            await self._mark_answered(message_id)
 
     async def _mark_answered(self, message_id: str) -> None:
         # Shielded: a stop cancelling the turn now must not lose the mark of an answer already sent.
