@@ -222,7 +222,10 @@ _TOOL = Label("tool", setting="tools")
 _LLM_MODE = Label("mode", values=("normal", "degraded_bypass_somabrain"))
 _EMIT_MODE = Label("mode", values=("normal", "degraded"))
 _DIRECTION = Label("direction", values=("in", "out"))
-_COMPONENT = Label("component", values=("somabrain", "llm", "redis", "postgres", "kafka", "tools"))
+#: What a health check probes: each service its own backends (the gateway on `/health`).
+_COMPONENT = Label("component", values=("somabrain", "llm", "redis", "postgres", "kafka"))
+#: What has a circuit breaker: Somabrain's calls, in the worker.
+_BREAKER = Label("component", values=("somabrain",))
 
 # Redis commands the pipeline uses; anything else is counted under `other`.
 _REDIS_OPERATIONS = (
@@ -441,9 +444,9 @@ CATALOGUE: tuple[Metric, ...] = (
         "circuit_state",
         "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
         unit="1",
-        owners=_EVERY,
+        owners=_WORKER,
         domain="somabrain",
-        labels=(_COMPONENT,),
+        labels=(_BREAKER,),
     ),
     # --- Backlog / reliability -----------------------------------------------------------
     gauge(
@@ -569,7 +572,8 @@ CATALOGUE: tuple[Metric, ...] = (
     # --- Ops / health --------------------------------------------------------------------------
     counter(
         "health_checks_total",
-        "Dependency health checks by outcome.",
+        "Dependency health checks by outcome: the gateway's when its health endpoint is asked, the other "
+        "services' own probes every `CHATPIPE_HEALTH_PROBE_SECONDS`.",
         unit="{check}",
         owners=_EVERY,
         domain="health",

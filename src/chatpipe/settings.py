@@ -118,6 +118,10 @@ class PipelineSettings(MappingSettings):
     )  # fmt: skip
     backlog_poll_seconds: float = Field(2.0, gt=0, description="How often backlog gauges are measured.")
     backlog_query_timeout_seconds: float = Field(1.0, gt=0, description="Time bound of one backlog measurement.")
+    health_probe_seconds: float = Field(
+        15.0, gt=0, description="How often the services without HTTP probe their backends (`health_checks_total`)."
+    )
+    health_probe_timeout_seconds: float = Field(2.0, gt=0, description="Time bound of one backend's probe.")
     db_pool_size: int = Field(
         10, ge=1, le=1000, description="Most PostgreSQL connections one service process holds (its pool's size)."
     )

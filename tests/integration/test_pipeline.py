@@ -243,3 +243,21 @@ def test_a_client_gone_mid_reply_is_an_sse_stream_error(pipeline):
     eventually(lambda: scrapes.value("gateway", "sse_stream_errors_total", reason="client_disconnect") == before + 1,
                timeout=10, what="the disconnect mid-reply counted")  # fmt: skip
     eventually(lambda: scrapes.value("gateway", "sse_clients_gauge") == 0, what="the stream's client gone")
+
+
+def test_every_service_probes_its_backends_and_counts_a_backend_down(pipeline):
+    scrapes = Scrapes(pipeline)
+    backends = {"worker": ("redis", "kafka", "somabrain", "llm"), "tool_executor": ("redis", "kafka", "llm"),
+                "publisher": ("postgres", "kafka"), "replicator": ("postgres", "kafka")}  # fmt: skip
+    for service, components in backends.items():
+        for component in components:
+            eventually(lambda service=service, component=component: scrapes.value(
+                service, "health_checks_total", component=component, result="ok") >= 1,
+                what=f"{service} probed {component}")  # fmt: skip
+    before = scrapes.value("worker", "health_checks_total", component="llm", result="fail")
+    control(pipeline.llm_url, outage=True)
+    try:
+        eventually(lambda: scrapes.value("worker", "health_checks_total", component="llm", result="fail") > before,
+                   timeout=10, what="the worker's probe saw the LLM down")  # fmt: skip
+    finally:
+        control(pipeline.llm_url, outage=False)

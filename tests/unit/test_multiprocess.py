@@ -65,27 +65,27 @@ def test_counters_sum_every_worker_gauges_only_live_ones(tmp_path, live_pid, dea
     worker_file(tmp_path, live_pid, {
         ("sessions_created_total", ()): [5],
         ("sse_clients_gauge", ()): [2],
-        ("circuit_state", (("component", "llm"),)): [0],
+        ("circuit_state", (("component", "somabrain"),)): [0],
         request: two_requests,
     })  # fmt: skip
     worker_file(tmp_path, dead_pid, {
         ("sessions_created_total", ()): [3],
         ("sse_clients_gauge", ()): [7],  # its clients went with it
-        ("circuit_state", (("component", "llm"),)): [2],
+        ("circuit_state", (("component", "somabrain"),)): [2],
         request: two_requests,
     })  # fmt: skip
     telemetry = Telemetry(load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path)}), service="gateway")
     try:
         telemetry.traffic.session_created()
         telemetry.traffic.sse_client_connected()
-        telemetry.somabrain.circuit_state("llm", CircuitState.HALF_OPEN)
+        telemetry.somabrain.circuit_state("somabrain", CircuitState.HALF_OPEN)
         text = scrape(telemetry)
     finally:
         telemetry.shutdown()
 
     assert value(text, "sessions_created_total") == 5 + 3 + 1  # sum, the exited worker included
     assert value(text, "sse_clients_gauge") == 2 + 1  # live_sum
-    assert value(text, "circuit_state", component="llm") == 1  # live_max
+    assert value(text, "circuit_state", component="somabrain") == 1  # live_max
     labels = dict(request[1])
     assert value(text, "http_server_request_duration_seconds_count", **labels) == 4
     assert value(text, "http_server_request_duration_seconds_bucket", le="0.1", **labels) == 4

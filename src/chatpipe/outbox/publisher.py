@@ -44,6 +44,7 @@ from opentelemetry.trace import SpanKind
 import chatobs
 from chatobs.propagation import continued
 from chatpipe.db import OUTBOX_CHANNEL, connect_pool, migrate
+from chatpipe.health import HealthProbes, kafka_metadata
 from chatpipe.kafka import start_producer
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -267,6 +268,9 @@ async def main() -> None:
         return
     publisher = Publisher(telemetry, pool, producer, settings)
     wakeup = OutboxWakeup(backends.database_url, stopping)
+    health = HealthProbes(telemetry.health, {"postgres": lambda: pool.fetchval("select 1"),
+                                             "kafka": kafka_metadata(producer)},
+                          timeout=settings.health_probe_timeout_seconds)  # fmt: skip
     _logger.info("publisher: outbox -> %s", publisher._topic)
     try:
         await run_until_stopped(
@@ -278,6 +282,8 @@ async def main() -> None:
                      on_failure=lambda: telemetry.backlog.unmeasured("outbox_pending")),
             periodic("redeliver", publisher.redeliver_round, stopping, every=settings.outbox_redeliver_seconds / 2,
                      timeout=settings.outbox_redeliver_seconds),
+            periodic("health", health.round, stopping, every=settings.health_probe_seconds,
+                     timeout=2 * settings.health_probe_timeout_seconds),
             grace=settings.shutdown_grace_seconds,
         )  # fmt: skip
     finally:

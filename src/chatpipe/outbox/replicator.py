@@ -21,8 +21,9 @@ from aiokafka import AIOKafkaConsumer
 
 import chatobs
 from chatpipe.db import connect_pool, migrate
+from chatpipe.health import HealthProbes, kafka_metadata
 from chatpipe.kafka import commit_handled, start_consumer
-from chatpipe.runtime import close_in_order, forever, install_stop_signals, run_service, run_until_stopped
+from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import load_backend_settings, load_pipeline_settings
 
 __all__ = ["Replicator", "main"]
@@ -93,7 +94,12 @@ async def main() -> None:
         return
     try:
         replicator = Replicator(telemetry, pool, consumer)
+        health = HealthProbes(telemetry.health, {"postgres": lambda: pool.fetchval("select 1"),
+                                                 "kafka": kafka_metadata(consumer)},
+                              timeout=settings.health_probe_timeout_seconds)  # fmt: skip
         await run_until_stopped(stopping, forever("replicate", replicator.replicate_round, stopping, idle=0.05),
+                                periodic("health", health.round, stopping, every=settings.health_probe_seconds,
+                                         timeout=2 * settings.health_probe_timeout_seconds),
                                 grace=settings.shutdown_grace_seconds)  # fmt: skip
     finally:
         await close_in_order(("consumer", consumer.stop), ("pool", pool.close), ("telemetry", telemetry.shutdown))

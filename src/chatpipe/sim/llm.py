@@ -225,6 +225,14 @@ async def stats() -> _Stats:
     return app.state.stats
 
 
+@app.get("/v1/models", response_model=None)
+async def models() -> dict[str, Any] | JSONResponse:
+    """The models it serves, as OpenAI lists them (what a client probes the provider with)."""
+    if app.state.faults.outage:
+        return _error(503)
+    return {"object": "list", "data": [{"id": "sim-large", "object": "model", "owned_by": "simulator"}]}
+
+
 @app.get("/health")
 async def health() -> dict[str, str]:
     return {"status": "ok"}

@@ -23,9 +23,10 @@ from aiokafka.structs import ConsumerRecord
 
 import chatobs
 from chatpipe.events import tool_result_key
+from chatpipe.health import HealthProbes, http_ok, kafka_metadata
 from chatpipe.kafka import ConcurrentHandler, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
-from chatpipe.runtime import close_in_order, install_stop_signals, run_until_stopped
+from chatpipe.runtime import close_in_order, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 from chatpipe.tools.catalog import ToolError, calculate, clock
 
@@ -123,10 +124,18 @@ async def main() -> None:
         if consumer is None:
             return
         executor = ToolExecutor(telemetry, settings, redis, http)
+        health = HealthProbes(telemetry.health, {
+            "redis": redis.ping, "kafka": kafka_metadata(consumer),
+            "llm": http_ok(http, f"{str(settings.llm_base_url).rstrip('/')}/models"),
+        }, timeout=settings.health_probe_timeout_seconds)  # fmt: skip
         try:
             await run_until_stopped(
-                stopping, executor.consume(consumer, stopping), grace=settings.shutdown_grace_seconds
-            )
+                stopping,
+                executor.consume(consumer, stopping),
+                periodic("health", health.round, stopping, every=settings.health_probe_seconds,
+                         timeout=2 * settings.health_probe_timeout_seconds),
+                grace=settings.shutdown_grace_seconds,
+            )  # fmt: skip
         finally:
             await close_in_order(
                 ("consumer", consumer.stop), ("redis", redis.aclose), ("telemetry", telemetry.shutdown)

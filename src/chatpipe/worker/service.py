@@ -50,6 +50,7 @@ from aiokafka.structs import ConsumerRecord
 import chatobs
 from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
+from chatpipe.health import HealthProbes, http_ok, kafka_metadata
 from chatpipe.kafka import ConcurrentHandler, PostponedError, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_until_stopped
@@ -504,6 +505,11 @@ async def main() -> None:
         if producer is None or consumer is None:
             return
         worker = Worker(telemetry, settings, redis, http, producer, waits)
+        health = HealthProbes(telemetry.health, {
+            "redis": redis.ping, "kafka": kafka_metadata(consumer),
+            "somabrain": http_ok(http, f"{str(settings.somabrain_url).rstrip('/')}/health"),
+            "llm": http_ok(http, f"{str(settings.llm_base_url).rstrip('/')}/models"),
+        }, timeout=settings.health_probe_timeout_seconds)  # fmt: skip
         _logger.info("worker: %s -> replies", topic)
         try:
             await run_until_stopped(
@@ -513,6 +519,8 @@ async def main() -> None:
                 periodic("degraded_buffer_size", worker.measure_degraded_buffer, stopping,
                          every=settings.backlog_poll_seconds, timeout=settings.backlog_query_timeout_seconds,
                          on_failure=lambda: telemetry.backlog.unmeasured("degraded_buffer_size")),
+                periodic("health", health.round, stopping, every=settings.health_probe_seconds,
+                         timeout=2 * settings.health_probe_timeout_seconds),
                 grace=settings.shutdown_grace_seconds,
             )  # fmt: skip
         finally:
