@@ -241,7 +241,8 @@ _POSTGRES_USERS = frozenset({"gateway", "publisher", "replicator"})
 _HTTP_METHOD = Label("http_request_method", bounded_by="known methods, else `_OTHER`")
 _HTTP_STATUS = Label("http_response_status_code", bounded_by="status codes")
 _POSTGRES_OPERATIONS = (
-    "select", "insert", "update", "delete", "begin", "commit", "rollback", "copy", "execute", "listen", "connect",
+    "select", "insert", "update", "delete", "begin", "commit", "rollback", "execute", "listen", "connect",
+    "create",  # the schema, applied at start
 )  # fmt: skip
 
 
@@ -479,7 +480,7 @@ CATALOGUE: tuple[Metric, ...] = (
         unit="{error}",
         owners=_PUBLISHER,
         domain="backlog",
-        labels=(Label("operation", values=("produce", "flush", "serialize")),),
+        labels=(Label("operation", values=("produce",)),),
     ),
     backend_errors("redis", "Redis", owners=_REDIS_USERS, operations=_REDIS_OPERATIONS),
     backend_errors("kafka", "Kafka", owners=_KAFKA_USERS, operations=_KAFKA_OPERATIONS),

@@ -205,10 +205,13 @@ def recording_rules() -> list[dict[str, str]]:
     ]  # fmt: skip
     for metric in CATALOGUE:
         if metric.kind is Kind.HISTOGRAM:
+            # By route where there are routes: a server-sent event stream's request lasts minutes,
+            # and summed with the others it would make every quantile of the job its own.
+            level, by = ("job_route", "job, http_route") if "http_route" in metric.label_names else ("job", "job")
             for quantile, suffix in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
                 rules.append({
-                    "record": f"job:{metric.name}:{suffix}_5m",
-                    "expr": f"histogram_quantile({quantile}, sum by (job, le) (rate({metric.name}_bucket[{{w}}])))",
+                    "record": f"{level}:{metric.name}:{suffix}_5m",
+                    "expr": f"histogram_quantile({quantile}, sum by ({by}, le) (rate({metric.name}_bucket[{{w}}])))",
                 })  # fmt: skip
     return rules
 

@@ -3,6 +3,7 @@ never a 500, and its HTTP metrics show the answer under the route template, neve
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import uuid
@@ -166,7 +167,8 @@ def test_a_message_sent_again_with_its_idempotency_key_is_stored_and_counted_onc
     session = chat.new_session()
     metrics_url = pipeline.metrics_urls["gateway"]
     path = f"/v1/sessions/{session}/messages"
-    before = value(httpx.get(metrics_url, timeout=5).text, "chat_messages_in_total")
+    scraped = httpx.get(metrics_url, timeout=5).text
+    before, enqueued_before = value(scraped, "chat_messages_in_total"), value(scraped, "chat_enqueue_seconds_count")
     key = {"Idempotency-Key": f"retry-{uuid.uuid4()}"}
     first = chat.http.post(path, json={"content": "once, please"}, headers=key)
     again = chat.http.post(path, json={"content": "once, please"}, headers=key)
@@ -180,5 +182,23 @@ def test_a_message_sent_again_with_its_idempotency_key_is_stored_and_counted_onc
     assert elsewhere.status_code == 202 and elsewhere.json()["message_id"] != first.json()["message_id"]
     bad = chat.http.post(path, json={"content": "x"}, headers={"Idempotency-Key": "has spaces"})
     assert bad.status_code == 400
-    after = value(httpx.get(metrics_url, timeout=5).text, "chat_messages_in_total")
-    assert after - before == 2, "the replay was counted as a message in"
+    scraped = httpx.get(metrics_url, timeout=5).text
+    assert value(scraped, "chat_messages_in_total") - before == 2, "the replay was counted as a message in"
+    enqueued = value(scraped, "chat_enqueue_seconds_count") - enqueued_before
+    assert enqueued == 2, "a refused or replayed message was timed as an enqueue"
+
+
+def test_two_deletes_of_one_session_at_once_count_one_deletion(pipeline):
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    metrics_url = pipeline.metrics_urls["gateway"]
+    before = value(httpx.get(metrics_url, timeout=5).text, "sessions_deleted_total")
+
+    async def both() -> list[int]:
+        async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=10) as client:
+            answers = await asyncio.gather(*(client.delete(f"/v1/sessions/{session}") for _ in range(4)))
+        return sorted(answer.status_code for answer in answers)
+
+    statuses = asyncio.run(both())
+    assert statuses[0] == 204 and set(statuses) <= {204, 410}, statuses
+    assert value(httpx.get(metrics_url, timeout=5).text, "sessions_deleted_total") - before == 1

@@ -270,11 +270,15 @@ def create_app() -> FastAPI:
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def delete_session(session_id: str) -> None:
         await live_session(app.state.pool, session_id)
-        await app.state.pool.execute("update sessions set deleted_at = now() where id = $1", session_id)
-        traffic.session_deleted()
+        status = await app.state.pool.execute(
+            "update sessions set deleted_at = now() where id = $1 and deleted_at is null", session_id
+        )
+        if status == "UPDATE 1":  # two DELETEs at once: one deleted it, the other found it deleted
+            traffic.session_deleted()
 
     @app.post("/v1/sessions/{session_id}/messages", status_code=202, openapi_extra=_MESSAGE_BODY)
     async def post_message(session_id: str, request: Request, response: Response) -> dict[str, str]:
+        received = time.perf_counter()
         # The body is read here rather than by FastAPI, so its type and size are checked before
         # it is read (413 and 415, not a 422 after buffering any amount).
         try:
@@ -291,43 +295,44 @@ def create_app() -> FastAPI:
         # With a key, a retry of the same message is the same row: one reply, one budget charge.
         message_id = uuid.uuid5(_IDEMPOTENT_MESSAGES, f"{session_id}/{key}").hex if key else uuid.uuid4().hex
         stored = inserting = replayed = False
-        with traffic.time_enqueue():
-            try:
-                async with app.state.pool.acquire() as connection:
-                    session = await live_session(connection, session_id)
-                    parent = traceparent()  # the publisher continues this request's trace
-                    payload = {
-                        "message_id": message_id,
-                        "session_id": session_id,
-                        "tenant": session["tenant"],
-                        "role": message.role,
-                        "content": message.content,
-                        "source": message.source,
-                        "accepted_at": time.time(),
-                    }
-                    inserting = True
-                    inserted = await connection.fetchval(
-                        "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)"
-                        " on conflict (message_id) do nothing returning true",
-                        message_id, session_id, json.dumps(payload), parent,
-                    )  # fmt: skip
-                    if not inserted:  # the key's message is stored already: it must be this one
-                        await _same_message(connection, message_id, message)
-                        replayed = True
-                    stored = True
-            except BACKEND_UNAVAILABLE:
-                # PostgreSQL going away can break the connection as the pool takes it back, after the
-                # insert: the message is stored then, and refusing it would make the client send it twice.
-                if stored:
-                    _logger.warning("message %s stored; its connection broke afterwards", message_id)
-                elif inserting:
-                    # The insert may have committed before the connection broke or the time ran out.
-                    raise _unsure_if_stored(key) from None
-                else:
-                    raise
+        try:
+            async with app.state.pool.acquire() as connection:
+                session = await live_session(connection, session_id)
+                parent = traceparent()  # the publisher continues this request's trace
+                payload = {
+                    "message_id": message_id,
+                    "session_id": session_id,
+                    "tenant": session["tenant"],
+                    "role": message.role,
+                    "content": message.content,
+                    "source": message.source,
+                    "accepted_at": time.time(),
+                }
+                inserting = True
+                inserted = await connection.fetchval(
+                    "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)"
+                    " on conflict (message_id) do nothing returning true",
+                    message_id, session_id, json.dumps(payload), parent,
+                )  # fmt: skip
+                if not inserted:  # the key's message is stored already: it must be this one
+                    await _same_message(connection, message_id, message)
+                    replayed = True
+                stored = True
+        except BACKEND_UNAVAILABLE:
+            # PostgreSQL going away can break the connection as the pool takes it back, after the
+            # insert: the message is stored then, and refusing it would make the client send it twice.
+            if stored:
+                _logger.warning("message %s stored; its connection broke afterwards", message_id)
+            elif inserting:
+                # The insert may have committed before the connection broke or the time ran out.
+                raise _unsure_if_stored(key) from None
+            else:
+                raise
         if replayed:
             response.headers["Idempotent-Replayed"] = "true"
             return {"message_id": message_id}
+        # Request received to the message stored: a refused one (404, 413, 503...) is no enqueue.
+        traffic.enqueue(time.perf_counter() - received)
         traffic.message_in(role=message.role, source=message.source)
         return {"message_id": message_id}
 
