@@ -75,3 +75,31 @@ def test_a_slow_tool_call_does_not_hold_up_the_ones_behind_it(stack, start_servi
     assert arrived["clock"] < LLM_SECONDS / 2, f"the clock call waited behind the summary: {arrived}"
     assert value(text, "tool_calls_total", tool="clock", result="success") == 1
     assert value(text, "tool_calls_total", tool="summarize", result="success") == 1
+
+
+def test_a_tool_call_is_labelled_by_a_known_tool_and_its_turns_mode(stack, start_service):
+    llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
+
+    async def scenario() -> str:
+        settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{llm}/v1"})
+        telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="tool_executor")
+        redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+        try:
+            async with httpx.AsyncClient() as http:
+                executor = ToolExecutor(telemetry, settings, redis, http)
+                request = {"call_id": "c1", "name": "summarize", "mode": "degraded_bypass_somabrain",
+                           "arguments": json.dumps({"text": "a text"})}  # fmt: skip
+                summary = await executor.execute(request)
+                assert summary["ok"], summary
+                for made_up in ("teleport", "launch_rockets", "x" * 40):  # names an LLM made up
+                    assert not (await executor.execute({"call_id": "c2", "name": made_up, "arguments": "{}"}))["ok"]
+            return telemetry.scrape()[2].decode()
+        finally:
+            await redis.aclose()
+            telemetry.shutdown()
+
+    text = asyncio.run(scenario())
+    assert value(text, "llm_requests_total", mode="degraded_bypass_somabrain") == 1, "the turn's mode was lost"
+    assert value(text, "tool_calls_total", tool="summarize", result="success") == 1
+    assert value(text, "tool_calls_total", tool="other", result="rejected") == 3
+    assert "teleport" not in text, "a made-up tool name took a label slot"

@@ -22,19 +22,24 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
 import chatobs
+from chatobs.catalogue import OVERFLOW_VALUE
 from chatpipe.events import tool_result_key
 from chatpipe.health import HealthProbes, http_ok, kafka_metadata
 from chatpipe.kafka import ConcurrentHandler, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
-from chatpipe.tools.catalog import ToolError, calculate, clock
+from chatpipe.tools.catalog import TOOL_SPECS, ToolError, calculate, clock
 
 __all__ = ["ToolExecutor", "main"]
 
 _logger = logging.getLogger("chatpipe.tools")
 _RESULT_TTL_SECONDS = 120
 _CONCURRENCY = 16
+#: The tools this executor runs (those the worker offers the LLM).
+_TOOLS = frozenset(spec["function"]["name"] for spec in TOOL_SPECS)
+#: The `mode` label values of an LLM request (`llm_requests_total`).
+_LLM_MODES = ("normal", "degraded_bypass_somabrain")
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -48,7 +53,7 @@ class ToolExecutor:
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._requests = ConcurrentHandler(self._handle, limit=50, waiting="tool results wait for Redis")
 
-    async def run(self, name: str, arguments: dict[str, Any]) -> Any:
+    async def run(self, name: str, arguments: dict[str, Any], *, mode: str = "normal") -> Any:
         if name == "calculator":
             return calculate(str(arguments.get("expression", "")))
         if name == "clock":
@@ -57,6 +62,7 @@ class ToolExecutor:
             text = str(arguments.get("text", ""))[:4000]
             reply = await self._llm.complete(
                 [{"role": "system", "content": "Summarize in one sentence."}, {"role": "user", "content": text}],
+                mode=mode,
                 stream=False,
             )
             return reply.content
@@ -64,11 +70,12 @@ class ToolExecutor:
 
     async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
         name = str(request.get("name"))
+        mode = request.get("mode") if request.get("mode") in _LLM_MODES else "normal"
         started = time.perf_counter()
         try:
             arguments = json.loads(request.get("arguments") or "{}")
             result: dict[str, Any] = {"ok": True, "result": await asyncio.wait_for(
-                self.run(name, arguments), self._settings.tool_timeout_seconds)}  # fmt: skip
+                self.run(name, arguments, mode=mode), self._settings.tool_timeout_seconds)}  # fmt: skip
             outcome = "success"
         except (ToolError, ValueError) as error:
             result, outcome = {"ok": False, "error": str(error)}, "rejected"
@@ -76,7 +83,10 @@ class ToolExecutor:
             result, outcome = {"ok": False, "error": "timed out"}, "timeout"
         except (LLMError, Exception) as error:  # noqa: BLE001 - report every failure to the caller
             result, outcome = {"ok": False, "error": f"{type(error).__name__}: {error}"}, "error"
-        self._telemetry.tools.call(name, outcome, seconds=time.perf_counter() - started)
+        # A name the LLM made up is no tool: `other` (counted as a label turned away), not one of
+        # the `tool` label's first-seen slots taken for good.
+        tool = name if name in _TOOLS else OVERFLOW_VALUE
+        self._telemetry.tools.call(tool, outcome, seconds=time.perf_counter() - started)
         return result
 
     async def execute_round(self, consumer: AIOKafkaConsumer) -> bool:

@@ -297,7 +297,7 @@ class Worker:
                 if reply.tool_calls:
                     messages.append({"role": "assistant", "content": None, "tool_calls": reply.tool_calls})
                     for call in reply.tool_calls:
-                        messages.append(await self._run_tool(call, session_id, tenant))
+                        messages.append(await self._run_tool(call, session_id, tenant, mode))
                     reply = await self._llm.complete(messages, mode=mode, on_token=relay)
                     tokens += reply.prompt_tokens + reply.completion_tokens
             except LLMError as error:
@@ -448,11 +448,12 @@ class Worker:
         self._telemetry.backlog.degraded_buffer_size(count)
 
     # -- tools ---------------------------------------------------------------------------
-    async def _run_tool(self, call: dict[str, Any], session_id: str, tenant: str) -> dict[str, Any]:
+    async def _run_tool(self, call: dict[str, Any], session_id: str, tenant: str, mode: str) -> dict[str, Any]:
         call_id = call.get("id") or f"call_{uuid.uuid4().hex[:12]}"
+        # `mode`: a tool that calls the LLM (summarize) labels its request as the turn's own.
         request = {"call_id": call_id, "name": call["function"]["name"],
                    "arguments": call["function"].get("arguments") or "{}", "session_id": session_id,
-                   "tenant": tenant}  # fmt: skip
+                   "tenant": tenant, "mode": mode}  # fmt: skip
         await self._producer.send_and_wait(self._settings.tool_topic, json.dumps(request).encode(),
                                            key=session_id.encode())  # fmt: skip
         answer = await self._waits.blpop([tool_result_key(call_id)], timeout=self._settings.tool_timeout_seconds)
