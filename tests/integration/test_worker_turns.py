@@ -191,6 +191,29 @@ def test_turns_admitted_together_stay_within_the_message_budget(stack, simulator
     assert value(text, "tenant_budget_messages_overruns_total", tenant=tenant) == 7
 
 
+def test_a_quiet_tenants_usage_gauges_follow_the_budget_window(stack, simulators):
+    """Used 1 of its messages, then quiet: once the window changes, its gauges show the new one's 0."""
+    tenant = f"quiet{uuid.uuid4().hex[:6]}"
+
+    async def scenario() -> tuple[str, str]:
+        window = 4
+        async with running_worker(stack, simulators, CHATPIPE_BUDGET_WINDOW_SECONDS=str(window)) as turns:
+            await asyncio.sleep(window - time.time() % window + 0.05)  # a window just begun: the turn fits in it
+            (final,) = await turns.send("one message", tenant=tenant)
+            assert final["type"] == "message", final
+            await turns.worker.measure_budget_usage()
+            during = turns.metrics()
+            await asyncio.sleep(window - time.time() % window + 0.05)  # the next window: nothing counted yet
+            await turns.worker.measure_budget_usage()
+            return during, turns.metrics()
+
+    during, after = asyncio.run(scenario())
+    assert value(during, "tenant_budget_messages_used", tenant=tenant) == 1
+    assert value(during, "tenant_budget_tokens_used", tenant=tenant) > 0
+    assert value(after, "tenant_budget_messages_used", tenant=tenant) == 0, "the last window's usage stayed"
+    assert value(after, "tenant_budget_tokens_used", tenant=tenant) == 0
+
+
 def test_a_turn_that_is_not_answered_gives_its_message_back(stack, simulators):
     """Messages count from admission; one whose turn failed is not a message answered."""
     tenant = f"duo{uuid.uuid4().hex[:6]}"

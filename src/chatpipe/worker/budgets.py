@@ -43,6 +43,8 @@ from chatpipe.settings import PipelineSettings
 __all__ = ["Admission", "BudgetExceededError", "Budgets"]
 
 _logger = logging.getLogger("chatpipe.worker")
+#: Most tenants whose usage gauges are kept current (the label admits no more by default anyway).
+_MOST_TENANTS_MEASURED = 1000
 
 #: KEYS: messages, tokens; ARGV: message allowance, token allowance, TTL. Counts the message only
 #: if both budgets have room; answers ``{verdict, messages used, tokens used}``.
@@ -82,6 +84,27 @@ class Budgets:
         self._redis = redis
         self._settings = settings
         self._recorder = recorder
+        #: Tenants this worker has admitted or refused: their usage gauges are kept current.
+        self._tenants: set[str] = set()
+
+    async def measure_usage(self) -> None:
+        """Set the usage gauges of every tenant seen to its current window's counts.
+
+        They are set when a tenant's message is admitted or charged; a tenant quiet since the
+        window changed would go on showing the last window's usage (100% used, say) for ever.
+        One ``MGET`` for all of them; run it on a schedule (the worker does, every
+        ``CHATPIPE_BACKLOG_POLL_SECONDS``).
+        """
+        tenants = sorted(self._tenants)
+        if not tenants:
+            return
+        keys = [key for tenant in tenants for key in self._keys(tenant)]
+        values = await self._redis.mget(keys)
+        for index, tenant in enumerate(tenants):
+            tokens_used, messages_used = values[2 * index], values[2 * index + 1]
+            self._recorder.tokens(tenant, allowed=self._settings.token_allowance(tenant), used=int(tokens_used or 0))
+            self._recorder.messages(tenant, allowed=self._settings.message_allowance(tenant),
+                                    used=int(messages_used or 0))  # fmt: skip
 
     def _keys(self, tenant: str) -> tuple[str, str]:
         window = int(time.time()) // self._settings.budget_window_seconds
@@ -91,6 +114,8 @@ class Budgets:
         """Count one message of ``tenant``, or raise :class:`BudgetExceededError` (counting nothing)
         if it may not send another now."""
         tokens_key, messages_key = self._keys(tenant)
+        if tenant not in self._tenants and len(self._tenants) < _MOST_TENANTS_MEASURED:
+            self._tenants.add(tenant)
         token_allowance = self._settings.token_allowance(tenant)
         message_allowance = self._settings.message_allowance(tenant)
         ttl = self._settings.budget_window_seconds * 2

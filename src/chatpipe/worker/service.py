@@ -427,6 +427,10 @@ class Worker:
                 break
         return False  # pace rounds by degraded_replay_seconds either way
 
+    async def measure_budget_usage(self) -> None:
+        """Keep the tenants' usage gauges on the current budget window (see :meth:`Budgets.measure_usage`)."""
+        await self._budgets.measure_usage()
+
     async def measure_degraded_buffer(self) -> None:
         """Count the ``degraded:*`` keys (a SCAN of the keyspace) into ``degraded_buffer_size``.
 
@@ -522,6 +526,8 @@ async def main() -> None:
                          on_failure=lambda: telemetry.backlog.unmeasured("degraded_buffer_size")),
                 periodic("health", health.round, stopping, every=settings.health_probe_seconds,
                          timeout=2 * settings.health_probe_timeout_seconds),
+                periodic("budget usage", worker.measure_budget_usage, stopping, every=settings.backlog_poll_seconds,
+                         timeout=settings.backlog_query_timeout_seconds),
                 grace=settings.shutdown_grace_seconds,
             )  # fmt: skip
         finally:
