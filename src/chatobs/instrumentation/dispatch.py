@@ -40,12 +40,13 @@ from opentelemetry.trace import SpanKind
 from chatobs.instrumentation.gate import SpanGate
 
 if TYPE_CHECKING:
-    from chatobs.recorders.clients import Backend, BoundOperation, ClientRecorder
+    from chatobs.recorders.clients import Backend, BoundFailures, BoundOperation, ClientRecorder
 
 __all__ = [
     "BackendOperation",
     "ClientInstrumentor",
     "ClientOperation",
+    "FailuresOnly",
     "Patch",
     "PatchSpec",
     "Wiring",
@@ -139,6 +140,22 @@ class BackendOperation(ClientOperation):
 
     def record(self, described: BoundOperation, seconds: float, result: Any, failed: bool) -> None:
         described.record(seconds, failed)
+
+
+class FailuresOnly(ClientOperation):
+    """A call whose duration measures no work of the backend's (a poll, a wait for messages to
+    come): only its failures count, into ``failures``; ``benign`` exceptions are none."""
+
+    def __init__(self, failures: BoundFailures, benign: tuple[type[BaseException], ...] = ()):
+        self._failures = failures
+        self.benign = benign
+
+    def describe(self, args: Args, kwargs: Kwargs) -> BoundFailures:
+        return self._failures
+
+    def record(self, described: BoundFailures, seconds: float, result: Any, failed: bool) -> None:
+        if failed:
+            described.record()
 
 
 #: Most operation names a :class:`BackendOperation` keeps bound (statements' first words, commands).

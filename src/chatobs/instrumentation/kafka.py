@@ -55,6 +55,7 @@ from chatobs.instrumentation.dispatch import (
     BackendOperation,
     ClientInstrumentor,
     ClientOperation,
+    FailuresOnly,
     PatchSpec,
     Wiring,
     dispatcher,
@@ -63,7 +64,7 @@ from chatobs.instrumentation.dispatch import (
 )
 from chatobs.instrumentation.errors import error_type
 from chatobs.propagation import extract_pairs, fields, inject
-from chatobs.recorders.clients import BoundFailures, BoundOperation, ClientRecorder
+from chatobs.recorders.clients import BoundOperation, ClientRecorder
 
 __all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
 
@@ -207,23 +208,14 @@ class _Connect(BackendOperation):
         return self._bound.get("connect") or self.bind("connect")
 
 
-class _Poll(ClientOperation):
+def _poll(clients: ClientRecorder) -> FailuresOnly:
     """A poll (``getone``/``getmany``): only its failures count, in ``kafka_errors_total{operation=
     "consume"}``; how long it took is how long records took to come, no work of the broker's."""
+    import aiokafka.errors
 
-    def __init__(self, clients: ClientRecorder):
-        import aiokafka.errors
-
-        # Both end a poll when the consumer stops (a service shutting down), which is no failure.
-        self.benign = (asyncio.CancelledError, aiokafka.errors.ConsumerStoppedError)
-        self._failures: BoundFailures = clients.bound_failures("kafka", "consume")  # 0 before the first
-
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundFailures:
-        return self._failures
-
-    def record(self, described: BoundFailures, seconds: float, result: Any, failed: bool) -> None:
-        if failed:
-            described.record()
+    # Both end a poll when the consumer stops (a service shutting down), which is no failure.
+    benign = (asyncio.CancelledError, aiokafka.errors.ConsumerStoppedError)
+    return FailuresOnly(clients.bound_failures("kafka", "consume"), benign)  # 0 before the first
 
 
 def _fresh_headers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -322,7 +314,7 @@ class KafkaClientInstrumentor(ClientInstrumentor):
             _Produce(wiring.clients),
             _Commit(wiring.clients),
             _Connect(wiring.clients),
-            _Poll(wiring.clients),
+            _poll(wiring.clients),
         )
 
         def build_send(original: Any, contrib: Any) -> Any:

@@ -31,7 +31,7 @@ from typing import Any
 from chatobs.instrumentation.dispatch import (
     BackendOperation,
     ClientInstrumentor,
-    ClientOperation,
+    FailuresOnly,
     PatchSpec,
     Wiring,
     dispatcher,
@@ -101,21 +101,6 @@ class _Command(BackendOperation):
         described.record(seconds, failed)  # type: ignore[call-arg]
 
 
-class _MessageRead(ClientOperation):
-    """A pub/sub connection's ``get_message``: only a failure counts (as ``subscribe``); how long
-    it took is how long messages took to come."""
-
-    def __init__(self, clients: ClientRecorder):
-        self._failures = clients.bound_failures("redis", "subscribe")
-
-    def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundFailures:
-        return self._failures
-
-    def record(self, described: BoundFailures, seconds: float, result: Any, failed: bool) -> None:
-        if failed:
-            described.record()
-
-
 class _PipelineExecute(_Command):
     def __init__(self, clients: ClientRecorder, watch_error: type[BaseException]):
         super().__init__(clients)
@@ -153,7 +138,8 @@ class RedisClientInstrumentor(ClientInstrumentor):
             if hasattr(owner, method):
                 operation = pipeline if is_pipeline else command
                 yield owner, method, dispatcher(wiring.gate, operation, sync=not is_async), True
-        reads = _MessageRead(wiring.clients)
+        # A pub/sub connection's get_message: how long it took is how long messages took to come.
+        reads = FailuresOnly(wiring.clients.bound_failures("redis", "subscribe"))
         for module_name, is_async in (("redis.client", False), ("redis.asyncio.client", True)):
             owner = importlib.import_module(module_name).PubSub
             yield owner, "get_message", dispatcher(wiring.gate, reads, sync=not is_async), False
