@@ -18,12 +18,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from chatobs.recorders import HealthRecorder
 
-__all__ = ["HealthProbes", "Probe", "http_ok", "kafka_metadata"]
+__all__ = ["HealthProbes", "Probe", "http_ok", "kafka_metadata", "postgres_ping"]
 
 _logger = logging.getLogger("chatpipe.health")
 
@@ -33,24 +34,33 @@ Probe = Callable[[], Awaitable[object]]
 
 class HealthProbes:
     """Probes run together, each bounded by ``timeout``; a probe that raises or runs out of
-    time is ``result="fail"``. :meth:`round` itself never raises."""
+    time is ``result="fail"``. :meth:`round` itself never raises, and answers each component's
+    result (the gateway's ``/health`` shows them)."""
 
     def __init__(self, recorder: HealthRecorder, probes: Mapping[str, Probe], *, timeout: float):
         self._recorder = recorder
         self._probes = dict(probes)
         self._timeout = timeout
 
-    async def round(self) -> None:
-        await asyncio.gather(*(self._probe(component, probe) for component, probe in self._probes.items()))
+    async def round(self) -> dict[str, bool]:
+        """Each component's probe, run once now: ``{component: answered}``, each one counted."""
+        answers = await asyncio.gather(*(self._probe(component, probe) for component, probe in self._probes.items()))
+        return dict(zip(self._probes, answers, strict=True))
 
-    async def _probe(self, component: str, probe: Probe) -> None:
+    async def _probe(self, component: str, probe: Probe) -> bool:
         try:
             await asyncio.wait_for(probe(), self._timeout)
+            ok = True
         except Exception as error:  # noqa: BLE001 - whatever it is, the backend did not answer
             _logger.debug("health: %s did not answer (%r)", component, error)
-            self._recorder.check(component, ok=False)
-        else:
-            self._recorder.check(component, ok=True)
+            ok = False
+        self._recorder.check(component, ok=ok)
+        return ok
+
+
+def postgres_ping(pool: asyncpg.Pool) -> Probe:
+    """A ``select 1`` on a connection of ``pool``."""
+    return lambda: pool.fetchval("select 1")
 
 
 def kafka_metadata(client: AIOKafkaConsumer | AIOKafkaProducer) -> Probe:

@@ -44,6 +44,7 @@ import chatobs
 from chatobs.propagation import traceparent
 from chatpipe.db import connect_pool, migrate
 from chatpipe.events import ROLES, events_channel
+from chatpipe.health import HealthProbes, postgres_ping
 from chatpipe.runtime import freeze_startup_objects
 from chatpipe.settings import load_backend_settings, load_pipeline_settings
 
@@ -62,6 +63,8 @@ _UPLOAD_CHUNK = 64 * 1024
 _MULTIPART_OVERHEAD = 16 * 1024
 _KEEPALIVE_SECONDS = 15.0
 _RETRY_AFTER_SECONDS = 2
+#: How long `/health` waits for each backend (a load balancer's probe wants its answer soon).
+_HEALTH_TIMEOUT_SECONDS = 1.0
 #: The status of a request whose client closed the connection before its body was read.
 _CLIENT_CLOSED = 499
 #: Errors that mean PostgreSQL or Redis cannot be reached (down, restarting, refusing): 503, not 500.
@@ -201,6 +204,9 @@ def create_app() -> FastAPI:
             backends.database_url, max_size=settings.db_pool_size, command_timeout=settings.db_command_timeout_seconds
         )
         await migrate(app.state.pool)
+        app.state.health = HealthProbes(telemetry.health, {"redis": app.state.redis.ping,
+                                                           "postgres": postgres_ping(app.state.pool)},
+                                        timeout=_HEALTH_TIMEOUT_SECONDS)  # fmt: skip
         settings.attachment_dir.mkdir(parents=True, exist_ok=True)
         freeze_startup_objects()
         try:
@@ -407,25 +413,11 @@ def create_app() -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        checks = {
-            "redis": _check(app.state.redis.ping()),
-            "postgres": _check(app.state.pool.fetchval("select 1")),
-        }
-        results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
-        for component, ok in results.items():
-            telemetry.health.check(component, ok=ok)
+        results = await app.state.health.round()
         status = 200 if all(results.values()) else 503
         return JSONResponse({name: "ok" if ok else "fail" for name, ok in results.items()}, status_code=status)
 
     return app
-
-
-async def _check(probe: Any, timeout: float = 1.0) -> bool:
-    try:
-        await asyncio.wait_for(probe, timeout)
-        return True
-    except Exception:  # noqa: BLE001 - a failed probe is the answer, not an error
-        return False
 
 
 async def _store(upload: UploadFile, path: Path, limit: int) -> int:

@@ -44,7 +44,7 @@ from opentelemetry.trace import SpanKind
 import chatobs
 from chatobs.propagation import continued
 from chatpipe.db import OUTBOX_CHANNEL, connect_pool, migrate
-from chatpipe.health import HealthProbes, kafka_metadata
+from chatpipe.health import HealthProbes, kafka_metadata, postgres_ping
 from chatpipe.kafka import start_producer
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -177,13 +177,13 @@ class Publisher:
                         await self._producer.send(self._topic, payload.encode(), key=row["session_id"].encode())
                     )
                 except Exception as error:  # noqa: BLE001 - sorted out with the deliveries' failures
-                    refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
                     # Only the producer's own refusal, before sending, is this row's for good: the
                     # broker refuses a whole batch of rows, most of them innocent, and is retried.
-                    refused.set_exception(_RefusedForGoodError(error) if isinstance(error, MessageSizeTooLargeError)
-                                          else error)  # fmt: skip
+                    for_good = isinstance(error, MessageSizeTooLargeError)
+                    refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                    refused.set_exception(_RefusedForGoodError(error) if for_good else error)
                     deliveries.append(refused)
-                    if not isinstance(error, MessageSizeTooLargeError):
+                    if not for_good:
                         break
         return deliveries
 
@@ -268,7 +268,7 @@ async def main() -> None:
         return
     publisher = Publisher(telemetry, pool, producer, settings)
     wakeup = OutboxWakeup(backends.database_url, stopping)
-    health = HealthProbes(telemetry.health, {"postgres": lambda: pool.fetchval("select 1"),
+    health = HealthProbes(telemetry.health, {"postgres": postgres_ping(pool),
                                              "kafka": kafka_metadata(producer)},
                           timeout=settings.health_probe_timeout_seconds)  # fmt: skip
     _logger.info("publisher: outbox -> %s", publisher._topic)

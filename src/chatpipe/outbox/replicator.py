@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer
 
 import chatobs
 from chatpipe.db import connect_pool, migrate
-from chatpipe.health import HealthProbes, kafka_metadata
+from chatpipe.health import HealthProbes, kafka_metadata, postgres_ping
 from chatpipe.kafka import commit_handled, start_consumer
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import load_backend_settings, load_pipeline_settings
@@ -94,7 +94,7 @@ async def main() -> None:
         return
     try:
         replicator = Replicator(telemetry, pool, consumer)
-        health = HealthProbes(telemetry.health, {"postgres": lambda: pool.fetchval("select 1"),
+        health = HealthProbes(telemetry.health, {"postgres": postgres_ping(pool),
                                                  "kafka": kafka_metadata(consumer)},
                               timeout=settings.health_probe_timeout_seconds)  # fmt: skip
         await run_until_stopped(stopping, forever("replicate", replicator.replicate_round, stopping, idle=0.05),
