@@ -100,6 +100,12 @@ class PipelineSettings(MappingSettings):
         "have `CHATPIPE_ATTACHMENT_MAX_BYTES`).",
     )
     sse_timeout_seconds: float = Field(300.0, gt=0, description="An SSE stream with no event for this long ends.")
+    sse_max_streams: int = Field(
+        1000,
+        ge=1,
+        description="Most SSE streams the gateway holds open at once (each holds a Redis connection); "
+        "one more is refused with 503 and `Retry-After`.",
+    )
     # --- Messaging and backlogs ------------------------------------------------------------
     tool_topic: str = Field("chat.tools", min_length=1, description="Kafka topic of tool-call requests.")
     tool_timeout_seconds: float = Field(10.0, gt=0, description="How long the worker waits for a tool result.")

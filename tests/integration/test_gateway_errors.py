@@ -202,3 +202,35 @@ def test_two_deletes_of_one_session_at_once_count_one_deletion(pipeline):
     statuses = asyncio.run(both())
     assert statuses[0] == 204 and set(statuses) <= {204, 410}, statuses
     assert value(httpx.get(metrics_url, timeout=5).text, "sessions_deleted_total") - before == 1
+
+
+def test_a_message_sent_as_its_session_is_deleted_is_refused_not_accepted_after_the_delete(pipeline, stack):
+    """The DELETE's transaction is held open by the test: the message's look-up still sees the
+    session live, and the message must wait for the DELETE's outcome instead of being stored
+    (and answered 202) in a session the client was told (204) is gone."""
+    import asyncpg
+
+    chat = ChatClient(pipeline.gateway_url)
+    session = chat.new_session()
+    url = f"{pipeline.gateway_url}/v1/sessions/{session}/messages"
+
+    async def race() -> tuple[int, int]:
+        connection = await asyncpg.connect(stack["DATABASE_URL"])
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                transaction = connection.transaction()
+                await transaction.start()
+                await connection.execute("update sessions set deleted_at = now() where id = $1", session)
+                posted = asyncio.ensure_future(client.post(url, json={"content": "just in time?"}))
+                await asyncio.sleep(1.0)  # the gateway has looked the session up and reached the insert
+                waited = not posted.done()
+                await transaction.commit()
+                answer = await posted
+                stored = await connection.fetchval("select count(*) from outbox where session_id = $1", session)
+                assert waited, f"the message did not wait for the DELETE: {answer.status_code}"
+                return answer.status_code, stored
+        finally:
+            await connection.close()
+
+    status, stored = asyncio.run(race())
+    assert (status, stored) == (410, 0)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import httpx
 import pytest
 
+from chatobs.stack import free_port
 from tests.chat_client import eventually
 from tests.metrics_text import value
 
@@ -64,4 +66,28 @@ def test_chat_page_sends_from_a_plain_http_address_too(pipeline, browser):
     page.click("#send")
     reply = page.wait_for_selector(".assistant.done", timeout=30_000)
     assert reply.text_content().startswith("You said: hello without randomUUID.")
+    page.close()
+
+
+def test_chat_page_opens_its_stream_once_the_gateway_has_room_again(stack, start_service, browser, tmp_path):
+    """A gateway with room for one stream, taken by another client: the page's EventSource is
+    refused (503), which EventSource never retries by itself; the page must, and opens its
+    stream once the other client leaves."""
+    port = free_port()
+    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
+           "CHATPIPE_SSE_MAX_STREAMS": "1", "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"),
+           "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
+    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port,
+                            ready_path="/health").base_url  # fmt: skip
+    other = httpx.post(f"{gateway}/v1/sessions", headers={"X-Tenant-ID": "acme"}).json()["session_id"]
+    page = browser.new_page()
+    with httpx.Client(timeout=10) as client, client.stream("GET", f"{gateway}/v1/sessions/{other}/events") as taken:
+        lines = taken.iter_lines()
+        assert next(lines) == ": connected"
+        page.goto(f"{gateway}/")
+        page.click("#new-session")
+        page.wait_for_selector("#status:has-text('no event stream, trying again')", timeout=10_000)
+        assert page.locator("#status[data-ready='1']").count() == 0
+    page.wait_for_selector("#status[data-ready='1']", timeout=20_000)
+    assert value(httpx.get(f"{gateway}/metrics", timeout=5).text, "sse_clients_gauge") == 1
     page.close()

@@ -9,7 +9,12 @@ the connection before its body was read is answered (and counted) 499, as nginx 
 
 A message posted with an ``Idempotency-Key`` header is stored once however often it is
 sent: a retry gets the same ``message_id`` (202, ``Idempotent-Replayed: true``), and is
-not answered or charged again. A 503 says whether the message may have been stored.
+not answered or charged again. A 503 says whether the message may have been stored. A
+message is stored only while its session is: one racing the session's DELETE waits for it,
+and is refused (410) if the DELETE wins.
+
+At most ``CHATPIPE_SSE_MAX_STREAMS`` event streams are open at once (each holds a Redis
+pub/sub connection); one more is answered 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -38,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Message, Receive
+from starlette.types import Message, Receive, Scope, Send
 
 import chatobs
 from chatobs.propagation import traceparent
@@ -147,14 +152,16 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise _error(400, "malformed JSON body", str(error)[:200]) from None
 
 
-async def _same_message(connection: asyncpg.Connection, message_id: str, message: MessageIn) -> None:
-    """A message sent again with its ``Idempotency-Key`` must be the same message (422 otherwise)."""
+async def _same_message(connection: asyncpg.Connection, message_id: str, message: MessageIn) -> bool:
+    """Whether ``message_id`` is stored already (a message sent again with its ``Idempotency-Key``),
+    which must then be the same message (422 otherwise)."""
     stored = await connection.fetchrow(
         "select payload->>'role' as role, payload->>'content' as content from outbox where message_id = $1",
         message_id,
     )
     if stored is not None and (stored["role"], stored["content"]) != (message.role, message.content):
         raise _error(422, "this Idempotency-Key was used for another message in this session")
+    return stored is not None
 
 
 def _unsure_if_stored(key: str | None) -> HTTPException:
@@ -315,13 +322,20 @@ def create_app() -> FastAPI:
                     "accepted_at": time.time(),
                 }
                 inserting = True
+                # Stored only if the session is still there when the row is: FOR SHARE waits for a
+                # DELETE under way and sees its outcome, and holds off one that comes next until
+                # this commits. The look-up above alone let a message be accepted after the
+                # session's 204, into a session nobody will read.
                 inserted = await connection.fetchval(
-                    "insert into outbox (message_id, session_id, payload, traceparent) values ($1, $2, $3, $4)"
+                    "insert into outbox (message_id, session_id, payload, traceparent)"
+                    " select $1, $2, $3, $4 where exists"
+                    " (select from sessions where id = $2 and deleted_at is null for share)"
                     " on conflict (message_id) do nothing returning true",
                     message_id, session_id, json.dumps(payload), parent,
                 )  # fmt: skip
-                if not inserted:  # the key's message is stored already: it must be this one
-                    await _same_message(connection, message_id, message)
+                if not inserted:
+                    if not await _same_message(connection, message_id, message):
+                        raise _error(410, f"session {session_id} was deleted")
                     replayed = True
                 stored = True
         except BACKEND_UNAVAILABLE:
@@ -396,13 +410,29 @@ def create_app() -> FastAPI:
         traffic.attachment_uploaded(time.perf_counter() - started)
         return {"attachment_id": attachment_id, "size_bytes": size, "content_type": content_type}
 
+    streams = _StreamSlots(settings.sse_max_streams)
+
     @app.get("/v1/sessions/{session_id}/events")
     async def events(session_id: str, request: Request) -> StreamingResponse:
-        await live_session(app.state.pool, session_id)
-        pubsub = app.state.redis.pubsub()
-        await pubsub.subscribe(events_channel(session_id))
-        return StreamingResponse(
+        # Each stream holds a Redis connection for minutes: past the cap a client waits and
+        # comes back, instead of the streams taking every connection Redis will give.
+        if not streams.take():
+            raise HTTPException(
+                status_code=503,
+                detail={"error": f"{streams.limit} event streams are open, the most this gateway holds; retry shortly"},
+                headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
+            )
+        pubsub = None
+        try:
+            await live_session(app.state.pool, session_id)
+            pubsub = app.state.redis.pubsub()
+            await pubsub.subscribe(events_channel(session_id))
+        except BaseException:
+            await _release(streams, pubsub)
+            raise
+        return _EventStream(
             _sse(pubsub, request, telemetry, settings.sse_timeout_seconds),
+            release=lambda: _release(streams, pubsub),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -503,10 +533,54 @@ async def _sse(pubsub: Any, request: Request, telemetry: chatobs.Telemetry, idle
         raise
     finally:
         traffic.sse_client_disconnected()
+
+
+class _StreamSlots:
+    """How many SSE streams are open, up to ``limit`` (one event loop: no lock)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open = 0
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+
+async def _release(streams: _StreamSlots, pubsub: Any) -> None:
+    """A stream's slot and its Redis connection, given back once it is over (or never began)."""
+    streams.give_back()
+    if pubsub is None:
+        return
+    try:
+        await pubsub.aclose()
+    except Exception:  # Redis may be gone: the connection is dropped either way
+        _logger.debug("closing pubsub failed", exc_info=True)
+
+
+class _EventStream(StreamingResponse):
+    """A stream that gives back what its handler took (a slot, a pub/sub connection) when the
+    response ends, however it ends.
+
+    Not in the generator's ``finally``: that runs only if the generator was entered, and
+    neither ASGI nor Starlette promises that a response cancelled before its first chunk
+    enters it (none did in the tests, clients resetting their connections at once included).
+    """
+
+    def __init__(self, content: AsyncIterator[str], *, release: Callable[[], Awaitable[None]], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await pubsub.aclose()
-        except Exception:
-            _logger.debug("closing pubsub failed", exc_info=True)
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._release()
 
 
 _app: FastAPI | None = None
