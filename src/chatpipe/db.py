@@ -48,6 +48,7 @@ create index if not exists outbox_claimable on outbox (id) where sent_at is null
 alter table outbox add column if not exists confirmed_at timestamptz;
 alter table outbox add column if not exists deliveries integer not null default 0;
 create index if not exists outbox_unconfirmed on outbox (sent_at) where confirmed_at is null and sent_at is not null;
+create index if not exists outbox_confirmed on outbox (confirmed_at) where confirmed_at is not null;
 create table if not exists replicated_messages (
     message_id text primary key,
     session_id text not null,

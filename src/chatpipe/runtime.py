@@ -101,7 +101,7 @@ async def close_in_order(*steps: tuple[str, Callable[[], object]], timeout: floa
             _logger.warning("stopping: closing the %s failed (%r); going on", name, error)
 
 
-async def periodic(name: str, step: Callable[[], Awaitable[None]], stopping: asyncio.Event, *, every: float,
+async def periodic(name: str, step: Callable[[], Awaitable[object]], stopping: asyncio.Event, *, every: float,
                    timeout: float, on_failure: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Run ``step`` every ``every`` seconds, each run bounded by ``timeout`` (a gauge poller);
     ``on_failure()`` after a run that failed or timed out (a gauge then shows no stale value).

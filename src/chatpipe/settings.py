@@ -118,6 +118,13 @@ class PipelineSettings(MappingSettings):
         30.0, gt=0, description="A WAL record the replicator has not confirmed this long after it was sent is sent "
         "again (the broker lost it); the wait doubles per send.",
     )  # fmt: skip
+    outbox_retention_seconds: float = Field(
+        7 * 24 * 3600.0, ge=0, description="How long an outbox row is kept once the replicator confirmed it (0: for "
+        "good). A message's `Idempotency-Key` is remembered as long as its row.",
+    )  # fmt: skip
+    outbox_sweep_seconds: float = Field(
+        300.0, gt=0, description="How often the publisher deletes the outbox rows past their retention."
+    )
     shutdown_grace_seconds: float = Field(
         5.0, gt=0, description="On SIGTERM, how long work in flight may take to finish; what is left is cancelled "
         "unacknowledged, and comes again to the next instance.",

@@ -154,3 +154,42 @@ def test_a_row_the_broker_refuses_for_good_is_parked_and_holds_up_nothing(stack,
     assert value(scrape, "outbox_rows_parked_total") == 1
     # The parked row is not pending: the backlog gauge would hold OutboxBacklogNotDraining up for ever.
     assert "\noutbox_pending 0\n" in scrape
+
+
+def test_rows_confirmed_longer_ago_than_the_retention_are_deleted_and_no_others(stack, database):
+    hour = {"CHATPIPE_OUTBOX_RETENTION_SECONDS": "3600", "CHATPIPE_PUBLISHER_BATCH_SIZE": "2"}
+    settings = load_pipeline_settings(hour)
+    forever = load_pipeline_settings({"CHATPIPE_OUTBOX_RETENTION_SECONDS": "0"})
+    telemetry = telemetry_for("chat.publisher-test.unused")
+    states = {  # content: (sent, confirmed, parked), as intervals before now
+        "old-1": ("3 hours", "2 hours", None), "old-2": ("3 hours", "2 hours", None),
+        "old-3": ("3 hours", "90 minutes", None), "recent": ("20 minutes", "10 minutes", None),
+        "never-confirmed": ("3 hours", None, None), "parked": (None, None, "3 hours"), "pending": (None, None, None),
+    }  # fmt: skip
+
+    async def scenario() -> tuple[int, int, list[str]]:
+        pool = await connect_pool(database)
+        await migrate(pool)
+        try:
+            for content, (sent, confirmed, parked) in states.items():
+                await add_row(pool, "s", content)
+                await pool.execute(
+                    "update outbox set created_at = now() - interval '4 hours',"
+                    " sent_at = now() - $2::text::interval, confirmed_at = now() - $3::text::interval,"
+                    " parked_at = now() - $4::text::interval where payload->>'content' = $1",
+                    content, sent, confirmed, parked,
+                )  # fmt: skip
+            kept_for_good = await Publisher(telemetry, pool, None, forever).sweep_round()  # type: ignore[arg-type]
+            deleted = await Publisher(telemetry, pool, None, settings).sweep_round()  # type: ignore[arg-type]
+            left = await pool.fetch("select payload->>'content' as content from outbox order by id")
+            return kept_for_good, deleted, [row["content"] for row in left]
+        finally:
+            await pool.close()
+
+    try:
+        kept_for_good, deleted, left = asyncio.run(scenario())
+    finally:
+        telemetry.shutdown()
+    assert kept_for_good == 0
+    assert deleted == 3, "three rows confirmed over an hour ago, deleted in batches of two"
+    assert left == ["recent", "never-confirmed", "parked", "pending"]

@@ -20,6 +20,10 @@ refusal included (it refuses a whole batch of rows, most of them innocent), ends
 the rows acknowledged are marked sent, except those behind a failed row of their session,
 which are sent again after it.
 
+Rows the replicator confirmed are deleted ``CHATPIPE_OUTBOX_RETENTION_SECONDS`` later (a week,
+unless 0: kept for good), every ``CHATPIPE_OUTBOX_SWEEP_SECONDS``; the outbox would grow
+without end otherwise. The replica (``replicated_messages``) is the messages' record, kept.
+
 The publisher does not poll: it listens on :data:`~chatpipe.db.OUTBOX_CHANNEL`, which the
 outbox's trigger notifies when a row becomes pending, and reads the outbox when told (and
 at the latest every ``CHATPIPE_PUBLISHER_IDLE_SECONDS``, in case a notification was lost:
@@ -204,6 +208,33 @@ class Publisher:
         if rows:
             _logger.warning("publisher: %d row(s) sent but never confirmed; sending them again", len(rows))
 
+    async def sweep_round(self) -> int:
+        """Delete the rows the replicator confirmed more than ``CHATPIPE_OUTBOX_RETENTION_SECONDS``
+        ago (none when it is 0); the number deleted.
+
+        A batch a statement, so no statement holds many row locks or runs for long, and a
+        sweep cut short by its time limit has deleted whole batches. Rows never confirmed
+        (pending, parked, or sent and awaiting their confirmation) are kept whatever their age.
+        """
+        retention = self._settings.outbox_retention_seconds
+        if retention == 0:
+            return 0
+        batch = self._settings.publisher_batch_size
+        deleted = 0
+        while True:
+            status = await self._pool.execute(
+                "delete from outbox where id in (select id from outbox"
+                " where confirmed_at < now() - make_interval(secs => $1) limit $2 for update skip locked)",
+                retention, batch,
+            )  # fmt: skip
+            count = int(status.rsplit(" ", 1)[-1])
+            deleted += count
+            if count < batch:
+                break
+        if deleted:
+            _logger.info("publisher: deleted %d outbox row(s) confirmed more than %.0f s ago", deleted, retention)
+        return deleted
+
     async def measure_backlog(self) -> None:
         # One statement, no transaction: it runs every second. When the timeout expires (or the
         # caller's does), asyncpg cancels the statement on the server too, so a slow count
@@ -282,6 +313,8 @@ async def main() -> None:
                      on_failure=lambda: telemetry.backlog.unmeasured("outbox_pending")),
             periodic("redeliver", publisher.redeliver_round, stopping, every=settings.outbox_redeliver_seconds / 2,
                      timeout=settings.outbox_redeliver_seconds),
+            periodic("outbox_retention", publisher.sweep_round, stopping, every=settings.outbox_sweep_seconds,
+                     timeout=settings.outbox_sweep_seconds),
             periodic("health", health.round, stopping, every=settings.health_probe_seconds,
                      timeout=2 * settings.health_probe_timeout_seconds),
             grace=settings.shutdown_grace_seconds,
