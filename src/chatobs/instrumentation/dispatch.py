@@ -144,18 +144,12 @@ class BackendOperation(ClientOperation):
 
 class FailuresOnly(ClientOperation):
     """A call whose duration measures no work of the backend's (a poll, a wait for messages to
-    come): only its failures count, into ``failures``; ``benign`` exceptions are none."""
+    come): only its failures count, into ``failures``; ``benign`` exceptions are none.
+    :func:`dispatcher` gives it a dispatcher of its own, which times nothing."""
 
     def __init__(self, failures: BoundFailures, benign: tuple[type[BaseException], ...] = ()):
-        self._failures = failures
+        self.failures = failures
         self.benign = benign
-
-    def describe(self, args: Args, kwargs: Kwargs) -> BoundFailures:
-        return self._failures
-
-    def record(self, described: BoundFailures, seconds: float, result: Any, failed: bool) -> None:
-        if failed:
-            described.record()
 
 
 #: Most operation names a :class:`BackendOperation` keeps bound (statements' first words, commands).
@@ -167,10 +161,14 @@ def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
 
 
 def _failed(operation: ClientOperation, error: BaseException) -> bool:
+    return _failed_for(operation.benign, error)
+
+
+def _failed_for(benign: tuple[type[BaseException], ...], error: BaseException) -> bool:
     # A cancelled call did not complete: the caller's timeout ran out (`asyncio.wait_for`,
     # `asyncio.timeout` cancel inside), as in a hung backend, or it stopped waiting. Counted
     # as a failure, as OpenTelemetry marks its span ERROR, never as an operation that completed.
-    return isinstance(error, (Exception, asyncio.CancelledError)) and not isinstance(error, operation.benign)
+    return isinstance(error, (Exception, asyncio.CancelledError)) and not isinstance(error, benign)
 
 
 # The two dispatchers run on every client call: their steps are inlined and the operation's
@@ -266,6 +264,72 @@ def dispatching_sync(
     return dispatch
 
 
+# A call measured by its failures alone (a poll, a pub/sub read) runs the most often of all, a
+# Redis read per streamed token and a Kafka poll per fetch, mostly in a context nothing
+# suppresses, and never fails: on success its dispatcher costs one frame, and only a failure
+# asks whether instrumentation is on (the call was made anyway, and is not measured if not).
+
+
+def _failures_dispatching(
+    original: Callable[..., Any],
+    traced: Callable[..., Any] | None,
+    gate: Callable[[], bool],
+    operation: FailuresOnly,
+) -> Callable[..., Any]:
+    """:func:`dispatching` for a :class:`FailuresOnly` call: nothing timed, only failures recorded."""
+    failures, benign = operation.failures, operation.benign
+
+    async def dispatch(*args: Any, **kwargs: Any) -> Any:
+        call = original
+        if traced is not None:
+            try:
+                if gate() and operation.enabled():
+                    call = traced
+            except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+                _fail_safe(operation, "describe", error)
+        try:
+            return await call(*args, **kwargs)
+        except BaseException as error:
+            try:
+                if _failed_for(benign, error) and operation.enabled():
+                    failures.record()
+            except Exception as failure:  # noqa: BLE001 - as above
+                _fail_safe(operation, "record", failure)
+            raise
+
+    return dispatch
+
+
+def _failures_dispatching_sync(
+    original: Callable[..., Any],
+    traced: Callable[..., Any] | None,
+    gate: Callable[[], bool],
+    operation: FailuresOnly,
+) -> Callable[..., Any]:
+    """:func:`_failures_dispatching` for a synchronous method."""
+    failures, benign = operation.failures, operation.benign
+
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        call = original
+        if traced is not None:
+            try:
+                if gate() and operation.enabled():
+                    call = traced
+            except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+                _fail_safe(operation, "describe", error)
+        try:
+            return call(*args, **kwargs)
+        except BaseException as error:
+            try:
+                if _failed_for(benign, error) and operation.enabled():
+                    failures.record()
+            except Exception as failure:  # noqa: BLE001 - as above
+                _fail_safe(operation, "record", failure)
+            raise
+
+    return dispatch
+
+
 def spanned(
     call: Callable[..., Any], tracer: trace.Tracer, name: str, attributes: dict[str, str]
 ) -> Callable[..., Any]:
@@ -285,6 +349,9 @@ _MISSING = object()
 
 def dispatcher(gate: Callable[[], bool], operation: ClientOperation, *, sync: bool = False) -> Builder:
     """A :class:`Patch` builder: ``original`` and the contrib ``traced`` path, dispatched by ``gate``."""
+    if isinstance(operation, FailuresOnly):
+        failures = _failures_dispatching_sync if sync else _failures_dispatching
+        return lambda original, traced: failures(original, traced, gate, operation)
     dispatch = dispatching_sync if sync else dispatching
     return lambda original, traced: dispatch(original, traced, gate, operation)
 
