@@ -3,6 +3,8 @@ Somabrain; everything asserted is read back from the services' /metrics as Prome
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from chatpipe.launcher import Pipeline
@@ -261,3 +263,20 @@ def test_every_service_probes_its_backends_and_counts_a_backend_down(pipeline):
                    timeout=10, what="the worker's probe saw the LLM down")  # fmt: skip
     finally:
         control(pipeline.llm_url, outage=False)
+
+
+def test_a_calculation_too_large_to_answer_is_refused_at_once_and_holds_up_no_other(pipeline):
+    # `(9**99)**99` has 9,400 digits: more than JSON can write, so its result was dropped (the
+    # worker waited out its 10 s) and counted a success. `(((9**99)**99)**99)**99` was minutes
+    # of CPU in the executor's event loop, every other tool call stalled behind it.
+    scrapes = Scrapes(pipeline)
+    rejected = scrapes.value("tool_executor", "tool_calls_total", tool="calculator", result="rejected")
+    chat = ChatClient(pipeline.gateway_url)
+    for expression in ("(9**99)**99", "(((9**99)**99)**99)**99"):
+        started = time.monotonic()
+        event, _ = chat.turn(chat.new_session(), f"calc: {expression}")
+        assert event["type"] == "message" and "more than 100 digits" in event["content"], event
+        assert time.monotonic() - started < 8, "the worker waited for a result that never came"
+    event, _ = chat.turn(chat.new_session(), "calc: 6*7")
+    assert event["type"] == "message" and "42" in event["content"]
+    assert scrapes.value("tool_executor", "tool_calls_total", tool="calculator", result="rejected") == rejected + 2

@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["TOOL_SPECS", "ToolError", "calculate", "clock"]
+__all__ = ["MAX_DIGITS", "TOOL_SPECS", "ToolError", "calculate", "clock"]
 
 
 class ToolError(Exception):
@@ -38,23 +39,47 @@ _OPERATORS: dict[type, Callable[..., Any]] = {
 }  # fmt: skip
 
 
+#: The most digits a result (and every step towards it) may have. The evaluation runs in the
+#: tool executor's event loop, where no timeout can stop it: `(((9**99)**99)**99)**99` is 23
+#: characters and minutes of CPU, and ints over 4,300 digits cannot even be written as JSON.
+MAX_DIGITS = 100
+
+
+def _checked(value: Any) -> float | int:
+    if isinstance(value, complex):  # (-8) ** 0.5
+        raise ToolError("the result is not a real number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolError("the result is not a finite number")
+    if isinstance(value, int) and abs(value) >= 10**MAX_DIGITS:
+        raise ToolError(f"the result has more than {MAX_DIGITS} digits")
+    return value
+
+
+def _power(base: float | int, exponent: float | int) -> float | int:
+    # Refused before it is computed: the check after would come minutes late.
+    if abs(exponent) > 100 or (abs(base) > 1 and exponent > 0 and exponent * math.log10(abs(base)) > MAX_DIGITS):
+        raise ToolError(f"the result has more than {MAX_DIGITS} digits")
+    return base**exponent
+
+
 def calculate(expression: str) -> float | int:
-    """``calculate("6*7") == 42``; anything but numbers and arithmetic raises :class:`ToolError`."""
+    """``calculate("6*7") == 42``; anything but numbers and arithmetic raises :class:`ToolError`,
+    and so does a result (or a step towards it) of more than :data:`MAX_DIGITS` digits."""
     if len(expression) > 200:
         raise ToolError("expression too long")
 
     def walk(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return node.value
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # not True, not complex
+            return _checked(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 100:
-                raise ToolError("exponent too large")
-            return _OPERATORS[type(node.op)](left, right)
+            if isinstance(node.op, ast.Pow):
+                return _checked(_power(left, right))
+            return _checked(_OPERATORS[type(node.op)](left, right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](walk(node.operand))
+            return _checked(_OPERATORS[type(node.op)](walk(node.operand)))
         raise ToolError(f"not arithmetic: {ast.dump(node)[:60]}")
 
     try:

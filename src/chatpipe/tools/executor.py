@@ -83,6 +83,10 @@ class ToolExecutor:
             result, outcome = {"ok": False, "error": "timed out"}, "timeout"
         except (LLMError, Exception) as error:  # noqa: BLE001 - report every failure to the caller
             result, outcome = {"ok": False, "error": f"{type(error).__name__}: {error}"}, "error"
+        try:
+            json.dumps(result, default=str)
+        except (TypeError, ValueError) as error:  # a result that cannot be sent is no success
+            result, outcome = {"ok": False, "error": f"the result cannot be sent: {error}"}, "error"
         # A name the LLM made up is no tool: `other` (counted as a label turned away), not one of
         # the `tool` label's first-seen slots taken for good.
         tool = name if name in _TOOLS else OVERFLOW_VALUE
