@@ -78,7 +78,12 @@ class LLMClient:
         tools: list[dict[str, Any]] | None = None,
         stream: bool = True,
         on_token: Callable[[str], Awaitable[None]] | None = None,
+        timeout: float | None = None,
     ) -> LLMReply:
+        """One call; ``timeout`` (at most ``CHATPIPE_LLM_TIMEOUT_SECONDS``) is a caller's shorter
+        bound: a caller that cancels the call instead leaves it counted in ``llm_requests_total``
+        and in neither its latency nor its errors."""
+        limit = self._timeout if timeout is None else min(timeout, self._timeout)
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
@@ -87,20 +92,20 @@ class LLMClient:
         self._recorder.request(self.model, self.provider, mode)
         call = _Call(mode)
         # The whole call, however the provider paces it: httpx's timeout bounds each read only.
-        deadline = asyncio.timeout(self._timeout)
+        deadline = asyncio.timeout(limit)
         try:
             async with deadline:
                 if stream:
                     reply = await self._stream(body, call, on_token)
                 else:
                     response = await self._http.post(self._url, json=body, headers=self._headers,
-                                                     timeout=self._timeout)  # fmt: skip
+                                                     timeout=limit)  # fmt: skip
                     self._raise_for_status(response)
                     reply = _parse(response.content)
         except TimeoutError as error:
             if not deadline.expired():
                 raise  # not this call's deadline (the token relay's own, say)
-            raise self._failed(call, LLMError("timeout", f"LLM call took over {self._timeout:g}s")) from error
+            raise self._failed(call, LLMError("timeout", f"LLM call took over {limit:g}s")) from error
         except httpx.TimeoutException as error:
             raise self._failed(call, LLMError("timeout", f"LLM call timed out: {error}")) from error
         except httpx.TransportError as error:

@@ -103,3 +103,33 @@ def test_a_tool_call_is_labelled_by_a_known_tool_and_its_turns_mode(stack, start
     assert value(text, "tool_calls_total", tool="summarize", result="success") == 1
     assert value(text, "tool_calls_total", tool="other", result="rejected") == 3
     assert "teleport" not in text, "a made-up tool name took a label slot"
+
+
+def test_a_summary_whose_llm_outlasts_the_tool_timeout_is_counted_in_the_llm_metrics(stack, start_service):
+    """The executor gives up on a tool after ``CHATPIPE_TOOL_TIMEOUT_SECONDS``, shorter than the
+    LLM's own timeout: cancelled from outside, the LLM call was counted among the requests and in
+    neither its latency nor its errors, so the error ratio read low and the slowest calls were missing."""
+    llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
+
+    async def scenario() -> tuple[dict[str, object], str]:
+        settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{llm}/v1", "CHATPIPE_TOOL_TIMEOUT_SECONDS": "1",
+                                           "CHATPIPE_LLM_TIMEOUT_SECONDS": "30"})  # fmt: skip
+        telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="tool_executor")
+        redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+        try:
+            async with httpx.AsyncClient() as http:
+                (await http.post(f"{llm}/control", json={"latency_seconds": LLM_SECONDS})).raise_for_status()
+                executor = ToolExecutor(telemetry, settings, redis, http)
+                request = {"call_id": "c1", "name": "summarize", "arguments": json.dumps({"text": "a text"})}
+                result = await executor.execute(request)
+            return result, telemetry.scrape()[2].decode()
+        finally:
+            await redis.aclose()
+            telemetry.shutdown()
+
+    result, text = asyncio.run(scenario())
+    assert not result["ok"] and "0.9s" in str(result["error"]), result
+    assert value(text, "tool_calls_total", tool="summarize", result="timeout") == 1
+    assert value(text, "llm_requests_total") == 1
+    assert value(text, "llm_errors_total", code="timeout") == 1
+    assert value(text, "llm_latency_seconds_count") == 1

@@ -36,6 +36,8 @@ __all__ = ["ToolExecutor", "main"]
 _logger = logging.getLogger("chatpipe.tools")
 _RESULT_TTL_SECONDS = 120
 _CONCURRENCY = 16
+#: The share of `CHATPIPE_TOOL_TIMEOUT_SECONDS` a `summarize` call may wait on the LLM; the rest sends its result.
+_LLM_SHARE_OF_TOOL_TIMEOUT = 0.9
 #: The tools this executor runs (those the worker offers the LLM).
 _TOOLS = frozenset(spec["function"]["name"] for spec in TOOL_SPECS)
 #: The `mode` label values of an LLM request (`llm_requests_total`).
@@ -64,6 +66,9 @@ class ToolExecutor:
                 [{"role": "system", "content": "Summarize in one sentence."}, {"role": "user", "content": text}],
                 mode=mode,
                 stream=False,
+                # Within the executor's own bound, so a slow provider is a timeout the LLM metrics
+                # count, not a call cancelled from outside and counted nowhere but in its requests.
+                timeout=self._settings.tool_timeout_seconds * _LLM_SHARE_OF_TOOL_TIMEOUT,
             )
             return reply.content
         raise ToolError(f"unknown tool {name!r}")
@@ -81,7 +86,10 @@ class ToolExecutor:
             result, outcome = {"ok": False, "error": str(error)}, "rejected"
         except TimeoutError:
             result, outcome = {"ok": False, "error": "timed out"}, "timeout"
-        except (LLMError, Exception) as error:  # noqa: BLE001 - report every failure to the caller
+        except LLMError as error:  # a summary's LLM call: its own timeout is the tool's
+            outcome = "timeout" if error.code == "timeout" else "error"
+            result = {"ok": False, "error": f"LLMError: {error}"}
+        except Exception as error:  # noqa: BLE001 - report every failure to the caller
             result, outcome = {"ok": False, "error": f"{type(error).__name__}: {error}"}, "error"
         try:
             json.dumps(result, default=str)
