@@ -473,3 +473,51 @@ def test_a_stop_after_the_reply_went_out_marks_it_answered_and_says_nothing_more
     seen, marked = asyncio.run(scenario())
     assert seen[-1]["type"] == "message", f"something followed the whole reply: {seen[-1]}"
     assert marked, "a reply delivered whole was not marked answered: the next instance would answer it again"
+
+
+async def cut_off_from_redis(control: aioredis.Redis, database: int, seconds: float) -> None:
+    """The connections to ``database`` but pub/sub ones closed, and no new connection taken, for
+    ``seconds``: what a client sees of a Redis gone away (``maxclients`` refuses its reconnection)."""
+    maxclients = (await control.config_get("maxclients"))["maxclients"]
+    await control.config_set("maxclients", "1")
+    try:
+        for client in await control.client_list():
+            if int(client["db"]) == database and "P" not in client["flags"]:
+                await control.client_kill_filter(_id=client["id"])
+        await asyncio.sleep(seconds)
+    finally:
+        await control.config_set("maxclients", maxclients)
+
+
+def test_redis_failing_after_the_reply_went_out_does_not_answer_the_turn_again(stack, simulators):
+    """Redis goes away while the turn is remembered, after its reply went out whole: the mark it
+    then cannot write waits for Redis. The turn had come again once Redis was back, and the client
+    got a second whole reply, charged twice."""
+
+    async def scenario() -> tuple[list[dict[str, Any]], bool]:
+        slow_memory = {"CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "5"}
+        async with running_worker(stack, simulators, **slow_memory) as turns:
+            await turns.control(simulators.somabrain, latency_seconds=1.0)  # recall, then remember: 1 s each
+            control = aioredis.Redis.from_url(stack["REDIS_URL"], decode_responses=True)  # database 0
+            await control.ping()
+            async with consumed_as_in_service(turns, "hello") as (pubsub, _, _consuming):
+                seen: list[dict[str, Any]] = []
+                outage: asyncio.Task[None] | None = None
+                woke = deadline = time.monotonic() + 30
+                while time.monotonic() < min(deadline, woke + 8):  # 8 s after Redis came back to answer again
+                    if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
+                        seen.append(json.loads(message["data"]))
+                    if outage is None and any(event["type"] == "message" for event in seen):
+                        # The mark is written once the memory is (in 1 s): Redis is away then.
+                        outage = asyncio.create_task(cut_off_from_redis(control, PRIVATE_DATABASE, 3))
+                    if outage is not None and outage.done() and woke == deadline:
+                        await outage
+                        woke = time.monotonic()
+                marked = bool(await turns.redis.exists(f"answered:{turns.sent[-1]}"))
+            await control.aclose()
+            return seen, marked
+
+    seen, marked = asyncio.run(scenario())
+    replies = [event for event in seen if event["type"] == "message"]
+    assert len(replies) == 1, f"the turn was answered {len(replies)} times: {[event['type'] for event in seen]}"
+    assert marked, "the reply was not marked answered"

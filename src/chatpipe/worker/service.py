@@ -71,6 +71,17 @@ _CONCURRENCY = 16
 T = TypeVar("T")
 
 
+#: How long a reply's mark first waits for Redis to come back, and the longest wait it doubles to.
+_REDIS_RETRY_FIRST_SECONDS = 0.25
+_REDIS_RETRY_LONGEST_SECONDS = 5.0
+
+
+def _interrupted(message_id: str) -> dict[str, str]:
+    """The event telling the client to drop the tokens it has of a reply: it comes again whole."""
+    return {"type": "error", "error": "the assistant was interrupted; its answer comes again",
+            "reason": "interrupted", "reply_to": message_id}  # fmt: skip
+
+
 class _Progress:
     """How far a turn got: whether tokens went out, and whether the whole reply did."""
 
@@ -250,16 +261,41 @@ class Worker:
                     if progress.replied:
                         await self._mark_answered(message_id)
                     elif progress.streamed:
-                        await asyncio.shield(self._emit(session_id, {
-                            "type": "error", "error": "the assistant was interrupted; its answer comes again",
-                            "reason": "interrupted", "reply_to": message_id}))  # fmt: skip
+                        await asyncio.shield(self._emit(session_id, _interrupted(message_id)))
                 raise
             except BACKEND_DOWN:
-                raise
+                if not progress.replied:
+                    if progress.streamed:  # the client drops the tokens it has: the answer comes again whole
+                        with contextlib.suppress(Exception):
+                            await self._emit(session_id, _interrupted(message_id))
+                    raise  # the turn comes again once the backend is back
+                # The reply went out whole: coming again would send it twice (and charge it twice).
+                # What is left, its mark, waits here for Redis instead.
+                _logger.warning("turn %s: answered, then a backend failed; marking it answered once Redis is back",
+                                message_id, exc_info=True)  # fmt: skip
+                await self._until_redis_answers(lambda: self._mark_answered(message_id))
+                return
             except Exception:
                 _logger.exception("turn %s failed", message_id)
                 await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
-            await self._mark_answered(message_id)
+            if progress.replied:
+                await self._until_redis_answers(lambda: self._mark_answered(message_id))
+            else:
+                await self._mark_answered(message_id)
+
+    async def _until_redis_answers(self, write: Callable[[], Awaitable[object]]) -> None:
+        """``write()`` again, waiting longer each time, while Redis is down; raises once the worker
+        is stopping (then the turn comes again to the next instance, which may answer it twice)."""
+        delay = _REDIS_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await write()
+                return
+            except BACKEND_DOWN:
+                if self._stopping is not None and self._stopping.is_set():
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _REDIS_RETRY_LONGEST_SECONDS)
 
     async def _mark_answered(self, message_id: str) -> None:
         # Shielded: a stop cancelling the turn now must not lose the mark of an answer already sent.
@@ -352,8 +388,10 @@ class Worker:
             if outcome == "refused":
                 _logger.warning("Somabrain refused the memory of message %s; it is not kept", memory["id"])
                 return
-        # Somabrain is unavailable: keep the write until it is back (replay_round).
-        await self._redis.set(f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory))
+        # Somabrain is unavailable: keep the write until it is back (replay_round). The reply went
+        # out: Redis down now must not make the turn come again, so the write waits for Redis.
+        key, kept = f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory)
+        await self._until_redis_answers(lambda: self._redis.set(key, kept))
 
     async def _store_memory(self, memory: dict[str, Any]) -> Literal["answered", "refused", "unavailable"]:
         outcome, _ = await self._call_somabrain("/remember", memory, lambda _: True)
