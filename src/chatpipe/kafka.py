@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -23,6 +23,7 @@ from chatpipe.runtime import forever, sleep_unless_stopped
 
 __all__ = [
     "ConcurrentHandler",
+    "HandOver",
     "PostponedError",
     "RecordsPostponedError",
     "commit_handled",
@@ -53,14 +54,49 @@ async def start_producer(bootstrap: str, stopping: asyncio.Event, **options: Any
 
 
 async def start_consumer(
-    topic: str, group: str, bootstrap: str, stopping: asyncio.Event, **options: Any
-) -> AIOKafkaConsumer | None:
-    """A started consumer in ``group`` committing by hand (after the work is done)."""
+    topic: str, group: str, bootstrap: str, stopping: asyncio.Event, *,
+    listener: ConsumerRebalanceListener | None = None, **options: Any,
+) -> AIOKafkaConsumer | None:  # fmt: skip
+    """A started consumer in ``group`` committing by hand (after the work is done); ``listener``
+    is told of rebalances (:class:`HandOver`)."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-        auto_offset_reset="earliest", **options,
-    )  # fmt: skip
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", **options
+    )
+    consumer.subscribe([topic], listener=listener)
     return consumer if await _start(consumer, f"consumer {group}", stopping) else None
+
+
+class HandOver(ConsumerRebalanceListener):
+    """At a rebalance, the records in flight on the partitions this consumer gives up are let
+    finish, up to ``grace`` seconds, and committed, before the partitions go to their new owner.
+
+    Without it their handlers ran on, uncommitted, and the new owner took the same records from
+    the last commit: a turn still streaming was answered twice (its ``answered:`` mark is written
+    only as it ends). A record still running after ``grace`` is left to the new owner, as before.
+    Created before the consumer (which takes it at ``subscribe``), then attached (:meth:`attach`) to the
+    handler; a rebalance before that has nothing in flight.
+
+    Example::
+
+        hand_over = HandOver(grace=settings.shutdown_grace_seconds)
+        consumer = await start_consumer(topic, "worker", bootstrap, stopping, listener=hand_over)
+        hand_over.attach(worker.turns, consumer)
+    """
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self._handler: ConcurrentHandler | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    def attach(self, handler: ConcurrentHandler, consumer: AIOKafkaConsumer) -> None:
+        self._handler, self._consumer = handler, consumer
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        if self._handler is not None and self._consumer is not None:
+            await self._handler.hand_over(self._consumer, set(revoked), self.grace)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        pass
 
 
 class RecordsPostponedError(RuntimeError):
@@ -129,6 +165,16 @@ class ConcurrentHandler:
                 fetched += 1
         return await self._commit_finished(consumer) or fetched > 0
 
+    async def hand_over(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition], grace: float) -> None:
+        """Let the handlers of ``partitions`` (being revoked) finish, up to ``grace`` seconds, and
+        commit each of them up to its first record not finished (:class:`HandOver`)."""
+        running = [task for partition in partitions for _, task in self._started.get(partition, ()) if not task.done()]
+        if running:
+            _logger.info("rebalance: %d record(s) in flight on %d revoked partition(s); up to %.0fs to finish",
+                         len(running), len(partitions), grace)  # fmt: skip
+            await asyncio.wait(running, timeout=grace)
+        await self._commit_finished(consumer, partitions)
+
     async def drain(self, consumer: AIOKafkaConsumer) -> None:
         """Let every handler in flight finish (a stop), committing each as it does: a stop whose
         grace runs out has still committed what finished. Raises as :meth:`round` does."""
@@ -183,14 +229,17 @@ class ConcurrentHandler:
         assigned = consumer.assignment()
         for partition in [partition for partition in self._started if partition not in assigned]:
             # Revoked: committing it would fail the whole commit, and its new owner starts from the
-            # last commit anyway. Its handlers run on (idempotent), uncommitted.
+            # last commit. What finished in time was committed as it went (HandOver); handlers
+            # still running run on (idempotent), uncommitted.
             del self._started[partition]
         self._paused &= assigned
 
-    async def _commit_finished(self, consumer: AIOKafkaConsumer) -> bool:
+    async def _commit_finished(self, consumer: AIOKafkaConsumer, only: set[TopicPartition] | None = None) -> bool:
         self._forget_unassigned(consumer)
         finished: dict[TopicPartition, list[ConsumerRecord]] = {}
         for partition, started in self._started.items():
+            if only is not None and partition not in only:
+                continue
             count = 0  # up to the first record not finished, or failed (it is rewound to, later)
             while count < len(started) and started[count][1].done() and not _failed(started[count][1]):
                 count += 1

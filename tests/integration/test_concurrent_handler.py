@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
-from chatpipe.kafka import ConcurrentHandler
+from chatpipe.kafka import ConcurrentHandler, HandOver, start_consumer
 
 
 async def _topic(bootstrap: str, partitions: int, records: dict[int, int]) -> str:
@@ -152,3 +152,53 @@ def test_records_finished_ahead_of_a_failed_one_are_committed_while_others_still
             await consumer.stop()
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_rebalance_lets_records_in_flight_finish_and_commits_them_before_handing_over(stack):
+    """A second member joins the group while the first handles two slow records (one per
+    partition): the first lets them finish and commits them before it gives a partition up, so
+    the second starts past them. Without the hand-over, the second handled the record again
+    (a turn answered twice)."""
+    bootstrap = stack["KAFKA_BOOTSTRAP_SERVERS"]
+
+    async def scenario() -> list[tuple[str, bytes]]:
+        topic = await _topic(bootstrap, 2, {0: 1, 1: 1})
+        handled: list[tuple[str, bytes]] = []
+        started = asyncio.Event()
+
+        def handling(member: str, seconds: float) -> Callable[[ConsumerRecord], Awaitable[None]]:
+            async def handle(record: ConsumerRecord) -> None:
+                started.set()
+                await asyncio.sleep(seconds)
+                handled.append((member, record.value))
+
+            return handle
+
+        members = []
+        for member, seconds in (("first", 6.0), ("second", 0.0)):
+            hand_over = HandOver(grace=15)
+            consumer = await start_consumer(topic, topic, bootstrap, asyncio.Event(), listener=hand_over)
+            assert consumer is not None
+            handler = _handler(handling(member, seconds))
+            hand_over.attach(handler, consumer)
+            stopping = asyncio.Event()
+            consuming = asyncio.create_task(handler.consume(consumer, stopping, member))
+            members.append((consumer, stopping, consuming))
+            if member == "first":
+                await asyncio.wait_for(started.wait(), 30)  # both partitions its, their records in flight
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while asyncio.get_running_loop().time() < deadline and not all(c.assignment() for c, _, _ in members):
+                await asyncio.sleep(0.2)
+            assert all(consumer.assignment() for consumer, _, _ in members), "the second member got no partition"
+            await asyncio.sleep(3)  # time enough for the second member to handle anything it was handed again
+            return handled
+        finally:
+            for consumer, stopping, task in members:
+                stopping.set()
+                await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+                await consumer.stop()
+
+    handled = asyncio.run(scenario())
+    assert sorted(value for _, value in handled) == [b"0-0", b"1-0"], f"each record handled once: {handled}"
+    assert {member for member, _ in handled} == {"first"}

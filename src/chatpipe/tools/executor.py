@@ -25,7 +25,7 @@ import chatobs
 from chatobs.catalogue import OVERFLOW_VALUE
 from chatpipe.events import tool_result_key
 from chatpipe.health import HealthProbes, http_ok, kafka_metadata
-from chatpipe.kafka import ConcurrentHandler, start_consumer
+from chatpipe.kafka import ConcurrentHandler, HandOver, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -53,7 +53,7 @@ class ToolExecutor:
         self._redis = redis
         self._llm = LLMClient(http, settings, telemetry.llm)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
-        self._requests = ConcurrentHandler(self._handle, limit=50, waiting="tool results wait for Redis")
+        self.requests = ConcurrentHandler(self._handle, limit=50, waiting="tool results wait for Redis")
 
     async def run(self, name: str, arguments: dict[str, Any], *, mode: str = "normal") -> Any:
         if name == "calculator":
@@ -106,11 +106,11 @@ class ToolExecutor:
         finished (see :class:`~chatpipe.kafka.ConcurrentHandler`): each waits in a turn of its own,
         and a slow one (a ``summarize`` waiting on the LLM) must not hold up those behind it until
         the worker gives up on them. A request whose result Redis cannot take comes again."""
-        return await self._requests.round(consumer)
+        return await self.requests.round(consumer)
 
     async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
         """Requests until ``stopping``; those in flight then finish (within the stop's grace), and are committed."""
-        await self._requests.consume(consumer, stopping, "tools")
+        await self.requests.consume(consumer, stopping, "tools")
 
     async def _handle(self, record: ConsumerRecord) -> None:
         """Execute one request and hand its result to the worker; raises if Redis cannot take it."""
@@ -141,11 +141,13 @@ async def main() -> None:
     stopping = install_stop_signals()
     redis = aioredis.Redis.from_url(backends.redis_url, socket_timeout=5, socket_connect_timeout=2)
     async with httpx.AsyncClient() as http:
+        hand_over = HandOver(grace=settings.shutdown_grace_seconds)
         consumer = await start_consumer(settings.tool_topic, "tool_executor", backends.kafka_bootstrap_servers,
-                                        stopping)  # fmt: skip
+                                        stopping, listener=hand_over)  # fmt: skip
         if consumer is None:
             return
         executor = ToolExecutor(telemetry, settings, redis, http)
+        hand_over.attach(executor.requests, consumer)
         health = HealthProbes(telemetry.health, {
             "redis": redis.ping, "kafka": kafka_metadata(consumer),
             "llm": http_ok(http, f"{str(settings.llm_base_url).rstrip('/')}/models"),

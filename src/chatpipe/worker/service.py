@@ -51,7 +51,7 @@ import chatobs
 from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import events_channel, tool_result_key
 from chatpipe.health import HealthProbes, http_ok, kafka_metadata
-from chatpipe.kafka import ConcurrentHandler, PostponedError, start_consumer, start_producer
+from chatpipe.kafka import ConcurrentHandler, HandOver, PostponedError, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -198,24 +198,25 @@ class Worker:
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self._sessions = _SessionTurns()
         self._stopping: asyncio.Event | None = None
-        self._turns = ConcurrentHandler(self._handle_record, limit=_CONCURRENCY * 4, waiting="turns wait for a backend")
+        #: The turns in flight and their commits (a :class:`~chatpipe.kafka.HandOver` is attached to it).
+        self.turns = ConcurrentHandler(self._handle_record, limit=_CONCURRENCY * 4, waiting="turns wait for a backend")
 
     # -- consuming ---------------------------------------------------------------
     async def consume_round(self, consumer: AIOKafkaConsumer) -> bool:
         """Fetch and start turns while earlier ones are answered, and commit those that finished
         (see :class:`~chatpipe.kafka.ConcurrentHandler`); True if anything was fetched or committed."""
-        return await self._turns.round(consumer)
+        return await self.turns.round(consumer)
 
     async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
         """Turns until ``stopping``; then those in flight finish (within the stop's grace), and are
         committed. Those still waiting for their session's turn or a slot then do not start: they
         come again to the next instance rather than be cut off by the grace halfway."""
         self._stopping = stopping
-        await self._turns.consume(consumer, stopping, "consume")
+        await self.turns.consume(consumer, stopping, "consume")
 
     async def drain(self, consumer: AIOKafkaConsumer) -> None:
         """Let the turns in flight finish, and commit them."""
-        await self._turns.drain(consumer)
+        await self.turns.drain(consumer)
 
     async def _handle_record(self, record: ConsumerRecord) -> None:
         """Answer one WAL record; raises (the record comes again) only when a backend is down."""
@@ -544,10 +545,13 @@ async def main() -> None:
     topic = telemetry.settings.chatobs.wal_topic
     async with httpx.AsyncClient() as http:
         producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
-        consumer = await start_consumer(topic, "worker", backends.kafka_bootstrap_servers, stopping)
+        hand_over = HandOver(grace=settings.shutdown_grace_seconds)  # a rebalance lets turns finish as a stop does
+        consumer = await start_consumer(topic, "worker", backends.kafka_bootstrap_servers, stopping,
+                                        listener=hand_over)  # fmt: skip
         if producer is None or consumer is None:
             return
         worker = Worker(telemetry, settings, redis, http, producer, waits)
+        hand_over.attach(worker.turns, consumer)
         health = HealthProbes(telemetry.health, {
             "redis": redis.ping, "kafka": kafka_metadata(consumer),
             "somabrain": http_ok(http, f"{str(settings.somabrain_url).rstrip('/')}/health"),
