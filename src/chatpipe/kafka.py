@@ -38,13 +38,35 @@ async def _start(client: Any, what: str, stopping: asyncio.Event) -> bool:
     delay = 0.5
     while not stopping.is_set():
         try:
-            await client.start()
-            return True
+            if await _unless_stopped(client.start(), stopping):
+                return True
+            # A stop while starting: a broker that takes connections and does not answer (or a group
+            # without a coordinator) held start() for its whole request timeout, SIGTERM unheeded.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), 5)
+            return False
         except Exception as error:  # noqa: BLE001 - the broker may come later
             _logger.warning("%s: broker not reachable (%s); retrying in %.1fs", what, error, delay)
             await sleep_unless_stopped(stopping, delay)
             delay = min(delay * 2, 5.0)
     return False
+
+
+async def _unless_stopped(work: Awaitable[object], stopping: asyncio.Event) -> bool:
+    """``work`` to its end (True; its exception raised), or cancelled once ``stopping`` is set (False)."""
+    doing, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((doing, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not doing.done():
+            doing.cancel()
+            with contextlib.suppress(BaseException):
+                await doing
+    if doing.cancelled():
+        return False
+    doing.result()
+    return True
 
 
 async def start_producer(bootstrap: str, stopping: asyncio.Event, **options: Any) -> AIOKafkaProducer | None:
