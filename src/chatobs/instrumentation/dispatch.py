@@ -270,6 +270,30 @@ def dispatching_sync(
 # asks whether instrumentation is on (the call was made anyway, and is not measured if not).
 
 
+def _failures_steps(
+    original: Callable[..., Any], traced: Callable[..., Any] | None, gate: Callable[[], bool], operation: FailuresOnly
+) -> tuple[Callable[[], Callable[..., Any]], Callable[[BaseException], None]]:
+    """A failures-only dispatcher's two steps: which call to make (through the contrib span when
+    one would be recorded), asked only when there is a traced path; and counting a failure."""
+    failures, benign = operation.failures, operation.benign
+
+    def which() -> Callable[..., Any]:
+        try:
+            return traced if traced is not None and gate() and operation.enabled() else original
+        except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+            _fail_safe(operation, "describe", error)
+            return original
+
+    def count(error: BaseException) -> None:
+        try:
+            if _failed_for(benign, error) and operation.enabled():
+                failures.record()
+        except Exception as failure:  # noqa: BLE001 - as above
+            _fail_safe(operation, "record", failure)
+
+    return which, count
+
+
 def _failures_dispatching(
     original: Callable[..., Any],
     traced: Callable[..., Any] | None,
@@ -277,24 +301,13 @@ def _failures_dispatching(
     operation: FailuresOnly,
 ) -> Callable[..., Any]:
     """:func:`dispatching` for a :class:`FailuresOnly` call: nothing timed, only failures recorded."""
-    failures, benign = operation.failures, operation.benign
+    which, count = _failures_steps(original, traced, gate, operation)
 
     async def dispatch(*args: Any, **kwargs: Any) -> Any:
-        call = original
-        if traced is not None:
-            try:
-                if gate() and operation.enabled():
-                    call = traced
-            except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
-                _fail_safe(operation, "describe", error)
         try:
-            return await call(*args, **kwargs)
+            return await (original if traced is None else which())(*args, **kwargs)
         except BaseException as error:
-            try:
-                if _failed_for(benign, error) and operation.enabled():
-                    failures.record()
-            except Exception as failure:  # noqa: BLE001 - as above
-                _fail_safe(operation, "record", failure)
+            count(error)
             raise
 
     return dispatch
@@ -307,24 +320,13 @@ def _failures_dispatching_sync(
     operation: FailuresOnly,
 ) -> Callable[..., Any]:
     """:func:`_failures_dispatching` for a synchronous method."""
-    failures, benign = operation.failures, operation.benign
+    which, count = _failures_steps(original, traced, gate, operation)
 
     def dispatch(*args: Any, **kwargs: Any) -> Any:
-        call = original
-        if traced is not None:
-            try:
-                if gate() and operation.enabled():
-                    call = traced
-            except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
-                _fail_safe(operation, "describe", error)
         try:
-            return call(*args, **kwargs)
+            return (original if traced is None else which())(*args, **kwargs)
         except BaseException as error:
-            try:
-                if _failed_for(benign, error) and operation.enabled():
-                    failures.record()
-            except Exception as failure:  # noqa: BLE001 - as above
-                _fail_safe(operation, "record", failure)
+            count(error)
             raise
 
     return dispatch
