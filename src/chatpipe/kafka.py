@@ -61,8 +61,12 @@ async def _unless_stopped(work: Awaitable[object], stopping: asyncio.Event) -> b
         stopped.cancel()
         if not doing.done():
             doing.cancel()
-            with contextlib.suppress(BaseException):
-                await doing
+            try:
+                with contextlib.suppress(Exception):  # what a cancelled start() made of its cancellation
+                    await doing
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # the caller is cancelled too: not to be swallowed here
     if doing.cancelled():
         return False
     doing.result()
@@ -81,11 +85,19 @@ async def start_consumer(
 ) -> AIOKafkaConsumer | None:  # fmt: skip
     """A started consumer in ``group`` committing by hand (after the work is done); ``listener``
     is told of rebalances (:class:`HandOver`)."""
+    if isinstance(listener, HandOver):
+        # The group waits this long for a member to rejoin (aiokafka's default is its 10 s session
+        # timeout): the hand-over's wait and commit must fit, or the group goes on without it.
+        options.setdefault("rebalance_timeout_ms", int((listener.grace + _REJOIN_MARGIN_SECONDS) * 1000))
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", **options
     )
     consumer.subscribe([topic], listener=listener)
     return consumer if await _start(consumer, f"consumer {group}", stopping) else None
+
+
+#: Added to a hand-over's grace for the group's rebalance timeout: its commit (2 s at most) and the rejoin.
+_REJOIN_MARGIN_SECONDS = 10.0
 
 
 class HandOver(ConsumerRebalanceListener):

@@ -56,8 +56,9 @@ def _checked(value: Any) -> float | int:
 
 
 def _power(base: float | int, exponent: float | int) -> float | int:
-    # Refused before it is computed: the check after would come minutes late.
-    if abs(exponent) > 100 or (abs(base) > 1 and exponent > 0 and exponent * math.log10(abs(base)) > MAX_DIGITS):
+    # An int power is refused before it is computed: the check after would come minutes late. A
+    # float's overflows (OverflowError, or inf) at once, and is refused after.
+    if type(base) is int and type(exponent) is int and abs(base) > 1 and exponent * math.log10(abs(base)) > MAX_DIGITS:
         raise ToolError(f"the result has more than {MAX_DIGITS} digits")
     return base**exponent
 

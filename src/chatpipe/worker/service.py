@@ -74,6 +74,9 @@ T = TypeVar("T")
 #: How long a reply's mark first waits for Redis to come back, and the longest wait it doubles to.
 _REDIS_RETRY_FIRST_SECONDS = 0.25
 _REDIS_RETRY_LONGEST_SECONDS = 5.0
+#: How long it waits in all. A consumer that does not poll for aiokafka's max_poll_interval (300 s)
+#: leaves its group, and a turn waiting here holds the consumer's rewind (no poll) until it ends.
+_REDIS_RETRY_FOR_SECONDS = 60.0
 
 
 def _interrupted(message_id: str) -> dict[str, str]:
@@ -285,15 +288,16 @@ class Worker:
                 await self._mark_answered(message_id)
 
     async def _until_redis_answers(self, write: Callable[[], Awaitable[object]]) -> None:
-        """``write()`` again, waiting longer each time, while Redis is down; raises once the worker
-        is stopping (then the turn comes again to the next instance, which may answer it twice)."""
-        delay = _REDIS_RETRY_FIRST_SECONDS
+        """``write()`` again, waiting longer each time, while Redis is down, for up to
+        :data:`_REDIS_RETRY_FOR_SECONDS`; raises past them or once the worker is stopping (the turn
+        then comes again, and may be answered twice)."""
+        delay, give_up = _REDIS_RETRY_FIRST_SECONDS, time.monotonic() + _REDIS_RETRY_FOR_SECONDS
         while True:
             try:
                 await write()
                 return
             except BACKEND_DOWN:
-                if self._stopping is not None and self._stopping.is_set():
+                if (self._stopping is not None and self._stopping.is_set()) or time.monotonic() > give_up:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, _REDIS_RETRY_LONGEST_SECONDS)
