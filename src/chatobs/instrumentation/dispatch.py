@@ -113,11 +113,6 @@ class ClientOperation:
     def record(self, described: Any, seconds: float, result: Any, failed: bool) -> None:
         """The call took ``seconds`` and returned ``result`` (None if it raised)."""
 
-    def failed(self, described: Any, error: BaseException) -> bool:
-        """Whether the call's ``error`` is a failure: any but the ``benign`` ones, a cancellation
-        included (the caller's timeout ran out, as in a hung backend)."""
-        return _failed_for(self.benign, error)
-
 
 class BackendOperation(ClientOperation):
     """A call measured into ``{backend}_operation_seconds`` and ``{backend}_errors_total``.
@@ -165,6 +160,10 @@ def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
     _logger.debug("chatobs: %s.%s failed", type(operation).__name__, step, exc_info=error)
 
 
+def _failed(operation: ClientOperation, error: BaseException) -> bool:
+    return _failed_for(operation.benign, error)
+
+
 def _failed_for(benign: tuple[type[BaseException], ...], error: BaseException) -> bool:
     # A cancelled call did not complete: the caller's timeout ran out (`asyncio.wait_for`,
     # `asyncio.timeout` cancel inside), as in a hung backend, or it stopped waiting. Counted
@@ -184,7 +183,7 @@ def dispatching(
 ) -> Callable[..., Any]:
     """An ``async`` dispatcher over ``original``: ``traced`` (same arguments, ``self`` first for
     a method) when the gate says a span would be recorded, else ``original``; measured either way."""
-    enabled, describe, record, failed = operation.enabled, operation.describe, operation.record, operation.failed
+    enabled, describe, record = operation.enabled, operation.describe, operation.record
     propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
     clock = time.perf_counter
 
@@ -207,7 +206,7 @@ def dispatching(
         except BaseException as error:
             if described is not None:
                 try:
-                    record(described, clock() - started, None, failed(described, error))
+                    record(described, clock() - started, None, _failed(operation, error))
                 except Exception as failure:  # noqa: BLE001 - as above
                     _fail_safe(operation, "record", failure)
             raise
@@ -228,7 +227,7 @@ def dispatching_sync(
     operation: ClientOperation,
 ) -> Callable[..., Any]:
     """:func:`dispatching` for a synchronous method."""
-    enabled, describe, record, failed = operation.enabled, operation.describe, operation.record, operation.failed
+    enabled, describe, record = operation.enabled, operation.describe, operation.record
     propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
     clock = time.perf_counter
 
@@ -251,7 +250,7 @@ def dispatching_sync(
         except BaseException as error:
             if described is not None:
                 try:
-                    record(described, clock() - started, None, failed(described, error))
+                    record(described, clock() - started, None, _failed(operation, error))
                 except Exception as failure:  # noqa: BLE001 - as above
                     _fail_safe(operation, "record", failure)
             raise

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -94,13 +93,6 @@ class _Command(BackendOperation):
             return waits
         return self._bound.get(operation) or self.bind(operation)
 
-    def failed(self, described: BoundOperation | BoundFailures, error: BaseException) -> bool:
-        # A wait cancelled is a waiter that stopped waiting (a turn ended, a stream closed), no
-        # failure of Redis's: the wait's own timeout, and Redis's, raise errors of their own.
-        if described.__class__ is BoundFailures and isinstance(error, asyncio.CancelledError):
-            return False
-        return super().failed(described, error)
-
     def record(self, described: BoundOperation | BoundFailures, seconds: float, result: Any, failed: bool) -> None:
         if described.__class__ is BoundFailures:
             if failed:
@@ -147,8 +139,7 @@ class RedisClientInstrumentor(ClientInstrumentor):
                 operation = pipeline if is_pipeline else command
                 yield owner, method, dispatcher(wiring.gate, operation, sync=not is_async), True
         # A pub/sub connection's get_message: how long it took is how long messages took to come.
-        # Cancelled, a read is a listener gone (an SSE client that left), no failure of Redis's.
-        reads = FailuresOnly(wiring.clients.bound_failures("redis", "subscribe"), (asyncio.CancelledError,))
+        reads = FailuresOnly(wiring.clients.bound_failures("redis", "subscribe"))
         for module_name, is_async in (("redis.client", False), ("redis.asyncio.client", True)):
             owner = importlib.import_module(module_name).PubSub
             yield owner, "get_message", dispatcher(wiring.gate, reads, sync=not is_async), False
