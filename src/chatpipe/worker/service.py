@@ -274,11 +274,9 @@ class Worker:
                             await self._emit(session_id, _interrupted(message_id))
                     raise  # the turn comes again once the backend is back
                 # The reply went out whole: coming again would send it twice (and charge it twice).
-                # What is left, its mark, waits here for Redis instead.
+                # What is left, its mark (below), waits for Redis instead.
                 _logger.warning("turn %s: answered, then a backend failed; marking it answered once Redis is back",
                                 message_id, exc_info=True)  # fmt: skip
-                await self._until_redis_answers(lambda: self._mark_answered(message_id))
-                return
             except Exception:
                 _logger.exception("turn %s failed", message_id)
                 await self._emit(session_id, {"type": "error", "error": "the assistant failed to answer"})
