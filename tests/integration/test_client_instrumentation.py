@@ -338,6 +338,13 @@ def test_redis_waits_count_only_their_failures_and_pub_sub_is_measured(stack):
         admin = aioredis.Redis.from_url(stack["REDIS_URL"])
         try:
             assert await client.blpop(["client-test-nothing"], timeout=0.2) is None  # waited, found nothing
+            # A listener that stops listening (an SSE client gone): its read is cancelled, no failure.
+            listener = admin.pubsub()
+            await listener.subscribe("client-test-other")
+            assert (await listener.get_message(timeout=1.0))["type"] == "subscribe"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(listener.get_message(timeout=5), 0.2)
+            await listener.aclose()
             pubsub = client.pubsub()
             await pubsub.subscribe("client-test-channel")
             assert (await pubsub.get_message(timeout=1.0))["type"] == "subscribe"
@@ -363,9 +370,35 @@ def test_redis_waits_count_only_their_failures_and_pub_sub_is_measured(stack):
     assert not any(name == "redis_operation_seconds_count" and labels == (("operation", "blpop"),)
                    for name, labels in samples), "a blocking wait's duration is the caller's timeout"  # fmt: skip
     assert samples.get(("redis_errors_total", (("operation", "blpop"),))) == 0
-    # The first subscribe, the refused one, and those redis-py makes again on reconnecting.
-    assert samples[("redis_operation_seconds_count", (("operation", "subscribe"),))] >= 2
-    assert samples[("redis_errors_total", (("operation", "subscribe"),))] == 2, "the dropped listener and the refusal"
+    # The listener's subscribe, the first, the refused one, and those redis-py makes again on reconnecting.
+    assert samples[("redis_operation_seconds_count", (("operation", "subscribe"),))] >= 3
+    assert samples[("redis_errors_total", (("operation", "subscribe"),))] == 2, (
+        "the dropped listener and the refusal, not the cancelled read"
+    )
+
+
+def test_statements_given_by_keyword_are_named_by_them(stack):
+    telemetry = Telemetry(load_settings({}), service="worker")
+    telemetry.instrument()
+
+    async def calls() -> None:
+        connection = await asyncpg.connect(stack["DATABASE_URL"])
+        try:
+            await connection.execute(query="create temporary table keyword_test (n int)")
+            await connection.executemany(command="insert into keyword_test values ($1)", args=[(1,), (2,)])
+            assert await connection.fetchval(query="select count(*) from keyword_test") == 2
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(calls())
+    finally:
+        uninstrument_libraries()
+    samples = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    for operation in ("create", "insert", "select"):
+        assert samples.get(("postgres_operation_seconds_count", (("operation", operation),))) == 1, operation
+    assert ("postgres_operation_seconds_count", (("operation", "other"),)) not in samples
 
 
 def test_a_second_telemetry_measures_the_calls_once_the_first_has_shut_down(stack, caplog):

@@ -209,3 +209,83 @@ def test_a_sub_app_instrumented_too_counts_each_request_once():
     telemetry.shutdown()
     assert value(text, DURATION, http_route="/v1/items/{item}") == 3
     assert value(text, DURATION) == 3, "the sub-app's middleware counted the requests again"
+
+
+def _echo_app() -> FastAPI:
+    """An app whose one route answers the baggage it sees and what it would send on."""
+    from opentelemetry import baggage, propagate
+
+    app = FastAPI()
+
+    @app.get("/echo")
+    async def echo() -> dict[str, object]:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return {"baggage": dict(baggage.get_all()), "sent": carrier}
+
+    return app
+
+
+def test_a_requests_baggage_is_the_handlers_and_goes_on_with_its_calls():
+    telemetry = _telemetry(InMemorySpanExporter())
+    app = _echo_app()
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=())
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def run() -> dict[str, object]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            headers = {"traceparent": parent, "baggage": "tenant=acme"}
+            return (await client.get("/echo", headers=headers)).json()
+
+    answer = asyncio.run(run())
+    telemetry.shutdown()
+    assert answer["baggage"] == {"tenant": "acme"}, "the extracted baggage was dropped"
+    assert answer["sent"]["baggage"] == "tenant=acme"
+    assert answer["sent"]["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+
+
+class _OtherPropagator:
+    """A propagator of another format (as B3's or Jaeger's): ``x-other-trace: <trace id>-<span id>``."""
+
+    fields = frozenset({"x-other-trace"})
+
+    def extract(self, carrier, context=None, getter=None):  # type: ignore[no-untyped-def]
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+        found = getter.get(carrier, "x-other-trace") if getter is not None else None
+        if not found:
+            return context
+        trace_id, span_id = found[0].split("-")
+        parent = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(1))
+        return trace.set_span_in_context(NonRecordingSpan(parent), context)
+
+    def inject(self, carrier, context=None, setter=None):  # type: ignore[no-untyped-def]
+        pass
+
+
+def test_a_trace_sent_in_another_propagators_headers_alone_is_continued():
+    # OTEL_PROPAGATORS=b3multi, say: the caller sends those headers only, and the server span
+    # must continue its trace, not start a new one.
+    from opentelemetry import propagate
+
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(_OtherPropagator())  # type: ignore[arg-type]
+    exporter = InMemorySpanExporter()
+    telemetry = _telemetry(exporter)
+    app = _echo_app()
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=())
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            headers = {"x-other-trace": "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"}
+            assert (await client.get("/echo", headers=headers)).status_code == 200
+
+    try:
+        asyncio.run(run())
+    finally:
+        propagate.set_global_textmap(before)
+        telemetry.shutdown()
+    (span,) = exporter.get_finished_spans()
+    assert f"{span.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c", "a new root trace"
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == "b7ad6b7169203331"

@@ -66,7 +66,27 @@ class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
 
 
 _GETTER = _HeaderGetter()
-_TRACE_HEADERS = (b"traceparent", b"baggage")
+
+
+class _PropagatedHeaders:
+    """The header names the global propagators read (``OTEL_PROPAGATORS``: W3C's, B3's,
+    Jaeger's...), as ASGI gives them (lower-case bytes); read again when the propagators change."""
+
+    __slots__ = ("_names", "_textmap")
+
+    def __init__(self) -> None:
+        self._textmap: object = None
+        self._names: frozenset[bytes] = frozenset()
+
+    def names(self) -> frozenset[bytes]:
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._names = frozenset(field.lower().encode("latin-1") for field in textmap.fields)
+            self._textmap = textmap
+        return self._names
+
+
+_PROPAGATED = _PropagatedHeaders()
 #: Scope key the outermost middleware sets: a request is measured by one middleware only.
 _MEASURED = "chatobs.measured"
 
@@ -116,15 +136,17 @@ class ServerMiddleware:
             headers = scope.get("headers") or []
             # Extracting costs a few microseconds: only when the caller sent trace context.
             parent = None
+            propagated = _PROPAGATED.names()
             for name, _ in headers:  # a loop, not any(...): no generator per request
-                if name in _TRACE_HEADERS:
+                if name in propagated:
                     parent = propagate.extract(headers, getter=_GETTER)
                     break
             # The attributes known now are given at the start, where the conventions want them
             # (samplers may read them); the route and the status follow at the end.
             attributes = {HTTP_REQUEST_METHOD: method, URL_PATH: scope["path"], URL_SCHEME: scope.get("scheme", "http")}
             span = self._tracer.start_span(method, kind=SpanKind.SERVER, context=parent, attributes=attributes)
-            token = context.attach(trace.set_span_in_context(span))
+            # In the extracted context: its baggage is the handler's, and goes on with its calls.
+            token = context.attach(trace.set_span_in_context(span, parent))
         except Exception as error:  # noqa: BLE001 - serve the request uninstrumented
             self._on_error(METRIC, error)
             await self.app(scope, receive, send)

@@ -93,7 +93,8 @@ class _Statement(BackendOperation):
         return not _RESETTING.get() and instrumentation_enabled()
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
-        operation = _operation_of(args[1] if len(args) > 1 else kwargs.get("query"))
+        # By keyword it is `query`, but `command` for `executemany`.
+        operation = _operation_of(args[1] if len(args) > 1 else kwargs.get("query", kwargs.get("command")))
         return self._bound.get(operation) or self.bind(operation)
 
 

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -139,7 +140,9 @@ class RedisClientInstrumentor(ClientInstrumentor):
                 operation = pipeline if is_pipeline else command
                 yield owner, method, dispatcher(wiring.gate, operation, sync=not is_async), True
         # A pub/sub connection's get_message: how long it took is how long messages took to come.
-        reads = FailuresOnly(wiring.clients.bound_failures("redis", "subscribe"))
+        # A read cancelled is a listener gone (an SSE client that left): a silent Redis makes the
+        # read's own timeout return None, so a cancellation never tells of a failure of Redis's.
+        reads = FailuresOnly(wiring.clients.bound_failures("redis", "subscribe"), (asyncio.CancelledError,))
         for module_name, is_async in (("redis.client", False), ("redis.asyncio.client", True)):
             owner = importlib.import_module(module_name).PubSub
             yield owner, "get_message", dispatcher(wiring.gate, reads, sync=not is_async), False
