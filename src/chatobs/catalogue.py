@@ -65,7 +65,12 @@ TOKEN_BUCKETS: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4
 
 
 class Kind(enum.Enum):
-    """How a metric is recorded (the OpenTelemetry instrument) and exposed."""
+    """How a metric is recorded (the OpenTelemetry instrument) and exposed.
+
+    Example::
+
+        [metric.name for metric in CATALOGUE if metric.kind is Kind.HISTOGRAM]
+    """
 
     COUNTER = "counter"
     HISTOGRAM = "histogram"
@@ -126,6 +131,11 @@ class Label:
     admitted. Anything outside the set is recorded as :data:`OVERFLOW_VALUE`.
     ``bounded_by`` is for labels an instrumentation library sets: it says what
     bounds them (route templates, status codes), and their values are not checked.
+
+    Example::
+
+        Label("mode", values=("normal", "degraded"))  # anything else is recorded as `other`
+        Label("model", setting="llm_models")  # CHATOBS_LLM_MODELS lists them, or the first N seen
     """
 
     name: str
@@ -153,6 +163,11 @@ class Metric:
     ``name`` is the exposed name (counters keep their ``_total``); the
     OpenTelemetry instrument carries the same name so that OTLP push and the
     ``/metrics`` scrape agree.
+
+    Example::
+
+        metric = next(m for m in CATALOGUE if m.name == "llm_requests_total")
+        metric.kind, [label.name for label in metric.labels]  # (Kind.COUNTER, ["model", "provider", "mode"])
     """
 
     name: str

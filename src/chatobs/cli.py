@@ -167,7 +167,11 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatobs", description=__doc__.split("\n\n")[0])
+    # The module's docstring is the help: its examples, without the reST markup.
+    _, _, rest = __doc__.replace("``", "`").replace("Examples::", "Examples:").partition("\n\n")
+    parser = argparse.ArgumentParser(prog="chatobs", description="The chatobs command: metrics and traces "
+                                     "of the chat pipeline's services.", epilog=rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
 
     cat = commands.add_parser("catalogue", help="print the metric catalogue")

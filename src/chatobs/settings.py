@@ -39,6 +39,7 @@ from typing import Annotated, Literal, TypeVar
 from urllib.parse import unquote
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -89,6 +90,13 @@ class ConfigError(ValueError):
     """A setting is missing or malformed. ``variables`` lists the variable names at fault.
 
     ``problems`` maps a variable name (or ``"A, B"`` for settings wrong only together) to its problem.
+
+    Example::
+
+        try:
+            load_settings({"CHATOBS_METRICS_PORT": "abc"})
+        except ConfigError as error:
+            error.variables  # ("CHATOBS_METRICS_PORT",); str(error) says what is wrong with it
     """
 
     def __init__(self, problems: Mapping[str, str]):
@@ -189,9 +197,9 @@ class OtelSettings(MappingSettings):
     )
     traces_exporter: CsvList = Field(
         ("none",),
-        description="`otlp`, `console` or `none`. Default `none`: spans carry the trace context (exemplars, "
-        "log correlation, downstream services) but record nothing, and client calls get no span, until an "
-        "exporter is configured.",
+        description="Comma list of `otlp`, `console`, or `none`. Default `none`: spans carry the trace context "
+        "(exemplars, log correlation, downstream services) but record nothing, and client calls get no span, "
+        "until an exporter is configured.",
     )
     exporter_otlp_endpoint: AnyHttpUrl | None = Field(None, description="Base URL of the OTLP receiver.")
     exporter_otlp_protocol: OtlpProtocol = Field("http/protobuf", description="`http/protobuf` or `grpc`.")
@@ -580,7 +588,13 @@ class ChatobsSettings(MappingSettings):
 
 @dataclass(frozen=True)
 class Settings:
-    """Both settings models, as :func:`load_settings` returns them."""
+    """Both settings models, as :func:`load_settings` returns them.
+
+    Example::
+
+        settings = load_settings({"OTEL_SERVICE_NAME": "chat-gateway"})
+        settings.otel.service_name, settings.chatobs.metrics_path  # ("chat-gateway", "/metrics")
+    """
 
     otel: OtelSettings
     chatobs: ChatobsSettings
@@ -689,6 +703,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting from ``env`` (default ``os.environ``).
 
     Raises :class:`ConfigError` naming each bad variable, all at once.
+
+    Example::
+
+        settings = load_settings()  # os.environ; or a mapping, as tests do
+        Telemetry(settings, service="worker")
     """
     env = dict(os.environ if env is None else env)
     problems = _unknown_variables(env, ChatobsSettings)
@@ -707,9 +726,27 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(otel, chatobs)
 
 
+#: How a field's bounds read in the settings table: its constraint's attribute, then the words.
+_LIMIT_WORDS = (
+    ("gt", "> {}"), ("ge", "≥ {}"), ("lt", "< {}"), ("le", "≤ {}"), ("min_length", "at least {} characters")
+)  # fmt: skip
+
+
+def _limits(info: FieldInfo) -> str:
+    """A field's bounds as the table shows them, ``≥ 64, ≤ 4096`` (a value outside is refused at start)."""
+    shown = []
+    for constraint in info.metadata:
+        for attribute, words in _LIMIT_WORDS:
+            bound = getattr(constraint, attribute, None)
+            if bound is not None:
+                shown.append("not empty" if (attribute, bound) == ("min_length", 1) else words.format(bound))
+    return ", ".join(shown)
+
+
 def settings_table(models: Sequence[type[BaseSettings]] = (OtelSettings, ChatobsSettings)) -> str:
-    """A Markdown table of every variable of ``models``, its default and meaning (for the README)."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    """A Markdown table of every variable of ``models``: its default, the values allowed (others
+    stop the start with a :class:`ConfigError` naming it) and its meaning (for the README)."""
+    rows = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
     for model in models:
         for field, info in model.model_fields.items():
             default = info.default
@@ -720,5 +757,5 @@ def settings_table(models: Sequence[type[BaseSettings]] = (OtelSettings, Chatobs
             shown = "" if default in (None, "", ()) or str(default) == "PydanticUndefined" else f"`{default}`"
             if info.is_required():
                 shown = "required"
-            rows.append(f"| `{_env_name(model, field)}` | {shown} | {info.description or ''} |")
+            rows.append(f"| `{_env_name(model, field)}` | {shown} | {_limits(info)} | {info.description or ''} |")
     return "\n".join(rows) + "\n"

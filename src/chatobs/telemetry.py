@@ -464,5 +464,12 @@ def setup(
 
 
 def current() -> Telemetry | None:
-    """The handle :func:`setup` built in this process, if any."""
+    """The handle :func:`setup` built in this process, if any.
+
+    Example::
+
+        telemetry = chatobs.current()  # in code that did not call setup() itself
+        if telemetry is not None:
+            telemetry.llm.request("gpt-4o-mini", "openai")
+    """
     return _current

@@ -53,7 +53,9 @@ class PipelineSettings(MappingSettings):
     model_config = SettingsConfigDict(env_prefix="CHATPIPE_", extra="ignore", frozen=True)
 
     # --- LLM provider (worker, tool executor) --------------------------------
-    llm_base_url: AnyHttpUrl | None = Field(None, description="OpenAI-compatible API base, e.g. `http://host/v1`.")
+    llm_base_url: AnyHttpUrl | None = Field(
+        None, description="OpenAI-compatible API base, e.g. `http://host/v1`; required by the worker and tool executor."
+    )
     llm_api_key: str = Field("", description="Bearer token for the LLM API (none for the simulator).")
     llm_model: str = Field("sim-large", description="Model name sent to the provider.")
     llm_provider: str = Field("simulator", description="Provider name, the `provider` label.")
@@ -61,7 +63,7 @@ class PipelineSettings(MappingSettings):
         30.0, gt=0, description="Whole-request timeout of an LLM call (the whole stream, not each read)."
     )
     # --- Somabrain (worker) ----------------------------------------------------
-    somabrain_url: AnyHttpUrl | None = Field(None, description="Somabrain base URL.")
+    somabrain_url: AnyHttpUrl | None = Field(None, description="Somabrain base URL; required by the worker.")
     somabrain_timeout_seconds: float = Field(0.5, gt=0, description="Timeout of one Somabrain call.")
     breaker_failure_threshold: int = Field(3, ge=1, description="Consecutive failures that open the circuit.")
     breaker_reset_seconds: float = Field(5.0, gt=0, description="Open time before a half-open trial call.")
@@ -134,7 +136,9 @@ class PipelineSettings(MappingSettings):
     health_probe_seconds: float = Field(
         15.0, gt=0, description="How often the services without HTTP probe their backends (`health_checks_total`)."
     )
-    health_probe_timeout_seconds: float = Field(2.0, gt=0, description="Time bound of one backend's probe.")
+    health_probe_timeout_seconds: float = Field(
+        2.0, gt=0, description="Time bound of one backend's probe by those services (the gateway's `/health`: 1 s)."
+    )
     db_pool_size: int = Field(
         10, ge=1, le=1000, description="Most PostgreSQL connections one service process holds (its pool's size)."
     )

@@ -84,6 +84,7 @@ CASES = [
     Case("session id with NUL", "POST", MESSAGES, 404, "no session", {"json": {"content": "hi"}}, "not%00a-session"),
     Case("very long session id", "DELETE", SESSION, 404, "no session", {}, LONG_ID),
     Case("events of an unknown session", "GET", EVENTS, 404, "no session", {}, UNKNOWN),
+    Case("an unknown session", "GET", SESSION, 404, "no session", {}, UNKNOWN),
     Case("attachment for an unknown session", "POST", ATTACHMENTS, 404, "no session",
          {"files": {"file": ("a.txt", b"hi", "text/plain")}}, UNKNOWN),
     Case("attachment over the limit, by its Content-Length", "POST", ATTACHMENTS, 413,

@@ -224,7 +224,9 @@ def test_session_lifecycle_and_health(pipeline):
     chat = ChatClient(pipeline.gateway_url)
     before = scrapes.text("gateway")
     session = chat.new_session()
+    assert chat.http.get(f"/v1/sessions/{session}").json() == {"session_id": session, "tenant": "acme"}
     assert chat.http.delete(f"/v1/sessions/{session}").status_code == 204
+    assert chat.http.get(f"/v1/sessions/{session}").status_code == 410
     gone = chat.http.post(f"/v1/sessions/{session}/messages", json={"content": "still there?"})
     assert gone.status_code == 410 and "deleted" in gone.json()["error"]
     missing = chat.http.delete("/v1/sessions/no-such-session")

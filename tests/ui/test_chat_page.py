@@ -91,3 +91,32 @@ def test_chat_page_opens_its_stream_once_the_gateway_has_room_again(stack, start
     page.wait_for_selector("#status[data-ready='1']", timeout=20_000)
     assert value(httpx.get(f"{gateway}/metrics", timeout=5).text, "sse_clients_gauge") == 1
     page.close()
+
+
+def test_chat_page_stops_trying_a_session_deleted_elsewhere(stack, start_service, browser, tmp_path):
+    """The page's stream ends (idle for the gateway's timeout) and its session is gone by then,
+    deleted from another tab: the page says so and stops, instead of asking for its stream
+    again every few seconds for as long as it stays open."""
+    port = free_port()
+    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
+           "CHATPIPE_SSE_TIMEOUT_SECONDS": "1", "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"),
+           "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
+    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port,
+                            ready_path="/health").base_url  # fmt: skip
+
+    def stream_requests() -> float:
+        return value(httpx.get(f"{gateway}/metrics", timeout=5).text, "http_server_request_duration_seconds_count",
+                     http_route="/v1/sessions/{session_id}/events")  # fmt: skip
+
+    page = browser.new_page()
+    page.goto(f"{gateway}/")
+    page.click("#new-session")
+    page.wait_for_selector("#status[data-ready='1']")
+    session = page.locator("#status").get_attribute("data-session")
+    assert httpx.delete(f"{gateway}/v1/sessions/{session}", timeout=10).status_code == 204
+    page.wait_for_selector("#status:has-text('was deleted')", timeout=15_000)
+    assert page.locator("#send").is_disabled()
+    asked = stream_requests()
+    page.wait_for_timeout(5_000)  # the page tried again from 1 s, doubling: three tries at least
+    assert stream_requests() == asked, "the page still asks for a deleted session's stream"
+    page.close()

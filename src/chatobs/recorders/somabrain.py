@@ -10,7 +10,12 @@ __all__ = ["CircuitState", "SomabrainRecorder"]
 
 
 class CircuitState(enum.IntEnum):
-    """Values of ``circuit_state``."""
+    """Values of ``circuit_state``.
+
+    Example::
+
+        telemetry.somabrain.circuit_state("somabrain", CircuitState.OPEN)  # circuit_state 2
+    """
 
     CLOSED = 0
     HALF_OPEN = 1

@@ -280,6 +280,12 @@ def create_app() -> FastAPI:
         traffic.session_created()
         return {"session_id": session_id}
 
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict[str, str]:
+        # What a client whose event stream was refused asks next: 404 or 410, and it stops trying.
+        row = await live_session(app.state.pool, session_id)
+        return {"session_id": row["id"], "tenant": row["tenant"]}
+
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def delete_session(session_id: str) -> None:
         await live_session(app.state.pool, session_id)
