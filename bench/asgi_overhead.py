@@ -1,8 +1,9 @@
 """The full setup's cost per request without an HTTP server: the benchmark app called as an
 ASGI application in one process, 10,000 requests per round, best of 7 rounds.
 
-Steadier than requests/s through uvicorn, whose own per-request cost here (250-330 µs of
-CPU) and run-to-run swings dwarf the instrumentation's. Each variant runs in a fresh
+Steadier than requests/s through uvicorn, whose own per-request cost here (about 170 µs of
+CPU at the 5,794 requests a second of the latest full run, more on slower days) and
+run-to-run swings dwarf the instrumentation's. Each variant runs in a fresh
 process because chatobs reads its settings once, from the environment.
 
     python bench/asgi_overhead.py

@@ -54,7 +54,9 @@ def per_request() -> dict[str, float]:
     base = throughput.base_environment()
     jobs = [(name, requests) for name in asgi_overhead.VARIANTS for requests in (_FEW, _MANY)]
     with tempfile.TemporaryDirectory() as out_dir, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        totals = pool.map(lambda job: _count({**base, **asgi_overhead.VARIANTS[job[0]]}, job[1], out_dir), jobs)
+        # One hash seed for every child: dict and set layouts, and so their instruction counts, alike.
+        env = {**base, "PYTHONHASHSEED": "0"}
+        totals = pool.map(lambda job: _count({**env, **asgi_overhead.VARIANTS[job[0]]}, job[1], out_dir), jobs)
         counts = dict(zip(jobs, totals, strict=True))
     return {name: (counts[name, _MANY] - counts[name, _FEW]) / (_MANY - _FEW) for name in asgi_overhead.VARIANTS}
 

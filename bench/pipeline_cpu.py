@@ -23,14 +23,12 @@ import asyncio
 import contextlib
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import psutil
+from discard import discarding_receiver
 from profile_share import Profiler, Share
 
 from chatobs.stack import LocalStack
@@ -126,34 +124,10 @@ def demo_share(
         return profiler.results(), sent
 
 
-class _Discard(BaseHTTPRequestHandler):
-    """An OTLP/HTTP receiver that takes every export and keeps nothing (200, empty response)."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, as a collector's receiver
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def traces_exported() -> Iterator[dict[str, str]]:
+def traces_exported() -> contextlib.AbstractContextManager[dict[str, str]]:
     """The services' environment for shipping every span over OTLP to a receiver that discards
     them (in this process): what a service pays when a collector takes its traces."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Discard)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
-    try:
-        yield {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
-    finally:
-        server.shutdown()
-        server.server_close()
+    return discarding_receiver()
 
 
 def _print(results: dict[str, Share]) -> None:

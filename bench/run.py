@@ -23,6 +23,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asgi_overhead
+import discard
 import instructions
 import micro
 import pipeline_cpu
@@ -43,24 +44,31 @@ def main() -> int:
     started = time.monotonic()
     rows: list[micro.Comparison] = []
 
-    with console.status("recording"):
-        recording = micro.recording(iterations, rounds)
-        histogram = micro.histogram(iterations, rounds)
+    # Recorded with the OTLP push configured as well as the scrape (to a receiver that
+    # discards what it is sent), as in a service that ships its metrics to a collector.
+    with console.status("recording"), discard.discarding_receiver(metrics=True) as receiver:
+        recording = micro.recording(iterations, rounds, receiver)
+        histogram = micro.histogram(iterations, rounds, receiver)
         rows += [recording, histogram]
+        for series in (100, 1_000, 10_000):
+            rows.append(micro.push(series, max(3, rounds // 2), receiver))
     # The headline scrape is the one where every histogram series moved since the last
     # (chatobs renders a series again only then); the quiet one, nothing moved, follows it.
     scrape_times, scrape_bytes = {}, {}
     for series in (100, 1_000, 10_000):
         with console.status(f"/metrics at {series} series"):
-            time_cmp, bytes_cmp = micro.scrape(series, max(3, rounds // 2), changed=True)
-            quiet, _ = micro.scrape(series, max(3, rounds // 2))
+            time_cmp, bytes_cmp, lean_time, lean_bytes = micro.scrape(series, max(3, rounds // 2), changed=True)
+            quiet = micro.scrape(series, max(3, rounds // 2))[0]
         scrape_times[series], scrape_bytes[series] = time_cmp, bytes_cmp
-        rows += [time_cmp, quiet, bytes_cmp]
+        rows += [time_cmp, quiet, bytes_cmp, lean_time, lean_bytes]
     with console.status("memory per series"):
         rows.append(micro.memory_per_series(2_000 if args.quick else 10_000))
-    with console.status("HTTP throughput (wrk)"):
+    with console.status("HTTP throughput (wrk)"), discard.discarding_receiver(metrics=True) as receiver:
         http = throughput.http_ratios(
-            {"full": throughput.FULL, "sampled": throughput.SAMPLED_10_PERCENT, "sdk": throughput.FULL_SDK_TRACER},
+            {"full": throughput.FULL, "exported": throughput.exported(receiver),
+             "sampled": throughput.SAMPLED_10_PERCENT,
+             "sampled, exported": {**throughput.exported(receiver), **throughput.SAMPLED_10_PERCENT},
+             "sdk": throughput.FULL_SDK_TRACER},
             seconds=http_seconds, rounds=http_rounds,
         )  # fmt: skip
     with console.status("cost per request in one process (ASGI, no server)"):
@@ -70,15 +78,18 @@ def main() -> int:
         with console.status("instructions per request in one process (callgrind)"):
             counted = instructions.per_request()
     with console.status("idle service memory"):
-        idle_rss = throughput.idle_rss_bytes()
+        idle_rss, idle_rss_off = throughput.idle_rss_bytes(), throughput.idle_rss_bytes(throughput.OFF)
 
     table = Table(title=f"chatobs vs baseline ({'quick' if args.quick else 'full'} run)")
     for column in ("measure", "chatobs", "baseline", "unit", "ratio"):
         table.add_column(column, justify="right" if column != "measure" else "left")
     for row in rows:
         table.add_row(row.name, f"{row.ours:,.1f}", f"{row.baseline:,.1f}", row.unit, f"{row.ratio:.2f}")
-    http_rows = {"full": "full setup, every trace sampled", "sampled": "full setup, 10% of traces sampled",
-                 "sdk": "full setup, every trace sampled, SDK tracer"}  # fmt: skip
+    http_rows = {"full": "full setup, every trace sampled (no trace exporter: spans not recorded)",
+                 "exported": "the same, every span and a metric push every 5 s shipped over OTLP",
+                 "sampled": "full setup, 10% of traces sampled",
+                 "sampled, exported": "the same, those spans and a metric push every 5 s shipped over OTLP",
+                 "sdk": "full setup, every trace sampled, SDK tracer (spans recorded, no exporter)"}  # fmt: skip
     for variant, label in http_rows.items():
         table.add_row(f"HTTP rps: {label} (median of paired rounds)", f"{http.rps[variant]:,.0f}",
                       f"{http.rps['off']:,.0f}", "req/s", f"{http.ratios[variant]:.2f}")  # fmt: skip
@@ -93,7 +104,8 @@ def main() -> int:
                           f"{counted[variant] / counted['off']:.3f}")  # fmt: skip
     elif not args.quick:
         console.print("valgrind not found (apt-get install -y valgrind): no instruction counts")
-    table.add_row("idle instrumented service RSS", f"{idle_rss / 2**20:,.1f}", "", "MiB", "")
+    table.add_row("idle service RSS, instrumented vs OTEL_SDK_DISABLED", f"{idle_rss / 2**20:,.1f}",
+                  f"{idle_rss_off / 2**20:,.1f}", "MiB", f"+{(idle_rss - idle_rss_off) / 2**20:,.1f} MiB")  # fmt: skip
     if not args.quick:
         _profile_rows(table, console)
     console.print(table)

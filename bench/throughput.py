@@ -1,5 +1,6 @@
 """HTTP throughput with and without instrumentation: uvicorn (one worker) loaded by wrk
-from a second process; the two servers alternate over several rounds, best round each."""
+from a second process. Every variant's server and the uninstrumented one are measured in
+each round, in a rotated order; a variant's ratio is the median of its per-round ratios."""
 
 from __future__ import annotations
 
@@ -51,13 +52,21 @@ def _wrk(url: str, seconds: int, connections: int) -> float:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
 
 
-#: Everything on: HTTP metrics, traces (always sampled), exemplars.
+#: Everything on: HTTP metrics, traces (always sampled), exemplars. No trace exporter is set
+#: (the default): every request's span is made and sampled, and its trace id is in the
+#: exemplars and the trace headers, but nothing records it. :func:`exported` ships them.
 FULL = {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_METRICS_EXEMPLAR_FILTER": "trace_based"}
 #: The same with a common production sampling rate.
 SAMPLED_10_PERCENT = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 #: The full setup on the OpenTelemetry SDK's tracer instead of chatobs's lean one.
 FULL_SDK_TRACER = {**FULL, "CHATOBS_TRACER": "sdk"}
 OFF = {"OTEL_SDK_DISABLED": "true"}
+
+
+def exported(receiver: dict[str, str]) -> dict[str, str]:
+    """The full setup shipping every span, and pushing its metrics every 5 s, over OTLP to
+    ``receiver`` (:func:`discard.discarding_receiver`'s environment)."""
+    return {**FULL, **receiver, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
 
 
 @dataclass
@@ -100,11 +109,11 @@ def http_ratios(
             process.wait(timeout=10)
 
 
-def idle_rss_bytes() -> int:
-    """Resident memory of the instrumented service, idle after start-up and one request."""
+def idle_rss_bytes(env: dict[str, str] = FULL) -> int:
+    """Resident memory of the service (instrumented, by default), idle after start-up and one request."""
     import psutil
 
-    process, _ = _serve(FULL)
+    process, _ = _serve(env)
     try:
         time.sleep(1)
         return int(psutil.Process(process.pid).memory_info().rss)
