@@ -7,11 +7,12 @@ active (it did here: up to 44% of a gateway's samples were such waits). A sample
 to instrumentation when its innermost frame outside the standard library belongs to
 OpenTelemetry, chatobs or wrapt: a lock taken or a random id drawn by the SDK counts as
 the SDK's, while the application's own work below an instrumentation wrapper (the wrapped
-Redis command, the handler under the ASGI middleware) counts as the application's. A
-sample with standard-library frames only counts when it is in ``socketserver`` or
-``http.server``: the threads of chatobs's standalone metrics server (accepting, parsing a
-request, its poll loop), which no non-standard frame marks. The instrumentation's samples
-are also split by whose code they were in (:data:`OWNERS`).
+Redis command, the handler under the ASGI middleware) counts as the application's. A thread
+that instrumentation runs (its outermost frame outside the standard library is
+instrumentation's: the span processor's export thread, the metrics push, chatobs's
+standalone metrics server) is instrumentation's whole, the libraries it calls included
+(``requests`` and ``urllib3`` sending an OTLP export). The instrumentation's samples are
+also split by whose code they were in (:data:`OWNERS`).
 
 Example::
 
@@ -44,9 +45,6 @@ OWNERS = (
 )
 #: Path fragments of instrumentation code: any owner's.
 INSTRUMENTATION = tuple(part for part, _ in OWNERS)
-#: The standard-library modules chatobs's standalone metrics server runs in, and its owner name.
-_METRICS_SERVER = ("/socketserver.py", "/http/server.py")
-METRICS_SERVER_OWNER = "chatobs's metrics server (standard library)"
 _STDLIB = sysconfig.get_paths()["stdlib"]
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -115,28 +113,29 @@ def share_of(raw: str) -> Share:
         samples = int(count)
         result.samples += samples
         frames = stack.split(";")
+        owners = [_owner(frame) for frame in frames]
+        outermost = next((depth for depth, owner in enumerate(owners) if owner is not None), None)
+        if outermost is not None and owners[outermost] == "instrumentation":
+            # A thread of the instrumentation's own: whatever it runs is its work.
+            innermost = max(depth for depth, owner in enumerate(owners) if owner is not None)
+            result.instrumentation += samples
+            result.by_function[_short(frames[innermost])] += samples
+            result.by_owner[next(name for part, name in OWNERS if part in frames[outermost])] += samples
+            result.by_entry[_short(frames[outermost])] += samples
+            continue
         for depth in range(len(frames) - 1, -1, -1):
-            owner = _owner(frames[depth])
+            owner = owners[depth]
             if owner == "instrumentation":
                 result.instrumentation += samples
                 result.by_function[_short(frames[depth])] += samples
                 result.by_owner[next(name for part, name in OWNERS if part in frames[depth])] += samples
                 entry = depth
-                while entry > 0 and _owner(frames[entry - 1]) != "application":
+                while entry > 0 and owners[entry - 1] != "application":
                     entry -= 1
                 result.by_entry[_short(frames[entry])] += samples
                 break
             if owner == "application":
                 break
-        else:
-            # Only standard-library frames: in a pipeline service, the one such thread of
-            # chatobs's is its standalone metrics server (socketserver and http.server
-            # accepting, parsing and polling), which would otherwise count as nobody's.
-            if any(part in frame for frame in frames for part in _METRICS_SERVER):
-                result.instrumentation += samples
-                result.by_function[_short(frames[-1])] += samples
-                result.by_owner[METRICS_SERVER_OWNER] += samples
-                result.by_entry[METRICS_SERVER_OWNER] += samples
     return result
 
 

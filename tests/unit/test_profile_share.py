@@ -42,18 +42,20 @@ def test_samples_are_charged_by_their_innermost_non_stdlib_frame():
     assert result.entries() == [("_do_execute (__init__.py)", 6 / 40)]
 
 
-def test_the_standalone_metrics_servers_stdlib_threads_count_as_instrumentation():
+def test_threads_the_instrumentation_runs_are_its_own_whole():
     thread = f"_bootstrap ({STDLIB}/threading.py:995);run ({STDLIB}/threading.py:975)"
-    polling = f"{thread};serve_forever ({STDLIB}/socketserver.py:233);select ({STDLIB}/selectors.py:415)"
-    parsing = (f"{thread};process_request_thread ({STDLIB}/socketserver.py:691);"
-               f"parse_request ({STDLIB}/http/server.py:375);parsestr ({STDLIB}/email/parser.py:64)")  # fmt: skip
+    worker = f"worker ({SITE}/opentelemetry/sdk/_shared_internal/__init__.py:200)"
+    sending = f"send ({SITE}/requests/sessions.py:700);urlopen ({SITE}/urllib3/connectionpool.py:787)"
+    server = f"_serve ({SITE}/chatobs/server.py:400);{LOOP};on_url (/app/src/chatobs/server.py:300)"
     raw = "\n".join([
-        f"{polling} 3",
-        f"{parsing} 2",
-        f"{thread};{LOCK} 5",  # another stdlib-only thread: nobody's
-        f"{LOOP} 10",
+        f"{thread};{worker};_encode_span ({SITE}/opentelemetry/exporter/otlp/encoder.py:50) 3",
+        f"{thread};{worker};{sending} 4",  # the export's POST: requests and urllib3, for the exporter
+        f"{thread};{server} 2",  # the standalone metrics server's loop
+        f"{thread};{LOCK} 5",  # a standard-library-only thread: nobody's
+        f"{LOOP};{HANDLER};{ASYNCPG} 6",  # the application's own use of a library
     ])  # fmt: skip
     result = share_of(raw)
     assert result.samples == 20
-    assert result.instrumentation == 5
-    assert dict(result.owners()) == {"chatobs's metrics server (standard library)": 5 / 20}
+    assert result.instrumentation == 9
+    assert dict(result.owners()) == {"OpenTelemetry API and SDK": 7 / 20, "chatobs": 2 / 20}
+    assert dict(result.top())["urlopen (connectionpool.py)"] == 4 / 20
