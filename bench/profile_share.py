@@ -46,6 +46,8 @@ OWNERS = (
 #: Path fragments of instrumentation code: any owner's.
 INSTRUMENTATION = tuple(part for part, _ in OWNERS)
 _STDLIB = sysconfig.get_paths()["stdlib"]
+#: The outermost frame of a thread other than the main thread (py-spy's raw stacks, root first).
+_THREAD_START = f"({_STDLIB}/threading.py"
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -115,8 +117,10 @@ def share_of(raw: str) -> Share:
         frames = stack.split(";")
         owners = [_owner(frame) for frame in frames]
         outermost = next((depth for depth, owner in enumerate(owners) if owner is not None), None)
-        if outermost is not None and owners[outermost] == "instrumentation":
-            # A thread of the instrumentation's own: whatever it runs is its work.
+        if outermost is not None and owners[outermost] == "instrumentation" and _THREAD_START in frames[0]:
+            # A thread of the instrumentation's own: whatever it runs is its work. (Threads
+            # only: in the event loop's thread a stack starts at its task's coroutine, and a
+            # task may begin in a dispatcher whose wrapped call is the application's.)
             innermost = max(depth for depth, owner in enumerate(owners) if owner is not None)
             result.instrumentation += samples
             result.by_function[_short(frames[innermost])] += samples

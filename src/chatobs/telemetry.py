@@ -92,6 +92,11 @@ class Telemetry:
             (``clients`` is fed by the client instrumentors).
         meter_provider, tracer_provider: the SDK providers (for instrumentations).
 
+    ``metric_readers`` are added to the meter provider as they are: they see the SDK's
+    instruments (other meters'), not chatobs's catalogue metrics, which are kept in cells
+    and reach OTLP through ``OTEL_METRICS_EXPORTER`` and Prometheus through :meth:`scrape`.
+    ``span_processors`` receive every recorded span.
+
     Example::
 
         telemetry = Telemetry(load_settings(env), service="worker")
