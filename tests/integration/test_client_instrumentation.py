@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import asyncpg
 import httpx
@@ -122,6 +123,21 @@ def _client_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     }
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _measured(telemetry: Telemetry, calls: Coroutine[Any, Any, object]) -> Samples:
+    """Run ``calls`` (the libraries instrumented by ``telemetry``), then uninstrument them and
+    shut ``telemetry`` down: the client metrics its scrape showed."""
+    try:
+        asyncio.run(calls)
+    finally:
+        uninstrument_libraries()
+    samples = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    return samples
+
+
 def test_client_metrics_are_the_same_with_or_without_spans_and_the_trace_goes_on(stack, upstream):
     url, seen = upstream
     measured = {}
@@ -192,12 +208,7 @@ def test_a_dropped_trace_gets_no_client_spans_but_its_metrics(stack, upstream):
                               "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"})  # fmt: skip
     telemetry = Telemetry(settings, service="worker", span_processors=[SimpleSpanProcessor(exporter)])
     telemetry.instrument()
-    try:
-        asyncio.run(_calls(telemetry, stack, url))
-    finally:
-        uninstrument_libraries()
-    samples = _client_samples(telemetry.scrape()[2].decode())
-    telemetry.shutdown()
+    samples = _measured(telemetry, _calls(telemetry, stack, url))
     assert exporter.get_finished_spans() == ()
     assert samples[("redis_errors_total", (("operation", "lpush"),))] == 1
     assert samples[("postgres_operation_seconds_count", (("operation", "select"),))] == 2
@@ -236,12 +247,7 @@ def test_calls_under_suppressed_instrumentation_are_not_measured(stack, upstream
             await client.aclose()
             await connection.close()
 
-    try:
-        asyncio.run(turns())
-    finally:
-        uninstrument_libraries()
-    samples = _client_samples(telemetry.scrape()[2].decode())
-    telemetry.shutdown()
+    samples = _measured(telemetry, turns())
     assert samples[("redis_operation_seconds_count", (("operation", "get"),))] == 3
     assert samples[("postgres_operation_seconds_count", (("operation", "select"),))] == 3
     http = [count for (name, _), count in samples.items() if name == "http_client_request_duration_seconds_count"]
@@ -289,12 +295,7 @@ def test_a_failed_poll_counts_and_one_ended_by_a_stop_or_a_cancel_does_not(stack
             await consumer.stop()
         assert (await waiting) == {} or waiting.exception() is None
 
-    try:
-        asyncio.run(polls())
-    finally:
-        uninstrument_libraries()
-    samples = _client_samples(telemetry.scrape()[2].decode())
-    telemetry.shutdown()
+    samples = _measured(telemetry, polls())
     assert samples[("kafka_errors_total", (("operation", "consume"),))] == 1
     assert not any(name == "kafka_operation_seconds_count" and labels == (("operation", "consume"),)
                    for name, labels in samples), "a poll's duration is waiting for records: not measured"  # fmt: skip
@@ -316,12 +317,7 @@ def test_a_start_against_an_unreachable_broker_counts_a_connect_error(stack):
         await up.start()
         await up.stop()
 
-    try:
-        asyncio.run(starts())
-    finally:
-        uninstrument_libraries()
-    samples = _client_samples(telemetry.scrape()[2].decode())
-    telemetry.shutdown()
+    samples = _measured(telemetry, starts())
     assert samples[("kafka_errors_total", (("operation", "connect"),))] == 1
     assert samples[("kafka_operation_seconds_count", (("operation", "connect"),))] == 2, "both are timed, as statements"
 
@@ -361,12 +357,7 @@ def test_redis_waits_count_only_their_failures_and_pub_sub_is_measured(stack):
             await client.aclose()
             await admin.aclose()
 
-    try:
-        asyncio.run(calls())
-    finally:
-        uninstrument_libraries()
-    samples = _client_samples(telemetry.scrape()[2].decode())
-    telemetry.shutdown()
+    samples = _measured(telemetry, calls())
     assert not any(name == "redis_operation_seconds_count" and labels == (("operation", "blpop"),)
                    for name, labels in samples), "a blocking wait's duration is the caller's timeout"  # fmt: skip
     assert samples.get(("redis_errors_total", (("operation", "blpop"),))) == 0
@@ -390,12 +381,7 @@ def test_statements_given_by_keyword_are_named_by_them(stack):
         finally:
             await connection.close()
 
-    try:
-        asyncio.run(calls())
-    finally:
-        uninstrument_libraries()
-    samples = _client_samples(telemetry.scrape()[2].decode())
-    telemetry.shutdown()
+    samples = _measured(telemetry, calls())
     for operation in ("create", "insert", "select"):
         assert samples.get(("postgres_operation_seconds_count", (("operation", operation),))) == 1, operation
     assert ("postgres_operation_seconds_count", (("operation", "other"),)) not in samples

@@ -29,6 +29,16 @@ def browser():
         browser.close()
 
 
+def _own_gateway(stack, start_service, tmp_path, **settings: str) -> str:  # type: ignore[no-untyped-def]
+    """A gateway of the test's own, with ``settings`` beside the stack's: its base URL."""
+    port = free_port()
+    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
+           "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"), "CHATOBS_DATA_DIR": str(tmp_path),
+           **settings}  # fmt: skip
+    return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port,
+                         ready_path="/health").base_url  # fmt: skip
+
+
 def test_chat_page_streams_a_reply_and_counts_the_sse_client(pipeline, browser, tmp_path):
     gateway_metrics = pipeline.metrics_urls["gateway"]
 
@@ -73,12 +83,7 @@ def test_chat_page_opens_its_stream_once_the_gateway_has_room_again(stack, start
     """A gateway with room for one stream, taken by another client: the page's EventSource is
     refused (503), which EventSource never retries by itself; the page must, and opens its
     stream once the other client leaves."""
-    port = free_port()
-    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
-           "CHATPIPE_SSE_MAX_STREAMS": "1", "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"),
-           "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
-    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port,
-                            ready_path="/health").base_url  # fmt: skip
+    gateway = _own_gateway(stack, start_service, tmp_path, CHATPIPE_SSE_MAX_STREAMS="1")
     other = httpx.post(f"{gateway}/v1/sessions", headers={"X-Tenant-ID": "acme"}).json()["session_id"]
     page = browser.new_page()
     with httpx.Client(timeout=10) as client, client.stream("GET", f"{gateway}/v1/sessions/{other}/events") as taken:
@@ -97,12 +102,7 @@ def test_chat_page_stops_trying_a_session_deleted_elsewhere(stack, start_service
     """The page's stream ends (idle for the gateway's timeout) and its session is gone by then,
     deleted from another tab: the page says so and stops, instead of asking for its stream
     again every few seconds for as long as it stays open."""
-    port = free_port()
-    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
-           "CHATPIPE_SSE_TIMEOUT_SECONDS": "1", "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"),
-           "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
-    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port,
-                            ready_path="/health").base_url  # fmt: skip
+    gateway = _own_gateway(stack, start_service, tmp_path, CHATPIPE_SSE_TIMEOUT_SECONDS="1")
 
     def stream_requests() -> float:
         return value(httpx.get(f"{gateway}/metrics", timeout=5).text, "http_server_request_duration_seconds_count",
