@@ -246,6 +246,9 @@ def pipeline(stack, tmp_path_factory):
 
     # Topics of its own: other tests publish to the session broker's default topics.
     suffix = uuid.uuid4().hex[:8]
-    env = {**PIPELINE_ENV, "CHATOBS_WAL_TOPIC": f"chat.wal.{suffix}", "CHATPIPE_TOOL_TOPIC": f"chat.tools.{suffix}"}
+    # Consumer groups of its own too: pipelines other tests start on this broker join the default
+    # groups, and each join or leave would rebalance this pipeline's consumers mid-test.
+    env = {**PIPELINE_ENV, "CHATOBS_WAL_TOPIC": f"chat.wal.{suffix}", "CHATPIPE_TOOL_TOPIC": f"chat.tools.{suffix}",
+           "CHATPIPE_CONSUMER_GROUP_PREFIX": f"{suffix}."}  # fmt: skip
     with Pipeline(stack, tmp_path_factory.mktemp("pipeline"), env=env) as running:
         yield running

@@ -728,7 +728,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 #: How a field's bounds read in the settings table: its constraint's attribute, then the words.
 _LIMIT_WORDS = (
-    ("gt", "> {}"), ("ge", "≥ {}"), ("lt", "< {}"), ("le", "≤ {}"), ("min_length", "at least {} characters")
+    ("gt", "> {}"), ("ge", "≥ {}"), ("lt", "< {}"), ("le", "≤ {}"), ("min_length", "at least {} characters"),
+    ("max_length", "at most {} characters"), ("pattern", "matching `{}`"),
 )  # fmt: skip
 
 

@@ -110,6 +110,12 @@ class PipelineSettings(MappingSettings):
     )
     # --- Messaging and backlogs ------------------------------------------------------------
     tool_topic: str = Field("chat.tools", min_length=1, description="Kafka topic of tool-call requests.")
+    consumer_group_prefix: str = Field(
+        "", max_length=100, pattern=r"^[A-Za-z0-9._-]*$",
+        description="Put before the Kafka consumer groups' names (`worker`, `replicator`, `tool_executor`). "
+        "Pipelines that share a broker need one each: in one group, each member's join or leave rebalances "
+        "every other's.",
+    )  # fmt: skip
     tool_timeout_seconds: float = Field(10.0, gt=0, description="How long the worker waits for a tool result.")
     publisher_batch_size: int = Field(100, ge=1, le=10_000, description="Outbox rows published per round.")
     publisher_idle_seconds: float = Field(

@@ -89,7 +89,8 @@ async def main() -> None:
     )
     await migrate(pool)
     topic = telemetry.settings.chatobs.wal_topic
-    consumer = await start_consumer(topic, "replicator", backends.kafka_bootstrap_servers, stopping)
+    group = f"{settings.consumer_group_prefix}replicator"
+    consumer = await start_consumer(topic, group, backends.kafka_bootstrap_servers, stopping)
     if consumer is None:
         return
     try:
