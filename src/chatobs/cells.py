@@ -333,6 +333,7 @@ class LocalCells(NamedTuple):
 
 
 ExemplarFilter = Callable[[trace.SpanContext], "trace.SpanContext | None"]
+_SAMPLED = trace.TraceFlags.SAMPLED
 ExemplarSampler = Callable[[Context | None], "trace.SpanContext | None"]
 
 
@@ -344,7 +345,8 @@ def exemplar_span_filter(filter_name: str) -> ExemplarFilter:
         return lambda span_context: None
     if filter_name == "always_on":
         return lambda span_context: span_context if span_context.is_valid else None
-    return lambda span_context: span_context if span_context.trace_flags.sampled and span_context.is_valid else None
+    # `& SAMPLED`, not `.sampled`: the property is a Python call, on every request's exemplar.
+    return lambda span_context: span_context if span_context.trace_flags & _SAMPLED and span_context.is_valid else None
 
 
 def exemplar_sampler(filter_name: str) -> ExemplarSampler:

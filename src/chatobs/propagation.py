@@ -91,7 +91,8 @@ def continued(value: str | None) -> Context | None:
     version, trace_id, span_id, flags, rest = match.groups()
     if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
         return None
-    remote = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16)))
+    # Positional (trace id, span id, is_remote, flags): keywords cost a dict per record.
+    remote = SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)))
     return trace.set_span_in_context(NonRecordingSpan(remote))
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import random
 import threading
 import time
 import traceback
@@ -82,6 +83,7 @@ __all__ = ["DecidedByParent", "LeanSpan", "LeanTracer", "LeanTracerProvider", "P
 
 _logger = logging.getLogger("chatobs")
 _UNSET = Status(StatusCode.UNSET)
+_SAMPLED = TraceFlags.SAMPLED
 _PRIMITIVES = (str, bool, int, float)  # exact classes: the fast path
 #: Trace flags by (sampled, random trace id), built once: spans take one of these four.
 _FLAGS = {
@@ -144,7 +146,9 @@ def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind
         decide = parent_decisions(ParentBased(ALWAYS_ON))
         decide(None, SpanKind.SERVER)  # (True, True): recording, sampled
     """
-    by_kind: dict[SpanKind, list[tuple[bool, bool]]] = {}
+    # Keyed by id(kind): an Enum's hash is a Python call, on every span; SpanKind's members
+    # live as long as the interpreter, so no other object has one of their ids.
+    by_kind: dict[int, list[tuple[bool, bool]]] = {}
     # Index 0: a root; 1 + 2 * remote + sampled: a parent with those flags.
     parents: list[Context | None] = [None]
     for remote in (False, True):
@@ -154,15 +158,15 @@ def parent_decisions(sampler: Sampler) -> Callable[[SpanContext | None, SpanKind
             parents.append(set_span_in_context(span))
     for kind in SpanKind:
         decisions = [sampler.should_sample(parent, 1, "probe", kind).decision for parent in parents]
-        by_kind[kind] = [(decision.is_recording(), decision.is_sampled()) for decision in decisions]
+        by_kind[id(kind)] = [(decision.is_recording(), decision.is_sampled()) for decision in decisions]
 
     def parent_decision(parent: SpanContext | None, kind: SpanKind) -> tuple[bool, bool] | None:
-        decisions = by_kind.get(kind)
+        decisions = by_kind.get(id(kind))
         if decisions is None:  # not a SpanKind: the sampler itself decides what that means
             return None
         if parent is None:
             return decisions[0]
-        return decisions[1 + 2 * parent.is_remote + parent.trace_flags.sampled]
+        return decisions[1 + 2 * parent.is_remote + (parent.trace_flags & _SAMPLED)]
 
     return parent_decision
 
@@ -373,7 +377,7 @@ class LeanTracer(trace_api.Tracer):
             trace_id = parent.trace_id
         else:
             parent = None
-            trace_id = provider.id_generator.generate_trace_id()
+            trace_id = (provider.random_bits and random.getrandbits(128)) or provider.id_generator.generate_trace_id()
         links = links or ()
         decided = provider.parent_decision(parent, kind) if provider.parent_decision is not None else None
         if decided is not None:  # what the sampler would say, without asking it (see ParentDecided)
@@ -386,13 +390,9 @@ class LeanTracer(trace_api.Tracer):
             trace_state, start_attributes = result.trace_state, result.attributes
         # W3C level 2, as the SDK: say so when the trace id is random (ours, or the parent's says so).
         random_id = parent.trace_flags.random_trace_id if parent is not None else provider.random_trace_ids
-        span_context = SpanContext(
-            trace_id,
-            provider.id_generator.generate_span_id(),
-            is_remote=False,
-            trace_flags=_FLAGS[sampled, random_id],
-            trace_state=trace_state,
-        )
+        span_id = (provider.random_bits and random.getrandbits(64)) or provider.id_generator.generate_span_id()
+        # Positional (trace id, span id, is_remote, flags, state): keywords cost a dict per span.
+        span_context = SpanContext(trace_id, span_id, False, _FLAGS[sampled, random_id], trace_state)
         if not recording or not provider.has_span_processors:
             # No processor would receive the span: its context is all anyone can use.
             return NonRecordingSpan(span_context)
@@ -492,6 +492,10 @@ class LeanTracerProvider(trace_api.TracerProvider):
         self.resource = resource
         self.id_generator = id_generator or RandomIdGenerator()
         self.random_trace_ids = self.id_generator.is_trace_id_random()
+        #: The id generator is the SDK's default one exactly, which draws from `random`'s shared
+        #: generator: ids are drawn here the same way, two calls less per span (a draw of 0,
+        #: which is invalid, goes to the generator, which draws again).
+        self.random_bits = type(self.id_generator) is RandomIdGenerator
         self.processors = _Processors()
         #: Whether any span processor receives spans (else spans are context-only).
         self.has_span_processors = False

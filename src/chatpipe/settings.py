@@ -177,6 +177,15 @@ class PipelineSettings(MappingSettings):
     def message_allowance(self, tenant: str) -> int:
         return _allowances(self.tenant_message_budgets).get(tenant, self.message_budget)
 
+    def consumer_group(self, role: str) -> str:
+        """The Kafka consumer group of the service in ``role``: its name after the prefix.
+
+        Example::
+
+            PipelineSettings(consumer_group_prefix="staging.").consumer_group("worker")  # "staging.worker"
+        """
+        return f"{self.consumer_group_prefix}{role}"
+
     def require(self, *fields: str) -> PipelineSettings:
         """Raise :class:`ConfigError` naming each of ``fields`` that is unset."""
         missing = {

@@ -172,3 +172,13 @@ def test_pipeline_settings_are_their_own_class():
     settings = load_pipeline_settings({})
     assert type(settings) is PipelineSettings
     assert settings == load_pipeline_settings({})
+
+
+@pytest.mark.parametrize(("prefix", "group"), [("", "worker"), ("staging.", "staging.worker")])
+def test_a_consumer_group_is_its_role_after_the_prefix(prefix, group):
+    assert load_pipeline_settings({"CHATPIPE_CONSUMER_GROUP_PREFIX": prefix}).consumer_group("worker") == group
+
+
+def test_a_consumer_group_prefix_outside_kafkas_characters_is_an_error_naming_the_variable():
+    with pytest.raises(ConfigError, match="CHATPIPE_CONSUMER_GROUP_PREFIX"):
+        load_pipeline_settings({"CHATPIPE_CONSUMER_GROUP_PREFIX": "a b"})

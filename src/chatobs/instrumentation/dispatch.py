@@ -339,7 +339,8 @@ def spanned(
     call the contrib instrumentation has no span for (a connection attempt, a consumer commit)."""
 
     async def traced(*args: Any, **kwargs: Any) -> Any:
-        with tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes):
+        # Positional, in the API's order (name, context, kind, attributes): keywords cost a dict.
+        with tracer.start_as_current_span(name, None, SpanKind.CLIENT, attributes):
             return await call(*args, **kwargs)
 
     return traced

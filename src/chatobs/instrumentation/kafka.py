@@ -135,7 +135,8 @@ class _ConsumerSpan:
         name = self._name
         if not (isinstance(name, str) and name):
             name = f"{topic if isinstance(topic, str) else 'kafka'} process"
-        span = self._span = self._tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER)
+        # Positional, in the API's order (name, context, kind): keywords cost a dict per record.
+        span = self._span = self._tracer.start_span(name, parent, SpanKind.CONSUMER)
         if span.is_recording():  # nothing to build for a span no processor receives
             span.set_attributes(_record_attributes(record, topic))
         self._token = context_api.attach(trace.set_span_in_context(span))
@@ -282,7 +283,7 @@ def _delivery_span(send: Any, tracer: Tracer) -> Any:
         topic = _send_topic(args, kwargs)
         attributes = {MESSAGING_SYSTEM: "kafka", MESSAGING_DESTINATION_NAME: str(topic),
                       MESSAGING_OPERATION_NAME: "produce"}  # fmt: skip
-        span = tracer.start_span(f"{topic} publish", kind=SpanKind.PRODUCER, attributes=attributes)
+        span = tracer.start_span(f"{topic} publish", None, SpanKind.PRODUCER, attributes)  # positional, as above
         try:
             # The failure is recorded once, below: use_span would record it too.
             with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):

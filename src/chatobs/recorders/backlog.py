@@ -93,7 +93,7 @@ class BacklogRecorder(Recorder):
         current span."""
         if span is not None and not isinstance(span, SpanContext):
             raise TypeError(f"span must be a SpanContext or None, got {type(span).__name__}")
-        self._observe("wal_consume_seconds", seconds, span=span)
+        self._cell_observe("wal_consume_seconds", seconds, (), None, span)  # per record: no keywords, one call
 
     def time_wal_consume(self) -> Timer:
         return Timer(self.wal_consumed)

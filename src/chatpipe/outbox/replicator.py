@@ -89,7 +89,7 @@ async def main() -> None:
     )
     await migrate(pool)
     topic = telemetry.settings.chatobs.wal_topic
-    group = f"{settings.consumer_group_prefix}replicator"
+    group = settings.consumer_group("replicator")
     consumer = await start_consumer(topic, group, backends.kafka_bootstrap_servers, stopping)
     if consumer is None:
         return

@@ -142,7 +142,7 @@ async def main() -> None:
     redis = aioredis.Redis.from_url(backends.redis_url, socket_timeout=5, socket_connect_timeout=2)
     async with httpx.AsyncClient() as http:
         hand_over = HandOver(grace=settings.shutdown_grace_seconds)
-        group = f"{settings.consumer_group_prefix}tool_executor"
+        group = settings.consumer_group("tool_executor")
         consumer = await start_consumer(settings.tool_topic, group, backends.kafka_bootstrap_servers,
                                         stopping, listener=hand_over)  # fmt: skip
         if consumer is None:

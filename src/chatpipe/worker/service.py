@@ -548,7 +548,7 @@ async def main() -> None:
     async with httpx.AsyncClient() as http:
         producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
         hand_over = HandOver(grace=settings.shutdown_grace_seconds)  # a rebalance lets turns finish as a stop does
-        group = f"{settings.consumer_group_prefix}worker"
+        group = settings.consumer_group("worker")
         consumer = await start_consumer(topic, group, backends.kafka_bootstrap_servers, stopping,
                                         listener=hand_over)  # fmt: skip
         if producer is None or consumer is None:
