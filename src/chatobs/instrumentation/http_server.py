@@ -161,11 +161,13 @@ class ServerMiddleware:
         status = 500
         error_type = None
 
-        async def send_and_watch(message: Message) -> None:
+        # Not `async`: it hands back send's own awaitable, which the app awaits, so no coroutine
+        # of its own wraps each of the response's messages.
+        def send_and_watch(message: Message) -> Awaitable[None]:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_and_watch)
@@ -177,33 +179,36 @@ class ServerMiddleware:
                 self._on_error(METRIC, failure)
             raise
         finally:
+            seconds = perf_counter() - started
             # try/except, not a context manager: free when nothing fails, on every request.
             detach(token)  # OpenTelemetry's detach logs its own failures
             try:
-                self._finish(span, scope, (root_path, app), method, status, error_type, perf_counter() - started)
+                try:  # inline too, as the start is
+                    route = getattr(scope.get("route"), "path", None) or ""
+                    if scope.get("root_path") != root_path:  # a Mount handed the request to a sub-app
+                        route = _mounted_route(scope, root_path, app) or route
+                    if span.is_recording():
+                        _describe_recorded(span, method, route, status, error_type)
+                    # The request's span is the bucket's exemplar (if the exemplar filter keeps it):
+                    # handed over as it is, rather than looked up again as the current span.
+                    # Positional (name, value, labels, context, span): keywords cost a dict per request.
+                    self._observe(METRIC, seconds, (method, route, str(status)), None, span.get_span_context())
+                finally:
+                    span.end()  # whatever failed above: a span left open would never be exported
             except Exception as failure:  # noqa: BLE001 - instrumentation never fails a request
                 self._on_error(METRIC, failure)
 
-    def _finish(self, span: trace.Span, scope: Scope, entry: tuple[str | None, Any], method: str, status: int,
-                error_type: type[BaseException] | None, seconds: float) -> None:  # fmt: skip
-        """``entry``: the scope's root path and app as the request came in (a sub-app changes both)."""
-        try:
-            route = getattr(scope.get("route"), "path", None) or ""
-            if scope.get("root_path") != entry[0]:  # a Mount handed the request to a sub-app
-                route = _mounted_route(scope, *entry) or route
-            if span.is_recording():
-                span.update_name(f"{method} {route}" if route else method)
-                span.set_attribute(HTTP_ROUTE, route)
-                span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-                if error_type is not None or status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-                    span.set_attribute(ERROR_TYPE, qualified_error_type(error_type) if error_type else str(status))
-            # The request's span is the bucket's exemplar (if the exemplar filter keeps it):
-            # handed over as it is, rather than looked up again as the current span.
-            # Positional (name, value, labels, context, span): keywords cost a dict per request.
-            self._observe(METRIC, seconds, (method, route, str(status)), None, span.get_span_context())
-        finally:
-            span.end()  # whatever failed above: a span left open would never be exported
+
+def _describe_recorded(
+    span: trace.Span, method: str, route: str, status: int, error_type: type[BaseException] | None
+) -> None:
+    """What a recorded span learns at the end: its name with the route, the route, the status."""
+    span.update_name(f"{method} {route}" if route else method)
+    span.set_attribute(HTTP_ROUTE, route)
+    span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+    if error_type is not None or status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_attribute(ERROR_TYPE, qualified_error_type(error_type) if error_type else str(status))
 
 
 def _mounted_route(scope: Scope, root_path: str | None, app: Any) -> str | None:
