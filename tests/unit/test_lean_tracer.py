@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import random
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -23,6 +24,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -285,3 +287,49 @@ def test_a_current_span_context_is_entered_once():
         pass
     assert [span.name for span in exporter.get_finished_spans()] == ["once"]
     assert not trace.get_current_span().get_span_context().is_valid, "the context is restored"
+
+
+class _CountingIds(RandomIdGenerator):
+    """A subclass of the SDK's default generator that draws otherwise: its ids must be the spans'."""
+
+    def __init__(self) -> None:
+        self.drawn = 0
+
+    def generate_trace_id(self) -> int:
+        self.drawn += 1
+        return 0xABC0 + self.drawn
+
+    def generate_span_id(self) -> int:
+        self.drawn += 1
+        return 0xDEF0 + self.drawn
+
+
+def test_an_id_generator_of_the_applications_gives_the_spans_ids():
+    exporter = InMemorySpanExporter()
+    provider = LeanTracerProvider(resource=RESOURCE, sampler=ALWAYS_ON, id_generator=_CountingIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("test").start_as_current_span("root"):
+        provider.get_tracer("test").start_span("child").end()
+    child, root = exporter.get_finished_spans()
+    assert (root.context.trace_id, root.context.span_id) == (0xABC1, 0xDEF2)
+    assert (child.context.trace_id, child.context.span_id) == (0xABC1, 0xDEF3)
+
+
+def test_the_default_generators_ids_are_drawn_from_random_as_the_sdk_draws_them():
+    """Seeded alike, the lean tracer's default ids are those the SDK's generator draws."""
+    provider = LeanTracerProvider(resource=RESOURCE, sampler=ALWAYS_ON)
+    random.seed(7)
+    span = provider.get_tracer("test").start_span("root")
+    random.seed(7)
+    expected = (RandomIdGenerator().generate_trace_id(), RandomIdGenerator().generate_span_id())
+    assert (span.get_span_context().trace_id, span.get_span_context().span_id) == expected
+    assert span.get_span_context().is_valid
+
+
+def test_a_drawn_zero_is_drawn_again(monkeypatch):
+    draws = iter([0, 5, 0, 9])  # trace id 0, then 5; span id 0, then 9: zero ids are invalid
+    monkeypatch.setattr(random, "getrandbits", lambda bits: next(draws))
+    context = (
+        LeanTracerProvider(resource=RESOURCE, sampler=ALWAYS_ON).get_tracer("t").start_span("s").get_span_context()
+    )
+    assert (context.trace_id, context.span_id) == (5, 9)
