@@ -134,7 +134,8 @@ def _print(results: dict[str, Share]) -> None:
     whole = Share.combined(results.values())
     print(f"whole pipeline: {whole.share:.1%} of {whole.samples} samples in instrumentation")
     for service, result in results.items():
-        print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation")
+        print(f"{service}: {result.share:.1%} of {result.samples} samples in instrumentation"
+              f" ({result.serving_share:.1%} serving scrapes)")  # fmt: skip
         print("  " + ", ".join(f"{owner} {share:.1%}" for owner, share in result.owners()))
         for function, share in result.top(12):
             print(f"    {share:6.1%}  {function}")

@@ -45,6 +45,9 @@ OWNERS = (
 )
 #: Path fragments of instrumentation code: any owner's.
 INSTRUMENTATION = tuple(part for part, _ in OWNERS)
+#: Frames of serving a scrape: the metrics server or route, the exposition, Telemetry.scrape.
+_SERVING = ("/chatobs/server.py", "/chatobs/exposition.py")
+_SCRAPE_FRAME = "Telemetry.scrape ("
 _STDLIB = sysconfig.get_paths()["stdlib"]
 #: The outermost frame of a thread other than the main thread (py-spy's raw stacks, root first).
 _THREAD_START = f"({_STDLIB}/threading.py"
@@ -74,6 +77,8 @@ class Share:
     by_function: collections.Counter[str] = field(default_factory=collections.Counter)
     by_entry: collections.Counter[str] = field(default_factory=collections.Counter)
     by_owner: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Of the instrumentation's samples, those serving a scrape (``/metrics``), not recording.
+    serving: int = 0
 
     @classmethod
     def combined(cls, results: Iterable[Share]) -> Share:
@@ -85,11 +90,18 @@ class Share:
             total.by_function.update(result.by_function)
             total.by_entry.update(result.by_entry)
             total.by_owner.update(result.by_owner)
+            total.serving += result.serving
         return total
 
     @property
     def share(self) -> float:
         return self.instrumentation / self.samples if self.samples else 0.0
+
+    @property
+    def serving_share(self) -> float:
+        """The samples spent serving scrapes, as a share of all samples (a part of :attr:`share`,
+        which grows with the scrape rate, not with the traffic)."""
+        return self.serving / self.samples if self.samples else 0.0
 
     def top(self, count: int = 8) -> list[tuple[str, float]]:
         """The instrumentation functions with the most samples, as shares of all samples."""
@@ -103,6 +115,10 @@ class Share:
         """Where the application entered the instrumentation that cost the most (the outermost
         instrumentation frame of each such sample), as shares of all samples."""
         return [(name, n / self.samples) for name, n in self.by_entry.most_common(count)]
+
+
+def _serves_a_scrape(frames: list[str]) -> bool:
+    return any(frame.startswith(_SCRAPE_FRAME) or any(part in frame for part in _SERVING) for frame in frames)
 
 
 def share_of(raw: str) -> Share:
@@ -126,6 +142,7 @@ def share_of(raw: str) -> Share:
             result.by_function[_short(frames[innermost])] += samples
             result.by_owner[next(name for part, name in OWNERS if part in frames[outermost])] += samples
             result.by_entry[_short(frames[outermost])] += samples
+            result.serving += samples if _serves_a_scrape(frames) else 0
             continue
         for depth in range(len(frames) - 1, -1, -1):
             owner = owners[depth]
@@ -137,6 +154,7 @@ def share_of(raw: str) -> Share:
                 while entry > 0 and owners[entry - 1] != "application":
                     entry -= 1
                 result.by_entry[_short(frames[entry])] += samples
+                result.serving += samples if _serves_a_scrape(frames) else 0
                 break
             if owner == "application":
                 break

@@ -141,6 +141,10 @@ def _profile_rows(table: Table, console: Console) -> None:
     def row(label: str, result: pipeline_cpu.Share) -> None:
         table.add_row(label, f"{result.instrumentation:,}", f"{result.samples:,}", "samples", f"{result.share:.1%}")
 
+    def serving_row(service: str, result: pipeline_cpu.Share) -> None:
+        table.add_row(f"{service}: of which serving scrapes (the demo's, every 2 s)", f"{result.serving:,}",
+                      f"{result.samples:,}", "samples", f"{result.serving_share:.1%}")  # fmt: skip
+
     runs["whole pipeline"] = [pipeline_cpu.Share.combined(run) for run in zip(*runs.values(), strict=True)]
     sampled["whole pipeline"] = pipeline_cpu.Share.combined(sampled.values())
     exported["whole pipeline"] = pipeline_cpu.Share.combined(exported.values())
@@ -148,6 +152,7 @@ def _profile_rows(table: Table, console: Console) -> None:
         each = ", ".join(f"{r.share:.1%}" for r in results)
         median = sorted(results, key=lambda result: result.share)[len(results) // 2]
         row(f"{service}: CPU samples in instrumentation, demo load 60 s (py-spy; median of {each})", median)
+        serving_row(service, median)
         row(f"{service}: the same, 10% of traces sampled", sampled[service])
         row(f"{service}: the same, every span exported over OTLP (to a receiver that discards them)",
             exported[service])  # fmt: skip

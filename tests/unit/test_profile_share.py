@@ -61,3 +61,20 @@ def test_threads_the_instrumentation_runs_are_its_own_whole():
     assert result.instrumentation == 9
     assert dict(result.owners()) == {"OpenTelemetry API and SDK": 7 / 27, "chatobs": 2 / 27}
     assert dict(result.top())["urlopen (connectionpool.py)"] == 4 / 27
+
+
+def test_samples_serving_a_scrape_are_told_apart_from_recording():
+    served = f"serve ({SITE}/chatobs/server.py:300)"
+    rendered = f"Renderer._histogram_lines ({SITE}/chatobs/exposition.py:88)"
+    scrape = f"Telemetry.scrape ({SITE}/chatobs/telemetry.py:233)"
+    snapshot = f"HistogramCell.snapshot ({SITE}/chatobs/cells.py:215)"
+    thread = f"_bootstrap ({STDLIB}/threading.py:995)"
+    raw = "\n".join([
+        f"{thread};{served};{rendered} 3",  # the standalone metrics server's thread
+        f"{LOOP};{HANDLER};{scrape};{snapshot} 2",  # a FastAPI /metrics route's scrape, in cells
+        f"{LOOP};{HANDLER};{CONTRIB};{TRACER} 5",  # recording: instrumentation, not serving
+        f"{LOOP};{HANDLER} 10",
+    ])  # fmt: skip
+    result = share_of(raw)
+    assert (result.instrumentation, result.serving) == (10, 5)
+    assert result.serving_share == 5 / 20
