@@ -239,9 +239,34 @@ PIPELINE_ENV = {
 }
 
 
+@contextlib.contextmanager
+def database_of_its_own(server_url: str, name: str) -> Iterator[str]:
+    """A new, empty database ``name`` on the PostgreSQL server of ``server_url``: its URL, dropped
+    (connections and all) afterwards."""
+    import asyncio
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    async def run(statement: str) -> None:
+        connection = await asyncpg.connect(server_url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run(f"create database {name}"))
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    finally:
+        with contextlib.suppress(Exception):  # a service may still hold connections: FORCE ends them
+            asyncio.run(run(f"drop database {name} with (force)"))
+
+
 @pytest.fixture(scope="session")
 def pipeline(stack, tmp_path_factory):
-    """The whole pipeline (simulators + five services as processes) on the session's stack."""
+    """The whole pipeline (simulators + five services as processes) on the session's stack, with
+    a database, topics and consumer groups of its own (``pipeline.backends`` names them)."""
     from chatpipe.launcher import Pipeline
 
     # Topics of its own: other tests publish to the session broker's default topics.
@@ -250,5 +275,13 @@ def pipeline(stack, tmp_path_factory):
     # groups, and each join or leave would rebalance this pipeline's consumers mid-test.
     env = {**PIPELINE_ENV, "CHATOBS_WAL_TOPIC": f"chat.wal.{suffix}", "CHATPIPE_TOOL_TOPIC": f"chat.tools.{suffix}",
            "CHATPIPE_CONSUMER_GROUP_PREFIX": f"{suffix}."}  # fmt: skip
-    with Pipeline(stack, tmp_path_factory.mktemp("pipeline"), env=env) as running:
+    # And a database of its own: a publisher sends every outbox row of its database, and sends a
+    # row again when no replicator confirmed it. On the session's database this pipeline sent
+    # rows other tests' pipelines left there to its own topic, where its worker answered them
+    # and its replicator stored them: a test's turn then moved counts by 3, or the replicator's
+    # exemplar named another turn's trace.
+    with (
+        database_of_its_own(stack["DATABASE_URL"], f"pipeline_{suffix}") as database,
+        Pipeline({**stack, "DATABASE_URL": database}, tmp_path_factory.mktemp("pipeline"), env=env) as running,
+    ):
         yield running

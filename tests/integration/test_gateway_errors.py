@@ -205,7 +205,7 @@ def test_two_deletes_of_one_session_at_once_count_one_deletion(pipeline):
     assert value(httpx.get(metrics_url, timeout=5).text, "sessions_deleted_total") - before == 1
 
 
-def test_a_message_sent_as_its_session_is_deleted_is_refused_not_accepted_after_the_delete(pipeline, stack):
+def test_a_message_sent_as_its_session_is_deleted_is_refused_not_accepted_after_the_delete(pipeline):
     """The DELETE's transaction is held open by the test: the message's look-up still sees the
     session live, and the message must wait for the DELETE's outcome instead of being stored
     (and answered 202) in a session the client was told (204) is gone."""
@@ -216,7 +216,7 @@ def test_a_message_sent_as_its_session_is_deleted_is_refused_not_accepted_after_
     url = f"{pipeline.gateway_url}/v1/sessions/{session}/messages"
 
     async def race() -> tuple[int, int]:
-        connection = await asyncpg.connect(stack["DATABASE_URL"])
+        connection = await asyncpg.connect(pipeline.backends["DATABASE_URL"])
         try:
             async with httpx.AsyncClient(timeout=15) as client:
                 transaction = connection.transaction()
