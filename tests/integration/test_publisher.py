@@ -1,8 +1,7 @@
 """The outbox publisher against real PostgreSQL and a real Kafka-protocol broker: what reaches the
 WAL topic, in what order, and what the outbox and the publisher's scrape show.
 
-Each test has a database and a topic of its own: the session's pipeline runs a publisher of its
-own on the stack's database, which would take these rows.
+Each test has a database and a topic of its own: a publisher takes every row of its database.
 """
 
 from __future__ import annotations
@@ -21,25 +20,15 @@ from chatobs import Telemetry, load_settings
 from chatpipe.db import connect_pool, migrate
 from chatpipe.outbox.publisher import Publisher
 from chatpipe.settings import load_pipeline_settings
+from tests.conftest import database_of_its_own
 from tests.metrics_text import value
 
 
 @pytest.fixture
 def database(stack) -> Iterator[str]:
     """The URL of a fresh database on the stack's PostgreSQL server."""
-    name = f"publisher_{uuid.uuid4().hex[:12]}"
-    admin = stack["DATABASE_URL"]
-
-    async def run(statement: str) -> None:
-        connection = await asyncpg.connect(admin)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(run(f"create database {name}"))
-    yield admin.rsplit("/", 1)[0] + f"/{name}"
-    asyncio.run(run(f"drop database {name} with (force)"))
+    with database_of_its_own(stack["DATABASE_URL"], f"publisher_{uuid.uuid4().hex[:12]}") as url:
+        yield url
 
 
 @asynccontextmanager
