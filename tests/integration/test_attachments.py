@@ -9,18 +9,17 @@ database error would (a 500); the client is told nothing was stored, and nothing
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import pytest
 
 from chatobs.stack import free_port
+from tests.conftest import database_of_its_own
 
 _REFUSE_ATTACHMENTS = """
 create function refuse_attachment() returns trigger language plpgsql as $$
@@ -46,11 +45,8 @@ def sql(database_url: str, statements: str) -> None:
 @pytest.fixture
 def database(stack) -> Iterator[str]:
     """The URL of a new, empty database in the session's PostgreSQL (its triggers are this test's)."""
-    name = f"attachments_{uuid.uuid4().hex[:8]}"
-    sql(stack["DATABASE_URL"], f"create database {name}")
-    yield urlunsplit(urlsplit(stack["DATABASE_URL"])._replace(path=f"/{name}"))
-    with contextlib.suppress(Exception):  # the gateway may still hold connections: FORCE ends them
-        sql(stack["DATABASE_URL"], f"drop database {name} with (force)")
+    with database_of_its_own(stack["DATABASE_URL"], f"attachments_{uuid.uuid4().hex[:8]}") as url:
+        yield url
 
 
 def files_under(directory: Path) -> list[Path]:

@@ -114,16 +114,16 @@ async def _calls(telemetry: Telemetry, stack: dict[str, str], url: str) -> tuple
         await consumer.stop()
 
 
-def _client_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _client_samples(text: str) -> Samples:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in parse_text(text)
         for sample in family.samples
         if sample.name in CLIENT_METRICS
     }
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def _measured(telemetry: Telemetry, calls: Coroutine[Any, Any, object]) -> Samples:
