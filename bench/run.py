@@ -63,14 +63,19 @@ def main() -> int:
         rows += [time_cmp, quiet, bytes_cmp, lean_time, lean_bytes]
     with console.status("memory per series"):
         rows.append(micro.memory_per_series(2_000 if args.quick else 10_000))
-    with console.status("HTTP throughput (wrk)"), discard.discarding_receiver(metrics=True) as receiver:
-        http = throughput.http_ratios(
+    with console.status("HTTP throughput, side by side on one core (wrk)"), \
+            discard.discarding_receiver(metrics=True) as receiver:  # fmt: skip
+        http = throughput.side_by_side_ratios(
             {"full": throughput.FULL, "exported": throughput.exported(receiver),
              "sampled": throughput.SAMPLED_10_PERCENT,
              "sampled, exported": {**throughput.exported(receiver), **throughput.SAMPLED_10_PERCENT},
              "sdk": throughput.FULL_SDK_TRACER},
             seconds=http_seconds, rounds=http_rounds,
         )  # fmt: skip
+    one_after_the_other = None
+    if not args.quick:  # the earlier method, for comparison with earlier runs
+        with console.status("HTTP throughput, one server after the other (wrk)"):
+            one_after_the_other = throughput.http_ratios({"full": throughput.FULL}, http_seconds, http_rounds)
     with console.status("cost per request in one process (ASGI, no server)"):
         per_request = asgi_overhead.measure(rounds)
     counted = None
@@ -91,8 +96,17 @@ def main() -> int:
                  "sampled, exported": "the same, those spans and a metric push every 5 s shipped over OTLP",
                  "sdk": "full setup, every trace sampled, SDK tracer (spans recorded, no exporter)"}  # fmt: skip
     for variant, label in http_rows.items():
-        table.add_row(f"HTTP rps: {label} (median of paired rounds)", f"{http.rps[variant]:,.0f}",
-                      f"{http.rps['off']:,.0f}", "req/s", f"{http.ratios[variant]:.2f}")  # fmt: skip
+        low, high = http.spread[variant]
+        table.add_row(f"HTTP rps: {label}; side by side on one core, each at about half of it "
+                      f"(median of {http_rounds} rounds, which ranged {low:.2f}-{high:.2f})",
+                      f"{http.rps[variant]:,.0f}", f"{http.rps['off']:,.0f}", "req/s",
+                      f"{http.ratios[variant]:.2f}")  # fmt: skip
+    if one_after_the_other is not None:
+        low, high = one_after_the_other.spread["full"]
+        table.add_row(f"HTTP rps: {http_rows['full']}; one server after the other, each with the machine to "
+                      f"itself (median of {http_rounds} paired rounds, which ranged {low:.2f}-{high:.2f})",
+                      f"{one_after_the_other.rps['full']:,.0f}", f"{one_after_the_other.rps['off']:,.0f}", "req/s",
+                      f"{one_after_the_other.ratios['full']:.2f}")  # fmt: skip
     for variant in ("lean tracer", "SDK tracer"):
         table.add_row(f"app cost per request, full setup ({variant}) vs off, in one process",
                       f"{per_request[variant]:.1f}", f"{per_request['off']:.1f}", "µs",
