@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-from opentelemetry.trace import SpanContext
-
 from chatobs import catalogue
 from chatobs.catalogue import OVERFLOW_VALUE
 from chatobs.cells import CellStore, checked_amount
@@ -113,11 +111,11 @@ class Recorder:
     def _add(self, metric_name: str, amount: float, *values: str) -> None:
         self._cell_add(metric_name, amount, values)
 
-    # `span` is for callers outside the measured span (a span processor): the exemplar then
-    # carries that span's trace id instead of whatever is current.
-    def _observe(self, metric_name: str, value: float, *values: str, span: SpanContext | None = None) -> None:
-        # A `span` that is no SpanContext fails in the exemplar filter, before anything is recorded.
-        self._cell_observe(metric_name, value, values, None, span)
+    def _observe(self, metric_name: str, value: float, *values: str) -> None:
+        # The exemplar is the current span's. A caller outside the measured span (a span
+        # processor, a per-record path) calls the cell itself, with the span's context
+        # positionally: `_cell_observe(name, value, labels, None, span_context)`.
+        self._cell_observe(metric_name, value, values)
 
     def _move(self, metric_name: str, amount: int, *values: str) -> None:
         """Move an up-down counter (a gauge moved by increments of the recorder's own choosing)."""
