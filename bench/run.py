@@ -40,7 +40,8 @@ def main() -> int:
     args = parser.parse_args()
     iterations, rounds = (30_000, 3) if args.quick else (200_000, 7)
     http_seconds, http_rounds = (2, 3) if args.quick else (5, 7)
-    console = Console()
+    # Redirected to a file, rich would wrap the table at 80 columns: its labels are long.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     started = time.monotonic()
     rows: list[micro.Comparison] = []
 
