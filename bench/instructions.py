@@ -66,6 +66,14 @@ def _count(env: dict[str, str], requests: int, out_dir: str) -> int:
     return int(found.group(1))
 
 
+def _valgrind_environment() -> dict[str, str]:
+    """The children's environment; raises if valgrind is missing."""
+    if not available():
+        raise RuntimeError("valgrind not found: apt-get install -y valgrind")
+    # One hash seed for every child: dict and set layouts, and so their counts, alike.
+    return {**throughput.base_environment(), "PYTHONHASHSEED": "0"}
+
+
 def _cache_events(env: dict[str, str], requests: int, out_dir: str) -> dict[str, int]:
     child = [sys.executable, str(HERE / "asgi_overhead.py"), "--child", str(requests), "1", str(_WARM_UP)]
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--branch-sim=yes",
@@ -83,11 +91,8 @@ def _cache_events(env: dict[str, str], requests: int, out_dir: str) -> dict[str,
 def _per_request_of(measure: Callable[[dict[str, str], int, str], Any]) -> dict[str, Any]:
     """``measure(env, requests, out_dir)`` for each variant at two request counts, in parallel;
     the difference over the requests between them, per variant (an int, or a dict of ints)."""
-    if not available():
-        raise RuntimeError("valgrind not found: apt-get install -y valgrind")
+    env = _valgrind_environment()
     jobs = [(name, requests) for name in asgi_overhead.VARIANTS for requests in (_FEW, _MANY)]
-    # One hash seed for every child: dict and set layouts, and so their counts, alike.
-    env = {**throughput.base_environment(), "PYTHONHASHSEED": "0"}
     with tempfile.TemporaryDirectory() as out_dir, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         totals = pool.map(lambda job: measure({**env, **asgi_overhead.VARIANTS[job[0]]}, job[1], out_dir), jobs)
         counts = dict(zip(jobs, totals, strict=True))
@@ -115,8 +120,8 @@ def _served_count(env: dict[str, str], requests: int = 2_000, warm_up: int = 300
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         server = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/callgrind.out", sys.executable, "-m",
-             "uvicorn", "http_app:app", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/callgrind.out",
+             *throughput.serve_command(port)],
             cwd=HERE, env={**env, "PYTHONPATH": str(HERE)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}/v1/ping/item-42"
@@ -149,9 +154,7 @@ def _served_count(env: dict[str, str], requests: int = 2_000, warm_up: int = 300
 
 def through_uvicorn() -> dict[str, float]:
     """``{"off": n, "full": n}``: instructions per request through the real server."""
-    if not available():
-        raise RuntimeError("valgrind not found: apt-get install -y valgrind")
-    env = {**throughput.base_environment(), "PYTHONHASHSEED": "0"}
+    env = _valgrind_environment()
     variants = {"off": throughput.OFF, "full": throughput.FULL}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = pool.map(lambda variant: _served_count({**env, **variant}), variants.values())

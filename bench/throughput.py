@@ -35,14 +35,19 @@ def base_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHATOBS_"))}
 
 
+def serve_command(port: int) -> list[str]:
+    """The benchmark app under uvicorn, one worker, on ``port`` (run with ``cwd`` this directory)."""
+    return [sys.executable, "-m", "uvicorn", "http_app:app", "--port", str(port), "--log-level", "warning",
+            "--no-access-log"]  # fmt: skip
+
+
 def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     base = base_environment()
     # A session of its own: with the kernel's autogroup scheduling, servers sharing a core
     # get equal CPU time per session, not per thread (an exporting server runs two threads).
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "http_app:app", "--port", str(port), "--log-level", "warning",
-         "--no-access-log"],
+        serve_command(port),
         cwd=HERE, env={**base, "PYTHONPATH": str(HERE), **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
