@@ -305,6 +305,9 @@ class Renderer:
         # series' lines (a dozen buckets) were most of its scrape. A new count renders again
         # (a cell counts an observation and keeps its exemplar under one lock).
         self._histogram_texts: dict[tuple[str, str, bool], tuple[HistogramCell, int, str]] = {}
+        # A cell's label text, with the scope labels it was made with: a cell's attributes never
+        # change, and working the text out again from them was a fifth of a service's scrape.
+        self._cell_label_texts: dict[Cell, tuple[str, str]] = {}
         self._target_infos: dict[bool, tuple[Resource, str]] = {}
 
     # -- public --------------------------------------------------------------
@@ -330,9 +333,10 @@ class Renderer:
         local_scope = self._scope_block(local.scope) if local is not None else ""
         for metric in self._catalogue.values():
             entries = collected.pop(metric.name, None)
-            own = cells.get(metric.name) or readings.get(metric.name)
+            own_cells = cells.get(metric.name)
+            own = own_cells or readings.get(metric.name)
             if entries or own:
-                self._render_collected(out, entries or [], metric, openmetrics, own, local_scope)
+                self._render_collected(out, entries or [], metric, openmetrics, own, local_scope, bool(own_cells))
             elif metric.name in self._declared:
                 self._render_declared(out, metric, openmetrics)
         if self._uncatalogued:
@@ -369,6 +373,7 @@ class Renderer:
         openmetrics: bool,
         own: Sequence[Cell | Observation] | None = None,
         own_scope: str = "",
+        own_are_cells: bool = False,
     ) -> None:
         # One name from several scopes (another meter with a catalogue name, two HTTP client
         # instrumentations) is one family: one header, and a label set seen twice kept once.
@@ -378,17 +383,18 @@ class Renderer:
         for otel_metric, scope_labels in entries:
             self._samples(out, family, otel_metric, scope_labels, openmetrics, seen)
         if own and catalogued is not None:
-            self._cell_samples(out, family.name, catalogued, own, own_scope, openmetrics, seen)
+            self._cell_samples(out, family.name, catalogued, own, own_scope, openmetrics, seen, own_are_cells)
 
     def _cell_samples(
         self, out: list[str], name: str, metric: Metric, cells: Sequence[Cell | Observation], scope_labels: str,
-        openmetrics: bool, seen: set[str],
+        openmetrics: bool, seen: set[str], are_cells: bool,
     ) -> None:  # fmt: skip
-        """The samples of cells or readings, as their points would render (``tests/unit/test_produced.py``)."""
-        if metric.buckets is not None:
+        """The samples of cells (``are_cells``) or readings, as their points would render
+        (``tests/unit/test_produced.py``)."""
+        if metric.buckets is not None:  # only cells: the observable metrics are gauges
             texts = self._histogram_texts
             for cell in cells:
-                labels = self._attribute_labels(cell.attributes, scope_labels, _HISTOGRAM_RESERVED)
+                labels = self._cell_labels(cell, scope_labels, _HISTOGRAM_RESERVED)  # type: ignore[arg-type]
                 if labels in seen:
                     continue
                 seen.add(labels)
@@ -410,7 +416,10 @@ class Renderer:
                 out.append(text)
             return
         for cell in cells:
-            labels = self._attribute_labels(cell.attributes, scope_labels)
+            if are_cells:
+                labels = self._cell_labels(cell, scope_labels)  # type: ignore[arg-type]
+            else:  # a reading is a new object at each collection: nothing to keep by it
+                labels = self._attribute_labels(cell.attributes, scope_labels)
             if labels not in seen:
                 seen.add(labels)
                 out.append(f"{name}{labels} {_num(cell.value)}\n")  # type: ignore[union-attr]
@@ -481,6 +490,16 @@ class Renderer:
                 return _labels_text(pairs, scope_labels, reserved)
         return _cached(self._label_blocks, (pairs, scope_labels, reserved),
                        lambda: _labels_text(pairs, scope_labels, reserved))  # fmt: skip
+
+    def _cell_labels(self, cell: Cell, scope_labels: str, reserved: frozenset[str] = frozenset()) -> str:
+        """``cell``'s label text, worked out from its attributes the first time only."""
+        kept = self._cell_label_texts.get(cell)
+        if kept is not None and kept[0] == scope_labels:
+            return kept[1]
+        labels = self._attribute_labels(cell.attributes, scope_labels, reserved)
+        if kept is not None or len(self._cell_label_texts) < _KEPT_SERIES_LIMIT:
+            self._cell_label_texts[cell] = (scope_labels, labels)
+        return labels
 
     def _histogram_point(
         self, out: list[str], name: str, point: HistogramDataPoint, labels: str, openmetrics: bool
