@@ -176,8 +176,11 @@ class ScrapeReader(MetricReader):
 
 
 def _num(value: float | int) -> str:
-    if type(value) is int:
+    kind = type(value)
+    if kind is int:
         return str(value)
+    if kind is float and -math.inf < value < math.inf:  # finite (NaN compares false): no calls but repr
+        return repr(value)
     try:
         value = float(value)  # bool, Decimal, numpy scalars: their repr is not a Prometheus number
     except (TypeError, ValueError):
