@@ -308,9 +308,11 @@ class Renderer:
         # series' lines (a dozen buckets) were most of its scrape. A new count renders again
         # (a cell counts an observation and keeps its exemplar under one lock).
         self._histogram_texts: dict[tuple[str, str, bool], tuple[HistogramCell, int, str]] = {}
-        # A cell's label text, with the scope labels it was made with: a cell's attributes never
-        # change, and working the text out again from them was a fifth of a service's scrape.
-        self._cell_label_texts: dict[Cell, tuple[str, str]] = {}
+        # A cell's label text: a cell's attributes never change, and working the text out again
+        # from them was a fifth of a service's scrape. All made with one scope's labels (a
+        # service's cells are one scope's), emptied if those change.
+        self._cell_label_texts: dict[Cell, str] = {}
+        self._cell_label_scope = ""
         self._target_infos: dict[bool, tuple[Resource, str]] = {}
 
     # -- public --------------------------------------------------------------
@@ -496,12 +498,15 @@ class Renderer:
 
     def _cell_labels(self, cell: Cell, scope_labels: str, reserved: frozenset[str] = frozenset()) -> str:
         """``cell``'s label text, worked out from its attributes the first time only."""
-        kept = self._cell_label_texts.get(cell)
-        if kept is not None and kept[0] == scope_labels:
-            return kept[1]
-        labels = self._attribute_labels(cell.attributes, scope_labels, reserved)
-        if kept is not None or len(self._cell_label_texts) < _KEPT_SERIES_LIMIT:
-            self._cell_label_texts[cell] = (scope_labels, labels)
+        texts = self._cell_label_texts
+        if scope_labels != self._cell_label_scope:
+            texts.clear()
+            self._cell_label_scope = scope_labels
+        labels = texts.get(cell)
+        if labels is None:
+            labels = self._attribute_labels(cell.attributes, scope_labels, reserved)
+            if len(texts) < _KEPT_SERIES_LIMIT:
+                texts[cell] = labels
         return labels
 
     def _histogram_point(
