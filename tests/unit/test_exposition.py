@@ -382,3 +382,23 @@ def test_a_failing_span_processor_fails_no_request(tracer: str, measured: int, e
     assert value(text, "http_server_request_duration_seconds_count", http_route="/ok") == measured
     assert value(text, "chatobs_recording_errors_total", metric="http_server_request_duration_seconds") == errors
     telemetry.shutdown()
+
+
+def test_a_cells_kept_label_text_follows_its_scope_and_its_own_attributes():
+    """A cell's label text is kept between scrapes; each cell shows its own labels, and a new
+    scope's labels are shown, not the text kept under the old scope."""
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from chatobs.cells import CounterCell, LocalCells
+    from chatobs.exposition import Renderer
+
+    renderer = Renderer("worker", target_info=False, scope_labels=True)
+    cells = [CounterCell({"model": name, "provider": "sim", "mode": "normal"}) for name in ("a", "b")]
+    for amount, cell in enumerate(cells, start=1):
+        cell.add(amount)
+    for version in ("1.0", "1.0", "2.0"):
+        local = LocalCells({"llm_requests_total": cells}, InstrumentationScope("s", version))
+        text = renderer.render(None, False, local)
+        samples = {s.labels["model"]: (s.value, s.labels["otel_scope_version"])
+                   for f in parse_text(text) if f.name == "llm_requests" for s in f.samples}  # fmt: skip
+        assert samples == {"a": (1.0, version), "b": (2.0, version)}
