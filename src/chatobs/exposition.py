@@ -336,6 +336,9 @@ class Renderer:
 
         cells, readings = (local.cells, local.readings) if local is not None else ({}, {})
         local_scope = self._scope_block(local.scope) if local is not None else ""
+        if local_scope != self._cell_label_scope:  # the kept texts were made under other scope labels
+            self._cell_label_texts.clear()
+            self._cell_label_scope = local_scope
         for metric in self._catalogue.values():
             entries = collected.pop(metric.name, None)
             own_cells = cells.get(metric.name)
@@ -497,11 +500,9 @@ class Renderer:
                        lambda: _labels_text(pairs, scope_labels, reserved))  # fmt: skip
 
     def _cell_labels(self, cell: Cell, scope_labels: str, reserved: frozenset[str] = frozenset()) -> str:
-        """``cell``'s label text, worked out from its attributes the first time only."""
+        """``cell``'s label text, worked out from its attributes the first time only (under the
+        scope labels :meth:`render` kept the texts for)."""
         texts = self._cell_label_texts
-        if scope_labels != self._cell_label_scope:
-            texts.clear()
-            self._cell_label_scope = scope_labels
         labels = texts.get(cell)
         if labels is None:
             labels = self._attribute_labels(cell.attributes, scope_labels, reserved)
