@@ -333,7 +333,11 @@ def test_redis_waits_count_only_their_failures_and_pub_sub_is_measured(stack):
         client = aioredis.Redis.from_url(stack["REDIS_URL"])
         admin = aioredis.Redis.from_url(stack["REDIS_URL"])
         try:
-            assert await client.blpop(["client-test-nothing"], timeout=0.2) is None  # waited, found nothing
+            for _ in range(2):  # the second found by the command's spelling, as the first was named
+                assert await client.blpop(["client-test-nothing"], timeout=0.2) is None  # waited, found nothing
+            # XREAD waits only when given BLOCK: the same spelling, measured or not by its arguments.
+            for block in (None, 100, None):
+                assert not await client.xread({"client-test-empty-stream": "$"}, block=block)
             # A listener that stops listening (an SSE client gone): its read is cancelled, no failure.
             listener = admin.pubsub()
             await listener.subscribe("client-test-other")
@@ -361,6 +365,8 @@ def test_redis_waits_count_only_their_failures_and_pub_sub_is_measured(stack):
     assert not any(name == "redis_operation_seconds_count" and labels == (("operation", "blpop"),)
                    for name, labels in samples), "a blocking wait's duration is the caller's timeout"  # fmt: skip
     assert samples.get(("redis_errors_total", (("operation", "blpop"),))) == 0
+    assert samples[("redis_operation_seconds_count", (("operation", "xread"),))] == 2, "the two without BLOCK"
+    assert samples[("redis_errors_total", (("operation", "xread"),))] == 0
     # The listener's subscribe, the first, the refused one, and those redis-py makes again on reconnecting.
     assert samples[("redis_operation_seconds_count", (("operation", "subscribe"),))] >= 3
     assert samples[("redis_errors_total", (("operation", "subscribe"),))] == 2, (
@@ -377,13 +383,15 @@ def test_statements_given_by_keyword_are_named_by_them(stack):
         try:
             await connection.execute(query="create temporary table keyword_test (n int)")
             await connection.executemany(command="insert into keyword_test values ($1)", args=[(1,), (2,)])
-            assert await connection.fetchval(query="select count(*) from keyword_test") == 2
+            for _ in range(2):  # the second found by the statement's text
+                assert await connection.fetchval(query="select count(*) from keyword_test") == 2
+            assert await connection.fetchval("select count(*) from keyword_test") == 2  # the same text, positional
         finally:
             await connection.close()
 
     samples = _measured(telemetry, calls())
-    for operation in ("create", "insert", "select"):
-        assert samples.get(("postgres_operation_seconds_count", (("operation", operation),))) == 1, operation
+    for operation, count in (("create", 1), ("insert", 1), ("select", 3)):
+        assert samples.get(("postgres_operation_seconds_count", (("operation", operation),))) == count, operation
     assert ("postgres_operation_seconds_count", (("operation", "other"),)) not in samples
 
 

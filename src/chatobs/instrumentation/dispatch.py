@@ -138,7 +138,9 @@ class BackendOperation(ClientOperation):
             self._bound[operation] = bound
         return bound
 
-    def record(self, described: BoundOperation, seconds: float, result: Any, failed: bool) -> None:
+    def record(self, described: BoundOperation | BoundFailures, seconds: float, result: Any, failed: bool) -> None:
+        # The dispatchers skip this frame and call `described.record` themselves when a
+        # subclass keeps it (`_records_bound`): every statement and command passes here.
         described.record(seconds, failed)
 
 
@@ -154,6 +156,17 @@ class FailuresOnly(ClientOperation):
 
 #: Most operation names a :class:`BackendOperation` keeps bound (statements' first words, commands).
 _BOUND_OPERATIONS = 512
+
+
+def _enabled_of(operation: ClientOperation) -> Callable[[], bool]:
+    """``operation.enabled``, or what it calls when a subclass keeps it: one frame less a call."""
+    return instrumentation_enabled if type(operation).enabled is ClientOperation.enabled else operation.enabled
+
+
+def _records_bound(operation: ClientOperation) -> bool:
+    """Whether ``operation.record(described, seconds, result, failed)`` is
+    ``described.record(seconds, failed)`` (a :class:`BackendOperation` that keeps its record)."""
+    return isinstance(operation, BackendOperation) and type(operation).record is BackendOperation.record
 
 
 def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
@@ -183,8 +196,9 @@ def dispatching(
 ) -> Callable[..., Any]:
     """An ``async`` dispatcher over ``original``: ``traced`` (same arguments, ``self`` first for
     a method) when the gate says a span would be recorded, else ``original``; measured either way."""
-    enabled, describe, record = operation.enabled, operation.describe, operation.record
+    enabled, describe, record = _enabled_of(operation), operation.describe, operation.record
     propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
+    bound = _records_bound(operation)
     clock = time.perf_counter
 
     async def dispatch(*args: Any, **kwargs: Any) -> Any:
@@ -212,7 +226,10 @@ def dispatching(
             raise
         if described is not None:
             try:
-                record(described, clock() - started, result, False)
+                if bound:
+                    described.record(clock() - started, False)
+                else:
+                    record(described, clock() - started, result, False)
             except Exception as failure:  # noqa: BLE001 - as above
                 _fail_safe(operation, "record", failure)
         return result
@@ -227,8 +244,9 @@ def dispatching_sync(
     operation: ClientOperation,
 ) -> Callable[..., Any]:
     """:func:`dispatching` for a synchronous method."""
-    enabled, describe, record = operation.enabled, operation.describe, operation.record
+    enabled, describe, record = _enabled_of(operation), operation.describe, operation.record
     propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
+    bound = _records_bound(operation)
     clock = time.perf_counter
 
     def dispatch(*args: Any, **kwargs: Any) -> Any:
@@ -256,7 +274,10 @@ def dispatching_sync(
             raise
         if described is not None:
             try:
-                record(described, clock() - started, result, False)
+                if bound:
+                    described.record(clock() - started, False)
+                else:
+                    record(described, clock() - started, result, False)
             except Exception as failure:  # noqa: BLE001 - as above
                 _fail_safe(operation, "record", failure)
         return result

@@ -60,6 +60,10 @@ _METHODS = (
 _BLOCKING = frozenset({"blpop", "brpop", "blmove", "blmpop", "brpoplpush", "bzpopmin", "bzpopmax", "bzmpop"})
 #: Commands that wait only when given ``BLOCK``.
 _BLOCKING_WITH_OPTION = frozenset({"xread", "xreadgroup"})
+#: The types of a command name kept by its spelling (anything else is ``other``).
+_NAME_TYPES = (str, bytes)
+#: Most command spellings a :class:`_Command` keeps (redis-py sends a few dozen at most).
+_KEPT_COMMANDS = 512
 
 
 def _command_name(command: Any) -> str:
@@ -84,22 +88,29 @@ class _Command(BackendOperation):
     def __init__(self, clients: ClientRecorder):
         super().__init__(clients)
         self._waits: dict[str, BoundFailures] = {}
+        #: Each command name as the client passed it (``"GET"``, ``b"xadd"``) and what it records
+        #: into: found in one lookup, not lower-cased and checked for blocking on every command.
+        self._by_command: dict[Any, BoundOperation | BoundFailures] = {}
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation | BoundFailures:
-        operation = _command_name(args[1]) if len(args) > 1 else "other"
+        command = args[1] if len(args) > 1 else None
+        found = self._by_command.get(command) if command.__class__ in _NAME_TYPES else None
+        if found is not None:
+            return found
+        operation = _command_name(command)
+        # A blocking command's BoundFailures records as a BoundOperation does (only failures).
+        described: BoundOperation | BoundFailures
         if _blocks(operation, args):
-            waits = self._waits.get(operation)
-            if waits is None:
-                waits = self._waits[operation] = self._clients.bound_failures("redis", operation)
-            return waits
-        return self._bound.get(operation) or self.bind(operation)
-
-    def record(self, described: BoundOperation | BoundFailures, seconds: float, result: Any, failed: bool) -> None:
-        if described.__class__ is BoundFailures:
-            if failed:
-                described.record()  # type: ignore[call-arg]
-            return
-        described.record(seconds, failed)  # type: ignore[call-arg]
+            described = self._waits.get(operation) or self._waits.setdefault(
+                operation, self._clients.bound_failures("redis", operation)
+            )
+        else:
+            described = self._bound.get(operation) or self.bind(operation)
+        # XREAD blocks or not by its arguments: found again each time.
+        kept = self._by_command
+        if command.__class__ in _NAME_TYPES and operation not in _BLOCKING_WITH_OPTION and len(kept) < _KEPT_COMMANDS:
+            kept[command] = described
+        return described
 
 
 class _PipelineExecute(_Command):

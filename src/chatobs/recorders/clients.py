@@ -79,8 +79,12 @@ class BoundFailures:
         self._metric = metric
         self._on_error = on_error
 
-    def record(self) -> None:
-        """One failed call; never raises."""
+    def record(self, seconds: float = 0.0, failed: bool = True) -> None:
+        """One failed call (``failed=False``: a call that succeeded, which counts nothing); never
+        raises. The signature is :meth:`BoundOperation.record`'s, so a client instrumentor
+        records into either the same way (a Redis command that blocks gets one of these)."""
+        if not failed:
+            return
         try:
             self._errors.add(1)
         except Exception as error:  # noqa: BLE001 - recording must never raise into the app
