@@ -25,8 +25,8 @@ class Scrapes:
         return value(self.text(service), name, **labels)
 
     def settled(self, quiet_seconds: float = 2.0, timeout: float = 30.0) -> None:
-        """Wait until no turn is on its way: the records the publisher sent and the worker took
-        stay as they are for ``quiet_seconds``. An earlier test on this session's pipeline may
+        """Wait until no turn is on its way: the worker took every record the publisher delivered,
+        and those counts stay as they are for ``quiet_seconds``. An earlier test on this session's pipeline may
         have left messages whose turns are still running, and they would move these counts."""
         watched = (("publisher", "wal_publish_seconds_count"), ("worker", "wal_consume_seconds_count"),
                    ("worker", "context_build_seconds_count"), ("worker", "llm_latency_seconds_count"))  # fmt: skip
@@ -34,9 +34,16 @@ class Scrapes:
         def counts() -> tuple[float, ...]:
             return tuple(self.value(service, name) for service, name in watched)
 
+        def consumed_all() -> bool:
+            # Quiet is not enough: records published before the worker's consumer joined its group
+            # (seconds after a pipeline starts) wait unconsumed, and nothing moves meanwhile.
+            publisher, worker = self.text("publisher"), self.text("worker")
+            delivered = value(publisher, "wal_publish_seconds_count") - value(publisher, "wal_publish_errors_total")
+            return value(worker, "wal_consume_seconds_count") >= delivered
+
         deadline = time.monotonic() + timeout
         last, quiet_since = counts(), time.monotonic()
-        while time.monotonic() - quiet_since < quiet_seconds:
+        while time.monotonic() - quiet_since < quiet_seconds or not consumed_all():
             assert time.monotonic() < deadline, f"the pipeline did not settle in {timeout:g}s"
             time.sleep(0.25)
             now = counts()
