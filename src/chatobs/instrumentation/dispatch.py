@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.context import Context, get_current
@@ -61,6 +61,8 @@ __all__ = [
 _logger = logging.getLogger("chatobs")
 
 Args = tuple[Any, ...]
+#: What a :class:`BackendOperation` describes a call as: the series it records into.
+_Described = TypeVar("_Described", "BoundOperation", "BoundFailures")
 Kwargs = dict[str, Any]
 
 
@@ -121,7 +123,10 @@ class BackendOperation(ClientOperation):
     ``self._bound.get(name) or self.bind(name)``; :meth:`record` then records into it
     directly. Each operation's series are bound once (:meth:`ClientRecorder.bound
     <chatobs.recorders.clients.ClientRecorder.bound>`): a statement's record is one call
-    into its series, not the recorder's argument checks and lookups on every call.
+    into its series, not the recorder's argument checks and lookups on every call. A
+    subclass whose calls name their operation by a raw value the application passes again
+    and again (a statement's text, a command's spelling) :meth:`keep` s what it described
+    for that value in ``self._kept``, so the next such call is one lookup.
     """
 
     #: The backend of the catalogue's metrics: ``postgres``, ``redis``, ``kafka``.
@@ -130,6 +135,7 @@ class BackendOperation(ClientOperation):
     def __init__(self, clients: ClientRecorder):
         self._clients = clients
         self._bound: dict[str, BoundOperation] = {}
+        self._kept: dict[Any, Any] = {}  # a BoundOperation or BoundFailures per key
 
     def bind(self, operation: str) -> BoundOperation:
         """``operation``'s series, bound now and kept (up to :data:`_BOUND_OPERATIONS` names)."""
@@ -138,9 +144,17 @@ class BackendOperation(ClientOperation):
             self._bound[operation] = bound
         return bound
 
+    def keep(self, key: Any, described: _Described) -> _Described:
+        """``described``, kept in ``self._kept`` as what a call with ``key`` records into (up to
+        :data:`_BOUND_OPERATIONS` keys; past them, calls are named each time)."""
+        if len(self._kept) < _BOUND_OPERATIONS:
+            self._kept[key] = described
+        return described
+
     def record(self, described: BoundOperation | BoundFailures, seconds: float, result: Any, failed: bool) -> None:
-        # The dispatchers skip this frame and call `described.record` themselves when a
-        # subclass keeps it (`_records_bound`): every statement and command passes here.
+        # The dispatchers skip this frame on success and call `described.record` themselves
+        # when a subclass keeps it (`_records_bound`): every statement and command would pass
+        # here; a failed one still does.
         described.record(seconds, failed)
 
 
@@ -154,7 +168,8 @@ class FailuresOnly(ClientOperation):
         self.benign = benign
 
 
-#: Most operation names a :class:`BackendOperation` keeps bound (statements' first words, commands).
+#: Most operation names a :class:`BackendOperation` keeps bound (statements' first words,
+#: commands), and most raw keys it keeps (statement texts, command spellings).
 _BOUND_OPERATIONS = 512
 
 

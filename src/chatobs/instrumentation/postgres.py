@@ -46,7 +46,7 @@ from chatobs.instrumentation.dispatch import (
     instrumentation_enabled,
     spanned,
 )
-from chatobs.recorders.clients import BoundOperation, ClientRecorder
+from chatobs.recorders.clients import BoundOperation
 
 __all__ = ["CONNECT_SCOPE", "PostgresClientInstrumentor", "statement_operation"]
 
@@ -65,9 +65,6 @@ _STATEMENTS = (
 # Set while a pool resets a connection (a ContextVar of its own: the OpenTelemetry context's
 # suppression costs a context copy on entry and several lookups per statement).
 _RESETTING: ContextVar[bool] = ContextVar("chatobs_asyncpg_resetting", default=False)
-#: Most statement texts a :class:`_Statement` keeps (as ``statement_operation``'s cache): past
-#: it, a statement's operation is found from its first word.
-_BOUND_STATEMENTS = 512
 _LEADING_COMMENTS = re.compile(r"\s*(?:(?:/\*.*?\*/|--[^\n]*)\s*)*", re.DOTALL)
 
 
@@ -95,24 +92,17 @@ class _Statement(BackendOperation):
     def enabled(self) -> bool:
         return not _RESETTING.get() and instrumentation_enabled()
 
-    def __init__(self, clients: ClientRecorder):
-        super().__init__(clients)
-        #: Each statement text's bound operation: an application runs a few texts over and over,
-        #: so one lookup finds a statement's series (not its first word, then the word's series).
-        self._by_statement: dict[str, BoundOperation] = {}
-
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
         # By keyword it is `query`, but `command` for `executemany`.
         statement = args[1] if len(args) > 1 else kwargs.get("query", kwargs.get("command"))
-        if statement.__class__ is str:
-            found = self._by_statement.get(statement)
-            if found is not None:
-                return found
-        operation = _operation_of(statement)
-        bound = self._bound.get(operation) or self.bind(operation)
-        if statement.__class__ is str and len(self._by_statement) < _BOUND_STATEMENTS:
-            self._by_statement[statement] = bound
-        return bound
+        if statement.__class__ is not str:
+            return self._bound.get("other") or self.bind("other")
+        # An application runs a few statement texts over and over: each text's series kept.
+        found = self._kept.get(statement)
+        if found is not None:
+            return found
+        operation = statement_operation(statement)
+        return self.keep(statement, self._bound.get(operation) or self.bind(operation))
 
 
 class _BoundStatement(_Statement):

@@ -60,10 +60,8 @@ _METHODS = (
 _BLOCKING = frozenset({"blpop", "brpop", "blmove", "blmpop", "brpoplpush", "bzpopmin", "bzpopmax", "bzmpop"})
 #: Commands that wait only when given ``BLOCK``.
 _BLOCKING_WITH_OPTION = frozenset({"xread", "xreadgroup"})
-#: The types of a command name kept by its spelling (anything else is ``other``).
+#: The types of a command name (anything else is ``other``).
 _NAME_TYPES = (str, bytes)
-#: Most command spellings a :class:`_Command` keeps (redis-py sends a few dozen at most).
-_KEPT_COMMANDS = 512
 
 
 def _command_name(command: Any) -> str:
@@ -78,7 +76,7 @@ def _blocks(operation: str, args: tuple[Any, ...]) -> bool:
     if operation in _BLOCKING:
         return True
     if operation in _BLOCKING_WITH_OPTION:
-        return any(_command_name(arg) == "block" for arg in args[2:] if arg.__class__ in (str, bytes))
+        return any(_command_name(arg) == "block" for arg in args[2:] if arg.__class__ in _NAME_TYPES)
     return False
 
 
@@ -88,15 +86,16 @@ class _Command(BackendOperation):
     def __init__(self, clients: ClientRecorder):
         super().__init__(clients)
         self._waits: dict[str, BoundFailures] = {}
-        #: Each command name as the client passed it (``"GET"``, ``b"xadd"``) and what it records
-        #: into: found in one lookup, not lower-cased and checked for blocking on every command.
-        self._by_command: dict[Any, BoundOperation | BoundFailures] = {}
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation | BoundFailures:
         command = args[1] if len(args) > 1 else None
-        found = self._by_command.get(command) if command.__class__ in _NAME_TYPES else None
-        if found is not None:
-            return found
+        # Kept by the command's spelling (`"GET"`, `b"xadd"`): not lower-cased and checked for
+        # blocking on every command.
+        spelled = command.__class__ in _NAME_TYPES
+        if spelled:
+            found = self._kept.get(command)
+            if found is not None:
+                return found
         operation = _command_name(command)
         # A blocking command's BoundFailures records as a BoundOperation does (only failures).
         described: BoundOperation | BoundFailures
@@ -106,10 +105,9 @@ class _Command(BackendOperation):
             )
         else:
             described = self._bound.get(operation) or self.bind(operation)
-        # XREAD blocks or not by its arguments: found again each time.
-        kept = self._by_command
-        if command.__class__ in _NAME_TYPES and operation not in _BLOCKING_WITH_OPTION and len(kept) < _KEPT_COMMANDS:
-            kept[command] = described
+        # XREAD blocks or not by its arguments: named again each time.
+        if spelled and operation not in _BLOCKING_WITH_OPTION:
+            self.keep(command, described)
         return described
 
 
