@@ -11,6 +11,7 @@ process because chatobs reads its settings once, from the environment.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import subprocess
 import sys
@@ -67,9 +68,12 @@ def measure(rounds: int = 7) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        # --child [requests rounds]: bench/instructions.py runs it under callgrind with its own counts.
-        counts = [int(arg) for arg in sys.argv[sys.argv.index("--child") + 1 :]]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # --child [requests [rounds [warm-up]]]: one variant, in the environment it was started
+    # with (measure() starts these; bench/instructions.py runs them under callgrind).
+    parser.add_argument("--child", nargs="*", type=int, metavar="count", help=argparse.SUPPRESS)
+    counts = parser.parse_args().child
+    if counts is not None:
         print(asyncio.run(_per_request_us(*counts)))
     else:
         measured = measure()

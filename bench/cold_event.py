@@ -28,8 +28,8 @@ The last line, ``cold_calls statement=<x> ...``, gives each event's figure.
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -165,5 +165,15 @@ def main(rounds: int) -> None:
     print("cold_calls", *cold_calls)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of rounds, at least 1, not {text!r}")
+    return int(text)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "rounds", nargs="?", type=_positive, default=100, help="cold runs of each event, the median kept (default: 100)"
+    )
+    main(parser.parse_args().rounds)

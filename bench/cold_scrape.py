@@ -12,9 +12,9 @@ microseconds.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -72,4 +72,15 @@ def main(services: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(SERVICES))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "services",
+        nargs="*",
+        metavar="service",
+        help=f"whose telemetry to scrape: {', '.join(SERVICES)} (default: all)",
+    )
+    chosen = parser.parse_args().services
+    unknown = sorted(set(chosen) - set(SERVICES))
+    if unknown:
+        parser.error(f"no such service: {', '.join(unknown)} (one of {', '.join(SERVICES)})")
+    main(chosen or list(SERVICES))

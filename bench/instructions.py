@@ -23,6 +23,7 @@ under valgrind.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -161,15 +162,30 @@ def through_uvicorn() -> dict[str, float]:
         return dict(zip(variants, counts, strict=True))
 
 
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--caches", action="store_true", help="cachegrind's cache and branch simulation instead of instruction counts"
+    )
+    what.add_argument(
+        "--through-uvicorn",
+        action="store_true",
+        help="count the real server (bench/http_app.py under uvicorn), not the in-process app",
+    )
+    return parser.parse_args()
+
+
 if __name__ == "__main__":
-    if "--caches" in sys.argv:
+    arguments = _arguments()
+    if arguments.caches:
         events = per_request_events()
         for name in events["off"]:
             print(f"{name:24s} " + "  ".join(
                 f"{variant} {by_event[name]:9,.0f} ({by_event[name] / events['off'][name]:.3f}x)"
                 for variant, by_event in events.items()))  # fmt: skip
         raise SystemExit
-    if "--through-uvicorn" in sys.argv:
+    if arguments.through_uvicorn:
         served = through_uvicorn()
         print(f"through uvicorn: off {served['off']:,.0f}, full setup {served['full']:,.0f} instructions/request "
               f"(+{served['full'] - served['off']:,.0f}, {served['full'] / served['off']:.3f}x)")  # fmt: skip

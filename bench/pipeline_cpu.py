@@ -15,13 +15,18 @@ py-spy gives the share of samples (:mod:`profile_share`). :func:`cpu_share` is t
 measure: the same turns through an instrumented pipeline and one with
 ``OTEL_SDK_DISABLED=true``, ``1 - cpu_off / cpu_on`` from psutil's CPU times (it moved
 from 26% to -4% between two runs, so it is not in the full run).
+
+    python bench/pipeline_cpu.py                  # chat turns one after another
+    python bench/pipeline_cpu.py --cpu            # and then cpu_share
+    python bench/pipeline_cpu.py --demo           # the demo's load, 60 s
+    python bench/pipeline_cpu.py --demo --traces  # the same, every span exported
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -144,19 +149,41 @@ def _print(results: dict[str, Share]) -> None:
             print(f"    {share:6.1%}  {function}")
 
 
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", action="store_true", help="the load of `chatobs demo` (60 s), not chat turns")
+    parser.add_argument(
+        "--traces",
+        action="store_true",
+        help="with --demo: every span exported over OTLP (to a receiver that discards them)",
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="without --demo: then psutil's CPU times, instrumented against OTEL_SDK_DISABLED",
+    )
+    args = parser.parse_args()
+    if args.traces and not args.demo:
+        parser.error("--traces goes with --demo")
+    if args.cpu and args.demo:
+        parser.error("--cpu measures the chat turns' load, not --demo's")
+    return args
+
+
 if __name__ == "__main__":
-    if "--demo" in sys.argv and "--traces" in sys.argv:
+    arguments = _arguments()
+    if arguments.demo and arguments.traces:
         with traces_exported() as exporting:
             shares, sent = demo_share(env=exporting)
         print(f"demo load, every span exported: {sent} messages")
         _print(shares)
         raise SystemExit
-    if "--demo" in sys.argv:
+    if arguments.demo:
         shares, sent = demo_share()
         print(f"demo load: {sent} messages")
         _print(shares)
         raise SystemExit
     _print(profiled_share())
-    if "--cpu" in sys.argv:
+    if arguments.cpu:
         for service, (on, off) in cpu_share().items():
             print(f"{service}: {on:.2f} s instrumented, {off:.2f} s SDK off, share {1 - off / on:.1%}")

@@ -1,6 +1,7 @@
 """`python bench/run.py --quick` runs and prints its machine-readable line, and
 `bench/cold_event.py` its table (no thresholds: benchmarks are not timed tests; their
-results are recorded in docs/performance.md)."""
+results are recorded in docs/performance.md); every script answers `--help` and refuses
+an argument it does not know."""
 
 from __future__ import annotations
 
@@ -33,3 +34,27 @@ def test_cold_event_prints_every_event():
     last = result.stdout.strip().splitlines()[-1]
     events = ("statement", "consumed_record", "outbox_row", "sent_record", "request")
     assert re.fullmatch("cold_calls " + " ".join(rf"{event}=-?\d+\.\d" for event in events), last), last
+
+
+#: Every script of bench/ a user runs, and an argument each refuses before doing any work.
+SCRIPTS = {
+    "run.py": "--quik",
+    "pipeline_cpu.py": "--traces",  # only with --demo
+    "cold_event.py": "0",
+    "cold_scrape.py": "no-such-service",
+    "instructions.py": "--cashes",
+    "asgi_overhead.py": "--quick",
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_each_bench_script_explains_itself_and_refuses_what_it_does_not_know(script):
+    # A mistyped option must not start minutes of benchmarking in the default mode.
+    helped = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=ROOT, env=clean_env({}),
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert helped.stdout.startswith(f"usage: {script}"), helped.stdout[:500]
+    refused = subprocess.run([sys.executable, f"bench/{script}", SCRIPTS[script]], cwd=ROOT, env=clean_env({}),
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert f"{script}: error:" in refused.stderr, refused.stderr[-2000:]
