@@ -421,3 +421,54 @@ def test_a_second_telemetry_measures_the_calls_once_the_first_has_shut_down(stac
         first.shutdown()
         second.shutdown()
         uninstrument_libraries()
+
+
+def test_a_library_whose_instrumentation_fails_is_left_as_it_was_and_the_service_starts(stack, caplog, monkeypatch):
+    # A redis-py that moved a method: chatobs's Redis instrumentor fails after putting most of
+    # its dispatchers in place. The service must still start, measure its statements, and leave
+    # Redis as it was (no dispatcher recording for a handle that said Redis is not instrumented).
+    from chatobs.instrumentation.redis import RedisClientInstrumentor
+
+    real_specs = RedisClientInstrumentor._specs
+
+    def moved(self: RedisClientInstrumentor, wiring: Any) -> Iterator[Any]:
+        yield from real_specs(self, wiring)
+        raise AttributeError("type object 'PubSub' has no attribute 'get_message'")
+
+    async def calls() -> None:
+        client = aioredis.Redis.from_url(stack["REDIS_URL"])
+        connection = await asyncpg.connect(stack["DATABASE_URL"])
+        try:
+            await client.get("client-test-failed")
+            await connection.fetchval("select 1")
+        finally:
+            await client.aclose()
+            await connection.close()
+
+    get = ("redis_operation_seconds_count", (("operation", "get"),))
+    select = ("postgres_operation_seconds_count", (("operation", "select"),))
+    monkeypatch.setattr(RedisClientInstrumentor, "_specs", moved)
+    failed = Telemetry(load_settings({}), service="worker")
+    try:
+        names = failed.instrument()
+        assert "redis" not in names and "asyncpg" in names, names
+        assert "chatobs: redis not instrumented" in caplog.text
+        assert "no attribute 'get_message'" in caplog.text
+        asyncio.run(calls())
+        samples = _client_samples(failed.scrape()[2].decode())
+        assert samples.get(select) == 1
+        assert get not in samples, "a dispatcher of the failed attempt was left in place"
+    finally:
+        failed.shutdown()
+        uninstrument_libraries()
+    # With the library's instrumentation working again, Redis is measured, each call once.
+    monkeypatch.undo()
+    again = Telemetry(load_settings({}), service="worker")
+    try:
+        assert "redis" in again.instrument()
+        asyncio.run(calls())
+        samples = _client_samples(again.scrape()[2].decode())
+        assert (samples.get(get), samples.get(select)) == (1, 1)
+    finally:
+        again.shutdown()
+        uninstrument_libraries()

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -91,7 +92,9 @@ def _contrib(module: str, name: str) -> Any:
 def instrument_libraries(tracer_provider: Any, clients: ClientRecorder, disabled: Collection[str] = ()) -> list[str]:
     """Instrument httpx, redis, asyncpg and aiokafka, metrics into ``clients``; return the names
     now instrumented into ``clients``. A library already instrumented into another recorder (a
-    second Telemetry while the first runs) stays with that one, with a warning, and is not named."""
+    second Telemetry while the first runs) stays with that one, with a warning, and is not named.
+    A library whose instrumentation fails (a version that moved a method, say) is logged, left
+    as it was, and not named: the service starts, the other libraries measured."""
     _opt_in_to_stable_http_semconv()
     names = []
     for name, (module, contrib_name, ours_class) in _CLIENTS.items():
@@ -103,18 +106,40 @@ def instrument_libraries(tracer_provider: Any, clients: ClientRecorder, disabled
                 _logger.warning("chatobs: %s is already instrumented for another Telemetry; its calls are "
                                 "measured there until that one shuts down", name)  # fmt: skip
                 continue
-        else:
-            contrib = _contrib(module, contrib_name)
-            if not contrib.is_instrumented_by_opentelemetry:
-                # No contrib instrumentor gets the real meter provider: their synchronous SDK
-                # instruments are what costs, and chatobs's instrumentors measure the calls.
-                contrib.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
-                _contrib_turned_on.add(name)
-            ours.instrument(tracer_provider=tracer_provider, clients=clients,
-                            traced=contrib.is_instrumented_by_opentelemetry)  # fmt: skip
-            _recording_into[name] = clients
+        elif not _instrumented(name, module, contrib_name, ours, tracer_provider, clients):
+            continue
         names.append(name)
     return names
+
+
+def _instrumented(name: str, module: str, contrib_name: str, ours: ClientInstrumentor, tracer_provider: Any,
+                  clients: ClientRecorder) -> bool:  # fmt: skip
+    """Put the contrib instrumentor (when not on already) and chatobs's in place for one library;
+    False, with nothing of this call left in place, when either fails."""
+    turned_on = False
+    try:
+        contrib = _contrib(module, contrib_name)
+        if not contrib.is_instrumented_by_opentelemetry:
+            # No contrib instrumentor gets the real meter provider: their synchronous SDK
+            # instruments are what costs, and chatobs's instrumentors measure the calls.
+            contrib.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
+            turned_on = contrib.is_instrumented_by_opentelemetry
+        ours.instrument(tracer_provider=tracer_provider, clients=clients,
+                        traced=contrib.is_instrumented_by_opentelemetry)  # fmt: skip
+        # Not raising, it may still have declined: BaseInstrumentor logs a version it does not support.
+        done = ours.is_instrumented_by_opentelemetry
+    except Exception:  # a library left uninstrumented must not stop the service
+        _logger.exception("chatobs: %s not instrumented (its calls are not measured or traced)", name)
+        done = False
+    if not done:
+        if turned_on:
+            with contextlib.suppress(Exception):
+                contrib.uninstrument()
+        return False
+    if turned_on:
+        _contrib_turned_on.add(name)
+    _recording_into[name] = clients
+    return True
 
 
 def uninstrument_libraries(clients: ClientRecorder | None = None) -> None:

@@ -463,7 +463,8 @@ PatchSpec = tuple[Any, str, Builder, bool]
 
 class ClientInstrumentor(BaseInstrumentor):
     """Base of chatobs's client instrumentors: the dispatchers a subclass names (:meth:`_specs`)
-    are put in place by ``instrument(clients=..., tracer_provider=..., traced=...)`` and taken
+    are put in place by ``instrument(clients=..., tracer_provider=..., traced=...)``, all of
+    them or, when one cannot be (a library version without a method named), none, and taken
     away by ``uninstrument()`` (to be called before the contrib instrumentation's own).
 
     ``traced`` says the contrib instrumentation of the library was instrumented just before,
@@ -484,8 +485,13 @@ class ClientInstrumentor(BaseInstrumentor):
                 patch = Patch(owner, name)
                 patch.apply(build, traced=through_contrib and wiring.traced)
                 patches.append(patch)
-        finally:
-            self._patches = tuple(patches)
+        except BaseException:
+            # All or nothing: BaseInstrumentor counts a failed instrument() as not done, so its
+            # uninstrument() would never take away what was already in place.
+            for patch in reversed(patches):
+                patch.restore()
+            raise
+        self._patches = tuple(patches)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for patch in reversed(self._patches):
