@@ -24,7 +24,7 @@ is still once only) and the SDK's experimental ``_on_ending`` processor hook. A 
 start attributes are cleaned when they are first read (by an exporter, a processor, or
 ``attributes``), not when the span starts: most spans' attributes are never read when no
 span exporter is configured, and cleaning them was a tenth of the gateway's
-instrumentation (docs/performance.md).
+instrumentation (docs/performance-history.md).
 ``CHATOBS_TRACER=sdk`` switches back to the SDK's ``TracerProvider``.
 
 Example::

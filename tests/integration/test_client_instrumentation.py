@@ -423,52 +423,74 @@ def test_a_second_telemetry_measures_the_calls_once_the_first_has_shut_down(stac
         uninstrument_libraries()
 
 
-def test_a_library_whose_instrumentation_fails_is_left_as_it_was_and_the_service_starts(stack, caplog, monkeypatch):
-    # A redis-py that moved a method: chatobs's Redis instrumentor fails after putting most of
-    # its dispatchers in place. The service must still start, measure its statements, and leave
-    # Redis as it was (no dispatcher recording for a handle that said Redis is not instrumented).
+@pytest.mark.parametrize("failing", ["chatobs's instrumentor", "the contrib instrumentor"])
+def test_a_library_whose_instrumentation_fails_is_left_as_it_was_and_the_service_starts(
+    stack, caplog, monkeypatch, failing
+):
+    # A redis-py that moved a method: one of the two Redis instrumentors fails after putting most
+    # of its wrappers in place. The service must still start, measure its statements, and leave
+    # Redis as it was: no dispatcher recording for a handle that said Redis is not instrumented,
+    # no contrib wrapper making spans.
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
     from chatobs.instrumentation.redis import RedisClientInstrumentor
 
-    real_specs = RedisClientInstrumentor._specs
+    moved_method = AttributeError("type object 'PubSub' has no attribute 'get_message'")
+    if failing == "chatobs's instrumentor":
+        real_specs = RedisClientInstrumentor._specs
 
-    def moved(self: RedisClientInstrumentor, wiring: Any) -> Iterator[Any]:
-        yield from real_specs(self, wiring)
-        raise AttributeError("type object 'PubSub' has no attribute 'get_message'")
+        def specs_then_fail(self: RedisClientInstrumentor, wiring: Any) -> Iterator[Any]:
+            yield from real_specs(self, wiring)
+            raise moved_method
+
+        monkeypatch.setattr(RedisClientInstrumentor, "_specs", specs_then_fail)
+    else:
+        real_instrument = RedisInstrumentor._instrument
+
+        def wrap_then_fail(self: RedisInstrumentor, **kwargs: Any) -> None:
+            real_instrument(self, **kwargs)
+            raise moved_method
+
+        monkeypatch.setattr(RedisInstrumentor, "_instrument", wrap_then_fail)
 
     async def calls() -> None:
         client = aioredis.Redis.from_url(stack["REDIS_URL"])
         connection = await asyncpg.connect(stack["DATABASE_URL"])
         try:
-            await client.get("client-test-failed")
-            await connection.fetchval("select 1")
+            with telemetry.tracer.start_as_current_span("turn", kind=SpanKind.SERVER):
+                await client.get("client-test-failed")
+                await connection.fetchval("select 1")
         finally:
             await client.aclose()
             await connection.close()
 
     get = ("redis_operation_seconds_count", (("operation", "get"),))
     select = ("postgres_operation_seconds_count", (("operation", "select"),))
-    monkeypatch.setattr(RedisClientInstrumentor, "_specs", moved)
-    failed = Telemetry(load_settings({}), service="worker")
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(load_settings({}), service="worker", span_processors=[SimpleSpanProcessor(exporter)])
     try:
-        names = failed.instrument()
+        names = telemetry.instrument()
         assert "redis" not in names and "asyncpg" in names, names
         assert "chatobs: redis not instrumented" in caplog.text
         assert "no attribute 'get_message'" in caplog.text
         asyncio.run(calls())
-        samples = _client_samples(failed.scrape()[2].decode())
+        samples = _client_samples(telemetry.scrape()[2].decode())
         assert samples.get(select) == 1
         assert get not in samples, "a dispatcher of the failed attempt was left in place"
+        scopes = {span.instrumentation_scope.name for span in exporter.get_finished_spans()}
+        assert "opentelemetry.instrumentation.asyncpg" in scopes
+        assert "opentelemetry.instrumentation.redis" not in scopes, "a contrib wrapper was left in place"
     finally:
-        failed.shutdown()
+        telemetry.shutdown()
         uninstrument_libraries()
     # With the library's instrumentation working again, Redis is measured, each call once.
     monkeypatch.undo()
-    again = Telemetry(load_settings({}), service="worker")
+    telemetry = Telemetry(load_settings({}), service="worker")
     try:
-        assert "redis" in again.instrument()
+        assert "redis" in telemetry.instrument()
         asyncio.run(calls())
-        samples = _client_samples(again.scrape()[2].decode())
+        samples = _client_samples(telemetry.scrape()[2].decode())
         assert (samples.get(get), samples.get(select)) == (1, 1)
     finally:
-        again.shutdown()
+        telemetry.shutdown()
         uninstrument_libraries()

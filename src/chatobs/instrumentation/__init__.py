@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
@@ -116,13 +115,18 @@ def _instrumented(name: str, module: str, contrib_name: str, ours: ClientInstrum
                   clients: ClientRecorder) -> bool:  # fmt: skip
     """Put the contrib instrumentor (when not on already) and chatobs's in place for one library;
     False, with nothing of this call left in place, when either fails."""
-    turned_on = False
+    contrib: Any = None
+    turned_on = contrib_raised = False
     try:
         contrib = _contrib(module, contrib_name)
         if not contrib.is_instrumented_by_opentelemetry:
-            # No contrib instrumentor gets the real meter provider: their synchronous SDK
-            # instruments are what costs, and chatobs's instrumentors measure the calls.
-            contrib.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
+            try:
+                # No contrib instrumentor gets the real meter provider: their synchronous SDK
+                # instruments are what costs, and chatobs's instrumentors measure the calls.
+                contrib.instrument(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
+            except Exception:
+                contrib_raised = True
+                raise
             turned_on = contrib.is_instrumented_by_opentelemetry
         ours.instrument(tracer_provider=tracer_provider, clients=clients,
                         traced=contrib.is_instrumented_by_opentelemetry)  # fmt: skip
@@ -132,14 +136,29 @@ def _instrumented(name: str, module: str, contrib_name: str, ours: ClientInstrum
         _logger.exception("chatobs: %s not instrumented (its calls are not measured or traced)", name)
         done = False
     if not done:
-        if turned_on:
-            with contextlib.suppress(Exception):
-                contrib.uninstrument()
+        if turned_on or contrib_raised:
+            _turn_contrib_off(name, contrib, half_done=contrib_raised)
         return False
     if turned_on:
         _contrib_turned_on.add(name)
     _recording_into[name] = clients
     return True
+
+
+def _turn_contrib_off(name: str, contrib: Any, half_done: bool) -> None:
+    """Undo what this call turned on of a contrib instrumentor; logged if it cannot be,
+    and then left for :func:`uninstrument_libraries` to try again."""
+    try:
+        if half_done:
+            # BaseInstrumentor counts an instrument() that raised as never done, so uninstrument()
+            # would do nothing; the instrumentor's own undo unwraps whatever it had wrapped.
+            contrib._uninstrument()
+        else:
+            contrib.uninstrument()
+    except Exception:
+        _logger.exception("chatobs: the contrib %s instrumentation could not be turned off again", name)
+        if contrib.is_instrumented_by_opentelemetry:
+            _contrib_turned_on.add(name)
 
 
 def uninstrument_libraries(clients: ClientRecorder | None = None) -> None:

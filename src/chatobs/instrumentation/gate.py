@@ -2,7 +2,7 @@
 
 A client span (a statement, a Redis command, an HTTP call, a Kafka send) costs the contrib
 instrumentation's attribute building plus a span's start and end: as much Python as the
-client library runs for the call itself, or more (docs/performance.md). It is worth that
+client library runs for the call itself, or more (docs/performance-history.md). It is worth that
 when something will read it, which is when the tracer provider has a span processor (an
 exporter, ``OTEL_TRACES_EXPORTER``) and the sampler would record a child of the current
 span. Otherwise the client instrumentors call the library directly and record only their
