@@ -289,3 +289,48 @@ def test_a_trace_sent_in_another_propagators_headers_alone_is_continued():
     (span,) = exporter.get_finished_spans()
     assert f"{span.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c", "a new root trace"
     assert span.parent is not None and f"{span.parent.span_id:016x}" == "b7ad6b7169203331"
+
+
+def test_an_app_instrumented_from_its_lifespan_is_measured_and_scraped():
+    # Starlette refuses middleware once the app has started, and the lifespan runs after that:
+    # telemetry made there must still measure the requests, and serve them on the app's /metrics.
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        telemetry = _telemetry()
+        telemetry.mount(app)
+        assert "fastapi" in telemetry.instrument(app)
+        yield
+        telemetry.shutdown()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/v1/items/{item}")
+    async def item(item: str) -> dict[str, str]:
+        return {"item": item}
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{listening.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    serving = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    serving.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert serving.is_alive() and time.monotonic() < deadline, "uvicorn did not start (the lifespan failed?)"
+            time.sleep(0.02)
+        with httpx.Client(base_url=base) as client:
+            assert [client.get(f"/v1/items/{n}").status_code for n in range(3)] == [200] * 3
+            scrape = client.get("/metrics")
+    finally:
+        server.should_exit = True
+        serving.join(30)
+        listening.close()
+    assert scrape.status_code == 200
+    assert value(scrape.text, DURATION, http_route="/v1/items/{item}", http_response_status_code="200") == 3

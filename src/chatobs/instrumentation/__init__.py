@@ -30,6 +30,7 @@ from typing import Any
 
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import Tracer
+from starlette.middleware import Middleware
 
 from chatobs.cells import CellStore
 from chatobs.instrumentation.dispatch import ClientInstrumentor
@@ -183,12 +184,27 @@ def instrument_app(app: Any, tracer: Tracer, cells: CellStore, excluded_paths: I
                    on_error: Callable[[str, BaseException], None] | None = None) -> bool:  # fmt: skip
     """Add :class:`ServerMiddleware` to a FastAPI/Starlette app (one span and one duration
     observation per request, route templates only); False if it already has it. A failure of
-    the instrumentation goes to ``on_error`` (default: logged once), never to the request."""
+    the instrumentation goes to ``on_error`` (default: logged once), never to the request.
+
+    An app that has started (instrumented from its lifespan, say) is measured from its next
+    request on.
+
+    Example::
+
+        instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=["/metrics", "/health"])
+    """
     if getattr(app, "_chatobs_http_instrumented", False):
         return False
     _turn_off_native_fastapi_telemetry(app)
-    app.add_middleware(ServerMiddleware, tracer=tracer, cells=cells, excluded_paths=frozenset(excluded_paths),
-                       on_error=on_error)  # fmt: skip
+    options = {"tracer": tracer, "cells": cells, "excluded_paths": frozenset(excluded_paths), "on_error": on_error}
+    if getattr(app, "middleware_stack", None) is None:
+        app.add_middleware(ServerMiddleware, **options)
+    else:
+        # Started: Starlette's add_middleware refuses then, so the middleware goes where it would
+        # have put it and the stack is built again (as the contrib FastAPI instrumentation's undo
+        # does). Requests already in flight finish on the stack they entered.
+        app.user_middleware.insert(0, Middleware(ServerMiddleware, **options))
+        app.middleware_stack = app.build_middleware_stack()
     app._chatobs_http_instrumented = True
     return True
 
