@@ -494,3 +494,54 @@ def test_a_library_whose_instrumentation_fails_is_left_as_it_was_and_the_service
     finally:
         telemetry.shutdown()
         uninstrument_libraries()
+
+
+def test_records_whose_trace_header_is_not_utf8_still_reach_the_application(stack):
+    # A producer outside chatobs wrote bytes that are not UTF-8 into `traceparent`. With spans
+    # recorded, the contrib aiokafka instrumentation's strict decoding made the poll raise after
+    # the fetch, and the application never saw the records it had fetched.
+    topic = "chat.client-test.bad-trace-header"
+    bootstrap = stack["KAFKA_BOOTSTRAP_SERVERS"]
+    bad = [("traceparent", b"00-\xff\xfe-not-utf8")]
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for value, headers in ((b"one", bad), (b"two", bad), (b"three", [("traceparent", STALE_TRACEPARENT)])):
+                await producer.send_and_wait(topic, value, headers=headers)
+        finally:
+            await producer.stop()
+
+    async def consume() -> list[tuple[bytes, int]]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=topic, auto_offset_reset="earliest",
+                                    enable_auto_commit=False)  # fmt: skip
+        await consumer.start()
+        try:
+            records = [await asyncio.wait_for(consumer.getone(), 30)]
+            while len(records) < 3:
+                for batch in (await consumer.getmany(timeout_ms=5_000)).values():
+                    records += batch
+            handled = []
+            for record in records:
+                with telemetry.consumer_span(record) as span:
+                    handled.append((record.value, span.get_span_context().trace_id))
+            return handled
+        finally:
+            await consumer.stop()
+
+    asyncio.run(produce())  # before chatobs instruments: a send through it would replace the header
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(load_settings({}), service="worker", span_processors=[SimpleSpanProcessor(exporter)])
+    try:
+        telemetry.instrument()
+        handled = asyncio.run(consume())
+        samples = _client_samples(telemetry.scrape()[2].decode())
+    finally:
+        telemetry.shutdown()
+        uninstrument_libraries()
+    assert [value for value, _ in handled] == [b"one", b"two", b"three"]
+    assert handled[2][1] == int(STALE_TRACEPARENT.split(b"-")[1], 16), "the valid header's trace goes on"
+    assert samples.get(("kafka_errors_total", (("operation", "consume"),))) == 0
+    consumer_spans = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.CONSUMER]
+    assert len(consumer_spans) == 3, "one CONSUMER span a record, consumer_span's"

@@ -16,9 +16,13 @@ both clients' ``start``:
   ``kafka_errors_total{operation="connect"}``;
 * when a span would be recorded, a delivery gets a PRODUCER span of its own from ``send()`` to
   the acknowledgement, around the contrib instrumentation's ``send`` span (which puts its
-  context in the record's headers), and a commit and a start a CLIENT span; ``getone``/``getmany`` go
-  through the contrib instrumentation's consumer spans, and a poll that fails counts in
-  ``kafka_errors_total{operation="consume"}`` (its duration is waiting for records, not work);
+  context in the record's headers), and a commit and a start a CLIENT span;
+* a poll (``getone``/``getmany``) that fails counts in ``kafka_errors_total{operation="consume"}``
+  (its duration is waiting for records, not work). It never goes through the contrib
+  instrumentation: that decodes a fetched record's trace headers as strict UTF-8 after the
+  fetch, so one record with a header of other bytes made the poll raise, and the records it
+  had fetched were lost to the application (its position already past them). A record gets
+  its CONSUMER span from :func:`consumer_span` instead, when it is handled;
 * otherwise a ``send()`` puts the current trace context in the record's headers itself,
   so the consumer still continues the trace.
 
@@ -337,5 +341,7 @@ class KafkaClientInstrumentor(ClientInstrumentor):
         yield aiokafka.AIOKafkaProducer, "start", build_connect, False
         yield aiokafka.AIOKafkaConsumer, "start", build_connect, False
         yield aiokafka.AIOKafkaConsumer, "commit", build_commit, False
+        # Unwrapped from the contrib instrumentation (see the module doc): its span path is dropped.
+        untraced_poll = dispatcher(gate, poll)
         for name in ("getone", "getmany"):
-            yield aiokafka.AIOKafkaConsumer, name, dispatcher(gate, poll), True
+            yield aiokafka.AIOKafkaConsumer, name, lambda original, _: untraced_poll(original, None), True
