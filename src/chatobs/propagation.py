@@ -80,12 +80,23 @@ def _traceparent_of(span_context: SpanContext) -> str:
 _last_traceparent: tuple[object, str] = (None, "")
 
 
-def continued(value: str | None) -> Context | None:
+def continued(value: str | bytes | None) -> Context | None:
     """A context whose span is the remote parent ``value`` names; None for no or a malformed value
-    (the caller's span is then a root)."""
+    (the caller's span is then a root). Bytes (a value read back from Redis, say) are read as
+    Latin-1, as a header's are: any other byte than the pattern's makes it malformed, not an error.
+
+    Example::
+
+        with tracer.start_as_current_span("outbox publish", context=continued(row["traceparent"])):
+            ...
+    """
     if not value:
         return None
-    match = _TRACEPARENT.search(value)
+    if value.__class__ is not str:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            return None
+        value = bytes(value).decode("latin-1")
+    match = _TRACEPARENT.search(value)  # type: ignore[arg-type]
     if match is None:
         return None
     version, trace_id, span_id, flags, rest = match.groups()

@@ -38,6 +38,14 @@ def test_no_span_or_a_malformed_value_continues_nothing():
     assert continued("not-a-traceparent") is None
     root = TracerProvider().get_tracer("t").start_span("root", context=continued("00-zz-yy-01"))
     assert root.parent is None
+    for odd in (12, ["00"], b"00-\xff\xfe-not-utf8", memoryview(b"junk")):
+        assert continued(odd) is None, odd  # type: ignore[arg-type]
+
+
+def test_a_traceparent_read_back_as_bytes_continues_the_trace():
+    value = f"00-{_TRACE}-{_SPAN}-01"
+    for stored in (value.encode(), bytearray(value.encode()), memoryview(value.encode())):
+        assert _seen(continued(stored)) == _seen(continued(value)) != _seen(None), stored
 
 
 _TRACE = "0af7651916cd43dd8448eb211c80319c"
