@@ -79,9 +79,33 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util import types
 
-__all__ = ["DecidedByParent", "LeanSpan", "LeanTracer", "LeanTracerProvider", "ParentDecided", "parent_decisions"]
+__all__ = [
+    "DecidedByParent",
+    "LeanSpan",
+    "LeanTracer",
+    "LeanTracerProvider",
+    "ParentDecided",
+    "exception_message",
+    "parent_decisions",
+]
 
 _logger = logging.getLogger("chatobs")
+
+
+def exception_message(error: BaseException) -> str:
+    """``str(error)``, or what ``traceback`` prints when the exception's ``__str__`` itself fails:
+    recording the application's exception must not replace it with another.
+
+    Example::
+
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {exception_message(error)}"))
+    """
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - any failure of the application's __str__
+        return "<exception str() failed>"
+
+
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags.SAMPLED
 _PRIMITIVES = (str, bool, int, float)  # exact classes: the fast path
@@ -318,7 +342,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         module, name = type(exception).__module__, type(exception).__qualname__
         event = {
             EXCEPTION_TYPE: f"{module}.{name}" if module and module != "builtins" else name,
-            EXCEPTION_MESSAGE: str(exception),
+            EXCEPTION_MESSAGE: exception_message(exception),
             EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
             "exception.escaped": str(escaped),  # deprecated in the conventions; the SDK still writes it
         }
@@ -345,7 +369,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
             if self._record_exception:
                 self.record_exception(error, escaped=escaped)
             if self._set_status_on_exception:
-                self.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                self.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {exception_message(error)}"))
 
     def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
         if exc_value is not None:

@@ -333,3 +333,29 @@ def test_a_drawn_zero_is_drawn_again(monkeypatch):
         LeanTracerProvider(resource=RESOURCE, sampler=ALWAYS_ON).get_tracer("t").start_span("s").get_span_context()
     )
     assert (context.trace_id, context.span_id) == (5, 9)
+
+
+class _UnprintableError(Exception):
+    """An application's exception whose ``__str__`` fails (it reads what was never set)."""
+
+    def __str__(self) -> str:
+        return self.never_set  # type: ignore[attr-defined]
+
+
+def test_an_exception_that_cannot_be_printed_passes_unchanged_and_fails_its_span():
+    from chatobs.instrumentation.kafka import consumer_span
+
+    provider = LeanTracerProvider(resource=RESOURCE, sampler=ALWAYS_ON)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    record = type("Record", (), {"topic": "chat.wal", "partition": 0, "offset": 7, "headers": []})()
+    for scope in (lambda: tracer.start_as_current_span("handle"), lambda: consumer_span(tracer, record)):
+        with pytest.raises(_UnprintableError), scope():
+            raise _UnprintableError
+    spans = exporter.get_finished_spans()
+    assert [span.name for span in spans] == ["handle", "chat.wal process"]
+    for span in spans:
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == "_UnprintableError: <exception str() failed>"
+        assert [event.attributes["exception.message"] for event in span.events] == ["<exception str() failed>"]
