@@ -428,11 +428,14 @@ class MetricsServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}{self.path}"
 
-    def stop(self) -> None:
-        """Close the listening socket and every connection (kept-alive ones too). Idempotent."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the listening socket and every connection (kept-alive ones too). Idempotent.
+
+        Waits at most ``timeout`` seconds: a scrape in progress holds the server's loop, and
+        the (daemon) thread then closes them once it is done."""
         if self._stopped:
             return
         self._stopped = True
         with contextlib.suppress(RuntimeError):  # the loop already closed
             self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=max(0.0, timeout))

@@ -18,6 +18,7 @@ import errno
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -367,15 +368,17 @@ class Telemetry:
             if self._is_shut_down:
                 return
             self._is_shut_down = True
+        budget = self.settings.chatobs.shutdown_timeout_seconds if timeout_millis is None else timeout_millis / 1000
+        deadline = time.monotonic() + budget  # one budget for all of it: a scrape in progress included
         for server in self._servers:
-            server.stop()
+            server.stop(timeout=deadline - time.monotonic())
         if self.disabled:
             return
         try:
             uninstrument_libraries(self.clients)
         except Exception:  # the last push still goes
             _logger.warning("chatobs: uninstrumenting failed", exc_info=True)
-        seconds = self.settings.chatobs.shutdown_timeout_seconds if timeout_millis is None else timeout_millis / 1000
+        seconds = max(0.0, deadline - time.monotonic())
 
         def flush_and_stop() -> None:
             # Traces first: ending the span batches may still count failures the last metric push reports.
@@ -384,7 +387,7 @@ class Telemetry:
 
         if not _run_bounded(flush_and_stop, seconds, "shutdown"):
             _logger.warning("chatobs: the last OTLP push did not finish within %.1fs (collector unreachable?); "
-                            "stopping without it", seconds)  # fmt: skip
+                            "stopping without it", budget)  # fmt: skip
             self._pushes.shut_down_now()  # else they retry, and log, until the OTLP timeout
         if self._directory is not None:
             self._directory.close()  # the file stays: this process's counts still count

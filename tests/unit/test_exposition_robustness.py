@@ -275,3 +275,37 @@ def test_attribute_values_python_finds_equal_are_separate_series():
         telemetry.shutdown()
     lines = sorted(line for line in text.splitlines() if line.startswith("jobs_total{"))
     assert lines == ['jobs_total{retry="1"} 5', 'jobs_total{retry="1.0"} 7', 'jobs_total{retry="True"} 1'], lines
+
+
+def test_shutdown_keeps_to_its_timeout_while_a_scrape_is_in_progress():
+    # A scrape holds the standalone server's loop until it is done; stopping the server waited
+    # for it (up to 5 s) before the flush's own budget even began.
+    import contextlib
+    import threading
+
+    import httpx
+
+    telemetry = build(CHATOBS_METRICS_HOST="127.0.0.1")
+    scrape = telemetry.scrape
+    entered = threading.Event()
+
+    def slow_scrape(*args: object) -> object:
+        entered.set()
+        time.sleep(4.5)
+        return scrape(*args)
+
+    telemetry.scrape = slow_scrape  # type: ignore[method-assign]
+    server = telemetry.serve(port=0)
+
+    def scrape_once() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the server may close the connection on its way out
+            httpx.get(server.url, timeout=10)
+
+    scraping = threading.Thread(target=scrape_once, daemon=True)
+    scraping.start()
+    assert entered.wait(10), "the scrape did not start"
+    started = time.monotonic()
+    telemetry.shutdown(timeout_millis=500)
+    took = time.monotonic() - started
+    assert took < 3.0, f"shutdown(timeout_millis=500) took {took:.1f} s"
+    scraping.join(15)
