@@ -519,9 +519,11 @@ def test_records_whose_trace_header_is_not_utf8_still_reach_the_application(stac
         await consumer.start()
         try:
             records = [await asyncio.wait_for(consumer.getone(), 30)]
-            while len(records) < 3:
+            for _ in range(6):  # the rest through getmany, within 30 s
                 for batch in (await consumer.getmany(timeout_ms=5_000)).values():
                     records += batch
+                if len(records) >= 3:
+                    break
             handled = []
             for record in records:
                 with telemetry.consumer_span(record) as span:
@@ -540,8 +542,9 @@ def test_records_whose_trace_header_is_not_utf8_still_reach_the_application(stac
     finally:
         telemetry.shutdown()
         uninstrument_libraries()
-    assert [value for value, _ in handled] == [b"one", b"two", b"three"]
-    assert handled[2][1] == int(STALE_TRACEPARENT.split(b"-")[1], 16), "the valid header's trace goes on"
+    traces = dict(handled)  # by value: the topic's partitions give no order across them
+    assert sorted(traces) == [b"one", b"three", b"two"], handled
+    assert traces[b"three"] == int(STALE_TRACEPARENT.split(b"-")[1], 16), "the valid header's trace goes on"
     assert samples.get(("kafka_errors_total", (("operation", "consume"),))) == 0
     consumer_spans = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.CONSUMER]
     assert len(consumer_spans) == 3, "one CONSUMER span a record, consumer_span's"
