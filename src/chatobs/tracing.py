@@ -85,6 +85,7 @@ __all__ = [
     "LeanTracer",
     "LeanTracerProvider",
     "ParentDecided",
+    "error_status",
     "exception_message",
     "parent_decisions",
 ]
@@ -98,12 +99,23 @@ def exception_message(error: BaseException) -> str:
 
     Example::
 
-        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {exception_message(error)}"))
+        event = {"exception.message": exception_message(error)}
     """
     try:
         return str(error)
     except Exception:  # noqa: BLE001 - any failure of the application's __str__
         return "<exception str() failed>"
+
+
+def error_status(error: BaseException) -> Status:
+    """The ERROR status a span gets when ``error`` leaves its block, described as the SDK's
+    span describes it (``ValueError: bad input``).
+
+    Example::
+
+        span.set_status(error_status(error))
+    """
+    return Status(StatusCode.ERROR, f"{type(error).__name__}: {exception_message(error)}")
 
 
 _UNSET = Status(StatusCode.UNSET)
@@ -369,7 +381,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
             if self._record_exception:
                 self.record_exception(error, escaped=escaped)
             if self._set_status_on_exception:
-                self.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {exception_message(error)}"))
+                self.set_status(error_status(error))
 
     def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
         if exc_value is not None:

@@ -69,7 +69,7 @@ from chatobs.instrumentation.dispatch import (
 from chatobs.instrumentation.errors import error_type
 from chatobs.propagation import extract_pairs, fields, inject
 from chatobs.recorders.clients import BoundOperation, ClientRecorder
-from chatobs.tracing import exception_message
+from chatobs.tracing import error_status
 
 __all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
 
@@ -152,7 +152,7 @@ class _ConsumerSpan:
         context_api.detach(self._token)
         if isinstance(error, Exception) and span.is_recording():  # as start_as_current_span does
             span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {exception_message(error)}"))
+            span.set_status(error_status(error))
             span.set_attribute(ERROR_TYPE, error_type(type(error)))
         span.end()
 
