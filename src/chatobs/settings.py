@@ -398,7 +398,9 @@ class ChatobsSettings(MappingSettings):
     tracer: TracerKind = Field(
         "lean",
         description="`lean`: chatobs's tracer (the SDK's samplers, processors and exporters at a fraction "
-        "of the SDK span's cost; no `OTEL_SPAN_*_LIMIT`s); `sdk`: the OpenTelemetry SDK's `TracerProvider`.",
+        "of the SDK span's cost; no `OTEL_SPAN_*_LIMIT`s); `sdk`: the OpenTelemetry SDK's `TracerProvider` "
+        "(chatobs's own spans record an exception whose `str()` fails as `<exception str() failed>`; "
+        "the SDK's `start_as_current_span` raises on one: open-telemetry/opentelemetry-python#2683).",
     )
     expose_target_info: bool = Field(
         True, description="Expose the `target_info` family carrying the resource attributes."

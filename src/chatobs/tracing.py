@@ -86,8 +86,10 @@ __all__ = [
     "LeanTracerProvider",
     "ParentDecided",
     "error_status",
+    "exception_event",
     "exception_message",
     "parent_decisions",
+    "record_exception",
 ]
 
 _logger = logging.getLogger("chatobs")
@@ -105,6 +107,43 @@ def exception_message(error: BaseException) -> str:
         return str(error)
     except Exception:  # noqa: BLE001 - any failure of the application's __str__
         return "<exception str() failed>"
+
+
+def exception_event(
+    exception: BaseException, attributes: types.Attributes = None, *, escaped: bool = False
+) -> dict[str, Any]:
+    """The attributes of a span's ``exception`` event, as the SDK's ``record_exception`` writes
+    them, except that an exception whose ``__str__`` fails still gets its event
+    (:func:`exception_message`).
+
+    Example::
+
+        span.add_event("exception", exception_event(error, escaped=True))
+    """
+    module, name = type(exception).__module__, type(exception).__qualname__
+    event: dict[str, Any] = {
+        EXCEPTION_TYPE: f"{module}.{name}" if module and module != "builtins" else name,
+        EXCEPTION_MESSAGE: exception_message(exception),
+        EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+        "exception.escaped": str(escaped),  # deprecated in the conventions; the SDK still writes it
+    }
+    event.update(attributes or {})
+    return event
+
+
+def record_exception(span: trace_api.Span, error: BaseException) -> None:
+    """``span.record_exception(error)`` for any span, the SDK's included: the SDK's own
+    ``record_exception`` calls ``str(error)`` unguarded (open-telemetry/opentelemetry-python#2683),
+    so an exception whose ``__str__`` fails would replace the application's exception.
+
+    Example::
+
+        except Exception as error:
+            record_exception(span, error)
+            raise
+    """
+    if span.is_recording():  # a stack trace formatted for nobody is the costly part
+        span.add_event("exception", exception_event(error))
 
 
 def error_status(error: BaseException) -> Status:
@@ -351,15 +390,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        module, name = type(exception).__module__, type(exception).__qualname__
-        event = {
-            EXCEPTION_TYPE: f"{module}.{name}" if module and module != "builtins" else name,
-            EXCEPTION_MESSAGE: exception_message(exception),
-            EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped),  # deprecated in the conventions; the SDK still writes it
-        }
-        event.update(attributes or {})
-        self.add_event("exception", event, timestamp)
+        self.add_event("exception", exception_event(exception, attributes, escaped=escaped), timestamp)
 
     def end(self, end_time: int | None = None) -> None:
         with _ENDING:  # two threads ending one span: processors still see it once

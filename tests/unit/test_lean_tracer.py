@@ -359,3 +359,43 @@ def test_an_exception_that_cannot_be_printed_passes_unchanged_and_fails_its_span
         assert span.status.status_code is StatusCode.ERROR
         assert span.status.description == "_UnprintableError: <exception str() failed>"
         assert [event.attributes["exception.message"] for event in span.events] == ["<exception str() failed>"]
+
+
+# With the SDK's tracer too: the spans chatobs makes itself (a request's, a consumed record's)
+# record the exception without `str()` on it. (The SDK's own `start_as_current_span` still calls
+# it: open-telemetry/opentelemetry-python#2683.)
+@pytest.mark.parametrize("tracer", ["lean", "sdk"])
+def test_an_exception_that_cannot_be_printed_passes_chatobs_spans_unchanged(tracer: str):
+    import httpx
+    from fastapi import FastAPI
+
+    from chatobs import Telemetry, load_settings
+
+    exporter = InMemorySpanExporter()
+    settings = load_settings({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "httpx,redis,asyncpg,aiokafka",
+                              "CHATOBS_TRACER": tracer})  # fmt: skip
+    telemetry = Telemetry(settings, service="gateway", span_processors=[SimpleSpanProcessor(exporter)])
+    app = FastAPI()
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise _UnprintableError
+
+    telemetry.instrument(app)
+
+    async def request() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            await client.get("/boom")
+
+    with pytest.raises(_UnprintableError):
+        asyncio.run(request())
+    record = type("Record", (), {"topic": "chat.wal", "partition": 0, "offset": 7, "headers": []})()
+    with pytest.raises(_UnprintableError), telemetry.consumer_span(record):
+        raise _UnprintableError
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert set(spans) == {"GET /boom", "chat.wal process"}
+    for span in spans.values():
+        assert span.status.status_code is StatusCode.ERROR
+        assert [event.attributes["exception.message"] for event in span.events] == ["<exception str() failed>"]
+    assert spans["chat.wal process"].status.description == "_UnprintableError: <exception str() failed>"
+    telemetry.shutdown()

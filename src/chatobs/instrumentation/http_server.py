@@ -46,6 +46,7 @@ from starlette.routing import Match, Mount
 from chatobs.cells import CellStore
 from chatobs.instrumentation.errors import error_type as qualified_error_type
 from chatobs.instrumentation.methods import http_method
+from chatobs.tracing import record_exception
 
 __all__ = ["ServerMiddleware"]
 
@@ -174,7 +175,7 @@ class ServerMiddleware:
         except BaseException as error:
             error_type = type(error)
             try:
-                span.record_exception(error)
+                record_exception(span, error)
             except Exception as failure:  # noqa: BLE001 - the app's exception is the one to raise
                 self._on_error(METRIC, failure)
             raise

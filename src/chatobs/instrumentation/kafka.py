@@ -69,7 +69,7 @@ from chatobs.instrumentation.dispatch import (
 from chatobs.instrumentation.errors import error_type
 from chatobs.propagation import extract_pairs, fields, inject
 from chatobs.recorders.clients import BoundOperation, ClientRecorder
-from chatobs.tracing import error_status
+from chatobs.tracing import error_status, record_exception
 
 __all__ = ["KAFKA_SCOPE", "KafkaClientInstrumentor", "consumer_span"]
 
@@ -151,7 +151,7 @@ class _ConsumerSpan:
         span = self._span
         context_api.detach(self._token)
         if isinstance(error, Exception) and span.is_recording():  # as start_as_current_span does
-            span.record_exception(error)
+            record_exception(span, error)
             span.set_status(error_status(error))
             span.set_attribute(ERROR_TYPE, error_type(type(error)))
         span.end()
@@ -276,7 +276,7 @@ def _end_delivery(span: Span, future: asyncio.Future[Any]) -> None:
 
 
 def _failed_span(span: Span, error: BaseException) -> None:
-    span.record_exception(error)
+    record_exception(span, error)
     span.set_status(Status(StatusCode.ERROR, type(error).__name__))
     span.set_attribute(ERROR_TYPE, error_type(type(error)))
 
