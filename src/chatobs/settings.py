@@ -38,7 +38,16 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import unquote
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -51,6 +60,7 @@ __all__ = [
     "ConfigError",
     "CsvList",
     "MappingSettings",
+    "NonEmptyPath",
     "OtelSettings",
     "Settings",
     "load_model",
@@ -114,6 +124,25 @@ def _split_csv(value: object) -> object:
 CsvList = Annotated[tuple[str, ...], NoDecode]
 
 
+#: The longest OTLP interval, delay or timeout accepted, in milliseconds: a day. The SDK's
+#: threads wait on these, and a wait past the platform's `time_t` kills the thread (no more
+#: pushes, no error at start).
+_DAY_MS = 86_400_000
+#: The most spans a batch processor may queue (the SDK's queue is a C-sized deque).
+_MOST_QUEUED_SPANS = 1_000_000
+
+
+def _not_blank(value: object) -> object:
+    # pydantic reads "" as Path("."): a compose file's `${X:-}` would quietly mean the working directory.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty: give a path, or unset the variable")
+    return value
+
+
+#: A path setting; an empty value is refused rather than read as the working directory.
+NonEmptyPath = Annotated[Path, BeforeValidator(_not_blank)]
+
+
 def read_secret_file(path: Path) -> str:
     """The secret held in ``path``, surrounding whitespace removed (as Prometheus reads its
     ``credentials_file`` and ``password_file``, so one file can serve both sides).
@@ -171,6 +200,10 @@ class MappingSettings(BaseSettings):
         load_model(WorkerSettings, {"MYAPP_BATCH_SIZE": "20"}).batch_size  # 20, whatever os.environ says
     """
 
+    # `inf` or `nan` is no duration, size or ratio: refused with the variable's name rather than
+    # handed to a timer, a Redis timeout or a sampler.
+    model_config = SettingsConfigDict(allow_inf_nan=False)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -217,19 +250,29 @@ class OtelSettings(MappingSettings):
     exporter_otlp_traces_endpoint: AnyHttpUrl | None = Field(None, description="Full OTLP traces URL (overrides).")
     exporter_otlp_traces_protocol: OtlpProtocol | None = Field(None, description="Protocol for traces (overrides).")
     exporter_otlp_timeout: int = Field(
-        10_000, gt=0, description="Milliseconds one OTLP export may take, retries included (the specification's "
-        "unit; chatobs hands the Python exporters seconds, which is what they expect).",
+        10_000, gt=0, le=_DAY_MS, description="Milliseconds one OTLP export may take, retries included (the "
+        "specification's unit; chatobs hands the Python exporters seconds, which is what they expect).",
     )  # fmt: skip
-    exporter_otlp_metrics_timeout: int | None = Field(None, gt=0, description="Timeout for metrics (overrides).")
-    exporter_otlp_traces_timeout: int | None = Field(None, gt=0, description="Timeout for traces (overrides).")
-    bsp_schedule_delay: int = Field(5_000, gt=0, description="Milliseconds between two span batch exports.")
+    exporter_otlp_metrics_timeout: int | None = Field(
+        None, gt=0, le=_DAY_MS, description="Timeout for metrics (overrides)."
+    )
+    exporter_otlp_traces_timeout: int | None = Field(
+        None, gt=0, le=_DAY_MS, description="Timeout for traces (overrides)."
+    )
+    bsp_schedule_delay: int = Field(5_000, gt=0, le=_DAY_MS, description="Milliseconds between two span batch exports.")
     bsp_max_queue_size: int = Field(
-        2048, gt=0, description="Spans waiting for export; beyond it new spans are dropped and counted in "
-        "`chatobs_spans_dropped_total{reason=\"queue_full\"}`.",
+        2048, gt=0, le=_MOST_QUEUED_SPANS, description="Spans waiting for export; beyond it new spans are "
+        "dropped and counted in `chatobs_spans_dropped_total{reason=\"queue_full\"}`.",
     )  # fmt: skip
-    bsp_max_export_batch_size: int = Field(512, gt=0, description="Most spans sent in one export.")
-    metric_export_interval: int = Field(60_000, gt=0, description="Milliseconds between OTLP metric pushes.")
-    metric_export_timeout: int = Field(30_000, gt=0, description="Milliseconds allowed for one OTLP metric push.")
+    bsp_max_export_batch_size: int = Field(
+        512, gt=0, le=_MOST_QUEUED_SPANS, description="Most spans sent in one export."
+    )
+    metric_export_interval: int = Field(
+        60_000, gt=0, le=_DAY_MS, description="Milliseconds between OTLP metric pushes."
+    )
+    metric_export_timeout: int = Field(
+        30_000, gt=0, le=_DAY_MS, description="Milliseconds allowed for one OTLP metric push."
+    )
     traces_sampler: TracesSampler = Field(
         "parentbased_always_on",
         description="Sampler: `always_on`, `always_off`, `traceidratio` or `parentbased_*` of them.",
@@ -374,7 +417,7 @@ class ChatobsSettings(MappingSettings):
     metrics_bearer_token: SecretStr | None = Field(
         None, description="Scrapes must send `Authorization: Bearer <token>` (401 otherwise). Never printed."
     )
-    metrics_bearer_token_file: Path | None = Field(
+    metrics_bearer_token_file: NonEmptyPath | None = Field(
         None,
         description="File holding that token instead (re-read when it changes); Prometheus: "
         "`authorization.credentials_file`.",
@@ -385,7 +428,7 @@ class ChatobsSettings(MappingSettings):
     metrics_basic_auth_password: SecretStr | None = Field(
         None, description="Password of `CHATOBS_METRICS_BASIC_AUTH_USER`. Never printed."
     )
-    metrics_basic_auth_password_file: Path | None = Field(
+    metrics_basic_auth_password_file: NonEmptyPath | None = Field(
         None,
         description="File holding that password instead (re-read when it changes); Prometheus: "
         "`basic_auth.password_file`.",
@@ -412,7 +455,9 @@ class ChatobsSettings(MappingSettings):
         False, description="Also expose instruments that are not in the catalogue (names translated)."
     )
     process_metrics: bool = Field(True, description="Report process CPU, memory, open fds and data-dir disk free.")
-    data_dir: Path = Field(Path("."), description="Existing directory whose file system `data_dir_free_bytes` reports.")
+    data_dir: NonEmptyPath = Field(
+        Path("."), description="Existing directory whose file system `data_dir_free_bytes` reports."
+    )
     health_paths: CsvList = Field(
         ("/health",),
         description="Probe paths (each from `/`) kept out of HTTP metrics and traces, as the scrape path is.",
@@ -430,7 +475,7 @@ class ChatobsSettings(MappingSettings):
     llm_providers: CsvList = Field((), description="Allowed `provider` label values (empty: first N seen).")
     tools: CsvList = Field((), description="Allowed `tool` label values (empty: first N seen).")
     tenants: CsvList = Field((), description="Allowed `tenant` label values (empty: first N seen).")
-    multiprocess_dir: Path | None = Field(
+    multiprocess_dir: NonEmptyPath | None = Field(
         None,
         description="Shared directory for several worker processes behind one `/metrics` (gunicorn `-w N`, "
         "uvicorn `--workers N`): each scrape combines every worker's values. Must exist and be writable; "
@@ -619,6 +664,15 @@ def _is_secret(model: type[BaseSettings], field: str) -> bool:
     return info.annotation is SecretStr or SecretStr in typing.get_args(info.annotation)
 
 
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")
+
+
+def _without_password(value: str) -> str:
+    """``value`` with any URL's password hidden: a malformed ``DATABASE_URL`` is echoed in the
+    error, and its password must not reach the logs with it."""
+    return _URL_PASSWORD.sub(r"\1:<hidden>@", value)
+
+
 def _errors(model: type[BaseSettings], env: Mapping[str, str], exc: ValidationError) -> dict[str, str]:
     problems: dict[str, str] = {}
     for error in exc.errors():
@@ -633,7 +687,7 @@ def _errors(model: type[BaseSettings], env: Mapping[str, str], exc: ValidationEr
         elif field in model.model_fields and _is_secret(model, field):
             shown = "=<hidden>"  # a malformed secret is still a secret: never echo it
         else:
-            shown = f"={env[name]!r}"
+            shown = f"={_without_password(env[name])!r}"
         problems[name] = f"{shown}: {error['msg']}"
     return problems
 

@@ -24,9 +24,13 @@ from urllib.parse import unquote
 from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from chatobs.settings import ConfigError, CsvList, MappingSettings, load_model, parse_key_values
+from chatobs.settings import ConfigError, CsvList, MappingSettings, NonEmptyPath, load_model, parse_key_values
 
 __all__ = ["BackendSettings", "PipelineSettings", "load_backend_settings", "load_pipeline_settings"]
+
+#: The longest time-to-live a setting may give a Redis key: ten years. Redis refuses an expiry
+#: past a signed 64-bit count of milliseconds, and that refusal would fail every message, not the start.
+_LONGEST_TTL_SECONDS = 10 * 365 * 86_400
 
 
 @functools.lru_cache(maxsize=16)
@@ -69,11 +73,13 @@ class PipelineSettings(MappingSettings):
     breaker_reset_seconds: float = Field(5.0, gt=0, description="Open time before a half-open trial call.")
     degraded_replay_seconds: float = Field(2.0, gt=0, description="How often buffered memory writes are retried.")
     answered_ttl_seconds: int = Field(
-        86_400, ge=1, description="How long the worker remembers a turn it answered (a record delivered again "
-        "within it is not answered twice); a message older than this is not answered.",
+        86_400, ge=1, le=_LONGEST_TTL_SECONDS, description="How long the worker remembers a turn it answered (a "
+        "record delivered again within it is not answered twice); a message older than this is not answered.",
     )  # fmt: skip
     # --- Budgets (worker) --------------------------------------------------------
-    budget_window_seconds: int = Field(3600, ge=1, description="Length of a tenant's budget window.")
+    budget_window_seconds: int = Field(
+        3600, ge=1, le=_LONGEST_TTL_SECONDS, description="Length of a tenant's budget window."
+    )
     token_budget: int = Field(50_000, ge=0, description="Tokens per tenant per window (default allowance).")
     message_budget: int = Field(500, ge=0, description="Messages per tenant per window (default allowance).")
     tenant_token_budgets: str = Field("", description="Per-tenant token allowances, `acme=100000,globex=500`.")
@@ -84,7 +90,7 @@ class PipelineSettings(MappingSettings):
     gateway_graceful_shutdown_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut.",
     )  # fmt: skip
-    attachment_dir: Path = Field(Path("attachments"), description="Where uploaded attachments are stored.")
+    attachment_dir: NonEmptyPath = Field(Path("attachments"), description="Where uploaded attachments are stored.")
     attachment_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest attachment accepted (413 above).")
     attachment_types: CsvList = Field(
         ("text/plain", "application/pdf", "image/png", "image/jpeg"),

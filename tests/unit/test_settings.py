@@ -51,6 +51,14 @@ def test_values_are_parsed():
         ({"CHATOBS_DATA_DIR": "/nonexistent/chatobs"}, "CHATOBS_DATA_DIR"),
         ({"CHATOBS_HEALTH_PATHS": "/health,ready"}, "CHATOBS_HEALTH_PATHS"),  # never matches a request path
         ({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "redis,aiokafak"}, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"),
+        # Read as Path("."), these turned multiprocess mode on in the working directory.
+        ({"CHATOBS_MULTIPROCESS_DIR": ""}, "CHATOBS_MULTIPROCESS_DIR"),
+        ({"CHATOBS_DATA_DIR": " "}, "CHATOBS_DATA_DIR"),
+        # Accepted, these killed the push thread (a wait past time_t) or raised OverflowError unnamed.
+        ({"OTEL_METRIC_EXPORT_INTERVAL": "9999999999999"}, "OTEL_METRIC_EXPORT_INTERVAL"),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "99999999999999999999"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "9999999999999999999"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
+        ({"CHATOBS_SHUTDOWN_TIMEOUT_SECONDS": "nan"}, "CHATOBS_SHUTDOWN_TIMEOUT_SECONDS"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_variable(env, variable):
@@ -58,6 +66,35 @@ def test_a_bad_value_is_an_error_naming_the_variable(env, variable):
         load_settings(env)
     assert caught.value.variables == (variable,)
     assert str(caught.value).startswith(variable)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CHATPIPE_TOOL_TIMEOUT_SECONDS", "inf"),  # a Redis BLPOP timeout of inf on every tool call
+        ("CHATPIPE_BREAKER_RESET_SECONDS", "inf"),  # a breaker that never closes again
+        ("CHATPIPE_ANSWERED_TTL_SECONDS", "99999999999999999999"),  # an expiry Redis refuses, every message
+        ("CHATPIPE_BUDGET_WINDOW_SECONDS", "99999999999999999999"),
+        ("CHATPIPE_ATTACHMENT_DIR", ""),  # uploads into the working directory
+    ],
+)
+def test_a_pipeline_value_that_would_fail_at_run_time_is_refused_at_start(variable, value):
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline_settings({variable: value})
+    assert caught.value.variables == (variable,)
+
+
+def test_a_malformed_url_is_echoed_without_its_password():
+    from chatpipe.settings import load_backend_settings
+
+    with pytest.raises(ConfigError) as caught:
+        load_backend_settings(
+            {"DATABASE_URL": "postgress://app:S3cretPW@db/chat", "REDIS_URL": "redis://h:6379/0",
+             "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"}
+        )  # fmt: skip
+    assert caught.value.variables == ("DATABASE_URL",)
+    assert "S3cretPW" not in str(caught.value)
+    assert "DATABASE_URL='postgress://app:<hidden>@db/chat'" in str(caught.value)
 
 
 def test_a_misspelt_variable_is_reported_with_a_suggestion():
