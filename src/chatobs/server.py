@@ -168,14 +168,21 @@ _ROUTE_MARK = "_chatobs_metrics_route"
 
 
 def vacate_path(app: Any, path: str, reason: str) -> None:
-    """Remove every route of ``app`` at ``path`` (logging those chatobs did not add)."""
+    """Remove every route of ``app`` at ``path`` that answers GET (logging those chatobs did not
+    add): a scrape path's old handler, a prometheus_client mount. A route for other methods only
+    (``POST /v1/sessions`` under a mistaken ``CHATOBS_METRICS_PATH``) is the app's API, and stays."""
     routes = app.router.routes
-    for route in [route for route in routes if getattr(route, "path", None) == path]:
+    for route in [route for route in routes if getattr(route, "path", None) == path and _answers_get(route)]:
         if not getattr(route, _ROUTE_MARK, False):
             _logger.info(
                 "chatobs: %s: removed the app's own route %r at %s", reason, getattr(route, "name", route), path
             )
         routes.remove(route)
+
+
+def _answers_get(route: Any) -> bool:
+    methods = getattr(route, "methods", None)  # None: every method (a Mount, a plain ASGI route)
+    return methods is None or "GET" in methods
 
 
 def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction, auth: MetricsAuth | None = None) -> None:

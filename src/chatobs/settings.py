@@ -607,6 +607,8 @@ class ChatobsSettings(MappingSettings):
             raise _conflict("needs a password too: CHATOBS_METRICS_BASIC_AUTH_PASSWORD or _PASSWORD_FILE", *user)
         if password and not user:
             raise _conflict("needs CHATOBS_METRICS_BASIC_AUTH_USER too", *password)
+        if self.metrics_path in self.health_paths:  # the probe's route would be replaced by the scrape
+            raise _conflict("the scrape path cannot be a probe path", "CHATOBS_METRICS_PATH", "CHATOBS_HEALTH_PATHS")
         if not self.metrics_on_app and self.metrics_port is None:
             raise _conflict(
                 "ON_APP=false needs the port set: the standalone server is then the only one serving the scrape",

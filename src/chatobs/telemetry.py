@@ -263,8 +263,9 @@ class Telemetry:
         push what the exporters hold when the app stops (see :meth:`_flush_when_app_stops`).
 
         With ``CHATOBS_METRICS_ON_APP=false`` the scrape is served only on the standalone
-        server's port: the app gets no route, and a route the app itself had at that path
-        is removed too, so the public port answers 404 there like on any unknown path.
+        server's port: the app gets no route, and a GET route the app itself had at that path
+        is removed too, so the public port answers 404 there like on any unknown path (a route
+        there for other methods only is the app's API, and stays).
         """
         if id(app) in self._mounted:
             return

@@ -334,3 +334,29 @@ def test_an_app_instrumented_from_its_lifespan_is_measured_and_scraped():
         listening.close()
     assert scrape.status_code == 200
     assert value(scrape.text, DURATION, http_route="/v1/items/{item}", http_response_status_code="200") == 3
+
+
+def test_the_scrape_path_takes_the_apps_get_route_there_and_leaves_its_other_methods():
+    """A ``/metrics`` the app already served is chatobs's now; a route there for other methods only
+    (``POST /v1/sessions`` under a mistaken ``CHATOBS_METRICS_PATH``) is the app's API, and stays."""
+    telemetry = Telemetry(load_settings({**_NO_CLIENTS, "CHATOBS_METRICS_PATH": "/v1/sessions"}), service="gateway")
+    app = FastAPI()
+
+    @app.get("/v1/sessions")
+    async def old_metrics() -> str:
+        return "the app's own"
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create() -> dict[str, str]:
+        return {"session": "s1"}
+
+    telemetry.mount(app)
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            return await client.post("/v1/sessions"), await client.get("/v1/sessions")
+
+    created, scraped = asyncio.run(run())
+    assert (created.status_code, created.json()) == (201, {"session": "s1"})
+    assert scraped.status_code == 200 and "# TYPE chat_messages_in_total counter" in scraped.text
+    telemetry.shutdown()

@@ -97,6 +97,13 @@ def test_a_malformed_url_is_echoed_without_its_password():
     assert "DATABASE_URL='postgress://app:<hidden>@db/chat'" in str(caught.value)
 
 
+def test_a_scrape_path_that_is_a_probe_path_is_refused():
+    # Served there, the scrape would replace the gateway's health check.
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CHATOBS_METRICS_PATH": "/health"})
+    assert caught.value.variables == ("CHATOBS_METRICS_PATH", "CHATOBS_HEALTH_PATHS")
+
+
 def test_a_misspelt_variable_is_reported_with_a_suggestion():
     with pytest.raises(
         ConfigError, match=r"CHATOBS_METRIC_PORT: unknown variable \(did you mean CHATOBS_METRICS_PORT\?\)"
