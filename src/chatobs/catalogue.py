@@ -250,7 +250,7 @@ _REDIS_OPERATIONS = (
     "subscribe", "unsubscribe", "xadd", "xread", "blpop", "ping", "pipeline",
 )  # fmt: skip
 _KAFKA_OPERATIONS = ("produce", "consume", "commit", "connect")
-_REDIS_USERS = frozenset({"gateway", "worker"})
+_REDIS_USERS = frozenset({"gateway", "worker", "tool_executor"})  # the executor hands results back through Redis
 _KAFKA_USERS = frozenset({"worker", "publisher", "replicator", "tool_executor"})
 _POSTGRES_USERS = frozenset({"gateway", "publisher", "replicator"})
 _HTTP_METHOD = Label("http_request_method", bounded_by="known methods, else `_OTHER`")

@@ -265,7 +265,11 @@ class OtelSettings(MappingSettings):
         "dropped and counted in `chatobs_spans_dropped_total{reason=\"queue_full\"}`.",
     )  # fmt: skip
     bsp_max_export_batch_size: int = Field(
-        512, gt=0, le=_MOST_QUEUED_SPANS, description="Most spans sent in one export."
+        512,
+        gt=0,
+        le=_MOST_QUEUED_SPANS,
+        description="Most spans sent in one export; at most `OTEL_BSP_MAX_QUEUE_SIZE` "
+        "(a smaller queue needs this set too).",
     )
     metric_export_interval: int = Field(
         60_000, gt=0, le=_DAY_MS, description="Milliseconds between OTLP metric pushes."

@@ -88,7 +88,8 @@ class PipelineSettings(MappingSettings):
     gateway_host: str = Field("0.0.0.0", min_length=1, description="Bind address of `python -m chatpipe.gateway`.")
     gateway_port: int = Field(8000, ge=0, le=65535, description="Port of `python -m chatpipe.gateway`.")
     gateway_graceful_shutdown_seconds: float = Field(
-        10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut.",
+        10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut "
+        "(`python -m chatpipe.gateway`; under `uvicorn` directly, its `--timeout-graceful-shutdown`).",
     )  # fmt: skip
     attachment_dir: NonEmptyPath = Field(Path("attachments"), description="Where uploaded attachments are stored.")
     attachment_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest attachment accepted (413 above).")
@@ -122,7 +123,12 @@ class PipelineSettings(MappingSettings):
         "Pipelines that share a broker need one each: in one group, each member's join or leave rebalances "
         "every other's.",
     )  # fmt: skip
-    tool_timeout_seconds: float = Field(10.0, gt=0, description="How long the worker waits for a tool result.")
+    tool_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long the worker waits for a tool result; the tool executor bounds each tool "
+        "by it too (a `summarize`'s LLM call by 0.9 of it).",
+    )
     publisher_batch_size: int = Field(100, ge=1, le=10_000, description="Outbox rows published per round.")
     publisher_idle_seconds: float = Field(
         1.0, gt=0, description="Longest pause between outbox rounds with nothing to send: a new row's notification "
