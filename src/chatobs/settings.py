@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import typing
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Annotated, Literal, TypeVar
 from urllib.parse import unquote
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BeforeValidator,
     Field,
@@ -56,9 +58,11 @@ from chatobs.catalogue import OVERFLOW_VALUE, SERVICES
 
 __all__ = [
     "CHATOBS_PREFIX",
+    "BindHost",
     "ChatobsSettings",
     "ConfigError",
     "CsvList",
+    "KafkaTopic",
     "MappingSettings",
     "NonEmptyPath",
     "OtelSettings",
@@ -78,6 +82,10 @@ LIBRARIES = ("fastapi", "httpx", "redis", "asyncpg", "aiokafka")
 #: RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+#: A Kafka topic name as the broker accepts it (its `Topic.validate`).
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+#: An HTTP header name (RFC 9110's token): gRPC metadata keys are a subset.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
 M = TypeVar("M", bound=BaseSettings)
 
@@ -141,6 +149,39 @@ def _not_blank(value: object) -> object:
 
 #: A path setting; an empty value is refused rather than read as the working directory.
 NonEmptyPath = Annotated[Path, BeforeValidator(_not_blank)]
+
+
+@dataclass(frozen=True)
+class _Allowed:
+    """What a checked type accepts, in the settings table's words (pydantic ignores it)."""
+
+    words: str
+
+
+def _bind_host(value: str) -> str:
+    host = value[1:-1] if value.startswith("[") and value.endswith("]") else value  # `[::1]` as in a URL
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError(f"must be an IP address or a host name, got {value!r}") from None
+    return host
+
+
+#: A bind address: an IP address (``[::1]``, as in a URL, reads as ``::1``) or an RFC 1123 host
+#: name. Anything else would pass start-up and fail at ``bind``, in the server's own words.
+BindHost = Annotated[str, AfterValidator(_bind_host), _Allowed("an IP address or a host name")]
+
+
+def _kafka_topic(value: str) -> str:
+    if not _TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+        # The broker refuses it on every send: the service would start and then lose each record.
+        raise ValueError(f"must be 1-249 of the characters A-Z a-z 0-9 . _ - (and not . or ..), got {value!r}")
+    return value
+
+
+#: A Kafka topic name, checked against the broker's own rule.
+KafkaTopic = Annotated[str, AfterValidator(_kafka_topic), _Allowed("1-249 of `A-Za-z0-9._-`")]
 
 
 def read_secret_file(path: Path) -> str:
@@ -344,9 +385,15 @@ class OtelSettings(MappingSettings):
     @classmethod
     def _headers(cls, value: str) -> str:
         try:
-            parse_key_values(value)
+            headers = parse_key_values(value)
         except ValueError:  # its message quotes the bad member, which may be a token
             raise ValueError("expected key=value pairs separated by commas (the value is not shown)") from None
+        for name, header_value in headers.items():
+            # Either would fail every export (HTTP and gRPC refuse them), long after start-up.
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token (letters, digits, - and the like)")
+            if any(unicodedata.category(char) == "Cc" and char != "\t" for char in header_value):
+                raise ValueError(f"the value of header {name!r} holds a control character such as a line break")
         return value
 
     @field_validator("python_disabled_instrumentations")
@@ -406,9 +453,7 @@ class ChatobsSettings(MappingSettings):
         "`setup(service=...)` takes precedence; the zero-code path needs this variable.",
     )
     metrics_path: str = Field("/metrics", description="Path of the Prometheus scrape endpoint.")
-    metrics_host: str = Field(
-        "0.0.0.0", description="Bind address of the standalone metrics server: an IP address or a host name."
-    )
+    metrics_host: BindHost = Field("0.0.0.0", description="Bind address of the standalone metrics server.")
     metrics_port: int | None = Field(
         None, ge=0, le=65535,
         description="Port of the standalone metrics server, for services without an HTTP app (0: any free port).",
@@ -466,7 +511,7 @@ class ChatobsSettings(MappingSettings):
         ("/health",),
         description="Probe paths (each from `/`) kept out of HTTP metrics and traces, as the scrape path is.",
     )
-    wal_topic: str = Field("chat.wal", min_length=1, description="Kafka topic of the WAL (for `wal_publish_*`).")
+    wal_topic: KafkaTopic = Field("chat.wal", description="Kafka topic of the WAL (for `wal_publish_*`).")
     # Before the label lists: their validator reads it. At least 64: every catalogue value
     # (fixed label values, and metric names in the self-metrics' labels) must fit.
     max_label_length: int = Field(
@@ -521,17 +566,6 @@ class ChatobsSettings(MappingSettings):
             if not path.startswith("/"):  # a request path always does: this one would never match
                 raise ValueError(f"each path must start with '/', got {path!r}")
         return value
-
-    @field_validator("metrics_host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        host = value[1:-1] if value.startswith("[") and value.endswith("]") else value  # `[::1]` as in a URL
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not _HOST_NAME.fullmatch(host):
-                raise ValueError(f"must be an IP address or a host name, got {value!r}") from None
-        return host
 
     @field_validator("data_dir")
     @classmethod
@@ -799,6 +833,8 @@ def _limits(info: FieldInfo) -> str:
     """A field's bounds as the table shows them, ``≥ 64, ≤ 4096`` (a value outside is refused at start)."""
     shown = []
     for constraint in info.metadata:
+        if isinstance(constraint, _Allowed):
+            shown.append(constraint.words)
         for attribute, words in _LIMIT_WORDS:
             bound = getattr(constraint, attribute, None)
             if bound is not None:

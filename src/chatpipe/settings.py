@@ -19,12 +19,21 @@ import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from chatobs.settings import ConfigError, CsvList, MappingSettings, NonEmptyPath, load_model, parse_key_values
+from chatobs.settings import (
+    BindHost,
+    ConfigError,
+    CsvList,
+    KafkaTopic,
+    MappingSettings,
+    NonEmptyPath,
+    load_model,
+    parse_key_values,
+)
 
 __all__ = ["BackendSettings", "PipelineSettings", "load_backend_settings", "load_pipeline_settings"]
 
@@ -39,16 +48,85 @@ def _allowances(value: str) -> dict[str, int]:
     return {tenant: int(allowance) for tenant, allowance in parse_key_values(value).items()}
 
 
+def _check_port(text: str, where: str) -> None:
+    # Port 0 parses everywhere and connects nowhere: the service would start and report its backend down.
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise ValueError(f"port of {where!r} must be 1-65535, got {text!r}")
+
+
+def _check_host_port(member: str, *, port_required: bool) -> None:
+    """``host:port``, ``[v6]:port`` or (``port_required=False``) a bare host; empty hosts pass
+    (libpq's default: the local socket) unless a port is required."""
+    if member.startswith("["):
+        host, bracket, rest = member[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{member!r} is not [address]:port")
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port_text = member.rpartition(":")
+        host, port = (host, port_text) if colon else (member, None)
+    if port is None and port_required:
+        raise ValueError(f"{member!r} has no port: give host:port")
+    if port_required and not host:
+        raise ValueError(f"{member!r} has no host")
+    if port is not None:
+        _check_port(port, member)
+
+
 class BackendSettings(MappingSettings):
-    """Where the backends are (``chatobs stack up`` prints these)."""
+    """Where the backends are (``chatobs stack up`` prints these).
+
+    Each is checked as its client reads it, so a typo stops the service at start with the
+    variable's name rather than at its first connection in the library's words.
+    """
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
 
-    redis_url: str = Field(..., pattern=r"^rediss?://", description="Redis, `redis://host:port/db`.")
-    database_url: str = Field(..., pattern=r"^postgres(ql)?://", description="PostgreSQL connection URL.")
-    kafka_bootstrap_servers: str = Field(
-        ..., pattern=r"^[^,\s]+:\d+(,[^,\s]+:\d+)*$", description="Kafka-protocol brokers, `host:port,...`."
+    redis_url: str = Field(
+        ..., description="Redis, `redis[s]://[user:password@]host[:port][/db]` (a port is 1-65535, a db a number)."
     )
+    database_url: str = Field(
+        ..., description="PostgreSQL connection URL, `postgres[ql]://[user:password@][host[:port][,...]][/db]` "
+        "(no host: the local socket).",
+    )  # fmt: skip
+    kafka_bootstrap_servers: str = Field(..., description="Kafka-protocol brokers, `host:port,...` (port 1-65535).")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("redis", "rediss"):
+            raise ValueError("must start with redis:// or rediss://")
+        if not url.hostname:  # redis-py would quietly take localhost: `redis://${HOST}` with HOST unset
+            raise ValueError("names no host")
+        _check_host_port(url.netloc.rpartition("@")[2], port_required=False)
+        # redis-py reads `/x` as database 0 and `/0/1` as 1: refuse what it would misread.
+        if url.path not in ("", "/") and not (url.path[1:].isascii() and url.path[1:].isdigit()):
+            raise ValueError(f"database must be a number such as /0, got {url.path!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("postgres", "postgresql"):
+            raise ValueError("must start with postgres:// or postgresql://")
+        hosts = url.netloc.rpartition("@")[2]
+        if hosts:  # empty: libpq's default, the local socket (or `?host=`)
+            for member in hosts.split(","):
+                _check_host_port(member, port_required=False)
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap_servers(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("names no broker: give host:port,...")
+        for member in value.split(","):
+            if not member.strip():
+                raise ValueError(f"has an empty member in {value!r}")
+            _check_host_port(member.strip(), port_required=True)
+        return value
 
 
 class PipelineSettings(MappingSettings):
@@ -85,7 +163,7 @@ class PipelineSettings(MappingSettings):
     tenant_token_budgets: str = Field("", description="Per-tenant token allowances, `acme=100000,globex=500`.")
     tenant_message_budgets: str = Field("", description="Per-tenant message allowances, `acme=1000`.")
     # --- Gateway -----------------------------------------------------------------------
-    gateway_host: str = Field("0.0.0.0", min_length=1, description="Bind address of `python -m chatpipe.gateway`.")
+    gateway_host: BindHost = Field("0.0.0.0", description="Bind address of `python -m chatpipe.gateway`.")
     gateway_port: int = Field(8000, ge=0, le=65535, description="Port of `python -m chatpipe.gateway`.")
     gateway_graceful_shutdown_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut "
@@ -116,7 +194,7 @@ class PipelineSettings(MappingSettings):
         "one more is refused with 503 and `Retry-After`.",
     )
     # --- Messaging and backlogs ------------------------------------------------------------
-    tool_topic: str = Field("chat.tools", min_length=1, description="Kafka topic of tool-call requests.")
+    tool_topic: KafkaTopic = Field("chat.tools", description="Kafka topic of tool-call requests.")
     consumer_group_prefix: str = Field(
         "", max_length=100, pattern=r"^[A-Za-z0-9._-]*$",
         description="Put before the Kafka consumer groups' names (`worker`, `replicator`, `tool_executor`). "

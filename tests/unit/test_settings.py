@@ -97,6 +97,74 @@ def test_a_malformed_url_is_echoed_without_its_password():
     assert "DATABASE_URL='postgress://app:<hidden>@db/chat'" in str(caught.value)
 
 
+_BACKENDS = {"REDIS_URL": "redis://h:6379/0", "DATABASE_URL": "postgresql://app@db/chat",
+             "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("REDIS_URL", "redis://", "names no host"),  # `redis://${HOST}`: redis-py would take localhost
+        ("REDIS_URL", "redis://h:99999/0", "port of 'h:99999' must be 1-65535"),  # redis-py: at the first command
+        ("REDIS_URL", "redis://h:0/0", "must be 1-65535"),  # parses everywhere, connects nowhere
+        ("REDIS_URL", "redis://h:6379/x", "database must be a number"),  # redis-py: quietly database 0
+        ("REDIS_URL", "redis://h:6379/0/1", "database must be a number"),  # redis-py: quietly database 1
+        ("REDIS_URL", "http://h:6379", "must start with redis://"),
+        ("DATABASE_URL", "postgresql://app@db:99999/chat", "must be 1-65535"),
+        ("DATABASE_URL", "postgresql://app@a:5432,b:x/chat", "port of 'b:x' must be 1-65535"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka:0", "must be 1-65535"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka", "has no port"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "a:9092,,b:9092", "empty member"),
+        ("KAFKA_BOOTSTRAP_SERVERS", ":9092", "has no host"),
+    ],
+)
+def test_a_backend_address_its_client_would_misread_or_fail_on_is_refused_at_start(variable, value, problem):
+    from chatpipe.settings import load_backend_settings
+
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load_backend_settings({**_BACKENDS, variable: value})
+    assert caught.value.variables == (variable,)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_URL", "rediss://user:pw@[::1]:6380/2"),
+        ("REDIS_URL", "redis://h"),
+        ("DATABASE_URL", "postgres:///chat?host=/var/run/postgresql"),  # the local socket
+        ("DATABASE_URL", "postgresql://app:pw@a:5432,[::1]:5433/chat"),  # libpq's several hosts
+        ("KAFKA_BOOTSTRAP_SERVERS", "a:9092, [::1]:9093"),  # aiokafka strips each member
+    ],
+)
+def test_a_backend_address_its_client_reads_is_accepted(variable, value):
+    from chatpipe.settings import load_backend_settings
+
+    assert getattr(load_backend_settings({**_BACKENDS, variable: value}), variable.lower()) == value
+
+
+@pytest.mark.parametrize(
+    ("load", "variable", "value"),
+    [
+        ("pipeline", "CHATPIPE_GATEWAY_HOST", "local host"),  # uvicorn: at bind, in its own words
+        ("pipeline", "CHATPIPE_TOOL_TOPIC", "chat tools"),  # the broker refuses every send
+        ("pipeline", "CHATPIPE_TOOL_TOPIC", ".."),
+        ("chatobs", "CHATOBS_WAL_TOPIC", "chat/wal"),
+        ("chatobs", "OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=acme%0Ax-evil=1"),  # every export refused
+        ("chatobs", "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "bad name=1"),
+    ],
+)
+def test_a_name_the_server_or_exporter_would_refuse_later_is_refused_at_start(load, variable, value):
+    with pytest.raises(ConfigError) as caught:
+        (load_pipeline_settings if load == "pipeline" else load_settings)({variable: value})
+    assert caught.value.variables == (variable,)
+
+
+def test_a_gateway_host_in_brackets_is_the_address_and_a_header_tab_is_allowed():
+    assert load_pipeline_settings({"CHATPIPE_GATEWAY_HOST": "[::]"}).gateway_host == "::"
+    settings = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": "x-note=a%09b"})
+    assert settings.otel.otlp_headers == {"x-note": "a\tb"}
+
+
 def test_a_scrape_path_that_is_a_probe_path_is_refused():
     # Served there, the scrape would replace the gateway's health check.
     with pytest.raises(ConfigError) as caught:
