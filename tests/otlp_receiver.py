@@ -14,6 +14,8 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.requests: list[ExportMetricsServiceRequest] = []
         self.trace_requests: list[ExportTraceServiceRequest] = []
+        #: Every request's path as sent, query included.
+        self.paths: list[str] = []
         self.received = threading.Event()
         self._lock = threading.Lock()
         receiver = self
@@ -21,13 +23,16 @@ class OtlpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.path == "/v1/metrics":
+                with receiver._lock:
+                    receiver.paths.append(self.path)
+                path = self.path.partition("?")[0]  # a base URL may carry a path prefix and a query
+                if path.endswith("/v1/metrics"):
                     request = ExportMetricsServiceRequest()
                     request.ParseFromString(body)
                     with receiver._lock:
                         receiver.requests.append(request)
                     receiver.received.set()
-                elif self.path == "/v1/traces":
+                elif path.endswith("/v1/traces"):
                     spans = ExportTraceServiceRequest()
                     spans.ParseFromString(body)
                     with receiver._lock:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -186,9 +187,13 @@ def _otlp_target(otel: OtelSettings, signal: str) -> tuple[str, str | None]:
         return protocol, str(endpoint)
     if otel.exporter_otlp_endpoint is None:
         return protocol, None  # the exporter's own default (localhost:4317/4318)
-    base = str(otel.exporter_otlp_endpoint).rstrip("/")
-    # The specification: the generic endpoint is a base URL; HTTP appends the signal path.
-    return protocol, base if protocol == "grpc" else f"{base}/v1/{signal}"
+    base = str(otel.exporter_otlp_endpoint)
+    if protocol == "grpc":
+        return protocol, base.rstrip("/")
+    # The specification: the generic endpoint is a base URL; HTTP appends the signal path to its
+    # path (a query, `?api-key=...`, stays after it rather than swallowing it).
+    url = urlsplit(base)
+    return protocol, urlunsplit(url._replace(path=f"{url.path.rstrip('/')}/v1/{signal}"))
 
 
 def _otlp_timeout_seconds(otel: OtelSettings, signal: str) -> float:

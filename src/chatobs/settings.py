@@ -275,7 +275,10 @@ class OtelSettings(MappingSettings):
         "(exemplars, log correlation, downstream services) but record nothing, and client calls get no span, "
         "until an exporter is configured.",
     )
-    exporter_otlp_endpoint: AnyHttpUrl | None = Field(None, description="Base URL of the OTLP receiver.")
+    exporter_otlp_endpoint: AnyHttpUrl | None = Field(
+        None,
+        description="Base URL of the OTLP receiver; over HTTP, `/v1/<signal>` goes after its path, before its query.",
+    )
     exporter_otlp_protocol: OtlpProtocol = Field("http/protobuf", description="`http/protobuf` or `grpc`.")
     exporter_otlp_headers: str = Field(
         "", description="Headers sent with OTLP requests, `key=value,...`.", json_schema_extra={"secret": True}

@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from chatobs import catalogue
+from chatobs import Telemetry, catalogue
 from chatobs.cli import main
+from chatobs.settings import load_settings
 from tests.conftest import ROOT, clean_env, free_port, wait_for
 from tests.otlp_receiver import OtlpReceiver
 
@@ -85,6 +86,18 @@ def test_shutdown_flushes_otlp_push_with_the_same_names_and_buckets(receiver):
     [point] = pushed["llm_latency_seconds"].histogram.data_points
     assert list(point.explicit_bounds) == list(catalogue.LATENCY_BUCKETS)
     assert point.count == 1
+
+
+def test_the_generic_otlp_endpoint_gets_each_signal_path_after_its_own_path_and_before_its_query(receiver):
+    # Hosted collectors take a path prefix (`/otlp`) and sometimes a key in the query.
+    settings = load_settings({"OTEL_METRICS_EXPORTER": "otlp", "OTEL_TRACES_EXPORTER": "otlp",
+                              "OTEL_EXPORTER_OTLP_ENDPOINT": f"{receiver.endpoint}/otlp/?tenant=acme"})  # fmt: skip
+    telemetry = Telemetry(settings, service="worker")
+    with telemetry.tracer.start_as_current_span("turn"):
+        telemetry.llm.request("sim", "simulator")
+    telemetry.shutdown()
+    assert sorted(set(receiver.paths)) == ["/otlp/v1/metrics?tenant=acme", "/otlp/v1/traces?tenant=acme"]
+    assert receiver.spans_by_service() == {"worker": 1}
 
 
 def test_unreachable_otlp_endpoint_does_not_block_scrapes():
