@@ -164,7 +164,12 @@ class PipelineSettings(MappingSettings):
     tenant_message_budgets: str = Field("", description="Per-tenant message allowances, `acme=1000`.")
     # --- Gateway -----------------------------------------------------------------------
     gateway_host: BindHost = Field("0.0.0.0", description="Bind address of `python -m chatpipe.gateway`.")
-    gateway_port: int = Field(8000, ge=0, le=65535, description="Port of `python -m chatpipe.gateway`.")
+    gateway_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="Port of `python -m chatpipe.gateway` (not `CHATOBS_METRICS_PORT`'s too).",
+    )
     gateway_graceful_shutdown_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut "
         "(`python -m chatpipe.gateway`; under `uvicorn` directly, its `--timeout-graceful-shutdown`).",

@@ -217,3 +217,15 @@ def test_check_reports_each_violation_and_fails(bad_endpoint, capsys):
 def test_check_fails_on_an_unreachable_endpoint(capsys):
     assert main(["check", f"http://127.0.0.1:{free_port()}/metrics"]) == 1
     assert "scrape failed" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_gateway_whose_metrics_port_is_its_own_port_stops_at_start_naming_both():
+    # The app import would start the metrics server there first, and uvicorn then fail to bind.
+    port = str(free_port())
+    env = clean_env({"CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": port,
+                     "CHATOBS_METRICS_PORT": port})  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "chatpipe.gateway"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"CHATPIPE_GATEWAY_PORT, CHATOBS_METRICS_PORT: both {port}" in last, done.stderr[-2000:]

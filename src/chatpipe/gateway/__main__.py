@@ -15,15 +15,33 @@ from types import FrameType
 
 import uvicorn
 
-from chatpipe.settings import load_pipeline_settings
+from chatobs.settings import ConfigError, load_settings
+from chatpipe.settings import PipelineSettings, load_pipeline_settings
+
+_ANY_ADDRESS = ("0.0.0.0", "::")
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:
     """The signal uvicorn raises again once it has stopped: nothing left to do."""
 
 
+def _check_ports(settings: PipelineSettings) -> None:
+    """Refuse a standalone metrics server on the gateway's own address: the app import starts
+    it first, and uvicorn would then fail to bind in words that name neither variable."""
+    metrics = load_settings().chatobs
+    hosts = {settings.gateway_host, metrics.metrics_host}
+    if metrics.metrics_port == settings.gateway_port != 0 and (len(hosts) == 1 or hosts & set(_ANY_ADDRESS)):
+        raise ConfigError(
+            {
+                "CHATPIPE_GATEWAY_PORT, CHATOBS_METRICS_PORT": f": both {settings.gateway_port}; the gateway serves "
+                "/metrics on its own port already (give the metrics server another, or unset CHATOBS_METRICS_PORT)"
+            }
+        )
+
+
 def main() -> None:
     settings = load_pipeline_settings()
+    _check_ports(settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)
     uvicorn.run(
