@@ -816,9 +816,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     problems.update(chatobs_errors)
     if otel and chatobs and chatobs.multiprocess_dir and "otlp" in otel.metrics_exporter:
         # Every worker would push the combined values: the collector would count them N times.
-        problems["OTEL_METRICS_EXPORTER"] = (
-            "=otlp: metric push is per process, but CHATOBS_MULTIPROCESS_DIR combines the workers "
-            "for the scrape; scrape /metrics (e.g. with the collector's prometheus receiver) instead"
+        problems["OTEL_METRICS_EXPORTER, CHATOBS_MULTIPROCESS_DIR"] = (
+            ": otlp metric push is per process, but the directory combines the workers for the scrape; "
+            "scrape /metrics (e.g. with the collector's prometheus receiver) instead"
         )
     if problems or otel is None or chatobs is None:
         raise ConfigError(problems)

@@ -129,8 +129,9 @@ def test_a_restarted_server_with_the_same_pid_adds_nothing_of_the_previous_one(t
 def test_the_directory_must_exist_and_metric_push_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="CHATOBS_MULTIPROCESS_DIR"):
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path / "missing")})
-    with pytest.raises(ConfigError, match="OTEL_METRICS_EXPORTER"):
+    with pytest.raises(ConfigError, match="otlp metric push is per process") as caught:
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path), "OTEL_METRICS_EXPORTER": "prometheus,otlp"})
+    assert caught.value.variables == ("OTEL_METRICS_EXPORTER", "CHATOBS_MULTIPROCESS_DIR")  # wrong only together
 
 
 def test_a_worker_forked_while_locks_were_held_records_new_values_and_scrapes_them(tmp_path):
