@@ -512,7 +512,7 @@ def build_tracer_provider(
             exporter,
             max_queue_size=otel.bsp_max_queue_size,
             schedule_delay_millis=otel.bsp_schedule_delay,
-            max_export_batch_size=otel.bsp_max_export_batch_size,
+            max_export_batch_size=otel.bsp_batch_size,
             accounting=accounting,
         )
         provider.add_span_processor(processor)

@@ -136,6 +136,8 @@ CsvList = Annotated[tuple[str, ...], NoDecode]
 #: threads wait on these, and a wait past the platform's `time_t` kills the thread (no more
 #: pushes, no error at start).
 _DAY_MS = 86_400_000
+#: The specification's default of ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
+_DEFAULT_SPAN_BATCH = 512
 #: The most spans a batch processor may queue (the SDK's queue is a C-sized deque).
 _MOST_QUEUED_SPANS = 1_000_000
 
@@ -308,12 +310,12 @@ class OtelSettings(MappingSettings):
         2048, gt=0, le=_MOST_QUEUED_SPANS, description="Spans waiting for export; beyond it new spans are "
         "dropped and counted in `chatobs_spans_dropped_total{reason=\"queue_full\"}`.",
     )  # fmt: skip
-    bsp_max_export_batch_size: int = Field(
-        512,
+    bsp_max_export_batch_size: int | None = Field(
+        None,
         gt=0,
         le=_MOST_QUEUED_SPANS,
-        description="Most spans sent in one export; at most `OTEL_BSP_MAX_QUEUE_SIZE` "
-        "(a smaller queue needs this set too).",
+        description="Most spans sent in one export, at most `OTEL_BSP_MAX_QUEUE_SIZE` (unset: 512, or the queue "
+        "size when that is smaller).",
     )
     metric_export_interval: int = Field(
         60_000, gt=0, le=_DAY_MS, description="Milliseconds between OTLP metric pushes."
@@ -372,9 +374,9 @@ class OtelSettings(MappingSettings):
 
     @field_validator("bsp_max_export_batch_size")
     @classmethod
-    def _batch_fits_queue(cls, value: int, info: ValidationInfo) -> int:
+    def _batch_fits_queue(cls, value: int | None, info: ValidationInfo) -> int | None:
         queue = info.data.get("bsp_max_queue_size")
-        if queue is not None and value > queue:
+        if value is not None and queue is not None and value > queue:
             raise ValueError(f"must not exceed OTEL_BSP_MAX_QUEUE_SIZE ({queue})")
         return value
 
@@ -409,6 +411,13 @@ class OtelSettings(MappingSettings):
             if name not in LIBRARIES and close:
                 raise ValueError(f"{name!r} instruments nothing (did you mean {close[0]}?)")
         return value
+
+    @property
+    def bsp_batch_size(self) -> int:
+        """The span batch processor's batch size: ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``, or the
+        specification's 512 cut to the queue, so that a smaller queue alone is enough."""
+        given = self.bsp_max_export_batch_size
+        return given if given is not None else min(_DEFAULT_SPAN_BATCH, self.bsp_max_queue_size)
 
     @property
     def resource_attribute_map(self) -> dict[str, str]:

@@ -100,6 +100,20 @@ def test_the_generic_otlp_endpoint_gets_each_signal_path_after_its_own_path_and_
     assert receiver.spans_by_service() == {"worker": 1}
 
 
+def test_a_smaller_span_queue_alone_is_enough_and_its_batches_fit_it(receiver):
+    # The batch size's default (512) must follow the queue down, not refuse the start.
+    settings = load_settings({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                              "OTEL_BSP_MAX_QUEUE_SIZE": "8"})  # fmt: skip
+    telemetry = Telemetry(settings, service="worker")
+    for _ in range(8):
+        telemetry.tracer.start_span("turn").end()
+    telemetry.shutdown()
+    assert receiver.spans_by_service() == {"worker": 8}
+    batches = [sum(len(scope.spans) for spans in request.resource_spans for scope in spans.scope_spans)
+               for request in receiver.trace_requests]  # fmt: skip
+    assert batches and max(batches) <= 8
+
+
 def test_unreachable_otlp_endpoint_does_not_block_scrapes():
     port = free_port()
     process = start_worker(
