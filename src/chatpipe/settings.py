@@ -19,7 +19,7 @@ import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -73,6 +73,14 @@ def _check_host_port(member: str, *, port_required: bool) -> None:
         _check_port(port, member)
 
 
+def _url_of(value: str, *schemes: str) -> tuple[SplitResult, str]:
+    """``value`` split, and its hosts (what follows the credentials), when its scheme is one of ``schemes``."""
+    url = urlsplit(value)
+    if url.scheme not in schemes:
+        raise ValueError(f"must start with {' or '.join(f'{scheme}://' for scheme in schemes)}")
+    return url, url.netloc.rpartition("@")[2]
+
+
 class BackendSettings(MappingSettings):
     """Where the backends are (``chatobs stack up`` prints these).
 
@@ -94,12 +102,10 @@ class BackendSettings(MappingSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        url = urlsplit(value)
-        if url.scheme not in ("redis", "rediss"):
-            raise ValueError("must start with redis:// or rediss://")
+        url, host = _url_of(value, "redis", "rediss")
         if not url.hostname:  # redis-py would quietly take localhost: `redis://${HOST}` with HOST unset
             raise ValueError("names no host")
-        _check_host_port(url.netloc.rpartition("@")[2], port_required=False)
+        _check_host_port(host, port_required=False)
         # redis-py reads `/x` as database 0 and `/0/1` as 1: refuse what it would misread.
         if url.path not in ("", "/") and not (url.path[1:].isascii() and url.path[1:].isdigit()):
             raise ValueError(f"database must be a number such as /0, got {url.path!r}")
@@ -108,10 +114,7 @@ class BackendSettings(MappingSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        url = urlsplit(value)
-        if url.scheme not in ("postgres", "postgresql"):
-            raise ValueError("must start with postgres:// or postgresql://")
-        hosts = url.netloc.rpartition("@")[2]
+        _, hosts = _url_of(value, "postgres", "postgresql")
         if hosts:  # empty: libpq's default, the local socket (or `?host=`)
             for member in hosts.split(","):
                 _check_host_port(member, port_required=False)
