@@ -55,8 +55,9 @@ def _check_port(text: str, where: str) -> None:
 
 
 def _check_host_port(member: str, *, port_required: bool) -> None:
-    """``host:port``, ``[v6]:port`` or (``port_required=False``) a bare host; empty hosts pass
-    (libpq's default: the local socket) unless a port is required."""
+    """``host:port``, ``[v6]:port`` or (``port_required=False``) a bare host or ``host:`` (the
+    client's default port); empty hosts pass (libpq's default: the local socket) unless a port
+    is required."""
     if member.startswith("["):
         host, bracket, rest = member[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -69,7 +70,7 @@ def _check_host_port(member: str, *, port_required: bool) -> None:
         raise ValueError(f"{member!r} has no port: give host:port")
     if port_required and not host:
         raise ValueError(f"{member!r} has no host")
-    if port is not None:
+    if port is not None and (port or port_required):
         _check_port(port, member)
 
 
@@ -78,6 +79,10 @@ def _url_of(value: str, *schemes: str) -> tuple[SplitResult, str]:
     url = urlsplit(value)
     if url.scheme not in schemes:
         raise ValueError(f"must start with {' or '.join(f'{scheme}://' for scheme in schemes)}")
+    if "@" not in url.netloc and "@" in value.partition("://")[2]:
+        # `user:pa/ss@host`: the credentials end at the `/` (or `?`, `#`), and the clients read
+        # the password as a port. Said without quoting the value, which is the password.
+        raise ValueError("has a '/', '?' or '#' before its '@': percent-encode them in the user and password")
     return url, url.netloc.rpartition("@")[2]
 
 
@@ -107,7 +112,8 @@ class BackendSettings(MappingSettings):
             raise ValueError("names no host")
         _check_host_port(host, port_required=False)
         # redis-py reads `/x` as database 0 and `/0/1` as 1: refuse what it would misread.
-        if url.path not in ("", "/") and not (url.path[1:].isascii() and url.path[1:].isdigit()):
+        database = url.path[1:].removesuffix("/")
+        if database and not (database.isascii() and database.isdigit()):
             raise ValueError(f"database must be a number such as /0, got {url.path!r}")
         return value
 
@@ -116,7 +122,10 @@ class BackendSettings(MappingSettings):
     def _database_url(cls, value: str) -> str:
         _, hosts = _url_of(value, "postgres", "postgresql")
         if hosts:  # empty: libpq's default, the local socket (or `?host=`)
-            for member in hosts.split(","):
+            members = hosts.split(",")
+            if len(members) > 1 and not all(members):  # asyncpg fails on `h1,` with an IndexError
+                raise ValueError(f"has an empty host in its host list {hosts!r}")
+            for member in members:
                 _check_host_port(member, port_required=False)
         return value
 

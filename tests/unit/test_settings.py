@@ -97,6 +97,25 @@ def test_a_malformed_url_is_echoed_without_its_password():
     assert "DATABASE_URL='postgress://app:<hidden>@db/chat'" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "postgresql://app:Zq8/Xk7@db:5432/chat"),
+        ("REDIS_URL", "redis://:Zq8/Xk7@h:6379/0"),
+        ("REDIS_URL", "redis://user:Zq8#Xk7@h:6379/0"),
+        ("DATABASE_URL", "postgresql://app:Zq8?Xk7@db/chat"),
+    ],
+)
+def test_a_password_that_needs_percent_encoding_is_refused_without_showing_any_of_it(variable, value):
+    # Its clients read the password's start as a port; the message must not quote that either.
+    from chatpipe.settings import load_backend_settings
+
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        load_backend_settings({**_BACKENDS, variable: value})
+    assert caught.value.variables == (variable,)
+    assert "Zq8" not in str(caught.value) and "Xk7" not in str(caught.value), str(caught.value)
+
+
 _BACKENDS = {"REDIS_URL": "redis://h:6379/0", "DATABASE_URL": "postgresql://app@db/chat",
              "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"}  # fmt: skip
 
@@ -112,6 +131,7 @@ _BACKENDS = {"REDIS_URL": "redis://h:6379/0", "DATABASE_URL": "postgresql://app@
         ("REDIS_URL", "http://h:6379", "must start with redis://"),
         ("DATABASE_URL", "postgresql://app@db:99999/chat", "must be 1-65535"),
         ("DATABASE_URL", "postgresql://app@a:5432,b:x/chat", "port of 'b:x' must be 1-65535"),
+        ("DATABASE_URL", "postgresql://app@a,/chat", "empty host"),  # asyncpg: IndexError at connect
         ("KAFKA_BOOTSTRAP_SERVERS", "kafka:0", "must be 1-65535"),
         ("KAFKA_BOOTSTRAP_SERVERS", "kafka", "has no port"),
         ("KAFKA_BOOTSTRAP_SERVERS", "a:9092,,b:9092", "empty member"),
@@ -134,6 +154,8 @@ def test_a_backend_address_its_client_would_misread_or_fail_on_is_refused_at_sta
         ("DATABASE_URL", "postgres:///chat?host=/var/run/postgresql"),  # the local socket
         ("DATABASE_URL", "postgresql://app:pw@a:5432,[::1]:5433/chat"),  # libpq's several hosts
         ("KAFKA_BOOTSTRAP_SERVERS", "a:9092, [::1]:9093"),  # aiokafka strips each member
+        ("DATABASE_URL", "postgresql://app:pw@db:/chat"),  # asyncpg: the default port
+        ("REDIS_URL", "redis://h:6379/0/"),  # redis-py: database 0
     ],
 )
 def test_a_backend_address_its_client_reads_is_accepted(variable, value):
