@@ -180,7 +180,7 @@ class PipelineSettings(MappingSettings):
         8000,
         ge=0,
         le=65535,
-        description="Port of `python -m chatpipe.gateway` (not `CHATOBS_METRICS_PORT`'s too).",
+        description="Port of `python -m chatpipe.gateway` (refused at start if `CHATOBS_METRICS_PORT` binds it too).",
     )
     gateway_graceful_shutdown_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM, how long open requests (SSE streams) may go on before they are cut "

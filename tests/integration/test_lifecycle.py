@@ -243,3 +243,14 @@ def test_a_gateway_whose_metrics_port_is_its_own_port_stops_at_start_naming_both
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert f"CHATPIPE_GATEWAY_PORT, CHATOBS_METRICS_PORT: both {port}" in last, done.stderr[-2000:]
+
+
+def test_a_gateway_and_its_metrics_server_on_one_port_of_two_address_families_both_serve(stack, start_service):
+    # An IPv4 and an IPv6 listener do not clash (both set IPV6_V6ONLY): the port check must not refuse this.
+    port = free_port()
+    env = {**stack, "CHATPIPE_GATEWAY_HOST": "0.0.0.0", "CHATPIPE_GATEWAY_PORT": str(port),
+           "CHATOBS_METRICS_HOST": "::1", "CHATOBS_METRICS_PORT": str(port)}  # fmt: skip
+    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port, ready_path="/health")
+    for scrape in (gateway.scrape(), httpx.get(f"http://[::1]:{port}/metrics", timeout=10)):
+        assert scrape.status_code == 200
+        assert 'service_name="gateway"' in scrape.text

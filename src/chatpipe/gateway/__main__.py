@@ -11,6 +11,7 @@ uvicorn and exits 0 after a graceful stop, with chatobs's exit hook run.
 from __future__ import annotations
 
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -25,12 +26,36 @@ def _stopped(signum: int, frame: FrameType | None) -> None:
     """The signal uvicorn raises again once it has stopped: nothing left to do."""
 
 
+def _bound_addresses(host: str, family: socket.AddressFamily) -> set[tuple[int, str]]:
+    """``(family, address)`` of each socket a listener on ``host`` binds; none if it does not resolve
+    (the listener itself then says so)."""
+    try:
+        found = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except OSError:
+        return set()
+    return {(info[0], str(info[4][0])) for info in found}
+
+
+def _clash(first: set[tuple[int, str]], second: set[tuple[int, str]]) -> bool:
+    # Both listeners set IPV6_V6ONLY (asyncio's server and socket.create_server do), so only
+    # addresses of one family can clash: the same address, or that family's wildcard.
+    return any(
+        family == other_family and (address == other or not {address, other}.isdisjoint(_ANY_ADDRESS))
+        for family, address in first
+        for other_family, other in second
+    )
+
+
 def _check_ports(settings: PipelineSettings) -> None:
     """Refuse a standalone metrics server on the gateway's own address: the app import starts
     it first, and uvicorn would then fail to bind in words that name neither variable."""
     metrics = load_settings().chatobs
-    hosts = {settings.gateway_host, metrics.metrics_host}
-    if metrics.metrics_port == settings.gateway_port != 0 and (len(hosts) == 1 or hosts & set(_ANY_ADDRESS)):
+    if metrics.metrics_port != settings.gateway_port or settings.gateway_port == 0:
+        return
+    # The metrics server binds one family (IPv6 for an address with a colon), uvicorn each address the host resolves to.
+    metrics_family = socket.AF_INET6 if ":" in metrics.metrics_host else socket.AF_INET
+    metrics_addresses = _bound_addresses(metrics.metrics_host, metrics_family)
+    if _clash(metrics_addresses, _bound_addresses(settings.gateway_host, socket.AF_UNSPEC)):
         raise ConfigError(
             {
                 "CHATPIPE_GATEWAY_PORT, CHATOBS_METRICS_PORT": f": both {settings.gateway_port}; the gateway serves "
