@@ -73,6 +73,7 @@ __all__ = [
     "checked_amount",
     "exemplar_sampler",
     "exemplar_span_filter",
+    "has_exact_ids",
     "number_metric",
     "with_produced",
 ]
@@ -224,6 +225,13 @@ class HistogramCell:
                                 extremes)  # fmt: skip
 
 
+def has_exact_ids(trace_id: object, span_id: object) -> bool:
+    """Whether an exemplar's ids are ints, not merely numbers: the API takes a float id and calls
+    its span valid, and neither an OpenMetrics exemplar (hex) nor OTLP (bytes) can carry one.
+    Checked at collection, once an exemplar is kept, rather than on every observation."""
+    return type(trace_id) is int and type(span_id) is int
+
+
 def _histogram_point(
     attributes: dict[str, str],
     start: int,
@@ -249,6 +257,7 @@ def _histogram_point(
         exemplars=[
             Exemplar({}, value, at, span_id=span.span_id, trace_id=span.trace_id)
             for value, at, span in filter(None, exemplars)
+            if has_exact_ids(span.trace_id, span.span_id)
         ],
     )
 

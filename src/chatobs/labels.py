@@ -53,11 +53,13 @@ def label_text(raw: object, max_length: int) -> str | object:
     content, since ``str()`` of a ``(str, Enum)`` member is its qualified name); integers
     (not bools) by their decimal text; nothing else is a label value.
     """
-    if raw.__class__ is str:
+    # type(), not `__class__` (the hot paths' idiom): what passes is stored and rendered at every
+    # scrape, and an object can claim any `__class__` (a `Mock(spec=str)` does).
+    if type(raw) is str:
         value = raw
-    elif isinstance(raw, str):
+    elif issubclass(type(raw), str):
         value = str.__str__(raw)
-    elif raw.__class__ is int and raw.bit_length() <= 3 * max_length:
+    elif type(raw) is int and raw.bit_length() <= 3 * max_length:
         # 3 bits per digit bounds the text at max_length digits: str() of a huge int is slow (or raises).
         value = str(raw)
     else:
@@ -75,7 +77,7 @@ def label_text(raw: object, max_length: int) -> str | object:
 def cacheable(values: tuple[object, ...]) -> bool:
     """Whether a raw label tuple may key a cache: only exact strings. Python's equality would
     let ``True``, ``1`` and ``1.0`` share an entry, and an unhashable value cannot key one."""
-    return all(value.__class__ is str for value in values)
+    return all(type(value) is str for value in values)
 
 
 RejectCallback = Callable[[str, str], None]

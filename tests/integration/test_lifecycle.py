@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from opentelemetry.trace import SpanContext, TraceFlags
 
 from chatobs import Telemetry, catalogue
 from chatobs.cli import main
@@ -254,3 +255,18 @@ def test_a_gateway_and_its_metrics_server_on_one_port_of_two_address_families_bo
     for scrape in (gateway.scrape(), httpx.get(f"http://[::1]:{port}/metrics", timeout=10)):
         assert scrape.status_code == 200
         assert 'service_name="gateway"' in scrape.text
+
+
+def test_an_exemplar_whose_ids_are_no_ints_is_left_out_of_the_otlp_push(receiver):
+    # The API takes a float id and calls its span valid; the OTLP encoder cannot take one, and the
+    # whole push (every metric of it) failed each interval until a newer exemplar replaced it.
+    settings = load_settings({"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
+    telemetry = Telemetry(settings, service="replicator")
+    odd = SpanContext(trace_id=1.5, span_id=1, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))  # type: ignore[arg-type]
+    telemetry.backlog.wal_consumed(0.3, span=odd)
+    telemetry.llm.request("sim", "simulator")
+    telemetry.shutdown()
+    pushed = receiver.metrics()
+    [point] = pushed["wal_consume_seconds"].histogram.data_points
+    assert point.count == 1 and not point.exemplars
+    assert pushed["llm_requests_total"].sum.data_points[0].as_int == 1

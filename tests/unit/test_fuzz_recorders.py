@@ -100,6 +100,7 @@ JUNK = st.one_of(
     st.lists(st.integers(), max_size=2),
     st.builds(Hostile),
     st.builds(object),
+    st.builds(lambda: mock.MagicMock(spec=str)),  # claims `__class__` str (an int or float claim is unprintable here)
 )
 FIXED_LABEL_VALUES = sorted(
     {value for m in CATALOGUE for label in m.labels for value in allowed_fixed_values(m, label)}
@@ -139,6 +140,13 @@ SPANS = st.one_of(
         is_remote=st.booleans(),
         trace_flags=st.sampled_from([TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED)]),
     ),
+    st.builds(  # the API takes any number for an id, and calls a float one valid
+        SpanContext,
+        trace_id=st.floats(1, 2**64),
+        span_id=st.integers(1, 2**64 - 1),
+        is_remote=st.booleans(),
+        trace_flags=st.just(TraceFlags(TraceFlags.SAMPLED)),
+    ),
     st.builds(Context),
     st.text(max_size=3),
     st.integers(),
@@ -166,9 +174,9 @@ DECLARING_OTHER = {(m.name, label.name) for m in CATALOGUE for label in m.labels
 
 def surely_rejected(value: object, *, other_declared: bool = False) -> bool:
     """A label value ``other`` must replace whatever the label's allowed set."""
-    if other_declared and value.__class__ is str and value == OVERFLOW_VALUE:
+    if other_declared and type(value) is str and value == OVERFLOW_VALUE:
         return False
-    if isinstance(value, str):
+    if issubclass(type(value), str):  # not isinstance(): a `Mock(spec=str)` passes that
         text = str.__str__(value)
     elif type(value) is int:
         text = str(value) if value.bit_length() < 10_000 else "x" * (MAX_LABEL_LENGTH + 1)
@@ -319,7 +327,7 @@ def scrape_both(telemetry: Telemetry) -> Samples:
         for family in parse_text(body.decode())
         for sample in family.samples
     }
-    status, _, body = telemetry.scrape(OPENMETRICS)
+    body = telemetry.scrape(OPENMETRICS)[2]
     assert status == 200
     list(parse_openmetrics(body.decode()))
     return samples
@@ -683,3 +691,49 @@ def test_an_unclassified_llm_failure_is_a_code_of_its_own_and_no_rejection():
     text = body.decode()
     assert 'llm_errors_total{provider="openai",code="other"} 2' in text, text
     assert 'chatobs_label_rejections_total{metric="llm_errors_total",label="code"} 1' in text, text
+
+
+def test_a_value_that_only_claims_to_be_a_string_or_an_int_is_other_and_every_scrape_renders():
+    # A `Mock(spec=str)` says its `__class__` is str; stored, it was rendered (uncapped, or
+    # raising) at every scrape from then on.
+    telemetry = build()
+    raising = mock.MagicMock(spec=str)
+    raising.__str__.side_effect = RuntimeError("boom")
+    long = mock.MagicMock(spec=str)
+    long.__str__.return_value = "x" * 1000
+    for claims in (raising, long, mock.MagicMock(spec=int)):
+        telemetry.llm.request(claims, "p")
+    text = telemetry.scrape()[2].decode()
+    assert 'llm_requests_total{model="other",provider="p",mode="normal"} 3' in text
+    assert 'chatobs_label_rejections_total{metric="llm_requests_total",label="model"} 3' in text
+    list(parse_openmetrics(telemetry.scrape(OPENMETRICS)[2].decode()))
+
+
+def test_an_exemplar_whose_ids_are_no_ints_is_left_out_and_the_openmetrics_scrape_renders():
+    # The API takes a float id and calls its span valid: `{:032x}` of it failed every such scrape.
+    telemetry = build()
+    odd = SpanContext(trace_id=1.5, span_id=1, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))  # type: ignore[arg-type]
+    telemetry.backlog.wal_consumed(0.3, span=odd)
+    body = telemetry.scrape(OPENMETRICS)[2]
+    [family] = [f for f in parse_openmetrics(body.decode()) if f.name == "wal_consume_seconds"]
+    assert [s.value for s in family.samples if s.name == "wal_consume_seconds_count"] == [1]
+    assert all(s.exemplar is None for s in family.samples)
+
+
+class AmbiguousFlag:
+    """A flag whose truth test raises (a numpy array of two values, say)."""
+
+    def __bool__(self) -> bool:
+        raise ValueError("ambiguous truth value")
+
+
+def test_a_bound_handle_given_a_flag_whose_truth_test_raises_records_nothing_and_raises_nothing():
+    telemetry = build()
+    telemetry.clients.bound("kafka", "consume").record(0.1, AmbiguousFlag())  # type: ignore[arg-type]
+    telemetry.clients.bound_failures("kafka", "commit").record(0.1, AmbiguousFlag())  # type: ignore[arg-type]
+    text = telemetry.scrape()[2].decode()
+    assert 'kafka_operation_seconds_count{operation="consume"} 0\n' in text  # bound, so shown, at 0
+    assert 'kafka_errors_total{operation="consume"} 0\n' in text
+    assert 'kafka_errors_total{operation="commit"} 0' in text
+    assert 'chatobs_recording_errors_total{metric="kafka_operation_seconds"} 1' in text
+    assert 'chatobs_recording_errors_total{metric="kafka_errors_total"} 1' in text

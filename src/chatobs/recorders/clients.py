@@ -48,8 +48,9 @@ class BoundOperation:
     def record(self, seconds: float, failed: bool) -> None:
         """One operation that took ``seconds`` (the current span as the bucket's exemplar); never raises."""
         try:
+            errors = 1 if failed else 0  # first: a flag whose truth test raises records nothing
             self._duration.observe(seconds)
-            if failed:
+            if errors:
                 self._errors.add(1)
         except Exception as error:  # noqa: BLE001 - recording must never raise into the app
             self._on_error(self._metric, error)
@@ -83,10 +84,9 @@ class BoundFailures:
         """One failed call (``failed=False``: a call that succeeded, which counts nothing); never
         raises. The signature is :meth:`BoundOperation.record`'s, so a client instrumentor
         records into either the same way (a Redis command that blocks gets one of these)."""
-        if not failed:
-            return
         try:
-            self._errors.add(1)
+            if failed:
+                self._errors.add(1)
         except Exception as error:  # noqa: BLE001 - recording must never raise into the app
             self._on_error(self._metric, error)
 
@@ -159,7 +159,7 @@ class ClientRecorder(Recorder):
         values = (operation,)
         series = (self._cells.series(names[0], values), self._cells.series(names[1], values))
         series[1].add(0)  # counts a rejected operation's `other` for the error series, once it shows
-        if len(self._operations) < _BOUND_LIMIT and operation.__class__ is str:
+        if len(self._operations) < _BOUND_LIMIT and type(operation) is str:
             self._operations[backend, operation] = series
         return series
 
