@@ -41,7 +41,7 @@ from opentelemetry.context import Context, get_current
 from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator, default_setter
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, TraceFlags
 
-__all__ = ["continued", "extract_pairs", "fields", "inject", "traceparent"]
+__all__ = ["continued", "extract_pairs", "fields", "header_values", "inject", "traceparent"]
 
 _Carrier = TypeVar("_Carrier")
 
@@ -54,6 +54,28 @@ _ZERO_SPAN_ID = "0" * 16
 _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 #: Headers that, present, need the propagators themselves (a trace state, baggage).
 _GENERAL = frozenset({"tracestate", "baggage"})
+#: W3C Baggage's limit on a header, the one ``W3CBaggagePropagator`` applies.
+_BAGGAGE_MAX_BYTES = 8192
+
+
+def header_values(key: str, values: list[str]) -> list[str] | None:
+    """What a carrier's getter hands the propagators for header ``key``: ``values``, or none.
+
+    None for a ``baggage`` header past W3C's 8,192 bytes. The baggage propagator ignores such
+    a header too, but only after logging a warning with all of it: any client could write
+    as much to the service's log as it may send in each request.
+
+    Example::
+
+        def get(self, carrier, key):
+            return header_values(key, [value.decode("latin-1") for name, value in carrier if name == key])
+    """
+    if not values:
+        return None
+    # The propagator reads the first value, and measures it as UTF-8.
+    if key == "baggage" and len(values[0].encode()) > _BAGGAGE_MAX_BYTES:
+        return None
+    return values
 
 
 def traceparent(context: Context | None = None) -> str | None:

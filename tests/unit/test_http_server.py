@@ -8,6 +8,7 @@ The app runs in process through httpx's ASGI transport, which builds the scope a
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import httpx
@@ -360,3 +361,22 @@ def test_the_scrape_path_takes_the_apps_get_route_there_and_leaves_its_other_met
     assert (created.status_code, created.json()) == (201, {"session": "s1"})
     assert scraped.status_code == 200 and "# TYPE chat_messages_in_total counter" in scraped.text
     telemetry.shutdown()
+
+
+def test_a_baggage_header_past_w3cs_limit_is_ignored_without_writing_it_to_the_log(caplog):
+    # The baggage propagator ignores it too, but logged all of it: 400 KB of log per request.
+    telemetry = _telemetry(InMemorySpanExporter())
+    app = _echo_app()
+    instrument_app(app, telemetry.tracer, telemetry.cells, excluded_paths=())
+
+    async def run(baggage: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            return await client.get("/echo", headers={"baggage": baggage})
+
+    with caplog.at_level(logging.DEBUG):
+        oversized = asyncio.run(run("k=" + "v" * 400_000))
+        within = asyncio.run(run("tenant=acme," + "k=" + "v" * 8_000))  # 8,012 bytes: kept
+    telemetry.shutdown()
+    assert oversized.status_code == 200 and oversized.json()["baggage"] == {}
+    assert within.json()["baggage"]["tenant"] == "acme"
+    assert max((len(record.getMessage()) for record in caplog.records), default=0) < 1_000

@@ -195,3 +195,19 @@ def test_inject_writes_what_the_propagators_write(context_name, propagators):
             assert pairs == [("kept", b"as it was"), *expected_pairs], name
     finally:
         propagate.set_global_textmap(previous)
+
+
+def test_a_record_whose_baggage_is_past_w3cs_limit_is_continued_without_the_baggage_in_the_log(caplog):
+    from opentelemetry import baggage
+    from opentelemetry import trace as trace_api
+
+    from chatobs.instrumentation.kafka import _GETTER
+    from chatobs.propagation import extract_pairs
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = [("traceparent", parent.encode()), ("baggage", b"k=" + b"v" * 400_000)]
+    with caplog.at_level("DEBUG"):
+        context = extract_pairs(headers, _GETTER)
+    assert trace_api.get_current_span(context).get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert baggage.get_all(context) == {}
+    assert max((len(record.getMessage()) for record in caplog.records), default=0) < 1_000

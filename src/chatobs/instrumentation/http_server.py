@@ -46,6 +46,7 @@ from starlette.routing import Match, Mount
 from chatobs.cells import CellStore
 from chatobs.instrumentation.errors import error_type as qualified_error_type
 from chatobs.instrumentation.methods import http_method
+from chatobs.propagation import header_values
 from chatobs.tracing import record_exception
 
 __all__ = ["ServerMiddleware"]
@@ -62,8 +63,7 @@ _logger = logging.getLogger("chatobs")
 class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
     def get(self, carrier: list[tuple[bytes, bytes]], key: str) -> list[str] | None:
         wanted = key.encode("latin-1")
-        found = [value.decode("latin-1") for name, value in carrier if name == wanted]
-        return found or None
+        return header_values(key, [value.decode("latin-1") for name, value in carrier if name == wanted])
 
     def keys(self, carrier: list[tuple[bytes, bytes]]) -> list[str]:
         return [name.decode("latin-1") for name, _ in carrier]

@@ -67,7 +67,7 @@ from chatobs.instrumentation.dispatch import (
     spanned,
 )
 from chatobs.instrumentation.errors import error_type
-from chatobs.propagation import extract_pairs, fields, inject
+from chatobs.propagation import extract_pairs, fields, header_values, inject
 from chatobs.recorders.clients import BoundOperation, ClientRecorder
 from chatobs.tracing import error_status, record_exception
 
@@ -89,8 +89,8 @@ class _HeaderGetter(Getter[Any]):
     """Reads aiokafka record headers: a sequence of ``(str, bytes)``."""
 
     def get(self, carrier: Any, key: str) -> list[str] | None:
-        values = [value.decode("latin-1") for name, value in carrier or () if name == key and value is not None]
-        return values or None
+        return header_values(key, [value.decode("latin-1") for name, value in carrier or ()
+                                   if name == key and value is not None])  # fmt: skip
 
     def keys(self, carrier: Any) -> list[str]:
         return [name for name, _ in carrier or ()]
