@@ -190,7 +190,7 @@ class PipelineSettings(MappingSettings):
     attachment_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest attachment accepted (413 above).")
     attachment_types: CsvList = Field(
         ("text/plain", "application/pdf", "image/png", "image/jpeg"),
-        description="Content types accepted for attachments (415 otherwise).",
+        description="Content types accepted for attachments, in any case (415 otherwise).",
     )
     # At most 100,000: the outbox row, at up to 6 bytes a character (`\u0001` as PostgreSQL's
     # jsonb writes a control character), must fit one Kafka record (aiokafka's 1 MiB).
@@ -262,7 +262,10 @@ class PipelineSettings(MappingSettings):
     @field_validator("attachment_types", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
-        return tuple(part.strip() for part in value.split(",") if part.strip()) if isinstance(value, str) else value
+        # Lower case, as the gateway compares an upload's type: media types are case-insensitive.
+        if not isinstance(value, str):
+            return value
+        return tuple(part.strip().lower() for part in value.split(",") if part.strip())
 
     @field_validator("tenant_token_budgets", "tenant_message_budgets")
     @classmethod

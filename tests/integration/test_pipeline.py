@@ -216,14 +216,17 @@ def test_attachments_limits_answer_json_errors(pipeline):
     before = scrapes.value("gateway", "attachments_uploaded_total")
     ok = chat.http.post(f"/v1/sessions/{session}/attachments", files={"file": ("a.txt", b"hello", "text/plain")})
     assert ok.status_code == 201 and ok.json()["size_bytes"] == 5
+    # Media types are case-insensitive: a client's `Text/Plain` is text/plain.
+    capitalised = chat.http.post(f"/v1/sessions/{session}/attachments", files={"file": ("a.txt", b"hi", "Text/Plain")})
+    assert capitalised.status_code == 201, capitalised.text
     too_big = chat.http.post(f"/v1/sessions/{session}/attachments",
                              files={"file": ("b.txt", b"x" * 1001, "text/plain")})  # fmt: skip
     assert too_big.status_code == 413 and "larger than 1000 bytes" in too_big.json()["error"]
     wrong_type = chat.http.post(f"/v1/sessions/{session}/attachments",
                                 files={"file": ("c.exe", b"MZ", "application/x-msdownload")})  # fmt: skip
     assert wrong_type.status_code == 415 and "not accepted" in wrong_type.json()["error"]
-    assert scrapes.value("gateway", "attachments_uploaded_total") == before + 1
-    assert scrapes.value("gateway", "attachment_upload_seconds_count") >= 1
+    assert scrapes.value("gateway", "attachments_uploaded_total") == before + 2
+    assert scrapes.value("gateway", "attachment_upload_seconds_count") >= 2
 
 
 def test_session_lifecycle_and_health(pipeline):

@@ -316,3 +316,10 @@ def test_a_consumer_group_is_its_role_after_the_prefix(prefix, group):
 def test_a_consumer_group_prefix_outside_kafkas_characters_is_an_error_naming_the_variable():
     with pytest.raises(ConfigError, match="CHATPIPE_CONSUMER_GROUP_PREFIX"):
         load_pipeline_settings({"CHATPIPE_CONSUMER_GROUP_PREFIX": "a b"})
+
+
+def test_attachment_types_are_compared_in_lower_case_as_media_types_are_case_insensitive():
+    from chatpipe.settings import load_pipeline_settings
+
+    settings = load_pipeline_settings({"CHATPIPE_ATTACHMENT_TYPES": "Text/Plain, image/PNG"})
+    assert settings.attachment_types == ("text/plain", "image/png")

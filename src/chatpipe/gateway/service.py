@@ -383,7 +383,8 @@ def create_app() -> FastAPI:
             await form.close()
 
     async def store_attachment(session_id: str, file: UploadFile, started: float) -> dict[str, Any]:
-        content_type = (file.content_type or "application/octet-stream").split(";")[0].strip()
+        # Media types are case-insensitive (RFC 9110 8.3.1): `Text/Plain` is text/plain.
+        content_type = (file.content_type or "application/octet-stream").split(";")[0].strip().lower()
         if content_type not in settings.attachment_types:
             raise _error(
                 415, f"content type {content_type} not accepted; allowed: {', '.join(settings.attachment_types)}"
