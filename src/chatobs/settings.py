@@ -716,8 +716,8 @@ def _is_secret(model: type[BaseSettings], field: str) -> bool:
     return info.annotation is SecretStr or SecretStr in typing.get_args(info.annotation)
 
 
-#: Up to the last `@`: a password may hold an unencoded `/`, `?` or `#` (the very mistake echoed).
-_URL_PASSWORD = re.compile(r"(://[^/@:\s]*):[^@\s]*@")
+#: Up to the last `@`: a user or password may hold an unencoded `/`, `?` or `#` (the very mistake echoed).
+_URL_PASSWORD = re.compile(r"(://[^@:\s]*):[^@\s]*@")
 
 
 def _without_password(value: str) -> str:

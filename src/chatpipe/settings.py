@@ -74,12 +74,20 @@ def _check_host_port(member: str, *, port_required: bool) -> None:
         _check_port(port, member)
 
 
+def _credentials_cut(url: SplitResult) -> bool:
+    """Whether an `@` after the authority ends credentials that a `/`, `?` or `#` cut short. In
+    the query or fragment, an `@` after a `=` is a value's (`?user=a@b`), so it does not count."""
+    if "@" in url.path:
+        return True
+    return any("@" in part and "=" not in part.partition("@")[0] for part in (url.query, url.fragment))
+
+
 def _url_of(value: str, *schemes: str) -> tuple[SplitResult, str]:
     """``value`` split, and its hosts (what follows the credentials), when its scheme is one of ``schemes``."""
     url = urlsplit(value)
     if url.scheme not in schemes:
         raise ValueError(f"must start with {' or '.join(f'{scheme}://' for scheme in schemes)}")
-    if "@" not in url.netloc and "@" in value.partition("://")[2]:
+    if "@" not in url.netloc and _credentials_cut(url):
         # `user:pa/ss@host`: the credentials end at the `/` (or `?`, `#`), and the clients read
         # the password as a port. Said without quoting the value, which is the password.
         raise ValueError("has a '/', '?' or '#' before its '@': percent-encode them in the user and password")

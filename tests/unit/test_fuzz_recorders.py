@@ -327,7 +327,7 @@ def scrape_both(telemetry: Telemetry) -> Samples:
         for family in parse_text(body.decode())
         for sample in family.samples
     }
-    body = telemetry.scrape(OPENMETRICS)[2]
+    status, _, body = telemetry.scrape(OPENMETRICS)
     assert status == 200
     list(parse_openmetrics(body.decode()))
     return samples
