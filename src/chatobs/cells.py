@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -73,6 +73,7 @@ __all__ = [
     "checked_amount",
     "exemplar_sampler",
     "exemplar_span_filter",
+    "exportable_exemplars",
     "has_exact_ids",
     "number_metric",
     "with_produced",
@@ -232,6 +233,12 @@ def has_exact_ids(trace_id: object, span_id: object) -> bool:
     return type(trace_id) is int and type(span_id) is int
 
 
+def exportable_exemplars(exemplars: Sequence[RawExemplar | None]) -> Iterator[RawExemplar]:
+    """A histogram cell's kept exemplars (one slot a bucket, None when empty) that can be exported."""
+    return (exemplar for exemplar in exemplars
+            if exemplar is not None and has_exact_ids(exemplar[2].trace_id, exemplar[2].span_id))  # fmt: skip
+
+
 def _histogram_point(
     attributes: dict[str, str],
     start: int,
@@ -256,8 +263,7 @@ def _histogram_point(
         max=extremes[1],
         exemplars=[
             Exemplar({}, value, at, span_id=span.span_id, trace_id=span.trace_id)
-            for value, at, span in filter(None, exemplars)
-            if has_exact_ids(span.trace_id, span.span_id)
+            for value, at, span in exportable_exemplars(exemplars)
         ],
     )
 

@@ -48,7 +48,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from chatobs.catalogue import CATALOGUE, Kind, Metric
-from chatobs.cells import Cell, HistogramCell, LocalCells, has_exact_ids
+from chatobs.cells import Cell, HistogramCell, LocalCells, exportable_exemplars, has_exact_ids
 from chatobs.multiprocess import renew_in_forked_child
 
 __all__ = [
@@ -414,8 +414,8 @@ class Renderer:
                 counts, count, total, exemplars = cell.snapshot()  # type: ignore[union-attr]
                 # A cell keeps its exemplars (the SDK hands each to one collection only), so the
                 # text format, which shows none, need not format them.
-                found = ((value, at, span.trace_id, span.span_id) for value, at, span in filter(None, exemplars)
-                         if has_exact_ids(span.trace_id, span.span_id)) if openmetrics else ()  # fmt: skip
+                found = ((value, at, span.trace_id, span.span_id)
+                         for value, at, span in exportable_exemplars(exemplars)) if openmetrics else ()  # fmt: skip
                 lines: list[str] = []
                 self._histogram_lines(lines, name, labels, metric.buckets, counts, count, total, found, openmetrics)
                 text = "".join(lines)
