@@ -2,11 +2,15 @@
 
 Example::
 
+    >>> from opentelemetry.metrics import Observation
+    >>> from opentelemetry.sdk.metrics import MeterProvider
     >>> provider = MeterProvider(views=views())        # the roadmap's buckets and label keys
     >>> observables = Instruments()
     >>> observables.observe("outbox_pending", lambda options: [Observation(3)])
-    >>> observables.produced_metrics()                 # at collection: Gauge points
+    >>> [point.value for point in observables.produced_metrics()[0].data.data_points]  # at collection
+    [3]
     >>> observables.readings()                         # at a scrape: the observations, kept as the View would
+    {'outbox_pending': [Observation(value=3, attributes=None, context=None)]}
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class Instruments:
 
         Example::
 
+            >>> observables = Instruments()
+            >>> observables.observe("outbox_pending", lambda options: [Observation(3)])
             >>> observables.readings()
             {'outbox_pending': [Observation(value=3, attributes=None, context=None)]}
         """

@@ -17,7 +17,7 @@ Example::
     >>> settings = load_settings({"CHATOBS_METRICS_PORT": "9464"})
     >>> settings.chatobs.metrics_port
     9464
-    >>> load_settings({"CHATOBS_METRICS_PORT": "abc"})
+    >>> load_settings({"CHATOBS_METRICS_PORT": "abc"})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     chatobs.settings.ConfigError: CHATOBS_METRICS_PORT='abc': Input should be a valid integer, ...

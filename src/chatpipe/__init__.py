@@ -1,7 +1,9 @@
 """chatpipe: the chat pipeline that chatobs instruments.
 
-Until the pipeline services land, it holds an example gateway-shaped service
-(:mod:`chatpipe.example`) and the ``chatobs demo`` command that runs it.
+The services (:mod:`chatpipe.gateway`, :mod:`chatpipe.worker`, :mod:`chatpipe.outbox`'s
+publisher and replicator, :mod:`chatpipe.tools`), the simulators of the external LLM
+provider and Somabrain (:mod:`chatpipe.sim`), and :mod:`chatpipe.launcher`, which runs
+them all as processes (``chatobs demo`` does, on the embedded local stack).
 """
 
 __all__: list[str] = []
