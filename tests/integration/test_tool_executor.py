@@ -4,13 +4,16 @@ broker, with the LLM simulator as a server: tool requests in, the results the wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from chatobs import Telemetry, load_settings
 from chatpipe.events import tool_result_key
@@ -133,3 +136,129 @@ def test_a_summary_whose_llm_outlasts_the_tool_timeout_is_counted_in_the_llm_met
     assert value(text, "llm_requests_total") == 1
     assert value(text, "llm_errors_total", code="timeout") == 1
     assert value(text, "llm_latency_seconds_count") == 1
+
+
+@contextlib.asynccontextmanager
+async def _executor(environment: dict[str, str], llm: str, **settings: str) -> AsyncIterator[_Executing]:
+    """A tool executor on ``environment``'s Redis and broker, a fresh topic, and a producer and
+    consumer of it (the consumer assigned its partition 0)."""
+    topic = f"chat.tools.{uuid.uuid4().hex[:8]}"
+    pipeline = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{llm}/v1", "CHATPIPE_TOOL_TOPIC": topic, **settings})
+    telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="tool_executor")
+    redis = aioredis.Redis.from_url(environment["REDIS_URL"], socket_timeout=2, socket_connect_timeout=1)
+    producer = await start_producer(environment["KAFKA_BOOTSTRAP_SERVERS"], asyncio.Event())
+    assert producer is not None
+    consumer = AIOKafkaConsumer(bootstrap_servers=environment["KAFKA_BOOTSTRAP_SERVERS"], group_id=topic,
+                                enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+    try:
+        async with httpx.AsyncClient() as http:
+            await consumer.start()
+            consumer.assign([TopicPartition(topic, 0)])
+            executor = ToolExecutor(telemetry, pipeline, redis, http)
+            yield _Executing(executor, telemetry, redis, producer, consumer, topic)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await redis.aclose()
+        telemetry.shutdown()
+
+
+@dataclass
+class _Executing:
+    executor: ToolExecutor
+    telemetry: Telemetry
+    redis: aioredis.Redis
+    producer: AIOKafkaProducer
+    consumer: AIOKafkaConsumer
+    topic: str
+
+    async def request(self, name: str, arguments: dict[str, object], *, sent_seconds_ago: float = 0) -> str:
+        """Send a tool request as the worker does (at ``sent_seconds_ago``); its call id."""
+        call_id = uuid.uuid4().hex
+        request = {"call_id": call_id, "name": name, "arguments": json.dumps(arguments), "session_id": "s",
+                   "tenant": "acme", "mode": "normal"}  # fmt: skip
+        timestamp_ms = int((time.time() - sent_seconds_ago) * 1000)
+        await self.producer.send_and_wait(self.topic, json.dumps(request).encode(), key=b"s", partition=0,
+                                          timestamp_ms=timestamp_ms)  # fmt: skip
+        return call_id
+
+    def running(self) -> tuple[asyncio.Event, asyncio.Task[None]]:
+        """The executor's loop as in the service (rounds; a failed one is tried again), until set."""
+        stopping = asyncio.Event()
+        return stopping, asyncio.create_task(self.executor.consume(self.consumer, stopping))
+
+    def metrics(self) -> str:
+        return self.telemetry.scrape()[2].decode()
+
+
+def test_a_result_redis_cannot_take_is_sent_once_it_is_back_and_the_tool_is_not_run_again(own_stack, start_service):
+    """Redis down when a ``summarize`` finished: the request came again about once a second, and
+    each time the tool ran again from scratch, counted in ``tool_calls_total`` and billed by the
+    LLM (five successful calls, and five LLM requests, for one call no one received)."""
+    local = own_stack()
+    llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
+
+    async def scenario() -> tuple[int, str]:
+        async with _executor(local.environment, llm, CHATPIPE_TOOL_TIMEOUT_SECONDS="30") as executing:
+            call_id = await executing.request("summarize", {"text": "a text to summarize"})
+            local.stop_server("redis")
+            stopping, loop = executing.running()
+            await asyncio.sleep(5)  # the request comes again, and again, while Redis is down
+            local.start_server("redis")
+            answer = await executing.redis.blpop([tool_result_key(call_id)], timeout=20)
+            assert answer is not None and json.loads(answer[1])["ok"], answer
+            stopping.set()
+            await loop
+            return await executing.redis.llen(tool_result_key(call_id)), executing.metrics()
+
+    results_left, text = asyncio.run(scenario())
+    assert results_left == 0, "the result was pushed more than once"
+    assert value(text, "tool_calls_total", tool="summarize", result="success") == 1
+    assert value(text, "llm_requests_total") == 1, "the summary's LLM call was made again for each delivery"
+
+
+def test_a_request_the_worker_stopped_waiting_for_is_not_run(stack, start_service):
+    """A backlog after an outage: a request older than ``CHATPIPE_TOOL_TIMEOUT_SECONDS`` has no one
+    waiting for its result (the worker answered without it); running it spent the LLM on no one."""
+    llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
+
+    async def scenario() -> tuple[int, str]:
+        async with _executor(stack, llm, CHATPIPE_TOOL_TIMEOUT_SECONDS="5") as executing:
+            stale = await executing.request("summarize", {"text": "a text"}, sent_seconds_ago=60)
+            fresh = await executing.request("clock", {})
+            stopping, loop = executing.running()
+            answer = await executing.redis.blpop([tool_result_key(fresh)], timeout=20)
+            assert answer is not None and json.loads(answer[1])["ok"], answer
+            stopping.set()
+            await loop
+            return await executing.redis.llen(tool_result_key(stale)), executing.metrics()
+
+    stale_results, text = asyncio.run(scenario())
+    assert stale_results == 0
+    assert value(text, "tool_calls_total", tool="summarize") == 0
+    assert value(text, "llm_requests_total") == 0
+    assert value(text, "tool_calls_total", tool="clock", result="success") == 1
+
+
+def test_arguments_that_are_json_but_not_an_object_are_rejected_not_an_executor_error(stack):
+    """``"6*7"``, a list or ``null`` from the LLM are malformed arguments, as bad JSON is: they
+    were counted as ``result="error"`` (an ``AttributeError`` on ``.get``), an executor failure."""
+
+    async def scenario() -> tuple[list[dict[str, object]], str]:
+        settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": "http://127.0.0.1:9/v1"})
+        telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="tool_executor")
+        redis = aioredis.Redis.from_url(stack["REDIS_URL"])
+        try:
+            async with httpx.AsyncClient() as http:
+                executor = ToolExecutor(telemetry, settings, redis, http)
+                results = [await executor.execute({"call_id": "c", "name": "calculator", "arguments": arguments})
+                           for arguments in ('"6*7"', '["6*7"]', "null", '{"expression": }')]  # fmt: skip
+            return results, telemetry.scrape()[2].decode()
+        finally:
+            await redis.aclose()
+            telemetry.shutdown()
+
+    results, text = asyncio.run(scenario())
+    assert all(not result["ok"] and "AttributeError" not in str(result["error"]) for result in results), results
+    assert value(text, "tool_calls_total", tool="calculator", result="rejected") == 4
+    assert value(text, "tool_calls_total", tool="calculator", result="error") == 0

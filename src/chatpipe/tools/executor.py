@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import httpx
@@ -43,6 +44,8 @@ _TOOLS = frozenset(spec["function"]["name"] for spec in TOOL_SPECS)
 #: The `mode` label values of an LLM request (`llm_requests_total`).
 _LLM_MODES = ("normal", "degraded_bypass_somabrain")
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+#: Results kept for their requests' next delivery while Redis cannot take them (oldest dropped past it).
+_MOST_UNSENT = 1024
 
 
 class ToolExecutor:
@@ -54,6 +57,9 @@ class ToolExecutor:
         self._llm = LLMClient(http, settings, telemetry.llm)
         self._slots = asyncio.Semaphore(_CONCURRENCY)
         self.requests = ConcurrentHandler(self._handle, limit=50, waiting="tool results wait for Redis")
+        # Per request (topic, partition, offset), its result while Redis cannot take it: the request
+        # comes again and its result is sent, not the tool run (and counted, and billed) once more.
+        self._unsent: OrderedDict[tuple[str, int, int], dict[str, Any]] = OrderedDict()
 
     async def run(self, name: str, arguments: dict[str, Any], *, mode: str = "normal") -> Any:
         if name == "calculator":
@@ -79,6 +85,8 @@ class ToolExecutor:
         started = time.perf_counter()
         try:
             arguments = json.loads(request.get("arguments") or "{}")
+            if not isinstance(arguments, dict):  # `"6*7"`, a list, null: as malformed as bad JSON
+                raise ToolError(f"the arguments are a JSON {type(arguments).__name__}, not an object")
             result: dict[str, Any] = {"ok": True, "result": await asyncio.wait_for(
                 self.run(name, arguments, mode=mode), self._settings.tool_timeout_seconds)}  # fmt: skip
             outcome = "success"
@@ -105,7 +113,8 @@ class ToolExecutor:
         """Fetch and start requests while earlier ones run (up to 16 at once), and commit those that
         finished (see :class:`~chatpipe.kafka.ConcurrentHandler`): each waits in a turn of its own,
         and a slow one (a ``summarize`` waiting on the LLM) must not hold up those behind it until
-        the worker gives up on them. A request whose result Redis cannot take comes again."""
+        the worker gives up on them. A request whose result Redis cannot take comes again, and
+        its result, kept, is sent then."""
         return await self.requests.round(consumer)
 
     async def consume(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
@@ -122,13 +131,26 @@ class ToolExecutor:
                 except (ValueError, AttributeError, TypeError):  # TypeError: a record without a value
                     _logger.error("dropping malformed tool request at offset %s", record.offset)
                     return
-                result = await self.execute(request)
+                place = (record.topic, record.partition, record.offset)
+                result = self._unsent.pop(place, None)
+                if result is None:
+                    waited = self._settings.tool_timeout_seconds
+                    if record.timestamp is not None and time.time() - record.timestamp / 1000 > waited:
+                        # The worker stopped waiting for it (a backlog after an outage): running it
+                        # would only spend the tool's time, and a summary's LLM tokens, on no one.
+                        _logger.warning("not running the tool request at offset %s: sent over %gs ago, when "
+                                        "the worker stopped waiting for it", record.offset, waited)  # fmt: skip
+                        return
+                    result = await self.execute(request)
                 try:
                     async with self._redis.pipeline(transaction=True) as pipe:
                         await (
                             pipe.rpush(key, json.dumps(result, default=str)).expire(key, _RESULT_TTL_SECONDS).execute()
                         )
                 except _REDIS_DOWN:
+                    self._unsent[place] = result
+                    if len(self._unsent) > _MOST_UNSENT:
+                        self._unsent.popitem(last=False)
                     raise  # the request comes again, once Redis is back
                 except Exception:  # it would fail the same way each time it came, holding up its partition
                     _logger.exception("dropping the result of the tool request at offset %s", record.offset)
