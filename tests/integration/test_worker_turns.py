@@ -233,6 +233,38 @@ def test_a_turn_that_is_not_answered_gives_its_message_back(stack, simulators):
     assert value(text, "tenant_budget_messages_overruns_total", tenant=tenant) == 1
 
 
+def test_the_tokens_of_a_turns_first_llm_call_are_charged_when_its_call_after_the_tool_fails(stack, simulators):
+    """A turn that calls a tool makes two LLM calls; the first one's tokens were added up and lost
+    when the second failed: the provider billed them, ``llm_tokens_total`` counted them, and the
+    tenant's budget did not (``tenant_budget_tokens_used`` stayed 0)."""
+    tenant = f"tool{uuid.uuid4().hex[:6]}"
+    tool_topic = f"chat.tools.turns.{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> tuple[dict[str, Any], str]:
+        async with running_worker(stack, simulators, CHATPIPE_TOOL_TOPIC=tool_topic,
+                                  CHATPIPE_TOOL_TIMEOUT_SECONDS="1") as turns:  # fmt: skip
+            tool_requests = AIOKafkaConsumer(tool_topic, bootstrap_servers=turns.bootstrap,
+                                             auto_offset_reset="earliest")  # fmt: skip
+            await tool_requests.start()
+
+            async def llm_down_once_the_tool_is_asked_for() -> None:
+                await tool_requests.getone()  # the first call answered with a tool call: it is over
+                await turns.control(simulators.llm, outage=True)
+
+            try:
+                outage = asyncio.create_task(llm_down_once_the_tool_is_asked_for())
+                (final,) = await turns.send("what time is it?", tenant=tenant)  # no executor: the tool times out
+                await outage
+            finally:
+                await tool_requests.stop()
+            return final, turns.metrics()
+
+    final, text = asyncio.run(scenario())
+    assert final == {"type": "error", "error": "the language model failed (http_5xx)"}, final
+    assert value(text, "llm_tokens_total") > 0
+    assert value(text, "tenant_budget_tokens_used", tenant=tenant) == value(text, "llm_tokens_total")
+
+
 def test_a_malformed_answer_to_the_half_open_trial_reopens_the_circuit_and_it_closes_again(stack, simulators):
     """Somabrain answering the trial recall with a bare list (not ``{"memories": [...]}``) fails
     the trial: the turn goes on degraded, and once Somabrain answers properly the circuit closes."""
@@ -448,9 +480,10 @@ def test_a_turn_cut_off_by_a_stop_tells_the_client_its_answer_comes_again(stack,
 
 def test_a_stop_after_the_reply_went_out_marks_it_answered_and_says_nothing_more(stack, simulators):
     """Cancelled while remembering the turn (the reply already delivered whole): the turn is marked
-    answered, so the next instance does not answer it again, and no interrupted notice follows."""
+    answered, so the next instance does not answer it again, and no interrupted notice follows.
+    Its memory, cut off on its way to Somabrain, is kept for the replay: it was lost for good."""
 
-    async def scenario() -> tuple[list[dict[str, Any]], bool]:
+    async def scenario() -> tuple[list[dict[str, Any]], bool, bool]:
         slow_memory = {"CHATPIPE_SOMABRAIN_TIMEOUT_SECONDS": "5"}
         async with running_worker(stack, simulators, **slow_memory) as turns:
             await turns.control(simulators.somabrain, latency_seconds=1.5)  # recall, then remember: 1.5 s each
@@ -468,11 +501,13 @@ def test_a_stop_after_the_reply_went_out_marks_it_answered_and_says_nothing_more
                     if message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
                         seen.append(json.loads(message["data"]))
                 marked = bool(await turns.redis.exists(f"answered:{turns.sent[-1]}"))
-            return seen, marked
+                kept = bool(await turns.redis.exists(f"{DEGRADED_PREFIX}{turns.sent[-1]}"))
+            return seen, marked, kept
 
-    seen, marked = asyncio.run(scenario())
+    seen, marked, kept = asyncio.run(scenario())
     assert seen[-1]["type"] == "message", f"something followed the whole reply: {seen[-1]}"
     assert marked, "a reply delivered whole was not marked answered: the next instance would answer it again"
+    assert kept, "the memory of the answered turn is neither in Somabrain nor kept for the replay"
 
 
 async def cut_off_from_redis(control: aioredis.Redis, database: int, seconds: float) -> None:

@@ -86,13 +86,15 @@ def _interrupted(message_id: str) -> dict[str, str]:
 
 
 class _Progress:
-    """How far a turn got: whether tokens went out, and whether the whole reply did."""
+    """How far a turn got: whether tokens went out, whether the whole reply did, and the memory
+    of a reply that went out while it is neither stored in Somabrain nor kept for the replay."""
 
-    __slots__ = ("replied", "streamed")
+    __slots__ = ("replied", "streamed", "unkept_memory")
 
     def __init__(self) -> None:
         self.streamed = False
         self.replied = False
+        self.unkept_memory: dict[str, Any] | None = None
 
 
 class _TokenRelay:
@@ -266,6 +268,9 @@ class Worker:
                         await self._mark_answered(message_id)
                     elif progress.streamed:
                         await asyncio.shield(self._emit(session_id, _interrupted(message_id)))
+                if progress.unkept_memory is not None:  # its write to Somabrain was cut off: the replay sends it
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._keep_for_replay(progress.unkept_memory))
                 raise
             except BACKEND_DOWN:
                 if not progress.replied:
@@ -330,6 +335,7 @@ class Worker:
             relay = _TokenRelay(stream)
 
             mode = "degraded_bypass_somabrain" if degraded else "normal"
+            tokens = 0
             try:
                 reply = await self._llm.complete(messages, mode=mode, tools=TOOL_SPECS, on_token=relay)
                 tokens = reply.prompt_tokens + reply.completion_tokens
@@ -341,6 +347,8 @@ class Worker:
                     tokens += reply.prompt_tokens + reply.completion_tokens
             except LLMError as error:
                 await relay.flush()
+                if tokens:  # the call before the tool's result was answered: the provider bills its tokens
+                    await self._budgets.charge(admission, tokens=tokens)
                 await self._emit(session_id, {"type": "error", "error": f"the language model failed ({error.code})"})
                 return
             await relay.flush()
@@ -353,7 +361,7 @@ class Worker:
             if degraded:
                 self._soma.bypass()  # answered without Somabrain: counted once it is answered
             self._soma.event_to_response(time.time() - float(event["accepted_at"]), emit_mode)
-            await self._remember(tenant, session_id, event, reply.content, degraded=degraded)
+            await self._remember(tenant, session_id, event, reply.content, degraded=degraded, progress=progress)
         finally:
             if not progress.replied:
                 # Counted when admitted; a turn that failed (or waits for a backend, and comes again)
@@ -379,22 +387,29 @@ class Worker:
         return memories
 
     async def _remember(self, tenant: str, session_id: str, event: dict[str, Any], reply: str, *,
-                        degraded: bool) -> None:  # fmt: skip
+                        degraded: bool, progress: _Progress) -> None:  # fmt: skip
         memory = {"id": event["message_id"], "tenant": tenant, "session_id": session_id,
                   "text": f"user: {event['content']} | assistant: {reply}"}  # fmt: skip
+        progress.unkept_memory = memory  # until stored or kept: a stop cutting this off keeps it (_handle_record)
         if degraded:
             self._soma.call("skipped")  # the turn went on without Somabrain: so does its memory write
         else:
             outcome = await self._store_memory(memory)
             if outcome == "answered":
+                progress.unkept_memory = None
                 return
             if outcome == "refused":
+                progress.unkept_memory = None
                 _logger.warning("Somabrain refused the memory of message %s; it is not kept", memory["id"])
                 return
         # Somabrain is unavailable: keep the write until it is back (replay_round). The reply went
         # out: Redis down now must not make the turn come again, so the write waits for Redis.
-        key, kept = f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory)
-        await self._until_redis_answers(lambda: self._redis.set(key, kept))
+        await self._until_redis_answers(lambda: self._keep_for_replay(memory))
+        progress.unkept_memory = None
+
+    async def _keep_for_replay(self, memory: dict[str, Any]) -> None:
+        """Keep ``memory`` in Redis for :meth:`replay_round` to send to Somabrain once it is back."""
+        await self._redis.set(f"{DEGRADED_PREFIX}{memory['id']}", json.dumps(memory))
 
     async def _store_memory(self, memory: dict[str, Any]) -> Literal["answered", "refused", "unavailable"]:
         outcome, _ = await self._call_somabrain("/remember", memory, lambda _: True)
