@@ -10,6 +10,8 @@ record's consumer must see the caller's trace both times.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import threading
 from collections.abc import Coroutine, Iterator
@@ -19,6 +21,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -372,6 +375,35 @@ def test_redis_waits_count_only_their_failures_and_pub_sub_is_measured(stack):
     assert samples[("redis_errors_total", (("operation", "subscribe"),))] == 2, (
         "the dropped listener and the refusal, not the cancelled read"
     )
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_a_call_cut_off_by_ctrl_c_or_an_exit_is_a_failure_not_a_completed_operation(interruption):
+    """A Redis command waiting on a backend that does not answer, cut off by a signal whose
+    handler raises (Ctrl-C, a handler that exits): it was counted as a command that completed,
+    with no error."""
+    telemetry = Telemetry(load_settings({}), service="gateway")
+    telemetry.instrument()
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise interruption
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            client = redis.Redis(host="127.0.0.1", port=silent.getsockname()[1], socket_timeout=10)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            with pytest.raises(interruption):
+                client.get("client-test-interrupted")
+            client.close()
+        samples = _client_samples(telemetry.scrape()[2].decode())
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        telemetry.shutdown()
+    assert samples[("redis_errors_total", (("operation", "get"),))] == 1
+    assert samples[("redis_operation_seconds_count", (("operation", "get"),))] == 1
 
 
 def test_statements_given_by_keyword_are_named_by_them(stack):

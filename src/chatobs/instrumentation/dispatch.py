@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -193,10 +192,11 @@ def _failed(operation: ClientOperation, error: BaseException) -> bool:
 
 
 def _failed_for(benign: tuple[type[BaseException], ...], error: BaseException) -> bool:
-    # A cancelled call did not complete: the caller's timeout ran out (`asyncio.wait_for`,
-    # `asyncio.timeout` cancel inside), as in a hung backend, or it stopped waiting. Counted
-    # as a failure, as OpenTelemetry marks its span ERROR, never as an operation that completed.
-    return isinstance(error, (Exception, asyncio.CancelledError)) and not isinstance(error, benign)
+    # A call that raised did not complete, whatever it raised: an error, a cancel (the caller's
+    # timeout ran out, as in a hung backend, or it stopped waiting), a Ctrl-C or an exit in the
+    # middle of it. Counted as a failure, as OpenTelemetry marks its span ERROR, never as an
+    # operation that completed; only the operation's own `benign` ones are no failure.
+    return not isinstance(error, benign)
 
 
 # The two dispatchers run on every client call: their steps are inlined and the operation's
