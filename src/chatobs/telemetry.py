@@ -323,9 +323,14 @@ class Telemetry:
         """Instrument httpx, redis, asyncpg and aiokafka (process-wide) and, given one, a FastAPI app,
         with this handle's providers; returns the library names instrumented. Idempotent.
 
-        ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` switches any of them off.
+        ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` switches any of them off. A handle that was shut
+        down instruments nothing (with a warning): its shutdown, done already, would never undo it.
         """
         if self.disabled:
+            return []
+        if self._is_shut_down:
+            _logger.warning("chatobs: instrument() on a %s handle that was shut down: nothing instrumented",
+                            self.service)  # fmt: skip
             return []
         disabled = set(self.settings.otel.python_disabled_instrumentations)
         names = instrument_libraries(self.tracer_provider, self.clients, disabled)
@@ -433,7 +438,10 @@ def setup(
     server when ``CHATOBS_METRICS_PORT`` is set. It instruments httpx, redis,
     asyncpg and aiokafka, and ``app`` when given (``instrument=False``: leave that
     to ``opentelemetry-instrument``). Later calls return the same handle; passing
-    ``app`` mounts ``/metrics`` on it and instruments it.
+    ``app`` mounts ``/metrics`` on it and instruments it. Once that handle is shut down
+    (an app's lifespan ended, and another starts in the same process), the next call
+    builds a new one; OpenTelemetry's global providers stay the first handle's (they are
+    set once per process), so only chatobs's own instrumentation records into the new one.
 
     Example::
 
@@ -445,7 +453,8 @@ def setup(
     """
     global _current
     with _setup_lock:
-        if _current is None:
+        if _current is None or _current._is_shut_down:
+            first = _current is None
             settings = load_settings(env)
             telemetry = Telemetry(settings, service=service)
             if settings.chatobs.metrics_port is not None:
@@ -460,7 +469,11 @@ def setup(
                     "chatobs: no app given and CHATOBS_METRICS_PORT unset: nothing serves /metrics "
                     "until telemetry.mount(app) or telemetry.serve() is called"
                 )
-            telemetry.make_global()
+            if first:
+                telemetry.make_global()
+            else:
+                _logger.info("chatobs: setup() after the %s handle was shut down: a new one, not made global "
+                             "(OpenTelemetry sets its global providers once)", _current.service)  # fmt: skip
             atexit.register(telemetry.shutdown)
             _current = telemetry
         elif service is not None and service != _current.service:

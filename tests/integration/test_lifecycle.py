@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -57,6 +58,61 @@ def test_standalone_server_and_setup_twice_is_harmless():
         process.terminate()
         process.wait(timeout=10)
     assert process.returncode == 0, process.stderr.read() if process.stderr else ""
+
+
+_SET_UP_AGAIN = """
+import json, sys, httpx, chatobs
+from prometheus_client.parser import text_string_to_metric_families as parse
+
+def calls(telemetry):
+    return sum(sample.value for family in parse(telemetry.scrape()[2].decode()) for sample in family.samples
+               if sample.name == "http_client_request_duration_seconds_count")
+
+original = vars(httpx.HTTPTransport)["handle_request"]
+first = chatobs.setup(service="worker")
+httpx.get(sys.argv[1])
+first.shutdown()  # an app's lifespan ends; another starts in the same process
+again = first.instrument()
+second = chatobs.setup(service="worker")
+httpx.get(sys.argv[1])
+httpx.get(sys.argv[1])
+counts = [calls(first), calls(second)]
+second.shutdown()
+print(json.dumps({"instrumented again": again, "a new handle": second is not first, "counts": counts,
+                  "httpx restored": vars(httpx.HTTPTransport)["handle_request"] is original}))
+"""
+
+
+def test_setup_after_shutdown_gives_a_new_handle_and_a_shut_down_one_instruments_nothing():
+    """A shut-down handle instrumented the libraries again, and its shutdown, done already, never
+    undid it: every later handle was refused them and measured nothing; ``setup()`` after the
+    shutdown (a second lifespan in one process) returned that same dead handle."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        done = subprocess.run([sys.executable, "-c", _SET_UP_AGAIN, url], env=clean_env({}), cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    assert outcome == {"instrumented again": [], "a new handle": True, "counts": [1, 2], "httpx restored": True}, (
+        outcome,
+        done.stderr[-2000:],
+    )
+    assert "instrument() on a worker handle that was shut down" in done.stderr
 
 
 def test_shutdown_flushes_otlp_push_with_the_same_names_and_buckets(receiver):
