@@ -29,49 +29,31 @@ def test_a_slow_tool_call_does_not_hold_up_the_ones_behind_it(stack, start_servi
     """A ``summarize`` waiting on a slow LLM, then a ``clock`` call, in one batch: the clock's
     result is there long before the summary's (one after another, it waited the LLM's time)."""
     llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
-    topic = f"chat.tools.{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> tuple[dict[str, float], str]:
-        settings = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{llm}/v1", "CHATPIPE_TOOL_TOPIC": topic})
-        telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="tool_executor")
-        redis = aioredis.Redis.from_url(stack["REDIS_URL"])
-        producer = await start_producer(stack["KAFKA_BOOTSTRAP_SERVERS"], asyncio.Event())
-        assert producer is not None
-        consumer = AIOKafkaConsumer(bootstrap_servers=stack["KAFKA_BOOTSTRAP_SERVERS"], group_id=topic,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
-        try:
-            async with httpx.AsyncClient() as http:
-                (await http.post(f"{llm}/control", json={"latency_seconds": LLM_SECONDS})).raise_for_status()
-                calls = {"summarize": {"text": "a long text " * 20}, "clock": {}}
-                ids = {name: uuid.uuid4().hex for name in calls}
-                batch = producer.create_batch()
-                for name, arguments in calls.items():
-                    request = {"call_id": ids[name], "name": name, "arguments": json.dumps(arguments),
-                               "session_id": "s", "tenant": "acme"}  # fmt: skip
-                    batch.append(key=b"s", value=json.dumps(request).encode(), timestamp=None)
-                await (await producer.send_batch(batch, topic, partition=0))
-                await consumer.start()
-                consumer.assign([TopicPartition(topic, 0)])
-                executor = ToolExecutor(telemetry, settings, redis, http)
-                started = time.monotonic()
-                arrived: dict[str, float] = {}
+        async with _executor(stack, llm) as executing, httpx.AsyncClient() as http:
+            (await http.post(f"{llm}/control", json={"latency_seconds": LLM_SECONDS})).raise_for_status()
+            calls = {"summarize": {"text": "a long text " * 20}, "clock": {}}
+            ids = {name: uuid.uuid4().hex for name in calls}
+            batch = executing.producer.create_batch()
+            for name, arguments in calls.items():
+                request = {"call_id": ids[name], "name": name, "arguments": json.dumps(arguments),
+                           "session_id": "s", "tenant": "acme"}  # fmt: skip
+                batch.append(key=b"s", value=json.dumps(request).encode(), timestamp=None)
+            await (await executing.producer.send_batch(batch, executing.topic, partition=0))
+            started = time.monotonic()
+            arrived: dict[str, float] = {}
 
-                async def wait_for_results() -> None:
-                    for name in ("clock", "summarize"):
-                        answer = await redis.blpop([tool_result_key(ids[name])], timeout=30)
-                        assert answer is not None and json.loads(answer[1])["ok"], (name, answer)
-                        arrived[name] = time.monotonic() - started
+            async def wait_for_results() -> None:
+                for name in ("clock", "summarize"):
+                    assert (await executing.result(ids[name]))["ok"], name
+                    arrived[name] = time.monotonic() - started
 
-                waiting = asyncio.create_task(wait_for_results())
-                while not await executor.execute_round(consumer):
-                    pass
-                await waiting
-                return arrived, telemetry.scrape()[2].decode()
-        finally:
-            await consumer.stop()
-            await producer.stop()
-            await redis.aclose()
-            telemetry.shutdown()
+            waiting = asyncio.create_task(wait_for_results())
+            while not await executing.executor.execute_round(executing.consumer):
+                pass
+            await waiting
+            return arrived, executing.metrics()
 
     arrived, text = asyncio.run(scenario())
     assert arrived["summarize"] >= LLM_SECONDS
@@ -145,7 +127,7 @@ async def _executor(environment: dict[str, str], llm: str, **settings: str) -> A
     topic = f"chat.tools.{uuid.uuid4().hex[:8]}"
     pipeline = load_pipeline_settings({"CHATPIPE_LLM_BASE_URL": f"{llm}/v1", "CHATPIPE_TOOL_TOPIC": topic, **settings})
     telemetry = Telemetry(load_settings({"CHATOBS_PROCESS_METRICS": "false"}), service="tool_executor")
-    redis = aioredis.Redis.from_url(environment["REDIS_URL"], socket_timeout=2, socket_connect_timeout=1)
+    redis = aioredis.Redis.from_url(environment["REDIS_URL"])
     producer = await start_producer(environment["KAFKA_BOOTSTRAP_SERVERS"], asyncio.Event())
     assert producer is not None
     consumer = AIOKafkaConsumer(bootstrap_servers=environment["KAFKA_BOOTSTRAP_SERVERS"], group_id=topic,
@@ -182,10 +164,22 @@ class _Executing:
                                           timestamp_ms=timestamp_ms)  # fmt: skip
         return call_id
 
-    def running(self) -> tuple[asyncio.Event, asyncio.Task[None]]:
-        """The executor's loop as in the service (rounds; a failed one is tried again), until set."""
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The executor's loop as in the service (rounds; a failed one is tried again), stopped on exit."""
         stopping = asyncio.Event()
-        return stopping, asyncio.create_task(self.executor.consume(self.consumer, stopping))
+        loop = asyncio.create_task(self.executor.consume(self.consumer, stopping))
+        try:
+            yield
+        finally:
+            stopping.set()
+            await loop
+
+    async def result(self, call_id: str) -> dict[str, object]:
+        """The result the worker would read for ``call_id`` (waits for it)."""
+        answer = await self.redis.blpop([tool_result_key(call_id)], timeout=20)
+        assert answer is not None, f"no result for call {call_id}"
+        return json.loads(answer[1])
 
     def metrics(self) -> str:
         return self.telemetry.scrape()[2].decode()
@@ -202,13 +196,10 @@ def test_a_result_redis_cannot_take_is_sent_once_it_is_back_and_the_tool_is_not_
         async with _executor(local.environment, llm, CHATPIPE_TOOL_TIMEOUT_SECONDS="30") as executing:
             call_id = await executing.request("summarize", {"text": "a text to summarize"})
             local.stop_server("redis")
-            stopping, loop = executing.running()
-            await asyncio.sleep(5)  # the request comes again, and again, while Redis is down
-            local.start_server("redis")
-            answer = await executing.redis.blpop([tool_result_key(call_id)], timeout=20)
-            assert answer is not None and json.loads(answer[1])["ok"], answer
-            stopping.set()
-            await loop
+            async with executing.running():
+                await asyncio.sleep(5)  # the request comes again, and again, while Redis is down
+                local.start_server("redis")
+                assert (await executing.result(call_id))["ok"]
             return await executing.redis.llen(tool_result_key(call_id)), executing.metrics()
 
     results_left, text = asyncio.run(scenario())
@@ -226,11 +217,8 @@ def test_a_request_the_worker_stopped_waiting_for_is_not_run(stack, start_servic
         async with _executor(stack, llm, CHATPIPE_TOOL_TIMEOUT_SECONDS="5") as executing:
             stale = await executing.request("summarize", {"text": "a text"}, sent_seconds_ago=60)
             fresh = await executing.request("clock", {})
-            stopping, loop = executing.running()
-            answer = await executing.redis.blpop([tool_result_key(fresh)], timeout=20)
-            assert answer is not None and json.loads(answer[1])["ok"], answer
-            stopping.set()
-            await loop
+            async with executing.running():
+                assert (await executing.result(fresh))["ok"]
             return await executing.redis.llen(tool_result_key(stale)), executing.metrics()
 
     stale_results, text = asyncio.run(scenario())
