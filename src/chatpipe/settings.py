@@ -76,10 +76,15 @@ def _check_host_port(member: str, *, port_required: bool) -> None:
 
 def _credentials_cut(url: SplitResult) -> bool:
     """Whether an `@` after the authority ends credentials that a `/`, `?` or `#` cut short. In
-    the query or fragment, an `@` after a `=` is a value's (`?user=a@b`), so it does not count."""
+    the query or fragment, an `@` after a `=` is a value's (`?user=a@b`), unless what the
+    authority gives as its port is no number: then it is a password's start (`u:pa?x=y@host`)."""
     if "@" in url.path:
         return True
-    return any("@" in part and "=" not in part.partition("@")[0] for part in (url.query, url.fragment))
+    ats = [part for part in (url.query, url.fragment) if "@" in part]
+    if any("=" not in part.partition("@")[0] for part in ats):
+        return True
+    _, colon, port = url.netloc.rpartition(":")
+    return bool(ats and colon and port) and not url.netloc.endswith("]") and not (port.isascii() and port.isdigit())
 
 
 def _url_of(value: str, *schemes: str) -> tuple[SplitResult, str]:

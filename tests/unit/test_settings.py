@@ -105,6 +105,8 @@ def test_a_malformed_url_is_echoed_without_its_password():
         ("REDIS_URL", "redis://user:Zq8#Xk7@h:6379/0"),
         ("DATABASE_URL", "postgresql://app:Zq8?Xk7@db/chat"),
         ("DATABASE_URL", "postgresql://us/er:Zq8Xk7@db:5432/chat"),  # the user's `/`: the echo hid nothing
+        ("DATABASE_URL", "postgresql://app:Zq8?a=Xk7@db/chat"),  # `?` then `=`: read as a query value's `@`
+        ("REDIS_URL", "redis://:Zq8#a=Xk7@h:6379/0"),
     ],
 )
 def test_a_password_that_needs_percent_encoding_is_refused_without_showing_any_of_it(variable, value):
@@ -160,6 +162,8 @@ def test_a_backend_address_its_client_would_misread_or_fail_on_is_refused_at_sta
         ("DATABASE_URL", "postgresql://db:5432/chat?user=a@b"),  # an `@` in a query value
         ("DATABASE_URL", "postgresql:///chat?host=/run/pg&user=a@b"),
         ("REDIS_URL", "redis://h:6379/0?client_name=a@b"),
+        ("REDIS_URL", "redis://[::1]/0?client_name=a@b"),
+        ("DATABASE_URL", "postgresql://db:/chat?user=a@b"),
     ],
 )
 def test_a_backend_address_its_client_reads_is_accepted(variable, value):
