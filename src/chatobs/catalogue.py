@@ -349,7 +349,9 @@ CATALOGUE: tuple[Metric, ...] = (
     ),
     counter(
         "sse_stream_errors_total",
-        "Server-Sent Events streams that ended in an error.",
+        "Server-Sent Events stream errors: a stream ended by one (client_disconnect: the client left mid-reply; "
+        "timeout: no event within the idle timeout; backend_error: Redis went away), or a worker event it could "
+        "not read and skipped, the stream going on (encode_error, once per event).",
         unit="{error}",
         owners=_GATEWAY,
         domain="traffic",

@@ -88,3 +88,28 @@ def test_clients_gone_before_their_stream_began_give_their_places_back(gateway):
 
         eventually(both_open, timeout=15, what="the streams of clients gone had given their places back")
     eventually(lambda: streams_gauge(gateway) == 0, what="no stream left open")
+
+
+def test_an_event_the_gateway_cannot_read_is_skipped_and_counted_and_the_stream_goes_on(stack, gateway):
+    """``sse_stream_errors_total{reason="encode_error"}`` counts each event skipped, and the reply
+    after it still reaches the client: what the metric's description says."""
+    import redis
+
+    from chatpipe.events import events_channel
+
+    session = new_session(gateway)
+    publisher = redis.Redis.from_url(stack["REDIS_URL"])
+    try:
+        url = f"{gateway}/v1/sessions/{session}/events"
+        with httpx.Client(timeout=10) as client, client.stream("GET", url) as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == ": connected"
+            eventually(lambda: publisher.pubsub_numsub(events_channel(session))[0][1] == 1, what="subscribed")
+            for data in (b"{not json", b'{"type": "message", "content": "hello", "reply_to": "m1"}'):
+                publisher.publish(events_channel(session), data)
+            relayed = [line for line, _ in zip(lines, range(3), strict=False) if line]
+    finally:
+        publisher.close()
+    assert relayed[0] == "event: message" and '"content": "hello"' in relayed[1], relayed
+    text = httpx.get(f"{gateway}/metrics", timeout=5).text
+    assert value(text, "sse_stream_errors_total", reason="encode_error") == 1

@@ -48,7 +48,8 @@ class TrafficRecorder(Recorder):
 
     @guarded("sse_stream_errors_total")
     def sse_stream_error(self, reason: str) -> None:
-        """A stream ended in error (client_disconnect, timeout, backend_error, encode_error)."""
+        """A stream ended in error (client_disconnect, timeout, backend_error), or skipped an event it could
+        not read (encode_error: the stream goes on)."""
         self._add("sse_stream_errors_total", 1, reason)
 
     @guarded("chat_enqueue_seconds")
