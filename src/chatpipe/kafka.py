@@ -27,14 +27,24 @@ __all__ = [
     "PostponedError",
     "RecordsPostponedError",
     "commit_handled",
+    "new_producer",
     "start_consumer",
     "start_producer",
+    "started",
 ]
 
 _logger = logging.getLogger("chatpipe")
 
 
-async def _start(client: Any, what: str, stopping: asyncio.Event) -> bool:
+async def started(client: AIOKafkaConsumer | AIOKafkaProducer, what: str, stopping: asyncio.Event) -> bool:
+    """Start ``client``, trying again while no broker answers; False if ``stopping`` came first.
+
+    Example::
+
+        producer = new_producer(bootstrap)
+        if not await started(producer, "producer", stopping):
+            return  # asked to stop before any broker answered
+    """
     delay = 0.5
     while not stopping.is_set():
         try:
@@ -73,10 +83,15 @@ async def _unless_stopped(work: Awaitable[object], stopping: asyncio.Event) -> b
     return True
 
 
+def new_producer(bootstrap: str, **options: Any) -> AIOKafkaProducer:
+    """A producer (acks from all replicas), not started yet (:func:`started`)."""
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000, **options)
+
+
 async def start_producer(bootstrap: str, stopping: asyncio.Event, **options: Any) -> AIOKafkaProducer | None:
     """A started producer (acks from all replicas), or None if asked to stop first."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000, **options)
-    return producer if await _start(producer, "producer", stopping) else None
+    producer = new_producer(bootstrap, **options)
+    return producer if await started(producer, "producer", stopping) else None
 
 
 async def start_consumer(
@@ -93,7 +108,7 @@ async def start_consumer(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", **options
     )
     consumer.subscribe([topic], listener=listener)
-    return consumer if await _start(consumer, f"consumer {group}", stopping) else None
+    return consumer if await started(consumer, f"consumer {group}", stopping) else None
 
 
 #: Added to a hand-over's grace for the group's rebalance timeout: its commit (2 s at most) and the rejoin.

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -20,7 +23,8 @@ from chatobs import Telemetry, load_settings
 from chatpipe.db import connect_pool, migrate
 from chatpipe.outbox.publisher import Publisher
 from chatpipe.settings import load_pipeline_settings
-from tests.conftest import database_of_its_own
+from tests.chat_client import eventually
+from tests.conftest import database_of_its_own, free_port
 from tests.metrics_text import value
 
 
@@ -182,3 +186,38 @@ def test_rows_confirmed_longer_ago_than_the_retention_are_deleted_and_no_others(
     assert kept_for_good == 0
     assert deleted == 3, "three rows confirmed over an hour ago, deleted in batches of two"
     assert left == ["recent", "never-confirmed", "parked", "pending"]
+
+
+def test_a_publisher_started_while_the_broker_is_down_measures_the_backlog_meanwhile(database, start_service):
+    """``python -m chatpipe.outbox.publisher`` waited for a broker before anything else: while it
+    waited, its scrape had no ``outbox_pending`` (the backlog alert's series) and no health checks,
+    exactly when the backlog grows."""
+
+    async def pending_rows() -> None:
+        pool = await connect_pool(database)
+        try:
+            await migrate(pool)
+            for n in range(5):
+                await add_row(pool, "s1", f"row {n}")
+        finally:
+            await pool.close()
+
+    asyncio.run(pending_rows())
+    port = free_port()
+    with socket.socket() as nothing_listens:  # a port of this machine where no broker answers
+        nothing_listens.bind(("127.0.0.1", 0))
+        bootstrap = f"127.0.0.1:{nothing_listens.getsockname()[1]}"
+    env = {"DATABASE_URL": database, "REDIS_URL": "redis://127.0.0.1:1/0", "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+           "CHATOBS_METRICS_PORT": str(port), "CHATOBS_METRICS_HOST": "127.0.0.1",
+           "CHATPIPE_BACKLOG_POLL_SECONDS": "0.5", "CHATPIPE_HEALTH_PROBE_SECONDS": "0.5"}  # fmt: skip
+    service = start_service(env, command=[sys.executable, "-m", "chatpipe.outbox.publisher"], port=port)
+
+    def measured() -> str | None:
+        text = httpx.get(f"{service.base_url}/metrics", timeout=5).text
+        return text if "outbox_pending " in text and 'component="kafka"' in text else None
+
+    text = eventually(measured, timeout=20, what="the backlog and the health checks measured")
+    assert value(text, "outbox_pending") == 5
+    assert value(text, "health_checks_total", component="postgres", result="ok") >= 1
+    assert value(text, "health_checks_total", component="kafka", result="fail") >= 1
+    assert value(text, "health_checks_total", component="kafka", result="ok") == 0

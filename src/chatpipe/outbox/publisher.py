@@ -49,7 +49,7 @@ import chatobs
 from chatobs.propagation import continued
 from chatpipe.db import OUTBOX_CHANNEL, connect_pool, migrate
 from chatpipe.health import HealthProbes, kafka_metadata, postgres_ping
-from chatpipe.kafka import start_producer
+from chatpipe.kafka import new_producer, started
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 
@@ -294,20 +294,26 @@ async def main() -> None:
         idle_in_transaction_seconds=_ROUND_IDLE_LIMIT_SECONDS,
     )  # fmt: skip
     await migrate(pool)
-    producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
-    if producer is None:
-        return
+    producer = new_producer(backends.kafka_bootstrap_servers)
     publisher = Publisher(telemetry, pool, producer, settings)
     wakeup = OutboxWakeup(backends.database_url, stopping)
+    # Until the producer reaches a broker, this probe fails at once: Kafka is reported down.
     health = HealthProbes(telemetry.health, {"postgres": postgres_ping(pool),
                                              "kafka": kafka_metadata(producer)},
                           timeout=settings.health_probe_timeout_seconds)  # fmt: skip
-    _logger.info("publisher: outbox -> %s", publisher._topic)
+
+    async def publishing() -> None:
+        # The producer starts among the loops, not before them: a publisher (re)started while the
+        # broker is down still measures the backlog growing, which its alert is built on.
+        if await started(producer, "producer", stopping):
+            _logger.info("publisher: outbox -> %s", publisher._topic)
+            await forever("publish", publisher.publish_round, stopping, idle=settings.publisher_idle_seconds,
+                          pause=wakeup.pause)  # fmt: skip
+
     try:
         await run_until_stopped(
             stopping,
-            forever("publish", publisher.publish_round, stopping, idle=settings.publisher_idle_seconds,
-                    pause=wakeup.pause),
+            publishing(),
             periodic("outbox_pending", publisher.measure_backlog, stopping, every=settings.backlog_poll_seconds,
                      timeout=settings.backlog_query_timeout_seconds,
                      on_failure=lambda: telemetry.backlog.unmeasured("outbox_pending")),
