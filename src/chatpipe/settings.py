@@ -76,15 +76,18 @@ def _check_host_port(member: str, *, port_required: bool) -> None:
 
 def _credentials_cut(url: SplitResult) -> bool:
     """Whether an `@` after the authority ends credentials that a `/`, `?` or `#` cut short. In
-    the query or fragment, an `@` after a `=` is a value's (`?user=a@b`), unless what the
-    authority gives as its port is no number: then it is a password's start (`u:pa?x=y@host`)."""
+    the query or fragment, an `@` after a `=` is a value's (`?user=a@b`) in a URL with a path
+    and a port that is a number; without a path (`u:1234?x=y@host/db`: the path is after the
+    `@`), or with a port that is no number (`u:pa?x=y@host`), it is a password's."""
     if "@" in url.path:
         return True
     ats = [part for part in (url.query, url.fragment) if "@" in part]
-    if any("=" not in part.partition("@")[0] for part in ats):
+    if not ats:
+        return False
+    if not url.path or any("=" not in part.partition("@")[0] for part in ats):
         return True
     _, colon, port = url.netloc.rpartition(":")
-    return bool(ats and colon and port) and not url.netloc.endswith("]") and not (port.isascii() and port.isdigit())
+    return bool(colon and port) and not url.netloc.endswith("]") and not (port.isascii() and port.isdigit())
 
 
 def _url_of(value: str, *schemes: str) -> tuple[SplitResult, str]:
