@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from chatobs import Telemetry, load_settings
-from chatpipe.events import tool_result_key
+from chatpipe.events import tool_abandoned_key, tool_result_key
 from chatpipe.kafka import start_producer
 from chatpipe.settings import load_pipeline_settings
 from chatpipe.tools.executor import ToolExecutor
@@ -154,14 +154,12 @@ class _Executing:
     consumer: AIOKafkaConsumer
     topic: str
 
-    async def request(self, name: str, arguments: dict[str, object], *, sent_seconds_ago: float = 0) -> str:
-        """Send a tool request as the worker does (at ``sent_seconds_ago``); its call id."""
+    async def request(self, name: str, arguments: dict[str, object]) -> str:
+        """Send a tool request as the worker does; its call id."""
         call_id = uuid.uuid4().hex
         request = {"call_id": call_id, "name": name, "arguments": json.dumps(arguments), "session_id": "s",
                    "tenant": "acme", "mode": "normal"}  # fmt: skip
-        timestamp_ms = int((time.time() - sent_seconds_ago) * 1000)
-        await self.producer.send_and_wait(self.topic, json.dumps(request).encode(), key=b"s", partition=0,
-                                          timestamp_ms=timestamp_ms)  # fmt: skip
+        await self.producer.send_and_wait(self.topic, json.dumps(request).encode(), key=b"s", partition=0)
         return call_id
 
     @contextlib.asynccontextmanager
@@ -209,13 +207,14 @@ def test_a_result_redis_cannot_take_is_sent_once_it_is_back_and_the_tool_is_not_
 
 
 def test_a_request_the_worker_stopped_waiting_for_is_not_run(stack, start_service):
-    """A backlog after an outage: a request older than ``CHATPIPE_TOOL_TIMEOUT_SECONDS`` has no one
-    waiting for its result (the worker answered without it); running it spent the LLM on no one."""
+    """A backlog after an outage: a request whose worker stopped waiting for it (it answered
+    without the result, and marked the call abandoned) is not run: that spent the LLM on no one."""
     llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
 
     async def scenario() -> tuple[int, str]:
-        async with _executor(stack, llm, CHATPIPE_TOOL_TIMEOUT_SECONDS="5") as executing:
-            stale = await executing.request("summarize", {"text": "a text"}, sent_seconds_ago=60)
+        async with _executor(stack, llm) as executing:
+            stale = await executing.request("summarize", {"text": "a text"})
+            await executing.redis.set(tool_abandoned_key(stale), "1", ex=60)  # as the worker does when it gives up
             fresh = await executing.request("clock", {})
             async with executing.running():
                 assert (await executing.result(fresh))["ok"]

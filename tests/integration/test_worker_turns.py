@@ -27,7 +27,7 @@ from aiokafka.structs import TopicPartition
 from redis.asyncio.client import PubSub
 
 from chatobs import Telemetry, load_settings
-from chatpipe.events import events_channel
+from chatpipe.events import events_channel, tool_abandoned_key
 from chatpipe.kafka import start_producer
 from chatpipe.settings import load_pipeline_settings
 from chatpipe.worker.service import DEGRADED_PREFIX, Worker
@@ -247,16 +247,19 @@ def test_the_tokens_of_a_turns_first_llm_call_are_charged_when_its_call_after_th
                                              auto_offset_reset="earliest")  # fmt: skip
             await tool_requests.start()
 
-            async def llm_down_once_the_tool_is_asked_for() -> None:
-                await tool_requests.getone()  # the first call answered with a tool call: it is over
+            async def llm_down_once_the_tool_is_asked_for() -> str:
+                request = await tool_requests.getone()  # the first call answered with a tool call: it is over
                 await turns.control(simulators.llm, outage=True)
+                return json.loads(request.value)["call_id"]
 
             try:
                 outage = asyncio.create_task(llm_down_once_the_tool_is_asked_for())
                 (final,) = await turns.send("what time is it?", tenant=tenant)  # no executor: the tool times out
-                await outage
+                call_id = await outage
             finally:
                 await tool_requests.stop()
+            # Given up on, the call is marked so: an executor behind (an outage) does not run it.
+            assert await turns.redis.exists(tool_abandoned_key(call_id)), "the abandoned call was not marked"
             return final, turns.metrics()
 
     final, text = asyncio.run(scenario())

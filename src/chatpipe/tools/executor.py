@@ -24,7 +24,7 @@ from aiokafka.structs import ConsumerRecord
 
 import chatobs
 from chatobs.catalogue import OVERFLOW_VALUE
-from chatpipe.events import tool_result_key
+from chatpipe.events import tool_abandoned_key, tool_result_key
 from chatpipe.health import HealthProbes, http_ok, kafka_metadata
 from chatpipe.kafka import ConcurrentHandler, HandOver, start_consumer
 from chatpipe.llm_client import LLMClient, LLMError
@@ -134,12 +134,11 @@ class ToolExecutor:
                 place = (record.topic, record.partition, record.offset)
                 result = self._unsent.pop(place, None)
                 if result is None:
-                    waited = self._settings.tool_timeout_seconds
-                    if record.timestamp is not None and time.time() - record.timestamp / 1000 > waited:
+                    if await self._redis.exists(tool_abandoned_key(str(request.get("call_id")))):
                         # The worker stopped waiting for it (a backlog after an outage): running it
                         # would only spend the tool's time, and a summary's LLM tokens, on no one.
-                        _logger.warning("not running the tool request at offset %s: sent over %gs ago, when "
-                                        "the worker stopped waiting for it", record.offset, waited)  # fmt: skip
+                        _logger.warning("not running the tool request at offset %s: the worker stopped waiting "
+                                        "for its result", record.offset)  # fmt: skip
                         return
                     result = await self.execute(request)
                 try:

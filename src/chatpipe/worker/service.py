@@ -49,7 +49,7 @@ from aiokafka.structs import ConsumerRecord
 
 import chatobs
 from chatpipe.breaker import CircuitBreaker
-from chatpipe.events import events_channel, tool_result_key
+from chatpipe.events import TOOL_ABANDONED_TTL_SECONDS, events_channel, tool_abandoned_key, tool_result_key
 from chatpipe.health import HealthProbes, http_ok, kafka_metadata
 from chatpipe.kafka import ConcurrentHandler, HandOver, PostponedError, start_consumer, start_producer
 from chatpipe.llm_client import LLMClient, LLMError
@@ -519,6 +519,10 @@ class Worker:
         answer = await self._waits.blpop([tool_result_key(call_id)], timeout=self._settings.tool_timeout_seconds)
         if answer is None:
             content = f"tool {request['name']} did not answer in {self._settings.tool_timeout_seconds:g}s"
+            try:  # the executor, behind (an outage), then skips the call rather than run it for no one
+                await self._redis.set(tool_abandoned_key(call_id), "1", ex=TOOL_ABANDONED_TTL_SECONDS)
+            except BACKEND_DOWN:
+                _logger.info("tool call %s: not marked abandoned (Redis is down); the executor may run it", call_id)
         else:
             result = json.loads(answer[1])
             content = str(result.get("result") if result.get("ok") else f"error: {result.get('error')}")
