@@ -39,7 +39,13 @@ from opentelemetry.trace import NoOpTracerProvider, Span
 
 from chatobs.cells import CellStore, LocalCells, with_produced
 from chatobs.exposition import Renderer, ScrapeReader, scrape_response
-from chatobs.instrumentation import consumer_span, instrument_app, instrument_libraries, uninstrument_libraries
+from chatobs.instrumentation import (
+    consumer_span,
+    instrument_app,
+    instrument_libraries,
+    uninstrument_app,
+    uninstrument_libraries,
+)
 from chatobs.instruments import Instruments, views
 from chatobs.labels import LabelPolicy
 from chatobs.multiprocess import ProcessDirectory
@@ -123,8 +129,11 @@ class Telemetry:
         self.disabled = settings.otel.sdk_disabled
         self._servers: list[MetricsServer] = []
         self._mounted: set[int] = set()
+        #: The apps this handle instrumented: its shutdown takes its middleware away from them.
+        self._apps: list[Any] = []
         self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
+        self._shutdown_finished = threading.Event()
         options = self.settings.chatobs
 
         self.labels = LabelPolicy(options, on_reject=self._label_rejected)
@@ -338,8 +347,11 @@ class Telemetry:
             options = self.settings.chatobs
             # Off the app, the metrics path is an unknown path like any other, and counted like one.
             scrape_paths = [options.metrics_path] if options.metrics_on_app else []
-            instrument_app(app, self.tracer, self.cells, [*scrape_paths, *options.health_paths], self._recording_failed)
-            names.append("fastapi")
+            if instrument_app(app, self.tracer, self.cells, [*scrape_paths, *options.health_paths],
+                              self._recording_failed):  # fmt: skip
+                self._apps.append(app)
+            if any(app is ours for ours in self._apps):  # else another handle's, which it stays
+                names.append("fastapi")
         return names
 
     def consumer_span(self, record: Any) -> AbstractContextManager[Span]:
@@ -364,7 +376,8 @@ class Telemetry:
 
     def shutdown(self, timeout_millis: int | None = None) -> None:
         """Flush and stop: push exporters send their last data, servers close, and the client
-        libraries this handle instrumented are uninstrumented (so another handle can). Idempotent.
+        libraries and apps this handle instrumented are uninstrumented (so another handle can).
+        Idempotent.
 
         Bounded by ``timeout_millis`` (default ``CHATOBS_SHUTDOWN_TIMEOUT_SECONDS``): with the
         collector unreachable or silent, the last push is given up rather than holding the
@@ -374,6 +387,12 @@ class Telemetry:
             if self._is_shut_down:
                 return
             self._is_shut_down = True
+        try:
+            self._shut_down(timeout_millis)
+        finally:
+            self._shutdown_finished.set()
+
+    def _shut_down(self, timeout_millis: int | None) -> None:
         budget = self.settings.chatobs.shutdown_timeout_seconds if timeout_millis is None else timeout_millis / 1000
         deadline = time.monotonic() + budget  # one budget for all of it: a scrape in progress included
         for server in self._servers:
@@ -382,6 +401,8 @@ class Telemetry:
             return
         try:
             uninstrument_libraries(self.clients)
+            for app in self._apps:  # its next handle (a second lifespan, say) instruments it afresh
+                uninstrument_app(app)
         except Exception:  # the last push still goes
             _logger.warning("chatobs: uninstrumenting failed", exc_info=True)
         seconds = max(0.0, deadline - time.monotonic())
@@ -453,6 +474,9 @@ def setup(
     """
     global _current
     with _setup_lock:
+        if _current is not None and _current._is_shut_down:
+            # One shutting down in another thread: its libraries and port are taken until it is done.
+            _current._shutdown_finished.wait(_current.settings.chatobs.shutdown_timeout_seconds + 1)
         if _current is None or _current._is_shut_down:
             first = _current is None
             settings = load_settings(env)

@@ -100,19 +100,58 @@ def test_setup_after_shutdown_gives_a_new_handle_and_a_shut_down_one_instruments
     server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
-        done = subprocess.run([sys.executable, "-c", _SET_UP_AGAIN, url], env=clean_env({}), cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        outcome, stderr = _outcome_of(_SET_UP_AGAIN, f"http://127.0.0.1:{server.server_address[1]}/")
     finally:
         server.shutdown()
         server.server_close()
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.splitlines()[-1])
     assert outcome == {"instrumented again": [], "a new handle": True, "counts": [1, 2], "httpx restored": True}, (
         outcome,
-        done.stderr[-2000:],
+        stderr[-2000:],
     )
-    assert "instrument() on a worker handle that was shut down" in done.stderr
+    assert "instrument() on a worker handle that was shut down" in stderr
+
+
+def _outcome_of(script: str, *args: str) -> tuple[object, str]:
+    """Run ``script`` in a fresh interpreter: the JSON its last line prints, and its stderr."""
+    done = subprocess.run([sys.executable, "-c", script, *args], env=clean_env({}), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+_SECOND_LIFESPAN = """
+import json, chatobs
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families as parse
+
+app = FastAPI()
+
+@app.get("/hi")
+def hi():
+    return {}
+
+def requests_counted(text):
+    return sum(sample.value for family in parse(text) for sample in family.samples
+               if sample.name == "http_server_request_duration_seconds_count" and sample.labels["http_route"] == "/hi")
+
+counted = []
+for lifespan in range(2):
+    telemetry = chatobs.setup(service="gateway", app=app)  # in the app's lifespan, say
+    with TestClient(app) as client:
+        for _ in range(lifespan + 1):
+            client.get("/hi")
+        counted.append(requests_counted(client.get("/metrics").text))
+    telemetry.shutdown()
+print(json.dumps(counted))
+"""
+
+
+def test_an_app_set_up_again_after_its_handles_shutdown_is_measured_by_the_new_handle():
+    """A second lifespan of one app in one process: its requests went on being recorded into the
+    first handle, which had shut down, and the new handle's ``/metrics`` showed none of them."""
+    counted, stderr = _outcome_of(_SECOND_LIFESPAN)
+    assert counted == [1, 2], (counted, stderr[-2000:])
 
 
 def test_shutdown_flushes_otlp_push_with_the_same_names_and_buckets(receiver):

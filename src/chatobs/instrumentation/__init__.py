@@ -54,6 +54,7 @@ __all__ = [
     "consumer_span",
     "instrument_app",
     "instrument_libraries",
+    "uninstrument_app",
     "uninstrument_libraries",
 ]
 
@@ -206,6 +207,22 @@ def instrument_app(app: Any, tracer: Tracer, cells: CellStore, excluded_paths: I
         app.user_middleware.insert(0, Middleware(ServerMiddleware, **options))
         app.middleware_stack = app.build_middleware_stack()
     app._chatobs_http_instrumented = True
+    return True
+
+
+def uninstrument_app(app: Any) -> bool:
+    """Take away the :class:`ServerMiddleware` :func:`instrument_app` added; False if it had none.
+
+    Example::
+
+        uninstrument_app(app)  # its handle shut down: the app's next handle instruments it afresh
+    """
+    if not getattr(app, "_chatobs_http_instrumented", False):
+        return False
+    app.user_middleware = [entry for entry in app.user_middleware if entry.cls is not ServerMiddleware]
+    if getattr(app, "middleware_stack", None) is not None:  # started: its stack is built again without it
+        app.middleware_stack = app.build_middleware_stack()
+    app._chatobs_http_instrumented = False
     return True
 
 
