@@ -157,13 +157,21 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         print(
             f"# local stack is up (data in {stack.data_dir}); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True
         )
-        stop.wait()
+        while not stop.wait(1.0):
+            if dead := stack.dead():  # the others stop too: the exports name a stack that is not whole
+                for name, what in dead.items():
+                    print(f"chatobs: {name} {what}", file=sys.stderr)
+                print("chatobs: stopping the stack", file=sys.stderr, flush=True)
+                status = 1
+                break
+        else:
+            status = 0
     finally:
         if env_file is not None:  # first, so the file never names servers that have stopped
             env_file.unlink(missing_ok=True)
         stack.stop()
         print("local stack stopped, data removed", file=sys.stderr, flush=True)
-    return 0
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -118,6 +118,10 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
         if process.poll() is not None:
             raise StackError(f"{name} exited with {process.returncode}; log:\n{_tail(log)}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            time.sleep(0.05)  # another program may hold the port: ours then exits at once, failing to bind it
+            if process.poll() is not None:
+                raise StackError(f"{name} exited with {process.returncode} (is 127.0.0.1:{port} taken?); "
+                                 f"log:\n{_tail(log)}")  # fmt: skip
             return
         time.sleep(0.03)
     raise StackError(
@@ -316,6 +320,13 @@ class LocalStack:
         server = self._server(name)
         if not server.running:
             server.start()
+
+    def dead(self) -> dict[str, str]:
+        """The servers this stack started that ended without :meth:`stop_server` or :meth:`stop`:
+        ``{name: its exit code and the end of its log}`` (the log goes with the data at :meth:`stop`)."""
+        return {name: f"exited with {server.process.returncode}; the end of its log:\n{_tail(server.log, 15)}"
+                for name, server in self._servers.items()
+                if server.process is not None and server.process.poll() is not None}  # fmt: skip
 
     def pids(self) -> dict[str, int]:
         return {name: server.process.pid for name, server in self._servers.items() if server.process is not None}

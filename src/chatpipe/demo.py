@@ -111,13 +111,17 @@ class Tracker:
     urls: dict[str, str]
     moved: set[str] = field(default_factory=set)
     last: dict[str, str] = field(default_factory=dict)
+    #: The services whose last scrape failed: what :attr:`last` holds of them is older.
+    stale: set[str] = field(default_factory=set)
 
     async def poll(self, http: httpx.AsyncClient) -> None:
         for service, url in self.urls.items():
             try:
                 text = (await http.get(url, timeout=5)).text
             except httpx.HTTPError:
+                self.stale.add(service)
                 continue
+            self.stale.discard(service)
             self.last[service] = text
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
@@ -298,7 +302,8 @@ def _summary(tracker: Tracker) -> Table:
     table.add_column("metric")
     table.add_column("total", justify="right")
     for service, name in _SUMMARY:
-        table.add_row(service, name, f"{tracker.total(service, name):g}")
+        stale = " (stale: its last scrape failed)" if service in tracker.stale else ""
+        table.add_row(service, name, f"{tracker.total(service, name):g}{stale}")
     return table
 
 
@@ -317,6 +322,8 @@ async def _run(args: argparse.Namespace) -> int:
     tasks: list[asyncio.Task[Any]] = []
     traffic: Traffic | None = None
     tracker = Tracker({})
+    failure: str | None = None
+    codes: dict[str, int | None] = {}
     try:
         pipeline.start()
         tracker.urls = pipeline.metrics_urls
@@ -330,10 +337,19 @@ async def _run(args: argparse.Namespace) -> int:
             if prometheus_url:
                 urls.add_row("Prometheus", prometheus_url)
             console.print(urls)
+
+            def watch() -> None:
+                dead = {**pipeline.dead(), **stack.dead()}
+                for task in tasks:  # the scenario: a fault it could not undo (a server that did not restart)
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        dead["the scenario"] = f"failed: {task.exception()!r}"
+                if dead:
+                    raise ProcessDiedError("; ".join(f"{name} {what}" for name, what in dead.items()))
+
             async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=10) as http:
                 traffic = Traffic(pipeline.gateway_url, counters)
                 tasks.append(asyncio.create_task(_scenario(pipeline, stack, counters, cycle, http)))
-                await _drive(http, traffic, tracker, counters, args, console)
+                failure = await _drive(http, traffic, tracker, counters, args, console, watch)
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -347,10 +363,16 @@ async def _run(args: argparse.Namespace) -> int:
             traffic.stop()
         # Blocking, so a second Ctrl-C or SIGTERM cannot cut the clean-up short.
         try:
-            pipeline.stop()
+            codes = pipeline.stop()
         finally:
             stack.stop()
     console.print(_summary(tracker))
+    # uvicorn (the simulators) ends by raising the SIGTERM it was stopped with again: a clean stop too.
+    failed = {name: code for name, code in codes.items() if code not in (0, -signal.SIGTERM)}
+    if failed:
+        console.print("[red]ended badly:[/red] " + ", ".join(
+            f"{name} ({'killed after the stop timeout' if code is None else f'exit code {code}'})"
+            for name, code in failed.items()))  # fmt: skip
     never = tracker.never_moved()
     if never:
         console.print(f"[yellow]catalogue metrics that never moved ({len(never)}):[/yellow] {', '.join(never)}")
@@ -360,7 +382,7 @@ async def _run(args: argparse.Namespace) -> int:
                       "scraper's credentials fail; outbox_rows_parked_total unless a row is too large to be "
                       "sent)")  # fmt: skip
     console.print("stopped: every process ended, stack data removed")
-    return 0
+    return 1 if failure or failed else 0
 
 
 def _stop_on_sigterm() -> None:
@@ -404,8 +426,13 @@ async def drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, cou
         await asyncio.sleep(random.expovariate(rate))
 
 
+class ProcessDiedError(RuntimeError):
+    """A service, simulator or stack server ended while the demo ran (and was not stopped by its scenario)."""
+
+
 async def _drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, counters: Counters,
-                 args: argparse.Namespace, console: Console) -> None:  # fmt: skip
+                 args: argparse.Namespace, console: Console, watch: Callable[[], None]) -> str | None:  # fmt: skip
+    """The demo's load until its duration or a stop; what died, if a process did (``watch`` raises)."""
     started = time.monotonic()
     deadline = started + args.duration if args.duration else None
     try:
@@ -413,7 +440,12 @@ async def _drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, co
 
             def show() -> None:
                 live.update(_status(counters, time.monotonic() - started, args.duration))
+                watch()
 
             await drive(http, traffic, tracker, counters, rate=args.rate, deadline=deadline, after_each=show)
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("interrupted: stopping")
+    except ProcessDiedError as died:
+        console.print(f"[red]died:[/red] {died}\nstopping")
+        return str(died)
+    return None

@@ -65,6 +65,8 @@ class _Process:
     port: int
     log: Path
     process: subprocess.Popen[bytes]
+    #: Stopped by :meth:`Pipeline.stop_process` (a fault injected), not dead.
+    stopped_on_purpose: bool = False
 
     def tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -137,8 +139,10 @@ class Pipeline:
         log = self.run_dir / f"{name}.log"
         command = [sys.executable, *(part.format(port=port) for part in SERVICE_COMMANDS[name])]
         with open(log, "ab") as out:
+            # A session of its own, as the stack's servers: a Ctrl-C in the terminal is the caller's
+            # to act on (it stops them in order), not a SIGINT to each service in mid-start.
             process = subprocess.Popen(command, env=self._environment(name, port), stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, cwd=self.run_dir)  # fmt: skip
+                                       stdin=subprocess.DEVNULL, cwd=self.run_dir, start_new_session=True)  # fmt: skip
         self._processes[name] = _Process(name, port, log, process)
 
     def _wait_ready(self, name: str) -> None:
@@ -181,6 +185,7 @@ class Pipeline:
         exit code (``None`` if it had to be killed after ``timeout``). Its port stays reserved
         for :meth:`start_process`."""
         entry = self._processes[name]
+        entry.stopped_on_purpose = True
         if entry.process.poll() is None:
             entry.process.terminate()
             try:
@@ -222,6 +227,19 @@ class Pipeline:
 
     def pids(self) -> dict[str, int]:
         return {name: entry.process.pid for name, entry in self._processes.items()}
+
+    def dead(self) -> dict[str, str]:
+        """The processes that ended without being asked to (:meth:`stop_process` asks): ``{name:
+        its exit code and the end of its log}``.
+
+        Example::
+
+            if died := pipeline.dead():
+                raise SystemExit(f"{', '.join(died)} died")
+        """
+        return {name: f"exited with {entry.process.returncode}; the end of {entry.log}:\n{entry.tail(15)}"
+                for name, entry in self._processes.items()
+                if not entry.stopped_on_purpose and entry.process.poll() is not None}  # fmt: skip
 
     def __enter__(self) -> Pipeline:
         return self.start()

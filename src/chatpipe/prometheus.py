@@ -91,6 +91,7 @@ class LocalPrometheus:
                 [binary, f"--config.file={config}", f"--storage.tsdb.path={self._dir / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{port}", *self._flags],
                 stdout=out, stderr=subprocess.STDOUT, cwd=self._dir,
+                start_new_session=True,  # a Ctrl-C aimed at the caller is its to relay
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._process.poll() is None:

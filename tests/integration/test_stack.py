@@ -84,3 +84,30 @@ def test_stack_up_env_file_is_written_once_up_sources_and_goes_when_the_stack_st
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_stack_up_stops_with_a_failure_status_when_one_of_its_servers_dies(tmp_path):
+    """A server killed: `chatobs stack up` went on waiting, its env file naming a Redis that was
+    gone, and exited 0 at the next Ctrl-C."""
+    env_file = tmp_path / "stack.env"
+    process = subprocess.Popen([sys.executable, "-m", "chatobs.cli", "stack", "up", "--env-file", str(env_file)],
+                               env=clean_env({}), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not env_file.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        children = psutil.Process(process.pid).children(recursive=True)
+        (redis_server,) = [child for child in children if "redis-server" in child.name()]
+        redis_server.kill()
+        assert process.wait(timeout=30) == 1
+        stderr = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert "redis exited with -9" in stderr, stderr
+    assert not env_file.exists(), "the env file still names the dead stack"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"left running: {[p.pid for p in alive]}"
