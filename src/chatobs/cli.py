@@ -136,7 +136,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     from chatobs.stack import LocalStack
 
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (the terminal closed): the servers, in sessions of their own, would outlive it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     env_file = Path(args.env_file).absolute() if args.env_file else None
     if env_file is not None:

@@ -386,13 +386,15 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM (``kill``, a supervisor, CI) stops the demo as Ctrl-C does: the running task is
-    cancelled and every server and service it started is stopped. Without this, Python's
-    default SIGTERM ends the process at once and leaves the stack and the services running."""
+    """SIGTERM (``kill``, a supervisor, CI) and SIGHUP (its terminal closed) stop the demo as
+    Ctrl-C does: the running task is cancelled and every server and service it started is
+    stopped. Without this, Python's default for either ends the process at once and leaves the
+    stack and the services, each in a session of its own, running."""
     task = asyncio.current_task()
     if task is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals here (Windows, a thread)
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
 
 
 async def drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, counters: Counters, *, rate: float,

@@ -64,14 +64,15 @@ def test_demo_runs_its_scenario_moves_every_metric_and_leaves_nothing_behind(tmp
 
 
 @pytest.mark.slow
-def test_demo_stopped_by_sigterm_stops_everything_it_started(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_demo_stopped_by_sigterm_or_its_terminal_closing_stops_everything_it_started(tmp_path, stop_signal):
     process = _demo(tmp_path, 600)
     seen: dict[int, psutil.Process] = {}
     # Up to the tool executor, the last service started: then some seconds of traffic.
     _watch(process, seen, time.monotonic() + 180, stop_at="chatpipe.tools")
     assert process.poll() is None, process.communicate()[0][-3000:]
     _watch(process, seen, time.monotonic() + 15)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output[-3000:]
     assert "stopped: every process ended, stack data removed" in output, output[-3000:]
@@ -80,7 +81,7 @@ def test_demo_stopped_by_sigterm_stops_everything_it_started(tmp_path):
     for left in alive:  # not for the next tests to find
         with contextlib.suppress(psutil.Error):
             left.kill()
-    assert alive == [], f"left running after SIGTERM: {[(p.pid, p.name()) for p in alive]}"
+    assert alive == [], f"left running after {stop_signal.name}: {[(p.pid, p.name()) for p in alive]}"
 
 
 def _up_and_running(process: subprocess.Popen[str], seen: dict[int, psutil.Process]) -> None:

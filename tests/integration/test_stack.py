@@ -13,6 +13,7 @@ from pathlib import Path
 
 import asyncpg
 import psutil
+import pytest
 import redis
 from aiokafka import AIOKafkaProducer
 
@@ -56,7 +57,8 @@ def test_stack_up_starts_three_servers_quickly_and_leaves_nothing_after_ctrl_c()
     assert not data_dir.exists()
 
 
-def test_stack_up_env_file_is_written_once_up_sources_and_goes_when_the_stack_stops(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_stack_up_env_file_is_written_once_up_sources_and_goes_when_the_stack_stops(tmp_path, stop_signal):
     """`chatobs stack up --env-file PATH` in the background, `. PATH` from another shell."""
     env_file, log = tmp_path / "stack.env", tmp_path / "stack.log"
     with open(log, "w") as out:
@@ -77,7 +79,7 @@ def test_stack_up_env_file_is_written_once_up_sources_and_goes_when_the_stack_st
         assert sorted(tmp_path.iterdir()) == sorted([env_file, log]), "the temporary file was left behind"
         assert env_file.stat().st_mode & 0o077 == 0, "readable by others: DATABASE_URL may carry a password"
 
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         assert process.wait(timeout=30) == 0, log.read_text()
         assert not env_file.exists()
     finally:
