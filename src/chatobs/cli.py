@@ -134,11 +134,13 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     import threading
 
     from chatobs.stack import LocalStack
+    from chatobs.terminal import on_hangup
 
     stop = threading.Event()
-    # SIGHUP too (the terminal closed): the servers, in sessions of their own, would outlive it.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    # SIGHUP too (the terminal closed): the servers, in sessions of their own, would outlive it.
+    signal.signal(signal.SIGHUP, on_hangup(stop.set))
     env_file = Path(args.env_file).absolute() if args.env_file else None
     if env_file is not None:
         if not env_file.parent.is_dir():  # said now, not after the servers have started

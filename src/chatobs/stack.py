@@ -112,14 +112,19 @@ def _ephemeral_ports_start() -> int:
     return max(low, _FIRST_DRAWN_PORT + _PORT_DRAWS)
 
 
+#: How long a server that answers on its port has to exit, when the port is another program's.
+_BIND_FAILURE_SECONDS = 0.1
+
+
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: Path) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise StackError(f"{name} exited with {process.returncode}; log:\n{_tail(log)}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            time.sleep(0.05)  # another program may hold the port: ours then exits at once, failing to bind it
-            if process.poll() is not None:
+            # Another program may hold the port: ours then exits at once, failing to bind it.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=_BIND_FAILURE_SECONDS)
                 raise StackError(f"{name} exited with {process.returncode} (is 127.0.0.1:{port} taken?); "
                                  f"log:\n{_tail(log)}")  # fmt: skip
             return

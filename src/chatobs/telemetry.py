@@ -401,10 +401,13 @@ class Telemetry:
             return
         try:
             uninstrument_libraries(self.clients)
-            for app in self._apps:  # its next handle (a second lifespan, say) instruments it afresh
-                uninstrument_app(app)
         except Exception:  # the last push still goes
             _logger.warning("chatobs: uninstrumenting failed", exc_info=True)
+        for app in self._apps:  # its next handle (a second lifespan, say) instruments it afresh
+            try:
+                uninstrument_app(app)
+            except Exception:  # as above
+                _logger.warning("chatobs: uninstrumenting an app failed", exc_info=True)
         seconds = max(0.0, deadline - time.monotonic())
 
         def flush_and_stop() -> None:

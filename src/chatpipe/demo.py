@@ -35,6 +35,7 @@ from rich.table import Table
 
 from chatobs import catalogue
 from chatobs.stack import LocalStack
+from chatobs.terminal import on_hangup
 from chatpipe.launcher import Pipeline
 from chatpipe.prometheus import LocalPrometheus, PrometheusUnavailableError
 
@@ -393,8 +394,9 @@ def _stop_on_sigterm() -> None:
     task = asyncio.current_task()
     if task is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals here (Windows, a thread)
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            loop.add_signal_handler(signal.SIGHUP, on_hangup(task.cancel))  # its output then goes nowhere
 
 
 async def drive(http: httpx.AsyncClient, traffic: Traffic, tracker: Tracker, counters: Counters, *, rate: float,

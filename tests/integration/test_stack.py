@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import pty
 import re
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -111,5 +115,38 @@ def test_stack_up_stops_with_a_failure_status_when_one_of_its_servers_dies(tmp_p
             process.wait(timeout=10)
     assert "redis exited with -9" in stderr, stderr
     assert not env_file.exists(), "the env file still names the dead stack"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"left running: {[p.pid for p in alive]}"
+
+
+def test_stack_up_whose_terminal_closes_stops_cleanly(tmp_path):
+    """The terminal closed under it (its SIGHUP): the stack stopped, but writing its last words
+    to the terminal that was gone failed, and it exited 1."""
+    env_file = tmp_path / "stack.env"
+    terminal, its_side = pty.openpty()
+
+    def own_terminal() -> None:  # a session of its own whose controlling terminal is the pty
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen([sys.executable, "-m", "chatobs.cli", "stack", "up", "--env-file", str(env_file)],
+                               env=clean_env({}), cwd=ROOT, stdin=its_side, stdout=its_side, stderr=its_side,
+                               preexec_fn=own_terminal)  # fmt: skip
+    os.close(its_side)
+    try:
+        deadline = time.monotonic() + 30
+        while not env_file.exists():
+            assert process.poll() is None and time.monotonic() < deadline, f"exited with {process.returncode}"
+            with contextlib.suppress(OSError):  # what it prints: read, so it never blocks writing
+                os.read(terminal, 65536)
+            time.sleep(0.1)
+        children = psutil.Process(process.pid).children(recursive=True)
+        os.close(terminal)  # the terminal goes away: SIGHUP to its session
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert not env_file.exists()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], f"left running: {[p.pid for p in alive]}"

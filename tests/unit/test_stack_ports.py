@@ -21,3 +21,20 @@ def test_free_ports_are_drawn_below_the_ephemeral_range_and_can_be_bound():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_a_server_whose_port_another_program_holds_is_refused_not_started(tmp_path):
+    """A restarted server whose port another program took meanwhile: the port answered (the
+    other program), the server exited failing to bind it, and the stack took it as started."""
+    from chatobs.stack import _FACTORIES, StackError
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        server = _FACTORIES["redis"](tmp_path)
+        server.port = holder.getsockname()[1]
+        try:
+            with pytest.raises(StackError, match=r"is 127\.0\.0\.1:\d+ taken"):
+                server.start()
+        finally:
+            server.stop()
