@@ -64,11 +64,11 @@ class ChatobsConfigurator:
 
     def configure(self, **kwargs: Any) -> None:
         from chatobs.settings import ConfigError
-        from chatobs.telemetry import setup
+        from chatobs.telemetry import _set_up
 
         try:
             # The client libraries now; FastAPI apps as they are built (MetricsRouteInstrumentor).
-            setup()
+            _set_up(None, None, None, True, zero_code=True)
         except ConfigError as error:
             # `opentelemetry-instrument` catches an Exception here and runs the app anyway, with
             # no telemetry and no /metrics; a bad setting must stop the service, as `setup()` does.

@@ -475,6 +475,13 @@ def setup(
         # a worker without HTTP, CHATOBS_METRICS_PORT=9464:
         telemetry = chatobs.setup(service="worker")
     """
+    return _set_up(service, app, env, instrument, zero_code=False)
+
+
+def _set_up(service: str | None, app: Any, env: Mapping[str, str] | None, instrument: bool, *,
+            zero_code: bool) -> Telemetry:  # fmt: skip
+    """:func:`setup`; ``zero_code``: called by ``opentelemetry-instrument``'s configurator, which
+    mounts the scrape on each FastAPI app as it is built (so no app now is no warning)."""
     global _current
     with _setup_lock:
         if _current is not None and _current._is_shut_down:
@@ -491,6 +498,9 @@ def setup(
                 except BaseException:
                     telemetry.shutdown()  # nothing half-built stays behind, nothing was made global
                     raise
+            elif app is None and telemetry.scrape_reader is not None and zero_code:
+                _logger.info("chatobs: CHATOBS_METRICS_PORT unset: /metrics is served on each FastAPI app "
+                             "as it is built, and nowhere else")  # fmt: skip
             elif app is None and telemetry.scrape_reader is not None:
                 _logger.warning(
                     "chatobs: no app given and CHATOBS_METRICS_PORT unset: nothing serves /metrics "

@@ -252,6 +252,10 @@ def test_zero_code_path_gives_the_same_metrics_route(start_service):
     text = service.scrape().text
     for metric in catalogue.for_service("gateway"):
         assert f"# TYPE {metric.name} {metric.prometheus_type}\n" in text
+    service.process.terminate()
+    log = service.process.communicate(timeout=20)[1]
+    # It was warned that nothing served /metrics, while the app it served was being scraped.
+    assert "nothing serves /metrics" not in log, log[-2000:]
 
 
 def test_zero_code_path_stops_the_service_on_a_bad_setting():
