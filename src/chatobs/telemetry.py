@@ -498,14 +498,13 @@ def _set_up(service: str | None, app: Any, env: Mapping[str, str] | None, instru
                 except BaseException:
                     telemetry.shutdown()  # nothing half-built stays behind, nothing was made global
                     raise
-            elif app is None and telemetry.scrape_reader is not None and zero_code:
-                _logger.info("chatobs: CHATOBS_METRICS_PORT unset: /metrics is served on each FastAPI app "
-                             "as it is built, and nowhere else")  # fmt: skip
             elif app is None and telemetry.scrape_reader is not None:
-                _logger.warning(
-                    "chatobs: no app given and CHATOBS_METRICS_PORT unset: nothing serves /metrics "
-                    "until telemetry.mount(app) or telemetry.serve() is called"
-                )
+                if zero_code:
+                    _logger.info("chatobs: CHATOBS_METRICS_PORT unset: /metrics is served on each FastAPI app "
+                                 "as it is built, and nowhere else")  # fmt: skip
+                else:
+                    _logger.warning("chatobs: no app given and CHATOBS_METRICS_PORT unset: nothing serves "
+                                    "/metrics until telemetry.mount(app) or telemetry.serve() is called")  # fmt: skip
             if first:
                 telemetry.make_global()
             else:

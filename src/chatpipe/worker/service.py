@@ -393,18 +393,15 @@ class Worker:
         progress.unkept_memory = memory  # until stored or kept: a stop cutting this off keeps it (_handle_record)
         if degraded:
             self._soma.call("skipped")  # the turn went on without Somabrain: so does its memory write
+            outcome = "unavailable"
         else:
             outcome = await self._store_memory(memory)
-            if outcome == "answered":
-                progress.unkept_memory = None
-                return
-            if outcome == "refused":
-                progress.unkept_memory = None
-                _logger.warning("Somabrain refused the memory of message %s; it is not kept", memory["id"])
-                return
-        # Somabrain is unavailable: keep the write until it is back (replay_round). The reply went
-        # out: Redis down now must not make the turn come again, so the write waits for Redis.
-        await self._until_redis_answers(lambda: self._keep_for_replay(memory))
+        if outcome == "refused":
+            _logger.warning("Somabrain refused the memory of message %s; it is not kept", memory["id"])
+        elif outcome == "unavailable":
+            # Keep the write until Somabrain is back (replay_round). The reply went out: Redis down
+            # now must not make the turn come again, so the write waits for Redis.
+            await self._until_redis_answers(lambda: self._keep_for_replay(memory))
         progress.unkept_memory = None
 
     async def _keep_for_replay(self, memory: dict[str, Any]) -> None:
