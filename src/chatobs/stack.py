@@ -120,7 +120,8 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     deadline = time.monotonic() + _START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise StackError(f"{name} exited with {process.returncode}; log:\n{_tail(log)}")
+            raise StackError(f"{name} exited with {process.returncode} before 127.0.0.1:{port} answered; "
+                             f"log:\n{_tail(log)}")  # fmt: skip
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             # Another program may hold the port: ours then exits at once, failing to bind it.
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -23,18 +23,24 @@ def test_free_ports_are_drawn_below_the_ephemeral_range_and_can_be_bound():
             sock.bind(("127.0.0.1", port))
 
 
-def test_a_server_whose_port_another_program_holds_is_refused_not_started(tmp_path):
+@pytest.mark.parametrize("holder_listens", [True, False], ids=["port-answers", "port-silent"])
+def test_a_server_whose_port_another_program_holds_is_refused_not_started(tmp_path, holder_listens):
     """A restarted server whose port another program took meanwhile: the port answered (the
-    other program), the server exited failing to bind it, and the stack took it as started."""
+    other program), the server exited failing to bind it, and the stack took it as started.
+
+    The server may exit before the first probe of its port or just after: either way the error
+    names the port and shows the server's own reason."""
     from chatobs.stack import _FACTORIES, StackError
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
-        holder.listen()
+        if holder_listens:
+            holder.listen()
         server = _FACTORIES["redis"](tmp_path)
         server.port = holder.getsockname()[1]
         try:
-            with pytest.raises(StackError, match=r"is 127\.0\.0\.1:\d+ taken"):
+            with pytest.raises(StackError, match=rf"exited with 1 .*127\.0\.0\.1:{server.port}\b") as error:
                 server.start()
+            assert "Address already in use" in str(error.value)
         finally:
             server.stop()
