@@ -580,11 +580,12 @@ CATALOGUE: tuple[Metric, ...] = (
     # --- Tools -------------------------------------------------------------------------------
     counter(
         "tool_calls_total",
-        "Tool calls executed, by outcome.",
+        "Tool requests by outcome: `abandoned` is one not run because the worker had stopped waiting for "
+        "its result (a backlog after an outage); the others were executed.",
         unit="{call}",
         owners=_TOOL_EXECUTOR,
         domain="tools",
-        labels=(_TOOL, Label("result", values=("success", "error", "timeout", "rejected"))),
+        labels=(_TOOL, Label("result", values=("success", "error", "timeout", "rejected", "abandoned"))),
     ),
     latency("tool_call_seconds", "Tool call duration.", owners=_TOOL_EXECUTOR, domain="tools", labels=(_TOOL,)),
     # --- Ops / health --------------------------------------------------------------------------

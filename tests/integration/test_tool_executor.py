@@ -208,7 +208,8 @@ def test_a_result_redis_cannot_take_is_sent_once_it_is_back_and_the_tool_is_not_
 
 def test_a_request_the_worker_stopped_waiting_for_is_not_run(stack, start_service):
     """A backlog after an outage: a request whose worker stopped waiting for it (it answered
-    without the result, and marked the call abandoned) is not run: that spent the LLM on no one."""
+    without the result, and marked the call abandoned) is not run: that spent the LLM on no one.
+    It is counted (`result="abandoned"`), with no duration: it was only logged before."""
     llm = start_service({}, app="chatpipe.sim.llm:app", ready_path="/health").base_url
 
     async def scenario() -> tuple[int, str]:
@@ -222,7 +223,8 @@ def test_a_request_the_worker_stopped_waiting_for_is_not_run(stack, start_servic
 
     stale_results, text = asyncio.run(scenario())
     assert stale_results == 0
-    assert value(text, "tool_calls_total", tool="summarize") == 0
+    assert value(text, "tool_calls_total", tool="summarize", result="abandoned") == 1
+    assert value(text, "tool_call_seconds_count", tool="summarize") == 0  # nothing ran: no duration
     assert value(text, "llm_requests_total") == 0
     assert value(text, "tool_calls_total", tool="clock", result="success") == 1
 

@@ -24,3 +24,8 @@ class ToolRecorder(Recorder):
         seconds = checked_amount(seconds)  # before recording anything: all or nothing
         self._add("tool_calls_total", 1, tool, result)
         self._observe("tool_call_seconds", seconds, tool)
+
+    @guarded("tool_calls_total")
+    def abandoned(self, tool: str) -> None:
+        """A request not run: the worker had stopped waiting for its result (no duration: nothing ran)."""
+        self._add("tool_calls_total", 1, tool, "abandoned")

@@ -103,10 +103,7 @@ class ToolExecutor:
             json.dumps(result, default=str)
         except (TypeError, ValueError) as error:  # a result that cannot be sent is no success
             result, outcome = {"ok": False, "error": f"the result cannot be sent: {error}"}, "error"
-        # A name the LLM made up is no tool: `other` (counted as a label turned away), not one of
-        # the `tool` label's first-seen slots taken for good.
-        tool = name if name in _TOOLS else OVERFLOW_VALUE
-        self._telemetry.tools.call(tool, outcome, seconds=time.perf_counter() - started)
+        self._telemetry.tools.call(_tool_label(request), outcome, seconds=time.perf_counter() - started)
         return result
 
     async def execute_round(self, consumer: AIOKafkaConsumer) -> bool:
@@ -139,6 +136,7 @@ class ToolExecutor:
                         # would only spend the tool's time, and a summary's LLM tokens, on no one.
                         _logger.warning("not running the tool request at offset %s: the worker stopped waiting "
                                         "for its result", record.offset)  # fmt: skip
+                        self._telemetry.tools.abandoned(_tool_label(request))
                         return
                     result = await self.execute(request)
                 try:
@@ -153,6 +151,13 @@ class ToolExecutor:
                     raise  # the request comes again, once Redis is back
                 except Exception:  # it would fail the same way each time it came, holding up its partition
                     _logger.exception("dropping the result of the tool request at offset %s", record.offset)
+
+
+def _tool_label(request: dict[str, Any]) -> str:
+    # A name the LLM made up is no tool: `other` (counted as a label turned away), not one of
+    # the `tool` label's first-seen slots taken for good.
+    name = str(request.get("name"))
+    return name if name in _TOOLS else OVERFLOW_VALUE
 
 
 async def main() -> None:
