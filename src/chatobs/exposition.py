@@ -590,34 +590,56 @@ def _target_info_text(resource: Resource, openmetrics: bool) -> str:
 
 
 def negotiate_openmetrics(accept: str | None) -> bool:
-    """True when ``accept`` prefers OpenMetrics to the classic text format.
+    """True when ``accept`` prefers OpenMetrics 1.x to the classic text format.
 
     Honours ``q`` weights the way Prometheus sends them
-    (``application/openmetrics-text;version=1.0.0,...,text/plain;version=0.0.4;q=0.5``).
+    (``application/openmetrics-text;version=1.0.0,...,text/plain;version=0.0.4;q=0.5``), and the
+    most specific range for text (RFC 9110: ``text/plain;q=0`` refuses it even beside ``*/*``).
+    An OpenMetrics ``version`` other than 1.x is not what is served, so it does not count.
+
+    >>> negotiate_openmetrics("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.4")
+    True
+    >>> negotiate_openmetrics("application/openmetrics-text;version=0.0.1")
+    False
     """
     if not accept:
         return False
-    best_om, best_text = 0.0, 0.0
+    best_om = 0.0
+    text_by_range: dict[str, float] = {}
     for part in accept.split(","):
         media, *params = part.split(";")
-        quality = _quality(params)
         media = media.strip().lower()
+        quality = _quality(params)
         if media == "application/openmetrics-text":
-            best_om = max(best_om, quality)
-        elif media in ("text/plain", "text/*", "*/*"):
-            best_text = max(best_text, quality)
+            version = _param(params, "version")
+            if version is None or version == "1" or version.startswith("1."):
+                best_om = max(best_om, quality)
+        elif media in _TEXT_RANGES:
+            text_by_range[media] = max(text_by_range.get(media, 0.0), quality)
+    best_text = next((text_by_range[media] for media in _TEXT_RANGES if media in text_by_range), 0.0)
     return best_om > 0 and best_om >= best_text
 
 
-def _quality(params: Iterable[str]) -> float:
+#: The ranges that match the classic text format, the most specific first.
+_TEXT_RANGES = ("text/plain", "text/*", "*/*")
+
+
+def _param(params: Iterable[str], name: str) -> str | None:
     for param in params:
         key, _, value = param.partition("=")
-        if key.strip().lower() == "q":
-            try:
-                return float(value)
-            except ValueError:
-                return 0.0
-    return 1.0
+        if key.strip().lower() == name:
+            return value.strip().strip('"')
+    return None
+
+
+def _quality(params: Iterable[str]) -> float:
+    value = _param(params, "q")
+    if value is None:
+        return 1.0
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0
 
 
 #: zlib's window bits for a gzip member (16 + the 32 KB window): zlib writes the header and

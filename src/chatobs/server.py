@@ -207,7 +207,7 @@ def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction, auth: Metri
             status, headers, body = refused  # before any collection: a refused scrape costs nothing
         else:
             status, headers, body = await anyio.to_thread.run_sync(
-                scrape, request.headers.get("accept"), request.headers.get("accept-encoding"), limiter=limiter
+                scrape, _combined(request, "accept"), _combined(request, "accept-encoding"), limiter=limiter
             )
         return Response(body, status_code=status, headers=dict(headers))
 
@@ -215,6 +215,11 @@ def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction, auth: Metri
     route = Route(path, metrics, methods=["GET"], include_in_schema=False, name="chatobs_metrics")
     setattr(route, _ROUTE_MARK, True)
     app.router.routes.insert(0, route)
+
+
+def _combined(request: Request, name: str) -> str | None:
+    # Repeated lines of a list header are one list (RFC 9110 5.3), as prometheus_client joins them.
+    return ", ".join(request.headers.getlist(name)) or None
 
 
 #: A request (line and headers) larger than this is refused: a scrape's is a few hundred bytes.
@@ -317,7 +322,10 @@ class _Connection(asyncio.Protocol):
         self._url += url  # may come in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.setdefault(name.lower(), value)  # the first of repeated headers, as http.server
+        name = name.lower()
+        # Repeated lines of a list header (Accept, Accept-Encoding) are one list (RFC 9110 5.3);
+        # a repeated Authorization becomes no valid credential, and is refused.
+        self._headers[name] = self._headers[name] + b", " + value if name in self._headers else value
 
     def on_message_complete(self) -> None:
         self._received = 0

@@ -217,6 +217,19 @@ def test_label_values_are_escaped():
         ),
         ("application/openmetrics-text;q=0.2,text/plain;q=0.9", False),
         ("application/openmetrics-text;q=0", False),
+        # Prometheus 3's header, with its escaping parameter.
+        (
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+            "text/plain;version=0.0.4;q=0.4,*/*;q=0.1",
+            True,
+        ),
+        # The most specific range decides for text: refused here, though */* is welcome.
+        ("text/plain;version=0.0.4;q=0,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.9", True),
+        ("text/*;q=0.1,application/openmetrics-text;q=0.5,*/*;q=0.9", True),
+        # Only an OpenMetrics version this does not serve: the classic format, as prometheus_client.
+        ("application/openmetrics-text;version=0.0.1", False),
+        ("application/openmetrics-text;version=2.0.0,text/plain;q=0.1", False),
+        ('application/openmetrics-text; version="1.0.0"', True),
     ],
 )
 def test_content_negotiation(accept, openmetrics):
