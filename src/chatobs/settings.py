@@ -540,7 +540,8 @@ class ChatobsSettings(MappingSettings):
         None,
         description="Shared directory for several worker processes behind one `/metrics` (gunicorn `-w N`, "
         "uvicorn `--workers N`): each scrape combines every worker's values. Must exist and be writable; "
-        "pull only (OTLP metric push would count each worker's view again).",
+        "pull only (OTLP metric push would count each worker's view again), catalogue only "
+        "(`CHATOBS_EXPOSE_UNCATALOGUED` is refused: those instruments are per process).",
     )
     max_label_values: int = Field(
         50, ge=1, le=10_000, description="N: distinct values admitted for a label whose allowed list is empty."
@@ -829,6 +830,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         problems["OTEL_METRICS_EXPORTER, CHATOBS_MULTIPROCESS_DIR"] = (
             ": otlp metric push is per process, but the directory combines the workers for the scrape; "
             "scrape /metrics (e.g. with the collector's prometheus receiver) instead"
+        )
+    if chatobs and chatobs.multiprocess_dir and chatobs.expose_uncatalogued:
+        # Only the catalogue's cells are shared: the SDK's other instruments are the answering
+        # worker's alone, and a counter that jumps between workers' values reads as resets.
+        problems["CHATOBS_EXPOSE_UNCATALOGUED, CHATOBS_MULTIPROCESS_DIR"] = (
+            ": instruments outside the catalogue are per process, but the directory combines the workers "
+            "for the scrape (the answering worker's values would be shown); add them to the catalogue instead"
         )
     if problems or otel is None or chatobs is None:
         raise ConfigError(problems)

@@ -126,12 +126,16 @@ def test_a_restarted_server_with_the_same_pid_adds_nothing_of_the_previous_one(t
     assert not earlier.path.exists()
 
 
-def test_the_directory_must_exist_and_metric_push_is_refused(tmp_path):
+def test_the_directory_must_exist_and_metric_push_and_uncatalogued_instruments_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="CHATOBS_MULTIPROCESS_DIR"):
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="otlp metric push is per process") as caught:
         load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path), "OTEL_METRICS_EXPORTER": "prometheus,otlp"})
     assert caught.value.variables == ("OTEL_METRICS_EXPORTER", "CHATOBS_MULTIPROCESS_DIR")  # wrong only together
+    # Instruments outside the catalogue are not combined: a counter showed 3, 1, 3 as workers answered.
+    with pytest.raises(ConfigError, match="outside the catalogue are per process") as caught:
+        load_settings({"CHATOBS_MULTIPROCESS_DIR": str(tmp_path), "CHATOBS_EXPOSE_UNCATALOGUED": "true"})
+    assert caught.value.variables == ("CHATOBS_EXPOSE_UNCATALOGUED", "CHATOBS_MULTIPROCESS_DIR")
 
 
 def test_a_worker_forked_while_locks_were_held_records_new_values_and_scrapes_them(tmp_path):
