@@ -206,10 +206,16 @@ def _sanitize(name: str) -> str:
     return f"_{name}" if name[:1].isdigit() else name
 
 
-def _family_key(name: str) -> str:
-    """A family's name as OpenMetrics writes it (a counter without ``_total``): two families
-    with one key clash in either format."""
-    return name.removesuffix("_total")
+def _occupied_names(name: str, prom_type: str) -> set[str]:
+    """Every name a family takes in either format: its family names (OpenMetrics writes a counter
+    without ``_total``) and its sample names. A family that shares one with another makes the
+    scrape unparseable (``clashing name``): a gauge ``req_seconds_count`` beside a histogram
+    ``req_seconds``, or an up-down counter ``target`` beside OpenMetrics' ``target`` info."""
+    if prom_type == "counter":
+        return {name, name.removesuffix("_total")}
+    if prom_type == "histogram":
+        return {name, f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return {name}
 
 
 def _label_name(key: str) -> str:
@@ -291,7 +297,8 @@ class Renderer:
         # An uncatalogued metric renamed into a family name already used (`http.server.request.duration`
         # in seconds is the catalogue's `http_server_request_duration_seconds`; `a.b` and `a_b`) is left
         # out: one family twice makes the whole scrape unparseable ("clashing name").
-        self._catalogue_families = frozenset({"target_info", *(_family_key(m.name) for m in catalogue)})
+        self._catalogue_names = frozenset({"target", "target_info"}.union(
+            *(_occupied_names(m.name, m.prometheus_type) for m in catalogue)))  # fmt: skip
         self._clashes_logged: set[str] = set()
         # The SDK hands each exemplar to one collection only; whichever scrape comes first
         # (text format, a second Prometheus, `chatobs check`) would take it. Keep the last
@@ -348,14 +355,14 @@ class Renderer:
             elif metric.name in self._declared:
                 self._render_declared(out, metric, openmetrics)
         if self._uncatalogued:
-            taken = set(self._catalogue_families)
+            taken = set(self._catalogue_names)
             for name, entries in collected.items():
                 family = self._family(entries[0][0], None)
-                key = _family_key(family.name)
-                if key in taken:
+                occupied = _occupied_names(family.name, family.prom_type)
+                if not taken.isdisjoint(occupied):
                     self._skip_clash(name, family.name)
                     continue
-                taken.add(key)
+                taken |= occupied
                 self._render_collected(out, entries, None, openmetrics)
         if self._target_info and resource is not None:
             self._render_target_info(out, resource, openmetrics)

@@ -88,6 +88,28 @@ def test_uncatalogued_metrics_whose_names_clash_once_translated_are_left_out(cap
     assert "'jobs_done'" in warnings[1] or "'jobs_done'" in warnings[0]
 
 
+def test_uncatalogued_metrics_that_would_take_a_sample_or_openmetrics_name_are_left_out(caplog):
+    """A gauge ``req_seconds_count`` beside a histogram ``req_seconds``, or an up-down counter
+    ``target`` (OpenMetrics' name for ``target_info``): the strict parsers and promtool refused
+    the whole scrape ("clashing name", "second TYPE line")."""
+    telemetry = Telemetry(load_settings({"CHATOBS_EXPOSE_UNCATALOGUED": "true"}), service="gateway")
+    meter = telemetry.meter_provider.get_meter("someone-else")
+    meter.create_histogram("req", unit="s").record(0.1)
+    meter.create_up_down_counter("req_seconds_count").add(3)
+    meter.create_up_down_counter("target").add(1)
+    meter.create_counter("queue").add(1)
+    meter.create_up_down_counter("queue_total").add(5)  # a counter's family name in the text format
+    meter.create_up_down_counter("llm_tokens").add(1)  # OpenMetrics' name of the catalogue's llm_tokens_total
+    text, openmetrics = both_formats(telemetry)  # both parse
+    assert "# TYPE req_seconds histogram" in text and "req_seconds_count 1\n" in text
+    assert "req_seconds_count 3" not in text
+    assert "# TYPE target gauge" not in openmetrics and "target 1" not in openmetrics
+    assert "queue_total 1\n" in text and "queue_total 5" not in text
+    assert "# TYPE llm_tokens gauge" not in openmetrics
+    warnings = [r.getMessage() for r in caplog.records if "not exposed" in r.getMessage()]
+    assert len(warnings) == 4, warnings
+
+
 def test_resource_attributes_that_collide_once_sanitised_keep_one_label():
     telemetry = build(OTEL_RESOURCE_ATTRIBUTES="service_name=shadow", OTEL_SERVICE_NAME="worker-1")
     text, _ = both_formats(telemetry)
