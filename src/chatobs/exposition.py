@@ -30,7 +30,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -297,8 +297,10 @@ class Renderer:
         # An uncatalogued metric renamed into a family name already used (`http.server.request.duration`
         # in seconds is the catalogue's `http_server_request_duration_seconds`; `a.b` and `a_b`) is left
         # out: one family twice makes the whole scrape unparseable ("clashing name").
-        self._catalogue_names = frozenset({"target", "target_info"}.union(
-            *(_occupied_names(m.name, m.prometheus_type) for m in catalogue)))  # fmt: skip
+        self._occupied = {
+            metric.name: _occupied_names(metric.name, metric.prometheus_type) for metric in self._catalogue.values()
+        }
+        self._catalogue_names = frozenset({"target", "target_info"}.union(*self._occupied.values()))
         self._clashes_logged: set[str] = set()
         # The SDK hands each exemplar to one collection only; whichever scrape comes first
         # (text format, a second Prometheus, `chatobs check`) would take it. Keep the last
@@ -323,14 +325,21 @@ class Renderer:
         self._target_infos: dict[bool, tuple[Resource, str]] = {}
 
     # -- public --------------------------------------------------------------
-    def render(self, data: MetricsData | None, openmetrics: bool = False, local: LocalCells | None = None) -> str:
+    def render(
+        self, data: MetricsData | None, openmetrics: bool = False, local: LocalCells | None = None,
+        names: frozenset[str] | None = None,
+    ) -> str:  # fmt: skip
         """The exposition text for ``data`` (``None`` renders the declarations only), and for
         ``local``: this process's cells and the observable metrics' readings by metric name,
         rendered as they are rather than as data-model points first
         (:meth:`chatobs.cells.CellStore.local_cells`,
         :meth:`chatobs.instruments.Instruments.readings`); a histogram cell whose count has not
         moved since the last rendering is written from that rendering's text. A label set that
-        both carry is shown once, ``data``'s."""
+        both carry is shown once, ``data``'s.
+
+        With ``names``, only the families that have one of them as a family or sample name
+        (``x_total``, ``h_bucket``, ``target_info``). prometheus_client's ``name[]`` keeps only
+        the samples named; a family here comes whole, so ``h_count`` brings its buckets too."""
         out: list[str] = []
         collected: dict[str, list[tuple[OtelMetric, str]]] = {}
         resource: Resource | None = self._resource
@@ -348,6 +357,8 @@ class Renderer:
             self._cell_label_scope = local_scope
         for metric in self._catalogue.values():
             entries = collected.pop(metric.name, None)
+            if names is not None and names.isdisjoint(self._occupied[metric.name]):
+                continue
             own_cells = cells.get(metric.name)
             own = own_cells or readings.get(metric.name)
             if entries or own:
@@ -363,8 +374,9 @@ class Renderer:
                     self._skip_clash(name, family.name)
                     continue
                 taken |= occupied
-                self._render_collected(out, entries, None, openmetrics)
-        if self._target_info and resource is not None:
+                if names is None or not names.isdisjoint(occupied):
+                    self._render_collected(out, entries, None, openmetrics)
+        if self._target_info and resource is not None and (names is None or "target_info" in names):
             self._render_target_info(out, resource, openmetrics)
         if openmetrics:
             out.append("# EOF\n")
@@ -676,10 +688,11 @@ def scrape_response(
     accept_encoding: str | None,
     timeout_seconds: float = 5.0,
     local: Callable[[], LocalCells | None] | None = None,
+    names: Collection[str] | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
     """Collect, render and encode one scrape: ``(status, headers, body)``; ``local`` gives
     this process's cells, rendered as they are with the collection's readings (see
-    :meth:`Renderer.render`).
+    :meth:`Renderer.render`); ``names``, the families wanted (:meth:`Renderer.render`).
 
     Shared by the FastAPI route and the standalone server so both behave alike.
     """
@@ -688,7 +701,7 @@ def scrape_response(
     own = local() if local is not None else None
     if own is not None and collected.readings:
         own = own._replace(readings=collected.readings)
-    text = renderer.render(collected.data, openmetrics, own)
+    text = renderer.render(collected.data, openmetrics, own, frozenset(names) if names else None)
     try:
         body = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in some label value: one '?' beats a failed scrape

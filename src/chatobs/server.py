@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -39,7 +40,9 @@ __all__ = ["MetricsAuth", "MetricsServer", "ScrapeFunction", "mount_metrics_rout
 
 _logger = logging.getLogger("chatobs")
 
-ScrapeFunction = Callable[[str | None, str | None], tuple[int, Mapping[str, str], bytes]]
+#: ``scrape(accept, accept_encoding, names)``: ``names`` are the request's ``name[]`` values
+#: (only the families with one of these names are wanted), or None for every family.
+ScrapeFunction = Callable[[str | None, str | None, frozenset[str] | None], tuple[int, Mapping[str, str], bytes]]
 Answer = tuple[int, Mapping[str, str], bytes]
 
 
@@ -207,14 +210,23 @@ def mount_metrics_route(app: Any, path: str, scrape: ScrapeFunction, auth: Metri
             status, headers, body = refused  # before any collection: a refused scrape costs nothing
         else:
             status, headers, body = await anyio.to_thread.run_sync(
-                scrape, _combined(request, "accept"), _combined(request, "accept-encoding"), limiter=limiter
-            )
+                scrape, _combined(request, "accept"), _combined(request, "accept-encoding"),
+                frozenset(request.query_params.getlist("name[]")) or None, limiter=limiter,
+            )  # fmt: skip
         return Response(body, status_code=status, headers=dict(headers))
 
     vacate_path(app, path, "CHATOBS_METRICS_PATH is served by chatobs")
     route = Route(path, metrics, methods=["GET"], include_in_schema=False, name="chatobs_metrics")
     setattr(route, _ROUTE_MARK, True)
     app.router.routes.insert(0, route)
+
+
+def _names(query: bytes) -> frozenset[str] | None:
+    """The ``name[]`` values of a query string (``?name[]=up&name[]=x_total``), as
+    prometheus_client's ``/metrics`` takes them."""
+    if not query:
+        return None
+    return frozenset(urllib.parse.parse_qs(query.decode("latin-1")).get("name[]", ())) or None
 
 
 def _combined(request: Request, name: str) -> str | None:
@@ -344,12 +356,13 @@ class _Connection(asyncio.Protocol):
         server = self._server
         if method not in (b"GET", b"HEAD"):
             return 405, {**_TEXT, "Allow": "GET, HEAD"}, b"405 only GET and HEAD here\n"
-        if self._url.split(b"?", 1)[0] != server._path:
+        path, _, query = self._url.partition(b"?")
+        if path != server._path:
             return 404, _TEXT, f"404 metrics are at {server.path}\n".encode()
         headers = self._headers
         if server._auth is not None and (refused := server._auth.refusal(_text(headers.get(b"authorization")))):
             return refused  # before any collection
-        return server._scrape(_text(headers.get(b"accept")), _text(headers.get(b"accept-encoding")))
+        return server._scrape(_text(headers.get(b"accept")), _text(headers.get(b"accept-encoding")), _names(query))
 
     def _send(self, status: int, headers: Mapping[str, str], body: bytes, *, send_body: bool,
               keep_alive: bool) -> None:  # fmt: skip

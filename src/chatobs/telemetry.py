@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -241,9 +241,18 @@ class Telemetry:
 
     # -- exposition --------------------------------------------------------------
     def scrape(
-        self, accept: str | None = None, accept_encoding: str | None = None
+        self, accept: str | None = None, accept_encoding: str | None = None, names: Collection[str] | None = None
     ) -> tuple[int, Mapping[str, str], bytes]:
-        """One scrape: ``(status, headers, body)``, negotiated from the request headers."""
+        """One scrape: ``(status, headers, body)``, negotiated from the request headers; with
+        ``names`` (a request's ``name[]``), only the families that have one of them as their
+        name or a sample's name.
+
+        >>> telemetry = Telemetry(load_settings({}), service="gateway")
+        >>> status, headers, body = telemetry.scrape(names={"sessions_created_total"})
+        >>> [line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")]
+        ['sessions_created_total']
+        >>> telemetry.shutdown()
+        """
         if self.scrape_reader is None:
             # Prometheus export is off (OTEL_METRICS_EXPORTER) or the SDK is disabled.
             return 404, {"Content-Type": "text/plain; charset=utf-8"}, b"Prometheus export is disabled\n"
@@ -255,6 +264,7 @@ class Telemetry:
             accept_encoding,
             self.settings.chatobs.scrape_timeout_seconds,
             local=self._local_cells,
+            names=names,
         )
 
     def _local_cells(self) -> LocalCells | None:

@@ -138,7 +138,7 @@ class CountingScrape:
         self.calls = 0
         self.lock = threading.Lock()
 
-    def __call__(self, accept, accept_encoding):
+    def __call__(self, accept, accept_encoding, names=None):
         with self.lock:
             self.calls += 1
         return 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}, b"up 1\n"
