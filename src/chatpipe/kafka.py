@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -24,9 +24,11 @@ from chatpipe.runtime import forever, sleep_unless_stopped
 __all__ = [
     "ConcurrentHandler",
     "HandOver",
+    "OnceStarted",
     "PostponedError",
     "RecordsPostponedError",
     "commit_handled",
+    "new_consumer",
     "new_producer",
     "start_consumer",
     "start_producer",
@@ -94,12 +96,11 @@ async def start_producer(bootstrap: str, stopping: asyncio.Event, **options: Any
     return producer if await started(producer, "producer", stopping) else None
 
 
-async def start_consumer(
-    topic: str, group: str, bootstrap: str, stopping: asyncio.Event, *,
-    listener: ConsumerRebalanceListener | None = None, **options: Any,
-) -> AIOKafkaConsumer | None:  # fmt: skip
-    """A started consumer in ``group`` committing by hand (after the work is done); ``listener``
-    is told of rebalances (:class:`HandOver`)."""
+def new_consumer(
+    topic: str, group: str, bootstrap: str, *, listener: ConsumerRebalanceListener | None = None, **options: Any
+) -> AIOKafkaConsumer:
+    """A consumer of ``topic`` in ``group`` committing by hand (after the work is done), not
+    started yet (:func:`started`); ``listener`` is told of rebalances (:class:`HandOver`)."""
     if isinstance(listener, HandOver):
         # The group waits this long for a member to rejoin (aiokafka's default is its 10 s session
         # timeout): the hand-over's wait and commit must fit, or the group goes on without it.
@@ -108,7 +109,58 @@ async def start_consumer(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", **options
     )
     consumer.subscribe([topic], listener=listener)
+    return consumer
+
+
+async def start_consumer(
+    topic: str, group: str, bootstrap: str, stopping: asyncio.Event, *,
+    listener: ConsumerRebalanceListener | None = None, **options: Any,
+) -> AIOKafkaConsumer | None:  # fmt: skip
+    """A started consumer (:func:`new_consumer`), or None if asked to stop first."""
+    consumer = new_consumer(topic, group, bootstrap, listener=listener, **options)
     return consumer if await started(consumer, f"consumer {group}", stopping) else None
+
+
+class OnceStarted:
+    """Kafka clients started once, for the service loops that need them, while its other loops
+    (health probes, gauges) run from the first moment: a service (re)started while the broker
+    is down reports that, and what it can still measure, instead of nothing until a broker answers.
+
+    Example::
+
+        kafka = OnceStarted(stopping, ("producer", producer), ("consumer worker", consumer))
+        await run_until_stopped(stopping,
+                                kafka.then(worker.consume(consumer, stopping)),
+                                periodic("health", health.round, stopping, every=5), grace=10)
+    """
+
+    def __init__(self, stopping: asyncio.Event, *clients: tuple[str, AIOKafkaConsumer | AIOKafkaProducer]):
+        self._stopping = stopping
+        self._clients = clients
+        self._lock = asyncio.Lock()
+        self._started: bool | None = None
+
+    async def started(self) -> bool:
+        """Every client started (the first caller starts them, in order), or False if asked to stop first."""
+        async with self._lock:
+            if self._started is None:
+                for what, client in self._clients:
+                    if not await started(client, what, self._stopping):
+                        return False  # asked to stop: tried again by no one, as stopping stays set
+                self._started = True
+            return self._started
+
+    async def then(self, loop: Coroutine[Any, Any, None]) -> None:
+        """``loop`` once the clients are started; dropped, never run, if the service stops first."""
+        try:
+            ready = await self.started()
+        except BaseException:  # cancelled while starting (a stop's grace ran out): never to run
+            loop.close()
+            raise
+        if ready:
+            await loop
+        else:
+            loop.close()
 
 
 #: Added to a hand-over's grace for the group's rebalance timeout: its commit (2 s at most) and the rejoin.

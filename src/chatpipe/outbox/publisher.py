@@ -49,7 +49,7 @@ import chatobs
 from chatobs.propagation import continued
 from chatpipe.db import OUTBOX_CHANNEL, connect_pool, migrate
 from chatpipe.health import HealthProbes, kafka_metadata, postgres_ping
-from chatpipe.kafka import new_producer, started
+from chatpipe.kafka import OnceStarted, new_producer
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
 
@@ -302,18 +302,16 @@ async def main() -> None:
                                              "kafka": kafka_metadata(producer)},
                           timeout=settings.health_probe_timeout_seconds)  # fmt: skip
 
-    async def publishing() -> None:
-        # The producer starts among the loops, not before them: a publisher (re)started while the
-        # broker is down still measures the backlog growing, which its alert is built on.
-        if await started(producer, "producer", stopping):
-            _logger.info("publisher: outbox -> %s", publisher._topic)
-            await forever("publish", publisher.publish_round, stopping, idle=settings.publisher_idle_seconds,
-                          pause=wakeup.pause)  # fmt: skip
+    # The producer starts among the loops, not before them: a publisher (re)started while the
+    # broker is down still measures the backlog growing, which its alert is built on.
+    kafka = OnceStarted(stopping, ("producer", producer))
+    _logger.info("publisher: outbox -> %s", publisher._topic)
 
     try:
         await run_until_stopped(
             stopping,
-            publishing(),
+            kafka.then(forever("publish", publisher.publish_round, stopping, idle=settings.publisher_idle_seconds,
+                               pause=wakeup.pause)),
             periodic("outbox_pending", publisher.measure_backlog, stopping, every=settings.backlog_poll_seconds,
                      timeout=settings.backlog_query_timeout_seconds,
                      on_failure=lambda: telemetry.backlog.unmeasured("outbox_pending")),

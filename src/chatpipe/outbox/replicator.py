@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer
 import chatobs
 from chatpipe.db import connect_pool, migrate
 from chatpipe.health import HealthProbes, kafka_metadata, postgres_ping
-from chatpipe.kafka import commit_handled, start_consumer
+from chatpipe.kafka import OnceStarted, commit_handled, new_consumer
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_service, run_until_stopped
 from chatpipe.settings import load_backend_settings, load_pipeline_settings
 
@@ -90,15 +90,16 @@ async def main() -> None:
     await migrate(pool)
     topic = telemetry.settings.chatobs.wal_topic
     group = settings.consumer_group("replicator")
-    consumer = await start_consumer(topic, group, backends.kafka_bootstrap_servers, stopping)
-    if consumer is None:
-        return
+    consumer = new_consumer(topic, group, backends.kafka_bootstrap_servers)
+    # Its health checks start at once; until the consumer reaches a broker, Kafka's fails.
+    kafka = OnceStarted(stopping, (f"consumer {group}", consumer))
     try:
         replicator = Replicator(telemetry, pool, consumer)
         health = HealthProbes(telemetry.health, {"postgres": postgres_ping(pool),
                                                  "kafka": kafka_metadata(consumer)},
                               timeout=settings.health_probe_timeout_seconds)  # fmt: skip
-        await run_until_stopped(stopping, forever("replicate", replicator.replicate_round, stopping, idle=0.05),
+        await run_until_stopped(stopping,
+                                kafka.then(forever("replicate", replicator.replicate_round, stopping, idle=0.05)),
                                 periodic("health", health.round, stopping, every=settings.health_probe_seconds,
                                          timeout=2 * settings.health_probe_timeout_seconds),
                                 grace=settings.shutdown_grace_seconds)  # fmt: skip

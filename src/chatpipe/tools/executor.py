@@ -26,7 +26,7 @@ import chatobs
 from chatobs.catalogue import OVERFLOW_VALUE
 from chatpipe.events import tool_abandoned_key, tool_result_key
 from chatpipe.health import HealthProbes, http_ok, kafka_metadata
-from chatpipe.kafka import ConcurrentHandler, HandOver, start_consumer
+from chatpipe.kafka import ConcurrentHandler, HandOver, OnceStarted, new_consumer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -169,10 +169,9 @@ async def main() -> None:
     async with httpx.AsyncClient() as http:
         hand_over = HandOver(grace=settings.shutdown_grace_seconds)
         group = settings.consumer_group("tool_executor")
-        consumer = await start_consumer(settings.tool_topic, group, backends.kafka_bootstrap_servers,
-                                        stopping, listener=hand_over)  # fmt: skip
-        if consumer is None:
-            return
+        consumer = new_consumer(settings.tool_topic, group, backends.kafka_bootstrap_servers, listener=hand_over)
+        # Its health checks start at once; until the consumer reaches a broker, Kafka's fails.
+        kafka = OnceStarted(stopping, (f"consumer {group}", consumer))
         executor = ToolExecutor(telemetry, settings, redis, http)
         hand_over.attach(executor.requests, consumer)
         health = HealthProbes(telemetry.health, {
@@ -182,7 +181,7 @@ async def main() -> None:
         try:
             await run_until_stopped(
                 stopping,
-                executor.consume(consumer, stopping),
+                kafka.then(executor.consume(consumer, stopping)),
                 periodic("health", health.round, stopping, every=settings.health_probe_seconds,
                          timeout=2 * settings.health_probe_timeout_seconds),
                 grace=settings.shutdown_grace_seconds,

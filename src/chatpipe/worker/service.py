@@ -51,7 +51,7 @@ import chatobs
 from chatpipe.breaker import CircuitBreaker
 from chatpipe.events import TOOL_ABANDONED_TTL_SECONDS, events_channel, tool_abandoned_key, tool_result_key
 from chatpipe.health import HealthProbes, http_ok, kafka_metadata
-from chatpipe.kafka import ConcurrentHandler, HandOver, PostponedError, start_consumer, start_producer
+from chatpipe.kafka import ConcurrentHandler, HandOver, OnceStarted, PostponedError, new_consumer, new_producer
 from chatpipe.llm_client import LLMClient, LLMError
 from chatpipe.runtime import close_in_order, forever, install_stop_signals, periodic, run_until_stopped
 from chatpipe.settings import PipelineSettings, load_backend_settings, load_pipeline_settings
@@ -562,13 +562,13 @@ async def main() -> None:
                                     socket_connect_timeout=2)  # fmt: skip
     topic = telemetry.settings.chatobs.wal_topic
     async with httpx.AsyncClient() as http:
-        producer = await start_producer(backends.kafka_bootstrap_servers, stopping)
+        producer = new_producer(backends.kafka_bootstrap_servers)
         hand_over = HandOver(grace=settings.shutdown_grace_seconds)  # a rebalance lets turns finish as a stop does
         group = settings.consumer_group("worker")
-        consumer = await start_consumer(topic, group, backends.kafka_bootstrap_servers, stopping,
-                                        listener=hand_over)  # fmt: skip
-        if producer is None or consumer is None:
-            return
+        consumer = new_consumer(topic, group, backends.kafka_bootstrap_servers, listener=hand_over)
+        # Its health checks and gauges start at once; until both clients reach a broker, Kafka's
+        # check fails, and no turn is taken or replayed.
+        kafka = OnceStarted(stopping, ("producer", producer), (f"consumer {group}", consumer))
         worker = Worker(telemetry, settings, redis, http, producer, waits)
         hand_over.attach(worker.turns, consumer)
         health = HealthProbes(telemetry.health, {
@@ -580,8 +580,8 @@ async def main() -> None:
         try:
             await run_until_stopped(
                 stopping,
-                worker.consume(consumer, stopping),
-                forever("replay", worker.replay_round, stopping, idle=settings.degraded_replay_seconds),
+                kafka.then(worker.consume(consumer, stopping)),
+                kafka.then(forever("replay", worker.replay_round, stopping, idle=settings.degraded_replay_seconds)),
                 periodic("degraded_buffer_size", worker.measure_degraded_buffer, stopping,
                          every=settings.backlog_poll_seconds, timeout=settings.backlog_query_timeout_seconds,
                          on_failure=lambda: telemetry.backlog.unmeasured("degraded_buffer_size")),
