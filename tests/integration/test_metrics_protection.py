@@ -150,8 +150,10 @@ def test_prometheus_scrapes_with_credentials_and_is_refused_without(start_servic
     prometheus = start_prometheus(yaml.safe_dump(config))
 
     def every_job_up() -> dict[str, str] | None:
+        # Until the authorised jobs read 1: one first scrape slower than the 1 s timeout (two
+        # test workers on two cores) reads 0, and the next one 1.
         up = {sample["metric"]["job"]: sample["value"][1] for sample in prometheus.query("up")}
-        return up if len(up) == 4 else None
+        return up if len(up) == 4 and up["bearer_ok"] == up["basic_ok"] == "1" else None
 
     up = prometheus.wait_for(every_job_up, what="a scrape of every job")
     assert up == {"bearer_ok": "1", "bearer_missing": "0", "basic_ok": "1", "basic_wrong": "0"}
