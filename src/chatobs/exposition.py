@@ -218,6 +218,16 @@ def _occupied_names(name: str, prom_type: str) -> set[str]:
     return {name}
 
 
+#: What a scrape's ``name[]`` selects ``target_info`` by, as prometheus_client does.
+_TARGET_INFO_NAMES = frozenset({"target_info"})
+
+
+def _wanted(names: frozenset[str] | None, occupied: Iterable[str]) -> bool:
+    """Whether a family taking ``occupied`` (:func:`_occupied_names`) is asked for: every one
+    when ``names`` is None (no ``name[]`` in the request)."""
+    return names is None or not names.isdisjoint(occupied)
+
+
 def _label_name(key: str) -> str:
     """A valid, unreserved Prometheus label name for an attribute key, which can be anything."""
     name = _INVALID_LABEL_CHARS.sub("_", key)  # unlike a metric name, no `:`
@@ -357,7 +367,7 @@ class Renderer:
             self._cell_label_scope = local_scope
         for metric in self._catalogue.values():
             entries = collected.pop(metric.name, None)
-            if names is not None and names.isdisjoint(self._occupied[metric.name]):
+            if not _wanted(names, self._occupied[metric.name]):
                 continue
             own_cells = cells.get(metric.name)
             own = own_cells or readings.get(metric.name)
@@ -374,9 +384,9 @@ class Renderer:
                     self._skip_clash(name, family.name)
                     continue
                 taken |= occupied
-                if names is None or not names.isdisjoint(occupied):
+                if _wanted(names, occupied):
                     self._render_collected(out, entries, None, openmetrics)
-        if self._target_info and resource is not None and (names is None or "target_info" in names):
+        if self._target_info and resource is not None and _wanted(names, _TARGET_INFO_NAMES):
             self._render_target_info(out, resource, openmetrics)
         if openmetrics:
             out.append("# EOF\n")

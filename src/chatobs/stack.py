@@ -120,19 +120,21 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     deadline = time.monotonic() + _START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise StackError(f"{name} exited with {process.returncode} before 127.0.0.1:{port} answered; "
-                             f"log:\n{_tail(log)}")  # fmt: skip
+            raise _exited(name, process, f"before 127.0.0.1:{port} answered", log)
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             # Another program may hold the port: ours then exits at once, failing to bind it.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=_BIND_FAILURE_SECONDS)
-                raise StackError(f"{name} exited with {process.returncode} (is 127.0.0.1:{port} taken?); "
-                                 f"log:\n{_tail(log)}")  # fmt: skip
+                raise _exited(name, process, f"(is 127.0.0.1:{port} taken?)", log)
             return
         time.sleep(0.03)
     raise StackError(
         f"{name} did not listen on 127.0.0.1:{port} within {_START_TIMEOUT_SECONDS:.0f}s; log:\n{_tail(log)}"
     )
+
+
+def _exited(name: str, process: subprocess.Popen[bytes], when: str, log: Path) -> StackError:
+    return StackError(f"{name} exited with {process.returncode} {when}; log:\n{_tail(log)}")
 
 
 def _tail(log: Path, lines: int = 20) -> str:

@@ -138,17 +138,17 @@ class OnceStarted:
         self._stopping = stopping
         self._clients = clients
         self._lock = asyncio.Lock()
-        self._started: bool | None = None
+        self._started = False
 
     async def started(self) -> bool:
         """Every client started (the first caller starts them, in order), or False if asked to stop first."""
         async with self._lock:
-            if self._started is None:
+            if not self._started:
                 for what, client in self._clients:
                     if not await started(client, what, self._stopping):
                         return False  # asked to stop: tried again by no one, as stopping stays set
                 self._started = True
-            return self._started
+            return True
 
     async def then(self, loop: Coroutine[Any, Any, None]) -> None:
         """``loop`` once the clients are started; dropped, never run, if the service stops first."""

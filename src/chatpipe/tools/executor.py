@@ -103,7 +103,7 @@ class ToolExecutor:
             json.dumps(result, default=str)
         except (TypeError, ValueError) as error:  # a result that cannot be sent is no success
             result, outcome = {"ok": False, "error": f"the result cannot be sent: {error}"}, "error"
-        self._telemetry.tools.call(_tool_label(request), outcome, seconds=time.perf_counter() - started)
+        self._telemetry.tools.call(_tool_label(name), outcome, seconds=time.perf_counter() - started)
         return result
 
     async def execute_round(self, consumer: AIOKafkaConsumer) -> bool:
@@ -136,7 +136,7 @@ class ToolExecutor:
                         # would only spend the tool's time, and a summary's LLM tokens, on no one.
                         _logger.warning("not running the tool request at offset %s: the worker stopped waiting "
                                         "for its result", record.offset)  # fmt: skip
-                        self._telemetry.tools.abandoned(_tool_label(request))
+                        self._telemetry.tools.abandoned(_tool_label(str(request.get("name"))))
                         return
                     result = await self.execute(request)
                 try:
@@ -153,10 +153,9 @@ class ToolExecutor:
                     _logger.exception("dropping the result of the tool request at offset %s", record.offset)
 
 
-def _tool_label(request: dict[str, Any]) -> str:
+def _tool_label(name: str) -> str:
     # A name the LLM made up is no tool: `other` (counted as a label turned away), not one of
     # the `tool` label's first-seen slots taken for good.
-    name = str(request.get("name"))
     return name if name in _TOOLS else OVERFLOW_VALUE
 
 
