@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from chatobs.stack import free_port
+from chatobs.stack import PORT_ATTEMPTS, free_port, port_is_free
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,18 +58,38 @@ class Service:
         return httpx.get(self.base_url + path, headers=headers, timeout=10)
 
 
+T = TypeVar("T")
+
+
+class ProcessExitedError(AssertionError):
+    """The process :func:`wait_for` waited for exited."""
+
+
 def wait_for(url: str, process: subprocess.Popen[str], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             out, err = process.communicate()
-            raise AssertionError(f"process exited with {process.returncode}:\n{out}\n{err}")
+            raise ProcessExitedError(f"process exited with {process.returncode}:\n{out}\n{err}")
         try:
             httpx.get(url, timeout=1)
             return
         except httpx.TransportError:
             time.sleep(0.1)
     raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def on_a_drawn_port(start: Callable[[int], T]) -> T:
+    """``start(port)`` on a drawn port, and on the next draw while another program takes the
+    port drawn before the server binds it (in a run, other tests' servers draw ports too)."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        try:
+            return start(port)
+        except ProcessExitedError:
+            if attempt == PORT_ATTEMPTS or port_is_free(port):
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture
@@ -83,26 +104,19 @@ def start_service() -> Iterator[Callable[..., Service]]:
         ready_path: str = "/metrics",
         port: int | None = None,
     ) -> Service:
-        port = port or free_port()
-        cmd = command or [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            app,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-        process = subprocess.Popen(
-            cmd, env=clean_env(env), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        processes.append(process)
-        base = f"http://127.0.0.1:{port}"
-        wait_for(base + ready_path, process)
-        return Service(base, process)
+        def on(port: int) -> Service:
+            cmd = command or [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+                              "--log-level", "warning"]  # fmt: skip
+            process = subprocess.Popen(
+                cmd, env=clean_env(env), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            processes.append(process)
+            base = f"http://127.0.0.1:{port}"
+            wait_for(base + ready_path, process)
+            return Service(base, process)
+
+        # A port the caller chose (and may have put in its command) is not drawn again.
+        return on(port) if port or command else on_a_drawn_port(on)
 
     yield start
     for process in processes:
@@ -209,16 +223,19 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     def start(config_yaml: str) -> Prometheus:
         config = tmp_path / "prometheus.yml"
         config.write_text(config_yaml)
-        port = free_port()
-        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
-            stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        processes.append(process)
-        wait_for(f"http://127.0.0.1:{port}/-/ready", process)
-        return Prometheus(f"http://127.0.0.1:{port}")
+
+        def on(port: int) -> Prometheus:
+            log = open(tmp_path / "prometheus.log", "a")  # noqa: SIM115 - closed with the process
+            process = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
+                stdout=log, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+            processes.append(process)
+            wait_for(f"http://127.0.0.1:{port}/-/ready", process)
+            return Prometheus(f"http://127.0.0.1:{port}")
+
+        return on_a_drawn_port(on)
 
     yield start
     for process in processes:
@@ -263,10 +280,10 @@ def database_of_its_own(server_url: str, name: str) -> Iterator[str]:
             asyncio.run(run(f"drop database {name} with (force)"))
 
 
-@pytest.fixture(scope="session")
-def pipeline(stack, tmp_path_factory):
-    """The whole pipeline (simulators + five services as processes) on the session's stack, with
-    a database, topics and consumer groups of its own (``pipeline.backends`` names them)."""
+@contextlib.contextmanager
+def pipeline_of_its_own(stack: dict[str, str], run_dir: Path, progress: Callable[[str], None] | None = None):
+    """The whole pipeline (simulators + five services as processes) on ``stack``, with a
+    database, topics and consumer groups of its own (``pipeline.backends`` names them)."""
     from chatpipe.launcher import Pipeline
 
     # Topics of its own: other tests publish to the session broker's default topics.
@@ -282,6 +299,13 @@ def pipeline(stack, tmp_path_factory):
     # exemplar named another turn's trace.
     with (
         database_of_its_own(stack["DATABASE_URL"], f"pipeline_{suffix}") as database,
-        Pipeline({**stack, "DATABASE_URL": database}, tmp_path_factory.mktemp("pipeline"), env=env) as running,
+        Pipeline({**stack, "DATABASE_URL": database}, run_dir, env=env, progress=progress) as running,
     ):
+        yield running
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack, tmp_path_factory):
+    """The session's pipeline: :func:`pipeline_of_its_own` on the session's stack."""
+    with pipeline_of_its_own(stack, tmp_path_factory.mktemp("pipeline")) as running:
         yield running

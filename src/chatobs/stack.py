@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SERVER_VARIABLES", "LocalStack", "StackError", "free_port"]
+__all__ = ["PORT_ATTEMPTS", "SERVER_VARIABLES", "LocalStack", "StackError", "free_port", "port_is_free"]
 
 _logger = logging.getLogger("chatobs.stack")
 
@@ -61,10 +61,17 @@ _FIRST_DRAWN_PORT = 10_000
 _PORT_DRAWS = 64
 _EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 _IANA_EPHEMERAL_START = 49_152
+#: How many drawn ports a server is tried on before its start fails: another program can take
+#: a drawn port between the draw and the server's bind (a test run's other servers draw too).
+PORT_ATTEMPTS = 3
 
 
 class StackError(RuntimeError):
     """A server of the local stack could not be started."""
+
+
+class _PortTakenError(StackError):
+    """The server exited, and another program holds its port: on a port drawn for it, draw again."""
 
 
 def _package_dir(package: str) -> Path:
@@ -93,15 +100,27 @@ def free_port() -> int:
     low = _ephemeral_ports_start()
     for _ in range(_PORT_DRAWS):
         port = random.randrange(_FIRST_DRAWN_PORT, low)  # noqa: S311 - not a secret
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if port_is_free(port):
             return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on the loopback interface now.
+
+    Example::
+
+        if not process_alive and not port_is_free(port):
+            port = free_port()  # another program took it: try the next draw
+    """
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _ephemeral_ports_start() -> int:
@@ -120,12 +139,12 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     deadline = time.monotonic() + _START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise _exited(name, process, f"before 127.0.0.1:{port} answered", log)
+            raise _exited(name, process, port, f"before 127.0.0.1:{port} answered", log)
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             # Another program may hold the port: ours then exits at once, failing to bind it.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=_BIND_FAILURE_SECONDS)
-                raise _exited(name, process, f"(is 127.0.0.1:{port} taken?)", log)
+                raise _exited(name, process, port, f"(is 127.0.0.1:{port} taken?)", log)
             return
         time.sleep(0.03)
     raise StackError(
@@ -133,8 +152,9 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, log: 
     )
 
 
-def _exited(name: str, process: subprocess.Popen[bytes], when: str, log: Path) -> StackError:
-    return StackError(f"{name} exited with {process.returncode} {when}; log:\n{_tail(log)}")
+def _exited(name: str, process: subprocess.Popen[bytes], port: int, when: str, log: Path) -> StackError:
+    error = StackError if port_is_free(port) else _PortTakenError
+    return error(f"{name} exited with {process.returncode} {when}; log:\n{_tail(log)}")
 
 
 def _tail(log: Path, lines: int = 20) -> str:
@@ -152,7 +172,8 @@ class _Server:
     port: int
     directory: Path
     command: Callable[[int, Path], list[str]]
-    url: str
+    #: The server's address, with ``{port}`` for its port.
+    address: str
     user: str | None = None
     prepare: Callable[[], None] | None = None
     #: SIGTERM asks PostgreSQL for a "smart" shutdown that waits for clients; it gets SIGINT (fast).
@@ -160,8 +181,25 @@ class _Server:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
+    def url(self) -> str:
+        return self.address.format(port=self.port)
+
+    @property
     def log(self) -> Path:
         return self.directory / f"{self.name}.log"
+
+    def start_on_a_drawn_port(self) -> None:
+        """:meth:`start`, drawing another port while another program takes the one drawn."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self.start()
+                return
+            except _PortTakenError:
+                if attempt == PORT_ATTEMPTS:
+                    raise
+                taken, self.port = self.port, free_port()
+                _logger.warning("%s: 127.0.0.1:%d was taken before it could bind it; trying %d", self.name,
+                                taken, self.port)  # fmt: skip
 
     def start(self) -> None:
         if self.prepare is not None:
@@ -204,7 +242,7 @@ def _redis_server(directory: Path) -> _Server:
         return [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                 "--appendfsync", "everysec", "--dir", str(directory), "--daemonize", "no"]  # fmt: skip
 
-    return _Server("redis", port, directory, command, f"redis://127.0.0.1:{port}/0")
+    return _Server("redis", port, directory, command, "redis://127.0.0.1:{port}/0")
 
 
 def _kafka_server(directory: Path) -> _Server:
@@ -216,7 +254,7 @@ def _kafka_server(directory: Path) -> _Server:
         return [str(binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
                 "--storage-engine", "memory://tansu/"]  # fmt: skip
 
-    return _Server("kafka", port, directory, command, f"127.0.0.1:{port}")
+    return _Server("kafka", port, directory, command, "127.0.0.1:{port}")
 
 
 def _postgres_user() -> str | None:
@@ -255,7 +293,7 @@ def _postgres_server(directory: Path) -> _Server:
                 "-k", str(directory), "-c", "fsync=off", "-c", "synchronous_commit=off",
                 "-c", "full_page_writes=off"]  # fmt: skip
 
-    return _Server("postgres", port, directory, command, f"postgresql://postgres@127.0.0.1:{port}/postgres",
+    return _Server("postgres", port, directory, command, "postgresql://postgres@127.0.0.1:{port}/postgres",
                    user=user, prepare=prepare, stop_signal=signal.SIGINT)  # fmt: skip
 
 
@@ -311,7 +349,7 @@ class LocalStack:
                 directory.mkdir()
                 server = factory(directory)
                 self._servers[name] = server
-                server.start()
+                server.start_on_a_drawn_port()
                 if progress:
                     progress(f"{name} on 127.0.0.1:{server.port} ({time.monotonic() - began:.1f}s)")
         except BaseException:

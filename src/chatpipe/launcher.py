@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from chatobs.stack import free_port
+from chatobs.stack import PORT_ATTEMPTS, free_port, port_is_free
 
 __all__ = ["SERVICE_COMMANDS", "Pipeline", "PipelineError"]
 
@@ -57,6 +57,10 @@ _START_TIMEOUT = 60.0
 
 class PipelineError(RuntimeError):
     """A process of the pipeline did not start; the message holds the end of its log."""
+
+
+class _PortTakenError(PipelineError):
+    """The process exited, and another program holds its port: on a port drawn for it, draw again."""
 
 
 @dataclass
@@ -151,7 +155,8 @@ class Pipeline:
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if entry.process.poll() is not None:
-                raise PipelineError(f"{name} exited with {entry.process.returncode}:\n{entry.tail()}")
+                error = PipelineError if port_is_free(entry.port) else _PortTakenError
+                raise error(f"{name} exited with {entry.process.returncode}:\n{entry.tail()}")
             try:
                 # Any answer but a server error: with OTEL_SDK_DISABLED, /metrics answers 404 on purpose.
                 if httpx.get(f"http://127.0.0.1:{entry.port}{path}", timeout=1).status_code < 500:
@@ -160,6 +165,22 @@ class Pipeline:
                 pass
             time.sleep(0.1)
         raise PipelineError(f"{name} not ready within {_START_TIMEOUT:.0f}s:\n{entry.tail()}")
+
+    def _ready_on_a_drawn_port(self, name: str) -> None:
+        """:meth:`_wait_ready`, starting the process again on another port while another program
+        takes the one drawn for it (between the draw and the process's bind)."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._wait_ready(name)
+                return
+            except _PortTakenError:
+                if attempt == PORT_ATTEMPTS:
+                    raise
+                taken = self._processes[name].port
+                self._start(name)
+                if self.progress:
+                    self.progress(f"{name}: 127.0.0.1:{taken} was taken before it could bind it; "
+                                  f"trying {self._processes[name].port}")  # fmt: skip
 
     def start(self) -> Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +193,7 @@ class Pipeline:
                 for name in group:
                     self._start(name)
                 for name in group:
-                    self._wait_ready(name)
+                    self._ready_on_a_drawn_port(name)
                 if self.progress:
                     self.progress(f"started {', '.join(group)} ({time.monotonic() - began:.1f}s)")
         except BaseException:

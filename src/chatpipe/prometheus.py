@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from chatobs.stack import free_port
+from chatobs.stack import PORT_ATTEMPTS, free_port, port_is_free
 
 __all__ = ["LocalPrometheus", "PrometheusUnavailableError"]
 
@@ -83,22 +83,26 @@ class LocalPrometheus:
             raise PrometheusUnavailableError("no prometheus binary (Debian package `prometheus`)")
         self._dir.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
         log = self._dir / "prometheus.log"
-        with open(log, "wb") as out:
-            self._process = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={self._dir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}", *self._flags],
-                stdout=out, stderr=subprocess.STDOUT, cwd=self._dir,
-                start_new_session=True,  # a Ctrl-C aimed at the caller is its to relay
-            )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._process.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.2)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            with open(log, "ab") as out:
+                self._process = subprocess.Popen(
+                    [binary, f"--config.file={config}", f"--storage.tsdb.path={self._dir / 'tsdb'}",
+                     f"--web.listen-address=127.0.0.1:{port}", *self._flags],
+                    stdout=out, stderr=subprocess.STDOUT, cwd=self._dir,
+                    start_new_session=True,  # a Ctrl-C aimed at the caller is its to relay
+                )  # fmt: skip
+            while time.monotonic() < deadline and self._process.poll() is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
+                        return self
+                time.sleep(0.2)
+            # Another program took the port drawn before Prometheus bound it: the next draw.
+            if self._process.poll() is None or attempt == PORT_ATTEMPTS or port_is_free(port):
+                break
         self.stop()
         tail = " ".join(log.read_text(errors="replace").splitlines()[-3:])
         raise PrometheusUnavailableError(f"Prometheus did not start: {tail}")

@@ -44,3 +44,27 @@ def test_a_server_whose_port_another_program_holds_is_refused_not_started(tmp_pa
             assert "Address already in use" in str(error.value)
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("holder_listens", [True, False], ids=["port-answers", "port-silent"])
+def test_a_stack_server_whose_drawn_port_another_program_takes_starts_on_the_next_draw(
+    tmp_path, monkeypatch, holder_listens
+):
+    """The port drawn for a server, taken by another program before the server bound it (in a
+    test run, other servers draw ports too): the stack did not start. Now it draws again."""
+    import redis
+
+    from chatobs import stack as stack_module
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        if holder_listens:
+            holder.listen()
+        taken = holder.getsockname()[1]
+        draws = iter([taken])
+        monkeypatch.setattr(stack_module, "free_port", lambda: next(draws, None) or free_port())
+        elsewhere = {"DATABASE_URL": "postgresql://127.0.0.1:1/unused", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+        with stack_module.LocalStack(elsewhere, base_dir=tmp_path) as local:
+            url = local.environment["REDIS_URL"]
+            assert f":{taken}/" not in url
+            assert redis.Redis.from_url(url).ping()
