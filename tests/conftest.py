@@ -59,6 +59,8 @@ class Service:
 
 
 T = TypeVar("T")
+#: In a command or environment given to ``start_service``: the port drawn for the service.
+PORT = "{port}"
 
 
 class ProcessExitedError(AssertionError):
@@ -94,7 +96,10 @@ def on_a_drawn_port(start: Callable[[int], T]) -> T:
 
 @pytest.fixture
 def start_service() -> Iterator[Callable[..., Service]]:
-    """Start ``uvicorn APP`` (or a custom command) with an environment; stop it after the test."""
+    """Start ``uvicorn APP`` (or a custom command) with an environment; stop it after the test.
+
+    ``{port}`` in the command or in an environment value is the port drawn for the service,
+    drawn again while another program takes it first. A ``port`` given is not drawn again."""
     processes: list[subprocess.Popen[str]] = []
 
     def start(
@@ -105,18 +110,22 @@ def start_service() -> Iterator[Callable[..., Service]]:
         port: int | None = None,
     ) -> Service:
         def on(port: int) -> Service:
-            cmd = command or [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            def filled(text: str) -> str:
+                return text.replace(PORT, str(port))
+
+            cmd = command or [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", PORT,
                               "--log-level", "warning"]  # fmt: skip
             process = subprocess.Popen(
-                cmd, env=clean_env(env), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
+                [filled(part) for part in cmd],
+                env=clean_env({name: filled(value) for name, value in env.items()}),
+                cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
             processes.append(process)
             base = f"http://127.0.0.1:{port}"
             wait_for(base + ready_path, process)
             return Service(base, process)
 
-        # A port the caller chose (and may have put in its command) is not drawn again.
-        return on(port) if port or command else on_a_drawn_port(on)
+        return on(port) if port else on_a_drawn_port(on)
 
     yield start
     for process in processes:

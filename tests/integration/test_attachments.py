@@ -18,8 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from chatobs.stack import free_port
-from tests.conftest import database_of_its_own
+from tests.conftest import PORT, database_of_its_own
 
 _REFUSE_ATTACHMENTS = """
 create function refuse_attachment() returns trigger language plpgsql as $$
@@ -64,10 +63,9 @@ def files_under(directory: Path) -> list[Path]:
 def test_an_attachment_whose_insert_fails_leaves_no_file(stack, database, start_service, tmp_path, errcode, status,
                                                          error):  # fmt: skip
     attachments = tmp_path / "attachments"
-    port = free_port()
-    env = {**stack, "DATABASE_URL": database, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
+    env = {**stack, "DATABASE_URL": database, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": PORT,
            "CHATPIPE_ATTACHMENT_DIR": str(attachments), "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
-    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port, ready_path="/health")
+    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], ready_path="/health")
     session = httpx.post(f"{gateway.base_url}/v1/sessions", headers={"X-Tenant-ID": "acme"}).json()["session_id"]
 
     def upload() -> httpx.Response:

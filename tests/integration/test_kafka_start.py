@@ -13,7 +13,7 @@ import pytest
 
 from chatpipe.kafka import start_consumer, start_producer
 from tests.chat_client import eventually
-from tests.conftest import free_port
+from tests.conftest import PORT
 from tests.metrics_text import value
 
 
@@ -52,15 +52,14 @@ def test_a_service_started_while_the_broker_is_down_reports_its_health_meanwhile
     one answered, their scrape had no health checks (nor the worker's gauges), so a dashboard
     could not tell a broker outage from a dead service. The publisher's case is in test_publisher."""
     dependency, gauge = _SERVICES[module]
-    port = free_port()
     with socket.socket() as nothing_listens:  # a port of this machine where no broker answers
         nothing_listens.bind(("127.0.0.1", 0))
         bootstrap = f"127.0.0.1:{nothing_listens.getsockname()[1]}"
-    env = {**stack, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CHATOBS_METRICS_PORT": str(port),
+    env = {**stack, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CHATOBS_METRICS_PORT": PORT,
            "CHATOBS_METRICS_HOST": "127.0.0.1", "CHATPIPE_LLM_BASE_URL": "http://127.0.0.1:9/v1",
            "CHATPIPE_SOMABRAIN_URL": "http://127.0.0.1:9", "CHATPIPE_BACKLOG_POLL_SECONDS": "0.5",
            "CHATPIPE_HEALTH_PROBE_SECONDS": "0.5"}  # fmt: skip
-    service = start_service(env, command=[sys.executable, "-m", module], port=port)
+    service = start_service(env, command=[sys.executable, "-m", module])
 
     def measured() -> str | None:
         # Each probe is counted as it ends: Kafka's fails at once, the dependency's comes after.

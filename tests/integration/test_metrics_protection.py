@@ -16,7 +16,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from chatobs.check import check_endpoints
 from chatobs.cli import main
 from chatobs.settings import load_settings
-from tests.conftest import clean_env, free_port
+from tests.conftest import PORT, clean_env, free_port
 from tests.metrics_text import value
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -31,9 +31,8 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 def start_worker(start_service, env: dict[str, str]):
     """The worker script (no HTTP app): metrics on the standalone server only."""
-    port = free_port()
-    env = {"CHATOBS_METRICS_PORT": str(port), "CHATOBS_METRICS_HOST": "127.0.0.1", **env}
-    service = start_service(env, command=WORKER, port=port)
+    env = {"CHATOBS_METRICS_PORT": PORT, "CHATOBS_METRICS_HOST": "127.0.0.1", **env}
+    service = start_service(env, command=WORKER)
     assert service.process.stdout.readline().strip() == "ready"  # it has recorded its observations
     return service
 

@@ -14,14 +14,14 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.conftest import PORT
 from tests.metrics_text import value
 
 WORKERS = 4
 ROUTE = {"http_route": "/v1/sessions", "http_request_method": "POST", "http_response_status_code": "201"}
 
 
-def commands(port: int) -> dict[str, list[str]]:
+def commands(port: str) -> dict[str, list[str]]:
     return {
         "uvicorn": [sys.executable, "-m", "uvicorn", "chatpipe.gateway:app", "--workers", str(WORKERS),
                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
@@ -85,7 +85,6 @@ def assert_every_scrape_counts(base: str, expected: int, scrapes: int = 12) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("server_kind", ["uvicorn", "gunicorn", "gunicorn --preload"])
 def test_every_scrape_counts_every_workers_requests(server_kind, stack, tmp_path, start_service):
-    port = free_port()
     shared = tmp_path / "multiprocess"
     shared.mkdir()
     env = {
@@ -95,7 +94,7 @@ def test_every_scrape_counts_every_workers_requests(server_kind, stack, tmp_path
         "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"),
         "OTEL_SERVICE_NAME": "gateway",
     }
-    service = start_service(env, command=commands(port)[server_kind], port=port)
+    service = start_service(env, command=commands(PORT)[server_kind])
     base = service.base_url
     server = psutil.Process(service.process.pid)
     first_workers = wait_for_workers(base, server)

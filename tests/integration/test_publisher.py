@@ -24,7 +24,7 @@ from chatpipe.db import connect_pool, migrate
 from chatpipe.outbox.publisher import Publisher
 from chatpipe.settings import load_pipeline_settings
 from tests.chat_client import eventually
-from tests.conftest import database_of_its_own, free_port
+from tests.conftest import PORT, database_of_its_own
 from tests.metrics_text import value
 
 
@@ -203,14 +203,13 @@ def test_a_publisher_started_while_the_broker_is_down_measures_the_backlog_meanw
             await pool.close()
 
     asyncio.run(pending_rows())
-    port = free_port()
     with socket.socket() as nothing_listens:  # a port of this machine where no broker answers
         nothing_listens.bind(("127.0.0.1", 0))
         bootstrap = f"127.0.0.1:{nothing_listens.getsockname()[1]}"
     env = {"DATABASE_URL": database, "REDIS_URL": "redis://127.0.0.1:1/0", "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-           "CHATOBS_METRICS_PORT": str(port), "CHATOBS_METRICS_HOST": "127.0.0.1",
+           "CHATOBS_METRICS_PORT": PORT, "CHATOBS_METRICS_HOST": "127.0.0.1",
            "CHATPIPE_BACKLOG_POLL_SECONDS": "0.5", "CHATPIPE_HEALTH_PROBE_SECONDS": "0.5"}  # fmt: skip
-    service = start_service(env, command=[sys.executable, "-m", "chatpipe.outbox.publisher"], port=port)
+    service = start_service(env, command=[sys.executable, "-m", "chatpipe.outbox.publisher"])
 
     def measured() -> str | None:
         # Each probe is counted as it ends: Kafka's fails at once, Postgres's comes after.

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from chatobs.stack import free_port
 from tests.chat_client import eventually
+from tests.conftest import PORT
 from tests.metrics_text import value
 
 CAP = 2
@@ -27,12 +27,10 @@ CAP = 2
 
 @pytest.fixture
 def gateway(stack, start_service, tmp_path) -> str:
-    port = free_port()
-    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
+    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": PORT,
            "CHATPIPE_SSE_MAX_STREAMS": str(CAP), "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"),
            "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
-    return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port,
-                         ready_path="/health").base_url  # fmt: skip
+    return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], ready_path="/health").base_url
 
 
 def new_session(gateway: str) -> str:

@@ -8,8 +8,8 @@ import sys
 import httpx
 import pytest
 
-from chatobs.stack import free_port
 from tests.chat_client import eventually
+from tests.conftest import PORT
 from tests.metrics_text import value
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -31,12 +31,10 @@ def browser():
 
 def _own_gateway(stack, start_service, tmp_path, **settings: str) -> str:  # type: ignore[no-untyped-def]
     """A gateway of the test's own, with ``settings`` beside the stack's: its base URL."""
-    port = free_port()
-    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": str(port),
+    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": PORT,
            "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"), "CHATOBS_DATA_DIR": str(tmp_path),
            **settings}  # fmt: skip
-    return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], port=port,
-                         ready_path="/health").base_url  # fmt: skip
+    return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], ready_path="/health").base_url
 
 
 def test_chat_page_streams_a_reply_and_counts_the_sse_client(pipeline, browser, tmp_path):
