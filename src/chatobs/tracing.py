@@ -13,10 +13,15 @@ and broker call, so that cost was most of the instrumentation's share of CPU
   exporters (batch, OTLP, console) and chatobs's span metrics take it as it is;
 * the API's whole span surface: attributes, events, exceptions, status, names, links.
 
-With no span processor at all (no exporter configured), a span has nobody to record for:
-the tracer then hands out context-only spans, which carry fresh ids and the sampler's
-decision (so exemplars, log lines and downstream services still get the trace) and record
-nothing; ``is_recording()`` says so, and instrumentations skip building attributes.
+With no span processor at all (no exporter configured), a span has nobody to record for,
+and the tracer records nothing; ``is_recording()`` says so, and instrumentations skip
+building attributes. A root still gets fresh ids and the sampler's decision, so exemplars,
+log lines and downstream services get a trace. A child hands on its parent's context, as
+the OpenTelemetry API does without an SDK: a service that exports no spans is transparent
+to the trace, and what it sends on, logs and attaches to exemplars names the nearest span
+that may be recorded (upstream), not a span id nobody records. This is what client calls
+already did (:mod:`chatobs.instrumentation.gate`); it saves a span id, a ``SpanContext``
+and a span per consumed record, outbox row and internal span (docs/performance.md).
 
 It leaves out the SDK's span limits (``OTEL_SPAN_*_LIMIT``: attribute values are cleaned
 as the SDK cleans them, not counted), per-span locks (a span belongs to one task; ending
@@ -439,8 +444,15 @@ class LeanTracer(trace_api.Tracer):
         set_status_on_exception: bool = True,
     ) -> trace_api.Span:
         provider = self._provider
-        parent: SpanContext | None = trace_api.get_current_span(context).get_span_context()
+        current = trace_api.get_current_span(context)
+        parent: SpanContext | None = current.get_span_context()
         if parent is not None and parent.is_valid:
+            if not provider.has_span_processors:
+                # Nothing would record this span: hand on the parent's context, as the API does
+                # without an SDK, so downstream spans, logs and exemplars name a span that may
+                # be recorded (upstream) rather than one nobody records. Wrapped unless it is
+                # a context already: ending the returned span must not end a recording parent.
+                return current if current.__class__ is NonRecordingSpan else NonRecordingSpan(parent)
             trace_id = parent.trace_id
         else:
             parent = None
@@ -461,7 +473,8 @@ class LeanTracer(trace_api.Tracer):
         # Positional (trace id, span id, is_remote, flags, state): keywords cost a dict per span.
         span_context = SpanContext(trace_id, span_id, False, _FLAGS[sampled, random_id], trace_state)
         if not recording or not provider.has_span_processors:
-            # No processor would receive the span: its context is all anyone can use.
+            # A root no processor receives, or a span the sampler drops: its context is all
+            # anyone can use (a root's fresh trace id is what downstream services continue).
             return NonRecordingSpan(span_context)
         span = LeanSpan(name, span_context, parent, kind, start_attributes, _valid_links(links),
                         self._scope, provider.resource, provider.processors,

@@ -167,31 +167,48 @@ def test_sampling_decisions_are_the_samplers(decided):
         assert ended == [], type(provider).__name__
 
 
-def test_without_a_span_processor_spans_carry_context_only():
-    # Nobody would receive a recorded span: the lean tracer's spans then record nothing, but
-    # keep what exemplars, logs and downstream services use: fresh ids, the sampler's
-    # decision, the parent's trace, and the traceparent sent on.
+def test_without_a_span_processor_a_root_carries_fresh_context_and_a_child_hands_on_its_parents():
+    # Nobody would receive a recorded span: the lean tracer's spans then record nothing. A
+    # root keeps what exemplars, logs and downstream services use (fresh ids, the sampler's
+    # decision); a child hands on its parent's context, as the API does without an SDK, so
+    # what this service sends on names the upstream span, not one nobody records.
     provider = LeanTracerProvider(resource=RESOURCE, sampler=DecidedByParent(ParentBased(ALWAYS_ON)))
     tracer = provider.get_tracer("t")
-    remote = trace.SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
-    parent = trace.set_span_in_context(trace.NonRecordingSpan(remote))
-    with tracer.start_as_current_span("request", context=parent, kind=SpanKind.SERVER) as span:
-        assert not span.is_recording()
-        span.set_attribute("ignored", 1)  # harmless
-        own = span.get_span_context()
-        assert own.trace_id == 0xABC and own.span_id not in (0, 0xDEF) and own.trace_flags.sampled
+    with tracer.start_as_current_span("request", kind=SpanKind.SERVER) as root:
+        assert not root.is_recording()
+        root.set_attribute("ignored", 1)  # harmless
+        own = root.get_span_context()
+        assert own.is_valid and own.trace_flags.sampled and not own.is_remote
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
-        assert carrier["traceparent"].split("-")[1:3] == [format(0xABC, "032x"), format(own.span_id, "016x")]
+        assert carrier["traceparent"].split("-")[1:3] == [format(own.trace_id, "032x"), format(own.span_id, "016x")]
         child = tracer.start_span("statement", kind=SpanKind.CLIENT)
-        assert child.get_span_context().trace_id == 0xABC and child.get_span_context().span_id != own.span_id
-    # Once a processor is there, spans are recorded again.
+        assert child.get_span_context() is own and not child.is_recording()
+
+    remote = trace.SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(remote))
+    with tracer.start_as_current_span("process", context=parent, kind=SpanKind.CONSUMER):
+        carrier = {}
+        propagate.inject(carrier)
+        assert carrier["traceparent"] == f"00-{0xABC:032x}-{0xDEF:016x}-01"
+
+    # A recording parent of another provider's is named, not taken over: ending the child
+    # leaves it running.
+    sdk = TracerProvider(resource=RESOURCE)
+    sdk_exporter = InMemorySpanExporter()
+    sdk.add_span_processor(SimpleSpanProcessor(sdk_exporter))
+    with sdk.get_tracer("app").start_as_current_span("app work") as app_span:
+        with tracer.start_as_current_span("inner") as inner:
+            assert inner is not app_span and inner.get_span_context() == app_span.get_span_context()
+        assert app_span.is_recording() and sdk_exporter.get_finished_spans() == ()
+
+    # Once a processor is there, spans are recorded again, children with ids of their own.
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     assert provider.has_span_processors
-    with tracer.start_as_current_span("request") as span:
-        assert span.is_recording()
-    assert [span.name for span in exporter.get_finished_spans()] == ["request"]
+    with tracer.start_as_current_span("process", context=parent) as span:
+        assert span.is_recording() and span.get_span_context().span_id != 0xDEF
+    assert [span.name for span in exporter.get_finished_spans()] == ["process"]
 
 
 STATIC = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF, "parentbased_always_on": ParentBased(ALWAYS_ON),

@@ -113,6 +113,8 @@ _SETTER = _HeaderSetter()
 def consumer_span(tracer: Tracer, record: Any, name: str | None = None) -> AbstractContextManager[Span]:
     """A CONSUMER span for handling ``record``, child of the producer's span (from its headers),
     current while the ``with`` block runs; an exception leaving the block is recorded on it.
+    With no span processor (no trace exporter), the producer's context itself is current
+    instead (:mod:`chatobs.tracing`): the trace goes on, naming the producer's span.
 
     A record it cannot read (no headers, malformed headers, odd attribute types) still gets a
     span, a root one, with what could be read: instrumentation never fails the handler.
