@@ -137,6 +137,21 @@ def start_service() -> Iterator[Callable[..., Service]]:
 
 
 @pytest.fixture
+def start_gateway(stack, start_service, tmp_path) -> Callable[..., Service]:  # type: ignore[no-untyped-def]
+    """``start_gateway(**settings)``: a gateway of the test's own (``python -m chatpipe.gateway``
+    on a drawn port, attachments and data under ``tmp_path``), with ``settings`` beside the
+    stack's; stopped after the test."""
+
+    def start(**settings: str) -> Service:
+        env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": PORT,
+               "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"), "CHATOBS_DATA_DIR": str(tmp_path),
+               **settings}  # fmt: skip
+        return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], ready_path="/health")
+
+    return start
+
+
+@pytest.fixture
 def blackhole() -> Iterator[str]:
     """An OTLP endpoint that accepts TCP connections and never answers a byte."""
     server = socket.socket()

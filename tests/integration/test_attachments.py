@@ -9,7 +9,6 @@ database error would (a 500); the client is told nothing was stored, and nothing
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import PORT, database_of_its_own
+from tests.conftest import database_of_its_own
 
 _REFUSE_ATTACHMENTS = """
 create function refuse_attachment() returns trigger language plpgsql as $$
@@ -60,12 +59,9 @@ def files_under(directory: Path) -> list[Path]:
     ],
     ids=["postgres shutting down", "any other database error"],
 )
-def test_an_attachment_whose_insert_fails_leaves_no_file(stack, database, start_service, tmp_path, errcode, status,
-                                                         error):  # fmt: skip
-    attachments = tmp_path / "attachments"
-    env = {**stack, "DATABASE_URL": database, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": PORT,
-           "CHATPIPE_ATTACHMENT_DIR": str(attachments), "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
-    gateway = start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], ready_path="/health")
+def test_an_attachment_whose_insert_fails_leaves_no_file(database, start_gateway, tmp_path, errcode, status, error):
+    attachments = tmp_path / "attachments"  # where start_gateway's gateway stores them
+    gateway = start_gateway(DATABASE_URL=database)
     session = httpx.post(f"{gateway.base_url}/v1/sessions", headers={"X-Tenant-ID": "acme"}).json()["session_id"]
 
     def upload() -> httpx.Response:

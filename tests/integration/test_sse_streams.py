@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -19,18 +18,14 @@ import httpx
 import pytest
 
 from tests.chat_client import eventually
-from tests.conftest import PORT
 from tests.metrics_text import value
 
 CAP = 2
 
 
 @pytest.fixture
-def gateway(stack, start_service, tmp_path) -> str:
-    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": PORT,
-           "CHATPIPE_SSE_MAX_STREAMS": str(CAP), "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"),
-           "CHATOBS_DATA_DIR": str(tmp_path)}  # fmt: skip
-    return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], ready_path="/health").base_url
+def gateway(start_gateway) -> str:  # type: ignore[no-untyped-def]
+    return start_gateway(CHATPIPE_SSE_MAX_STREAMS=str(CAP)).base_url
 
 
 def new_session(gateway: str) -> str:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 
 import httpx
 import pytest
 
 from tests.chat_client import eventually
-from tests.conftest import PORT
 from tests.metrics_text import value
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -27,14 +25,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-def _own_gateway(stack, start_service, tmp_path, **settings: str) -> str:  # type: ignore[no-untyped-def]
-    """A gateway of the test's own, with ``settings`` beside the stack's: its base URL."""
-    env = {**stack, "CHATPIPE_GATEWAY_HOST": "127.0.0.1", "CHATPIPE_GATEWAY_PORT": PORT,
-           "CHATPIPE_ATTACHMENT_DIR": str(tmp_path / "attachments"), "CHATOBS_DATA_DIR": str(tmp_path),
-           **settings}  # fmt: skip
-    return start_service(env, command=[sys.executable, "-m", "chatpipe.gateway"], ready_path="/health").base_url
 
 
 def test_chat_page_streams_a_reply_and_counts_the_sse_client(pipeline, browser, tmp_path):
@@ -77,11 +67,11 @@ def test_chat_page_sends_from_a_plain_http_address_too(pipeline, browser):
     page.close()
 
 
-def test_chat_page_opens_its_stream_once_the_gateway_has_room_again(stack, start_service, browser, tmp_path):
+def test_chat_page_opens_its_stream_once_the_gateway_has_room_again(start_gateway, browser):
     """A gateway with room for one stream, taken by another client: the page's EventSource is
     refused (503), which EventSource never retries by itself; the page must, and opens its
     stream once the other client leaves."""
-    gateway = _own_gateway(stack, start_service, tmp_path, CHATPIPE_SSE_MAX_STREAMS="1")
+    gateway = start_gateway(CHATPIPE_SSE_MAX_STREAMS="1").base_url
     other = httpx.post(f"{gateway}/v1/sessions", headers={"X-Tenant-ID": "acme"}).json()["session_id"]
     page = browser.new_page()
     with httpx.Client(timeout=10) as client, client.stream("GET", f"{gateway}/v1/sessions/{other}/events") as taken:
@@ -96,11 +86,11 @@ def test_chat_page_opens_its_stream_once_the_gateway_has_room_again(stack, start
     page.close()
 
 
-def test_chat_page_stops_trying_a_session_deleted_elsewhere(stack, start_service, browser, tmp_path):
+def test_chat_page_stops_trying_a_session_deleted_elsewhere(start_gateway, browser):
     """The page's stream ends (idle for the gateway's timeout) and its session is gone by then,
     deleted from another tab: the page says so and stops, instead of asking for its stream
     again every few seconds for as long as it stays open."""
-    gateway = _own_gateway(stack, start_service, tmp_path, CHATPIPE_SSE_TIMEOUT_SECONDS="1")
+    gateway = start_gateway(CHATPIPE_SSE_TIMEOUT_SECONDS="1").base_url
 
     def stream_requests() -> float:
         return value(httpx.get(f"{gateway}/metrics", timeout=5).text, "http_server_request_duration_seconds_count",
