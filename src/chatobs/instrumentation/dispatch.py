@@ -27,13 +27,19 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry import trace
-from opentelemetry.context import Context, get_current
+from opentelemetry.context import attach, detach, get_current, set_value
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled, is_instrumentation_enabled
+from opentelemetry.instrumentation.utils import (
+    is_http_instrumentation_enabled,
+    is_instrumentation_enabled,
+    suppress_http_instrumentation,
+    suppress_instrumentation,
+)
 from opentelemetry.trace import SpanKind
 
 from chatobs.instrumentation.gate import SpanGate
@@ -65,27 +71,58 @@ _Described = TypeVar("_Described", "BoundOperation", "BoundFailures")
 Kwargs = dict[str, Any]
 
 
-def _per_context(answer: Callable[[], bool]) -> Callable[[], bool]:
-    """``answer()``, a question about the current context, asked again only when the context
-    is another one: a context is immutable, and a task's client calls mostly run in one."""
-    last: list[tuple[Context | None, bool]] = [(None, True)]  # one tuple, replaced whole (threads)
+Suppressor = Callable[[], AbstractContextManager[None]]
 
-    def answered() -> bool:
+
+def _keys_set_by(suppress: Suppressor) -> tuple[str, ...]:
+    """The context keys ``suppress()`` (a contrib ``suppress_*`` context manager) sets, learned
+    through it: suppression is a truthy value under each of them in the current context."""
+    outside = get_current()
+    with suppress():
+        inside = get_current()
+    return tuple(key for key, value in inside.items() if value and outside.get(key) is not value)
+
+
+def _enabled_check(utility: Callable[[], bool], *suppressors: Suppressor) -> Callable[[], bool]:
+    """A check of the current context that answers as ``utility`` (the contrib's
+    ``is_*instrumentation_enabled``) does, with one read of the context, not one a key.
+
+    The utility reads the context once a key, a dozen Python calls on a service's cold
+    caches, on every client call. Here the keys the ``suppressors`` set are learned once and
+    the two answers compared (outside them, under each, under each key alone); should they
+    disagree (a contrib release that suppresses some other way), the utility is asked itself.
+    """
+    keys = tuple(dict.fromkeys(key for suppress in suppressors for key in _keys_set_by(suppress)))
+
+    def enabled() -> bool:
         context = get_current()
-        seen, result = last[0]
-        if context is not seen:
-            result = answer()
-            last[0] = (context, result)
-        return result
+        for key in keys:  # noqa: SIM110 - all() over a generator is a frame more, every client call
+            if context.get(key):
+                return False
+        return True
 
-    return answered
+    def agree() -> bool:
+        return enabled() == utility()
+
+    agreed = bool(keys) and agree()
+    for suppress in suppressors:
+        with suppress():
+            agreed = agreed and agree() and not enabled()
+    for key in keys:
+        token = attach(set_value(key, True))
+        try:
+            agreed = agreed and agree()
+        finally:
+            detach(token)
+    return enabled if agreed else utility
 
 
-#: Whether instrumentation is on in the current context (``suppress_instrumentation`` says
-#: not): the contrib utility's answer, remembered for the last context it was asked in.
-instrumentation_enabled = _per_context(is_instrumentation_enabled)
+#: Whether instrumentation is on in the current context (``suppress_instrumentation`` says not).
+instrumentation_enabled = _enabled_check(is_instrumentation_enabled, suppress_instrumentation)
 #: The same for HTTP instrumentation (``suppress_http_instrumentation`` too).
-http_instrumentation_enabled = _per_context(is_http_instrumentation_enabled)
+http_instrumentation_enabled = _enabled_check(
+    is_http_instrumentation_enabled, suppress_instrumentation, suppress_http_instrumentation
+)
 
 
 class ClientOperation:
