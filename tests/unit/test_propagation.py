@@ -3,16 +3,24 @@ propagators the services' headers use."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from opentelemetry import propagate
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from chatobs.instrumentation.kafka import consumer_span
 from chatobs.propagation import continued, traceparent
+from chatobs.tracing import LeanTracerProvider
 
 
 def test_a_stored_traceparent_continues_the_trace_even_without_w3c_headers():
@@ -211,3 +219,22 @@ def test_a_record_whose_baggage_is_past_w3cs_limit_is_continued_without_the_bagg
     assert trace_api.get_current_span(context).get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
     assert baggage.get_all(context) == {}
     assert max((len(record.getMessage()) for record in caplog.records), default=0) < 1_000
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["no span processor", "spans exported"])
+def test_a_consumed_records_baggage_goes_on_with_what_its_handler_sends(exported):
+    provider = LeanTracerProvider(sampler=ALWAYS_ON, resource=Resource.create({}))
+    if exported:
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    producer = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    record = SimpleNamespace(topic="chat.wal", partition=0, offset=7,
+                             headers=[("traceparent", producer.encode()), ("baggage", b"tenant=acme")])  # fmt: skip
+    sent: dict[str, str] = {}
+    with consumer_span(provider.get_tracer("t"), record):
+        propagate.inject(sent)  # what the handler's next request or record carries
+    assert sent["baggage"] == "tenant=acme"
+    assert sent["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+    assert (sent["traceparent"] == producer) is not exported, "no span of its own unless exported"
+    after: dict[str, str] = {}
+    propagate.inject(after)
+    assert after == {}, "the record's context ends with the block"

@@ -116,6 +116,9 @@ def consumer_span(tracer: Tracer, record: Any, name: str | None = None) -> Abstr
     With no span processor (no trace exporter), the producer's context itself is current
     instead (:mod:`chatobs.tracing`): the trace goes on, naming the producer's span.
 
+    The context current in the block is the record's (as the contrib consumers make it): the
+    span in what the headers carried, baggage included, so the handler sends it on.
+
     A record it cannot read (no headers, malformed headers, odd attribute types) still gets a
     span, a root one, with what could be read: instrumentation never fails the handler.
     """
@@ -146,7 +149,9 @@ class _ConsumerSpan:
         span = self._span = self._tracer.start_span(name, parent, SpanKind.CONSUMER)
         if span.is_recording():  # nothing to build for a span no processor receives
             span.set_attributes(_record_attributes(record, topic))
-        self._token = context_api.attach(trace.set_span_in_context(span))
+        # The record's context, as the contrib consumers attach: what the producer put in its
+        # headers besides the trace (baggage) goes on with what the handler sends and logs.
+        self._token = context_api.attach(trace.set_span_in_context(span, parent))
         return span
 
     def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
