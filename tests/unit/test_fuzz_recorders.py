@@ -272,7 +272,7 @@ def recorder_methods(telemetry: Telemetry) -> list[Method]:
             if name.startswith("_"):
                 continue
             hints = get_type_hints(function)
-            if hints.get("return") in (BoundOperation, BoundFailures):  # binds a handle, records nothing
+            if hints.get("return") in (BoundOperation, BoundFailures, tuple[BoundOperation, ...]):  # binds handles
                 continue
             if (attribute, name) in _FORGETTING:
                 continue

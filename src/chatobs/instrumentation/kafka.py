@@ -186,6 +186,8 @@ class _Produce(ClientOperation):
 
     def __init__(self, clients: ClientRecorder):
         self._clients = clients
+        # Bound on the first record of each kind (a service that never sends shows no series).
+        self._bound: dict[bool, tuple[BoundOperation, ...]] = {}
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
         return _send_topic(args, kwargs), time.perf_counter()
@@ -196,13 +198,18 @@ class _Produce(ClientOperation):
     def record(self, described: tuple[Any, float], seconds: float, result: Any, failed: bool) -> None:
         topic, started = described
         wal = topic.__class__ is str and topic == self._clients.wal_topic
+        series = self._bound.get(wal) or self._bound.setdefault(wal, self._clients.bound_produced(wal=wal))
         if failed or not isinstance(result, asyncio.Future):
-            self._clients.produced(seconds, failed=failed, wal=wal)
+            for each in series:
+                each.record(seconds, failed)
             return
 
         def delivered(future: asyncio.Future[Any]) -> None:
+            # A callback of the event loop's: BoundOperation.record never raises into it.
             failed = future.cancelled() or future.exception() is not None
-            self._clients.produced(time.perf_counter() - started, failed=failed, wal=wal)
+            took = time.perf_counter() - started
+            for each in series:
+                each.record(took, failed)
 
         result.add_done_callback(delivered)
 

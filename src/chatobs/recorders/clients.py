@@ -163,6 +163,24 @@ class ClientRecorder(Recorder):
             self._operations[backend, operation] = series
         return series
 
+    def bound_produced(self, *, wal: bool) -> tuple[BoundOperation, ...]:
+        """:meth:`produced` for records to the WAL topic (``wal``) or to any other, bound once:
+        the series a record sent records into (Kafka's ``produce`` and, for the WAL, the WAL
+        publish), each ``record(seconds, failed)``. What aiokafka's instrumentor keeps.
+
+        Example::
+
+            for series in clients.bound_produced(wal=True):
+                series.record(0.004, False)   # as clients.produced(0.004, failed=False, wal=True)
+        """
+        produce = self.bound("kafka", "produce")
+        if not wal:
+            return (produce,)
+        duration = self._cells.series("wal_publish_seconds", ())
+        errors = self._cells.series("wal_publish_errors_total", ("produce",))
+        errors.add(0)  # shown from the first publish on, as the operation's error series
+        return produce, BoundOperation(duration, errors, "wal_publish_seconds", self._on_error)
+
     @guarded("kafka_operation_seconds")
     def produced(self, seconds: float, *, failed: bool, wal: bool, span: SpanContext | None = None) -> None:
         """One record sent, from ``send()`` to the broker's acknowledgement (or the failure): a
