@@ -304,6 +304,45 @@ def test_a_failed_poll_counts_and_one_ended_by_a_stop_or_a_cancel_does_not(stack
                    for name, labels in samples), "a poll's duration is waiting for records: not measured"  # fmt: skip
 
 
+def test_a_service_shows_the_error_series_of_polls_and_pub_sub_reads_only_once_it_makes_them(stack):
+    """A service that never polls Kafka nor reads Redis pub/sub (the publisher, say) showed
+    ``kafka_errors_total{operation="consume"} 0`` and ``redis_errors_total{operation="subscribe"} 0``
+    all the same: the series of a backend it does not use."""
+    telemetry = Telemetry(load_settings({}), service="publisher")
+    telemetry.instrument()
+    consume = ("kafka_errors_total", (("operation", "consume"),))
+    subscribe = ("redis_errors_total", (("operation", "subscribe"),))
+
+    async def nothing() -> None:
+        pass
+
+    async def one_poll_and_one_read() -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=stack["KAFKA_BOOTSTRAP_SERVERS"], enable_auto_commit=False)
+        client = aioredis.Redis.from_url(stack["REDIS_URL"])
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition("client-test-first-poll", 0)])
+            assert await consumer.getmany(timeout_ms=10) == {}
+            pubsub = client.pubsub()
+            await pubsub.subscribe("client-test-first-read")
+            assert (await pubsub.get_message(timeout=1.0))["type"] == "subscribe"
+            await pubsub.aclose()
+        finally:
+            await consumer.stop()
+            await client.aclose()
+
+    try:
+        asyncio.run(nothing())
+        before = _client_samples(telemetry.scrape()[2].decode())
+        asyncio.run(one_poll_and_one_read())
+    finally:
+        uninstrument_libraries()
+    after = _client_samples(telemetry.scrape()[2].decode())
+    telemetry.shutdown()
+    assert consume not in before and subscribe not in before, sorted(before)
+    assert (after.get(consume), after.get(subscribe)) == (0, 0), "shown from the first call on, before any failure"
+
+
 def test_a_start_against_an_unreachable_broker_counts_a_connect_error(stack):
     telemetry = Telemetry(load_settings({}), service="publisher")
     telemetry.instrument()

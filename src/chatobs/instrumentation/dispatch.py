@@ -196,12 +196,29 @@ class BackendOperation(ClientOperation):
 
 class FailuresOnly(ClientOperation):
     """A call whose duration measures no work of the backend's (a poll, a wait for messages to
-    come): only its failures count, into ``failures``; ``benign`` exceptions are none.
-    :func:`dispatcher` gives it a dispatcher of its own, which times nothing."""
+    come): only its failures count, into the series ``bind()`` gives; ``benign`` exceptions are
+    none. :func:`dispatcher` gives it a dispatcher of its own, which times nothing.
 
-    def __init__(self, failures: BoundFailures, benign: tuple[type[BaseException], ...] = ()):
-        self.failures = failures
+    The series is bound at the first call: it shows 0 from then on, and a service that never
+    makes the call (a service that polls no Kafka topic) shows no series of it.
+
+    Example::
+
+        polls = FailuresOnly(lambda: clients.bound_failures("kafka", "consume"), (asyncio.CancelledError,))
+    """
+
+    def __init__(self, bind: Callable[[], BoundFailures], benign: tuple[type[BaseException], ...] = ()):
+        self._bind = bind
+        #: The bound error series; None until the first call.
+        self.failures: BoundFailures | None = None
         self.benign = benign
+
+    def show(self) -> BoundFailures:
+        """The error series, bound now if no call has bound it yet."""
+        failures = self.failures
+        if failures is None:  # two threads may both bind: the same series, harmless
+            failures = self.failures = self._bind()
+        return failures
 
 
 #: Most operation names a :class:`BackendOperation` keeps bound (statements' first words,
@@ -339,32 +356,40 @@ def dispatching_sync(
 
 # A call measured by its failures alone (a poll, a pub/sub read) runs the most often of all, a
 # Redis read per streamed token and a Kafka poll per fetch, mostly in a context nothing
-# suppresses, and never fails: on success its dispatcher costs one frame, and only a failure
-# asks whether instrumentation is on (the call was made anyway, and is not measured if not).
+# suppresses, and never fails: on success its dispatcher costs one frame (and one attribute
+# read: is the series bound yet?), and only a failure asks whether instrumentation is on (the
+# call was made anyway, and is not measured if not).
 
 
 def _failures_steps(
     original: Callable[..., Any], traced: Callable[..., Any] | None, gate: Callable[[], bool], operation: FailuresOnly
-) -> tuple[Callable[[], Callable[..., Any]], Callable[[BaseException], None]]:
-    """A failures-only dispatcher's two steps: which call to make (through the contrib span when
-    one would be recorded), asked only when there is a traced path; and counting a failure."""
-    failures, benign = operation.failures, operation.benign
+) -> tuple[Callable[[], None], Callable[[], Callable[..., Any]], Callable[[BaseException], None]]:
+    """A failures-only dispatcher's steps: binding its series at the first call; which call to
+    make (through the contrib span when one would be recorded), asked only when there is a
+    traced path; and counting a failure."""
+    benign = operation.benign
+
+    def first() -> None:
+        try:
+            operation.show()
+        except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+            _fail_safe(operation, "describe", error)
 
     def which() -> Callable[..., Any]:
         try:
             return traced if traced is not None and gate() and operation.enabled() else original
-        except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
+        except Exception as error:  # noqa: BLE001 - as above
             _fail_safe(operation, "describe", error)
             return original
 
     def count(error: BaseException) -> None:
         try:
             if _failed_for(benign, error) and operation.enabled():
-                failures.record()
+                operation.show().record()
         except Exception as failure:  # noqa: BLE001 - as above
             _fail_safe(operation, "record", failure)
 
-    return which, count
+    return first, which, count
 
 
 def _failures_dispatching(
@@ -374,9 +399,11 @@ def _failures_dispatching(
     operation: FailuresOnly,
 ) -> Callable[..., Any]:
     """:func:`dispatching` for a :class:`FailuresOnly` call: nothing timed, only failures recorded."""
-    which, count = _failures_steps(original, traced, gate, operation)
+    first, which, count = _failures_steps(original, traced, gate, operation)
 
     async def dispatch(*args: Any, **kwargs: Any) -> Any:
+        if operation.failures is None:
+            first()
         try:
             return await (original if traced is None else which())(*args, **kwargs)
         except BaseException as error:
@@ -393,9 +420,11 @@ def _failures_dispatching_sync(
     operation: FailuresOnly,
 ) -> Callable[..., Any]:
     """:func:`_failures_dispatching` for a synchronous method."""
-    which, count = _failures_steps(original, traced, gate, operation)
+    first, which, count = _failures_steps(original, traced, gate, operation)
 
     def dispatch(*args: Any, **kwargs: Any) -> Any:
+        if operation.failures is None:
+            first()
         try:
             return (original if traced is None else which())(*args, **kwargs)
         except BaseException as error:

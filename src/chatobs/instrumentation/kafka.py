@@ -235,7 +235,7 @@ def _poll(clients: ClientRecorder) -> FailuresOnly:
 
     # Both end a poll when the consumer stops (a service shutting down), which is no failure.
     benign = (asyncio.CancelledError, aiokafka.errors.ConsumerStoppedError)
-    return FailuresOnly(clients.bound_failures("kafka", "consume"), benign)  # 0 before the first
+    return FailuresOnly(lambda: clients.bound_failures("kafka", "consume"), benign)  # 0 from the first poll on
 
 
 def _fresh_headers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -151,7 +151,8 @@ class RedisClientInstrumentor(ClientInstrumentor):
         # A pub/sub connection's get_message: how long it took is how long messages took to come.
         # A read cancelled is a listener gone (an SSE client that left): a silent Redis makes the
         # read's own timeout return None, so a cancellation never tells of a failure of Redis's.
-        reads = FailuresOnly(wiring.clients.bound_failures("redis", "subscribe"), (asyncio.CancelledError,))
+        clients = wiring.clients
+        reads = FailuresOnly(lambda: clients.bound_failures("redis", "subscribe"), (asyncio.CancelledError,))
         for module_name, is_async in (("redis.client", False), ("redis.asyncio.client", True)):
             owner = importlib.import_module(module_name).PubSub
             yield owner, "get_message", dispatcher(wiring.gate, reads, sync=not is_async), False
