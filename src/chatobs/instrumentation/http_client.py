@@ -47,8 +47,8 @@ class _Request(ClientOperation):
         self._clients = clients
         self._excluded = excluded
 
-    def enabled(self) -> bool:
-        return http_instrumentation_enabled()
+    # The check itself, not a method calling it: a frame less on every request.
+    enabled = staticmethod(http_instrumentation_enabled)
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str] | None:
         request = args[1] if len(args) > 1 else kwargs["request"]
