@@ -311,6 +311,14 @@ class Renderer:
             metric.name: _occupied_names(metric.name, metric.prometheus_type) for metric in self._catalogue.values()
         }
         self._catalogue_names = frozenset({"target", "target_info"}.union(*self._occupied.values()))
+        # What the service declares but has no data of yet, as text by format (the catalogue's
+        # metrics: bounded).
+        self._declared_texts: dict[bool, dict[str, str]] = {False: {}, True: {}}
+        # A catalogue family's name, type and help never change: made once, not at each scrape.
+        self._families = {
+            metric.name: _Family(metric.name, metric.prometheus_type, metric.description)
+            for metric in self._catalogue.values()
+        }
         self._clashes_logged: set[str] = set()
         # The SDK hands each exemplar to one collection only; whichever scrape comes first
         # (text format, a second Prometheus, `chatobs check`) would take it. Keep the last
@@ -365,16 +373,25 @@ class Renderer:
         if local_scope != self._cell_label_scope:  # the kept texts were made under other scope labels
             self._cell_label_texts.clear()
             self._cell_label_scope = local_scope
+        # Once a catalogue metric each scrape: the filter and the declarations looked up here,
+        # not through a call each (a quiet service's scrape is mostly this loop).
+        occupied = self._occupied
+        declared = self._declared
+        declared_texts = self._declared_texts[openmetrics]
         for metric in self._catalogue.values():
-            entries = collected.pop(metric.name, None)
-            if not _wanted(names, self._occupied[metric.name]):
+            name = metric.name
+            entries = collected.pop(name, None)
+            if names is not None and names.isdisjoint(occupied[name]):
                 continue
-            own_cells = cells.get(metric.name)
-            own = own_cells or readings.get(metric.name)
+            own_cells = cells.get(name)
+            own = own_cells or readings.get(name)
             if entries or own:
                 self._render_collected(out, entries or [], metric, openmetrics, own, local_scope, bool(own_cells))
-            elif metric.name in self._declared:
-                self._render_declared(out, metric, openmetrics)
+            elif name in declared:
+                text = declared_texts.get(name)
+                if text is None:  # bounded by the catalogue
+                    text = declared_texts[name] = _declared_text(metric, openmetrics)
+                out.append(text)
         if self._uncatalogued:
             taken = set(self._catalogue_names)
             for name, entries in collected.items():
@@ -414,7 +431,7 @@ class Renderer:
     ) -> None:
         # One name from several scopes (another meter with a catalogue name, two HTTP client
         # instrumentations) is one family: one header, and a label set seen twice kept once.
-        family = self._family(entries[0][0] if entries else None, catalogued)
+        family = self._families[catalogued.name] if catalogued is not None else self._family(entries[0][0], None)
         self._header(out, family, openmetrics)
         seen: set[str] = set()
         for otel_metric, scope_labels in entries:
@@ -484,11 +501,10 @@ class Renderer:
 
     def _header(self, out: list[str], family: _Family, openmetrics: bool) -> None:
         key = ("header", family.name, family.prom_type, family.description, openmetrics)
-        out.append(_cached(self._static, key, lambda: _header_text(family, openmetrics)))
-
-    def _render_declared(self, out: list[str], metric: Metric, openmetrics: bool) -> None:
-        out.append(_cached(self._static, ("declared", metric.name, openmetrics),
-                           lambda: _declared_text(metric, openmetrics)))  # fmt: skip
+        text = self._static.get(key)  # strings only in the key: always hashable
+        if text is None:
+            text = _cached(self._static, key, lambda: _header_text(family, openmetrics))
+        out.append(text)
 
     # -- samples -------------------------------------------------------------
     def _samples(
@@ -555,8 +571,11 @@ class Renderer:
         for value, at, trace_id, span_id in found:
             self._exemplars[(name, labels, _bucket_index(bounds, value))] = _exemplar_suffix(value, at, trace_id,
                                                                                              span_id)  # fmt: skip
-        buckets, count_prefix, sum_prefix = _cached(self._bucket_lines, (name, labels, tuple(bounds)),
-                                                    lambda: _bucket_prefixes(name, labels, bounds))  # fmt: skip
+        key = (name, labels, tuple(bounds))
+        prefixes = self._bucket_lines.get(key)  # strings and floats: always hashable
+        if prefixes is None:
+            prefixes = _cached(self._bucket_lines, key, lambda: _bucket_prefixes(name, labels, bounds))
+        buckets, count_prefix, sum_prefix = prefixes
         cumulative = 0
         exemplars = self._exemplars if openmetrics else {}
         for index, bucket_count in enumerate(bucket_counts):
