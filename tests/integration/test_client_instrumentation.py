@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from opentelemetry import context, trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -341,6 +342,39 @@ def test_a_service_shows_the_error_series_of_polls_and_pub_sub_reads_only_once_i
     telemetry.shutdown()
     assert consume not in before and subscribe not in before, sorted(before)
     assert (after.get(consume), after.get(subscribe)) == (0, 0), "shown from the first call on, before any failure"
+
+
+def test_a_call_whose_recording_fails_returns_its_result_and_counts_a_recording_error(stack):
+    """The current span is another tracing library's, whose ``get_span_context`` fails: taking
+    the command's exemplar fails. The command's answer still comes back, and the failure is
+    counted against the command's metric, as a recording helper's is."""
+
+    class BrokenSpan(trace.NonRecordingSpan):
+        def get_span_context(self) -> trace.SpanContext:
+            raise RuntimeError("a span implementation with a bug")
+
+    telemetry = Telemetry(load_settings({}), service="worker")
+    telemetry.instrument()
+
+    async def calls() -> None:
+        client = aioredis.Redis.from_url(stack["REDIS_URL"])
+        try:
+            await client.set("client-test-bogus-span", "kept")
+            token = context.attach(trace.set_span_in_context(BrokenSpan(trace.INVALID_SPAN_CONTEXT)))
+            try:
+                assert await client.get("client-test-bogus-span") == b"kept"
+            finally:
+                context.detach(token)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(calls())
+    finally:
+        uninstrument_libraries()
+    text = telemetry.scrape()[2].decode()
+    telemetry.shutdown()
+    assert 'chatobs_recording_errors_total{metric="redis_operation_seconds"} 1' in text, text
 
 
 def test_a_start_against_an_unreachable_broker_counts_a_connect_error(stack):

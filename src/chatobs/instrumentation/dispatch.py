@@ -188,9 +188,10 @@ class BackendOperation(ClientOperation):
         return described
 
     def record(self, described: BoundOperation | BoundFailures, seconds: float, result: Any, failed: bool) -> None:
-        # The dispatchers skip this frame on success and call `described.record` themselves
-        # when a subclass keeps it (`_records_bound`): every statement and command would pass
-        # here; a failed one still does.
+        # The dispatchers skip this frame on success when a subclass keeps it (`_records_bound`),
+        # and call `described.succeeded` (the duration series' own `observe`) themselves: every
+        # statement and command would pass here, and then through `described.record`; a failed
+        # one still does.
         described.record(seconds, failed)
 
 
@@ -239,6 +240,16 @@ def _records_bound(operation: ClientOperation) -> bool:
 
 def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
     _logger.debug("chatobs: %s.%s failed", type(operation).__name__, step, exc_info=error)
+
+
+def _recording_failed(
+    operation: ClientOperation, series: BoundOperation | BoundFailures | None, error: Exception
+) -> None:
+    """A call's recording raised: counted as the bound series' own failures are, if it was theirs."""
+    if series is not None:
+        series.report(error)
+    else:
+        _fail_safe(operation, "record", error)
 
 
 def _failed(operation: ClientOperation, error: BaseException) -> bool:
@@ -296,11 +307,11 @@ def dispatching(
         if described is not None:
             try:
                 if bound:
-                    described.record(clock() - started, False)
+                    described.succeeded(clock() - started)
                 else:
                     record(described, clock() - started, result, False)
             except Exception as failure:  # noqa: BLE001 - as above
-                _fail_safe(operation, "record", failure)
+                _recording_failed(operation, described if bound else None, failure)
         return result
 
     return dispatch
@@ -344,11 +355,11 @@ def dispatching_sync(
         if described is not None:
             try:
                 if bound:
-                    described.record(clock() - started, False)
+                    described.succeeded(clock() - started)
                 else:
                     record(described, clock() - started, result, False)
             except Exception as failure:  # noqa: BLE001 - as above
-                _fail_safe(operation, "record", failure)
+                _recording_failed(operation, described if bound else None, failure)
         return result
 
     return dispatch

@@ -37,13 +37,16 @@ class BoundOperation:
         select.record(0.0021, failed=False)   # as clients.operation("postgres", "select", ...)
     """
 
-    __slots__ = ("_duration", "_errors", "_metric", "_on_error")
+    __slots__ = ("_duration", "_errors", "_metric", "_on_error", "succeeded")
 
     def __init__(self, duration: Series, errors: Series, metric: str, on_error: ErrorCallback):
         self._duration = duration
         self._errors = errors
         self._metric = metric
         self._on_error = on_error
+        #: ``record(seconds, False)`` a frame shorter, for a caller that catches what it raises
+        #: and hands it to :meth:`report` (a client dispatcher, once per call that succeeded).
+        self.succeeded = duration.observe
 
     def record(self, seconds: float, failed: bool) -> None:
         """One operation that took ``seconds`` (the current span as the bucket's exemplar); never raises."""
@@ -54,6 +57,10 @@ class BoundOperation:
                 self._errors.add(1)
         except Exception as error:  # noqa: BLE001 - recording must never raise into the app
             self._on_error(self._metric, error)
+
+    def report(self, error: Exception) -> None:
+        """Count ``error``, raised by :attr:`succeeded`, as :meth:`record` counts its own; never raises."""
+        self._on_error(self._metric, error)
 
 
 def _metric_names(backend: str) -> tuple[str, str]:
@@ -89,6 +96,13 @@ class BoundFailures:
                 self._errors.add(1)
         except Exception as error:  # noqa: BLE001 - recording must never raise into the app
             self._on_error(self._metric, error)
+
+    def succeeded(self, seconds: float) -> None:
+        """:meth:`BoundOperation.succeeded`'s counterpart: a call that succeeded counts nothing."""
+
+    def report(self, error: Exception) -> None:
+        """As :meth:`BoundOperation.report`."""
+        self._on_error(self._metric, error)
 
 
 class ClientRecorder(Recorder):
