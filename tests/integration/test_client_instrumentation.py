@@ -377,6 +377,32 @@ def test_a_call_whose_recording_fails_returns_its_result_and_counts_a_recording_
     assert 'chatobs_recording_errors_total{metric="redis_operation_seconds"} 1' in text, text
 
 
+def test_a_span_processor_added_after_instrumenting_gets_the_client_spans_from_then_on(stack):
+    telemetry = Telemetry(load_settings({}), service="worker")
+    telemetry.instrument()
+    exporter = InMemorySpanExporter()
+
+    async def calls() -> None:
+        client = aioredis.Redis.from_url(stack["REDIS_URL"])
+        listener = client.pubsub()
+        try:
+            await client.get("client-test-later")
+            await listener.subscribe("client-test-later")
+            await listener.get_message(timeout=1.0)
+            telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+            await client.get("client-test-later")
+        finally:
+            await listener.aclose()
+            await client.aclose()
+
+    try:
+        asyncio.run(calls())
+    finally:
+        uninstrument_libraries()
+        telemetry.shutdown()
+    assert [span.name for span in exporter.get_finished_spans() if span.kind is SpanKind.CLIENT] == ["GET"]
+
+
 def test_a_start_against_an_unreachable_broker_counts_a_connect_error(stack):
     telemetry = Telemetry(load_settings({}), service="publisher")
     telemetry.instrument()

@@ -238,6 +238,12 @@ def _records_bound(operation: ClientOperation) -> bool:
     return isinstance(operation, BackendOperation) and type(operation).record is BackendOperation.record
 
 
+def _flagged_provider(gate: Callable[[], bool]) -> Any:
+    """The tracer provider whose ``has_span_processors`` ``gate`` reads first (a
+    :class:`SpanGate`'s), for a dispatcher to read itself; None for any other gate."""
+    return gate.flagged if isinstance(gate, SpanGate) else None
+
+
 def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
     _logger.debug("chatobs: %s.%s failed", type(operation).__name__, step, exc_info=error)
 
@@ -279,6 +285,7 @@ def dispatching(
     enabled, describe, record = _enabled_of(operation), operation.describe, operation.record
     propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
     bound = _records_bound(operation)
+    flagged = _flagged_provider(gate)
     clock = time.perf_counter
 
     async def dispatch(*args: Any, **kwargs: Any) -> Any:
@@ -287,7 +294,7 @@ def dispatching(
         call = original
         try:
             described = describe(args, kwargs)
-            if traced is not None and gate():
+            if traced is not None and (flagged is None or flagged.has_span_processors) and gate():
                 call = traced
             elif propagate is not None:
                 args, kwargs = propagate(args, kwargs)
@@ -327,6 +334,7 @@ def dispatching_sync(
     enabled, describe, record = _enabled_of(operation), operation.describe, operation.record
     propagate = operation.propagate if type(operation).propagate is not ClientOperation.propagate else None
     bound = _records_bound(operation)
+    flagged = _flagged_provider(gate)
     clock = time.perf_counter
 
     def dispatch(*args: Any, **kwargs: Any) -> Any:
@@ -335,7 +343,7 @@ def dispatching_sync(
         call = original
         try:
             described = describe(args, kwargs)
-            if traced is not None and gate():
+            if traced is not None and (flagged is None or flagged.has_span_processors) and gate():
                 call = traced
             elif propagate is not None:
                 args, kwargs = propagate(args, kwargs)
@@ -367,9 +375,9 @@ def dispatching_sync(
 
 # A call measured by its failures alone (a poll, a pub/sub read) runs the most often of all, a
 # Redis read per streamed token and a Kafka poll per fetch, mostly in a context nothing
-# suppresses, and never fails: on success its dispatcher costs one frame (and one attribute
-# read: is the series bound yet?), and only a failure asks whether instrumentation is on (the
-# call was made anyway, and is not measured if not).
+# suppresses, and never fails: on success its dispatcher costs one frame (and two attribute
+# reads: is the series bound yet, has the provider a span processor?), and only a failure asks
+# whether instrumentation is on (the call was made anyway, and is not measured if not).
 
 
 def _failures_steps(
@@ -411,12 +419,14 @@ def _failures_dispatching(
 ) -> Callable[..., Any]:
     """:func:`dispatching` for a :class:`FailuresOnly` call: nothing timed, only failures recorded."""
     first, which, count = _failures_steps(original, traced, gate, operation)
+    flagged = _flagged_provider(gate)
 
     async def dispatch(*args: Any, **kwargs: Any) -> Any:
         if operation.failures is None:
             first()
+        untraced = traced is None or (flagged is not None and not flagged.has_span_processors)
         try:
-            return await (original if traced is None else which())(*args, **kwargs)
+            return await (original if untraced else which())(*args, **kwargs)
         except BaseException as error:
             count(error)
             raise
@@ -432,12 +442,14 @@ def _failures_dispatching_sync(
 ) -> Callable[..., Any]:
     """:func:`_failures_dispatching` for a synchronous method."""
     first, which, count = _failures_steps(original, traced, gate, operation)
+    flagged = _flagged_provider(gate)
 
     def dispatch(*args: Any, **kwargs: Any) -> Any:
         if operation.failures is None:
             first()
+        untraced = traced is None or (flagged is not None and not flagged.has_span_processors)
         try:
-            return (original if traced is None else which())(*args, **kwargs)
+            return (original if untraced else which())(*args, **kwargs)
         except BaseException as error:
             count(error)
             raise

@@ -35,16 +35,19 @@ class SpanGate:
     not drawn yet, so a root always gets its span, and the sampler decides at its start.
     """
 
-    __slots__ = ("_decide", "_flagged", "_sampler")
+    __slots__ = ("_decide", "_sampler", "flagged")
 
     def __init__(self, tracer_provider: Any):
-        # Read as a plain attribute on every call: chatobs's providers keep it up to date.
-        self._flagged = tracer_provider if hasattr(tracer_provider, "has_span_processors") else None
+        #: The tracer provider when it says whether it has span processors (its
+        #: ``has_span_processors``, a plain attribute chatobs's providers keep up to date), else
+        #: None. A dispatcher reads it itself before calling the gate: with no processor, the
+        #: answer is no, and asking costs a frame on every client call.
+        self.flagged = tracer_provider if hasattr(tracer_provider, "has_span_processors") else None
         self._sampler = getattr(tracer_provider, "sampler", None)
         self._decide = getattr(self._sampler, "parent_decision", None)
 
     def __call__(self) -> bool:
-        if self._flagged is not None and not self._flagged.has_span_processors:
+        if self.flagged is not None and not self.flagged.has_span_processors:
             return False
         parent = trace.get_current_span().get_span_context()
         if not parent.is_valid or self._sampler is None:
