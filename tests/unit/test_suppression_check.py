@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import pytest
 from opentelemetry import context
@@ -16,7 +17,12 @@ from opentelemetry.instrumentation.utils import (
     suppress_instrumentation,
 )
 
-from chatobs.instrumentation.dispatch import _enabled_check, http_instrumentation_enabled, instrumentation_enabled
+from chatobs.instrumentation.dispatch import (
+    _enabled_check,
+    http_instrumentation_enabled,
+    instrumentation_enabled,
+    instrumentation_enabled_unless,
+)
 
 
 @contextlib.contextmanager
@@ -55,3 +61,34 @@ def test_a_utility_that_answers_otherwise_than_the_learned_keys_is_asked_itself(
         return True
 
     assert _enabled_check(never_suppressed, suppress_instrumentation) is never_suppressed
+
+
+FLAG: ContextVar[bool] = ContextVar("test_flag", default=False)
+
+
+@contextlib.contextmanager
+def _flagged() -> Iterator[None]:
+    token = FLAG.set(True)
+    try:
+        yield
+    finally:
+        FLAG.reset(token)
+
+
+@pytest.mark.parametrize("scope", SCOPES.values(), ids=SCOPES.keys())
+def test_a_check_with_a_flag_of_its_own_answers_as_the_utility_and_no_while_the_flag_is_set(scope):
+    enabled = instrumentation_enabled_unless(FLAG)
+    with scope():
+        assert enabled() is is_instrumentation_enabled()
+        with _flagged():
+            assert enabled() is False
+
+
+def test_a_flag_is_still_honoured_when_the_utility_is_left_in_charge():
+    def never_suppressed() -> bool:
+        return True
+
+    enabled = _enabled_check(never_suppressed, suppress_instrumentation, unless=FLAG)
+    assert enabled() is True
+    with _flagged():
+        assert enabled() is False

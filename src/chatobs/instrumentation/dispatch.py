@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,6 +61,7 @@ __all__ = [
     "dispatching_sync",
     "http_instrumentation_enabled",
     "instrumentation_enabled",
+    "instrumentation_enabled_unless",
     "spanned",
 ]
 
@@ -83,9 +85,12 @@ def _keys_set_by(suppress: Suppressor) -> tuple[str, ...]:
     return tuple(key for key, value in inside.items() if value and outside.get(key) is not value)
 
 
-def _enabled_check(utility: Callable[[], bool], *suppressors: Suppressor) -> Callable[[], bool]:
+def _enabled_check(
+    utility: Callable[[], bool], *suppressors: Suppressor, unless: ContextVar[bool] | None = None
+) -> Callable[[], bool]:
     """A check of the current context that answers as ``utility`` (the contrib's
-    ``is_*instrumentation_enabled``) does, with one read of the context, not one a key.
+    ``is_*instrumentation_enabled``) does, with one read of the context, not one a key; and
+    False while ``unless`` is set (a flag of chatobs's own, asked first, in the same frame).
 
     The utility reads the context once a key, a dozen Python calls on a service's cold
     caches, on every client call. Here the keys the ``suppressors`` set are learned once and
@@ -93,8 +98,11 @@ def _enabled_check(utility: Callable[[], bool], *suppressors: Suppressor) -> Cal
     disagree (a contrib release that suppresses some other way), the utility is asked itself.
     """
     keys = tuple(dict.fromkeys(key for suppress in suppressors for key in _keys_set_by(suppress)))
+    flag = unless.get if unless is not None else None
 
     def enabled() -> bool:
+        if flag is not None and flag():
+            return False
         context = get_current()
         for key in keys:  # noqa: SIM110 - all() over a generator is a frame more, every client call
             if context.get(key):
@@ -114,7 +122,20 @@ def _enabled_check(utility: Callable[[], bool], *suppressors: Suppressor) -> Cal
             agreed = agreed and agree()
         finally:
             detach(token)
-    return enabled if agreed else utility
+    if agreed:
+        return enabled
+    return utility if flag is None else lambda: not flag() and utility()
+
+
+def instrumentation_enabled_unless(flag: ContextVar[bool]) -> Callable[[], bool]:
+    """:data:`instrumentation_enabled`, and False while ``flag`` is set: one check, one frame.
+
+    Example::
+
+        _RESETTING: ContextVar[bool] = ContextVar("resetting", default=False)
+        statement_enabled = instrumentation_enabled_unless(_RESETTING)
+    """
+    return _enabled_check(is_instrumentation_enabled, suppress_instrumentation, unless=flag)
 
 
 #: Whether instrumentation is on in the current context (``suppress_instrumentation`` says not).

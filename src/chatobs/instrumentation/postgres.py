@@ -43,7 +43,7 @@ from chatobs.instrumentation.dispatch import (
     Wiring,
     dispatcher,
     dispatching,
-    instrumentation_enabled,
+    instrumentation_enabled_unless,
     spanned,
 )
 from chatobs.recorders.clients import BoundOperation
@@ -89,8 +89,8 @@ class _Statement(BackendOperation):
 
     backend = "postgres"
 
-    def enabled(self) -> bool:
-        return not _RESETTING.get() and instrumentation_enabled()
+    # One check for both: not while a pool resets the connection, nor under suppression.
+    enabled = staticmethod(instrumentation_enabled_unless(_RESETTING))
 
     def describe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundOperation:
         # By keyword it is `query`, but `command` for `executemany`.
