@@ -43,7 +43,7 @@ from opentelemetry.instrumentation.utils import (
 )
 from opentelemetry.trace import SpanKind
 
-from chatobs.instrumentation.gate import SpanGate
+from chatobs.instrumentation.gate import SAYS_IT_HAS_PROCESSORS, SpanGate
 
 if TYPE_CHECKING:
     from chatobs.recorders.clients import Backend, BoundFailures, BoundOperation, ClientRecorder
@@ -260,9 +260,10 @@ def _records_bound(operation: ClientOperation) -> bool:
 
 
 def _flagged_provider(gate: Callable[[], bool]) -> Any:
-    """The tracer provider whose ``has_span_processors`` ``gate`` reads first (a
-    :class:`SpanGate`'s), for a dispatcher to read itself; None for any other gate."""
-    return gate.flagged if isinstance(gate, SpanGate) else None
+    """Whose ``has_span_processors`` ``gate`` reads first (a :class:`SpanGate`'s
+    :attr:`~SpanGate.flagged`), for a dispatcher to read itself; for any other gate, a stand-in
+    that always says yes, so that gate is always asked."""
+    return gate.flagged if isinstance(gate, SpanGate) else SAYS_IT_HAS_PROCESSORS
 
 
 def _fail_safe(operation: ClientOperation, step: str, error: Exception) -> None:
@@ -315,7 +316,7 @@ def dispatching(
         call = original
         try:
             described = describe(args, kwargs)
-            if traced is not None and (flagged is None or flagged.has_span_processors) and gate():
+            if traced is not None and flagged.has_span_processors and gate():
                 call = traced
             elif propagate is not None:
                 args, kwargs = propagate(args, kwargs)
@@ -364,7 +365,7 @@ def dispatching_sync(
         call = original
         try:
             described = describe(args, kwargs)
-            if traced is not None and (flagged is None or flagged.has_span_processors) and gate():
+            if traced is not None and flagged.has_span_processors and gate():
                 call = traced
             elif propagate is not None:
                 args, kwargs = propagate(args, kwargs)
@@ -413,7 +414,7 @@ def _failures_steps(
         try:
             operation.show()
         except Exception as error:  # noqa: BLE001 - instrumentation never fails the call
-            _fail_safe(operation, "describe", error)
+            _fail_safe(operation, "bind", error)
 
     def which() -> Callable[..., Any]:
         try:
@@ -445,7 +446,7 @@ def _failures_dispatching(
     async def dispatch(*args: Any, **kwargs: Any) -> Any:
         if operation.failures is None:
             first()
-        untraced = traced is None or (flagged is not None and not flagged.has_span_processors)
+        untraced = traced is None or not flagged.has_span_processors
         try:
             return await (original if untraced else which())(*args, **kwargs)
         except BaseException as error:
@@ -468,7 +469,7 @@ def _failures_dispatching_sync(
     def dispatch(*args: Any, **kwargs: Any) -> Any:
         if operation.failures is None:
             first()
-        untraced = traced is None or (flagged is not None and not flagged.has_span_processors)
+        untraced = traced is None or not flagged.has_span_processors
         try:
             return (original if untraced else which())(*args, **kwargs)
         except BaseException as error:

@@ -17,12 +17,18 @@ Example::
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-__all__ = ["SpanGate"]
+__all__ = ["SAYS_IT_HAS_PROCESSORS", "SpanGate"]
+
+
+#: What stands for a tracer provider that does not say whether it has span processors (one
+#: not chatobs's, say): taken to have some.
+SAYS_IT_HAS_PROCESSORS = SimpleNamespace(has_span_processors=True)
 
 
 class SpanGate:
@@ -38,16 +44,17 @@ class SpanGate:
     __slots__ = ("_decide", "_sampler", "flagged")
 
     def __init__(self, tracer_provider: Any):
-        #: The tracer provider when it says whether it has span processors (its
-        #: ``has_span_processors``, a plain attribute chatobs's providers keep up to date), else
-        #: None. A dispatcher reads it itself before calling the gate: with no processor, the
-        #: answer is no, and asking costs a frame on every client call.
-        self.flagged = tracer_provider if hasattr(tracer_provider, "has_span_processors") else None
+        #: Whose ``has_span_processors`` (a plain attribute chatobs's providers keep up to date)
+        #: says whether any span can be recorded: the tracer provider's, or, for a provider that
+        #: does not say, :data:`SAYS_IT_HAS_PROCESSORS`'s. A dispatcher reads it itself before
+        #: calling the gate: with no processor, the answer is no, and asking costs a frame on
+        #: every client call.
+        self.flagged = tracer_provider if hasattr(tracer_provider, "has_span_processors") else SAYS_IT_HAS_PROCESSORS
         self._sampler = getattr(tracer_provider, "sampler", None)
         self._decide = getattr(self._sampler, "parent_decision", None)
 
     def __call__(self) -> bool:
-        if self.flagged is not None and not self.flagged.has_span_processors:
+        if not self.flagged.has_span_processors:
             return False
         parent = trace.get_current_span().get_span_context()
         if not parent.is_valid or self._sampler is None:
