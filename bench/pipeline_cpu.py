@@ -20,6 +20,14 @@ from 26% to -4% between two runs, so it is not in the full run).
     python bench/pipeline_cpu.py --cpu            # and then cpu_share
     python bench/pipeline_cpu.py --demo           # the demo's load, 60 s
     python bench/pipeline_cpu.py --demo --traces  # the same, every span exported
+    python bench/pipeline_cpu.py --demo --paused --sample-rate 200  # stacks read paused
+    python bench/pipeline_cpu.py --demo --gc      # and each service's garbage collections
+
+Two checks of the measure itself: ``--paused`` has py-spy stop each process for every
+sample, so no stack changes while it is read (``--nonblocking``, the default, reads them
+running; pausing costs the process, hence a lower rate); ``--gc`` times every garbage
+collection in each service (``bench/gc_probe``: a collection runs inside whichever
+allocation triggers it, and py-spy charges it to that line).
 """
 
 from __future__ import annotations
@@ -27,9 +35,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -40,7 +52,16 @@ from chatobs.stack import LocalStack
 from chatpipe import demo
 from chatpipe.launcher import Pipeline
 
-__all__ = ["INSTRUMENTED", "Share", "cpu_share", "demo_share", "profiled_share", "traces_exported"]
+__all__ = [
+    "INSTRUMENTED",
+    "CollectionProbe",
+    "Collections",
+    "Share",
+    "cpu_share",
+    "demo_share",
+    "profiled_share",
+    "traces_exported",
+]
 
 SERVICES = ("gateway", "worker")
 #: Every instrumented service of the pipeline (the simulators are not the product).
@@ -111,21 +132,94 @@ async def _demo_traffic(pipeline: Pipeline, seconds: float, rate: float) -> int:
     return counters.sent
 
 
+@dataclass(frozen=True)
+class Collections:
+    """One service's garbage collections over the profiled minute (see ``gc_probe``)."""
+
+    young: int  #: collections of generations 0 and 1
+    young_seconds: float
+    full: int  #: collections of generation 2
+    full_seconds: float
+    cpu_seconds: float  #: the process's CPU over the same time
+
+    @property
+    def young_share(self) -> float:
+        return self.young_seconds / self.cpu_seconds if self.cpu_seconds else 0.0
+
+
+class CollectionProbe:
+    """The services' environment for ``gc_probe`` (``bench/gc_probe/sitecustomize.py``), and its
+    readings: :meth:`reading` twice, and :meth:`between` them."""
+
+    def __init__(self) -> None:
+        self._directory = tempfile.TemporaryDirectory()
+        #: Each service's collections over the last :func:`demo_share`'s profiled time.
+        self.last: dict[str, Collections] = {}
+
+    def environment(self) -> dict[str, str]:
+        # Ahead of any PYTHONPATH already set (a checkout run from a worktree, say), not instead.
+        paths = [str(Path(__file__).with_name("gc_probe")), os.environ.get("PYTHONPATH", "")]
+        return {"PYTHONPATH": os.pathsep.join(filter(None, paths)), "BENCH_GC_DIR": self._directory.name}
+
+    def reading(self, pids: dict[str, int]) -> dict[str, dict[str, Any]]:
+        time.sleep(1.5)  # the probes write once a second
+        readings = {}
+        for name, pid in pids.items():
+            path = Path(self._directory.name) / f"{pid}.json"
+            if not path.exists():
+                raise RuntimeError(f"{name} wrote no garbage collection figures ({path}): was gc_probe imported?")
+            readings[name] = json.loads(path.read_text())
+        return readings
+
+    @staticmethod
+    def between(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Collections]:
+        def moved(name: str, generations: tuple[str, ...], field: int) -> float:
+            return sum(after[name]["collections"][g][field] - before[name]["collections"][g][field]
+                       for g in generations)  # fmt: skip
+
+        return {
+            name: Collections(
+                young=int(moved(name, ("0", "1"), 0)),
+                young_seconds=moved(name, ("0", "1"), 1),
+                full=int(moved(name, ("2",), 0)),
+                full_seconds=moved(name, ("2",), 1),
+                cpu_seconds=after[name]["cpu_seconds"] - before[name]["cpu_seconds"],
+            )
+            for name in after
+        }
+
+    def close(self) -> None:
+        self._directory.cleanup()
+
+
 def demo_share(
-    seconds: float = 60, rate: float = 6.0, env: dict[str, str] | None = None
+    seconds: float = 60,
+    rate: float = 6.0,
+    env: dict[str, str] | None = None,
+    *,
+    paused: bool = False,
+    sample_rate: int = 1000,
+    collections: CollectionProbe | None = None,
 ) -> tuple[dict[str, Share], int]:
     """py-spy's view under ``chatobs demo``'s load (``rate`` messages a second for ``seconds``,
     after a 10 s warm-up), for every pipeline service: ``({service: share}, messages sent
-    while profiled)``. ``env`` is added to the demo's environment (a sampler, say)."""
+    while profiled)``. ``env`` is added to the demo's environment (a sampler, say).
+    ``paused``: py-spy stops each process for every sample (see :class:`Profiler`), at
+    ``sample_rate`` samples a second. ``collections``: the services also time their garbage
+    collections over the profiled time (read them with ``collections.last``)."""
+    env = {**demo.DEMO_ENV, **(env or {}), **(collections.environment() if collections else {})}
     with (
         LocalStack.from_environment() as stack,
         tempfile.TemporaryDirectory() as run_dir,
-        Pipeline(stack.environment, Path(run_dir), env={**demo.DEMO_ENV, **(env or {})}) as pipeline,
+        Pipeline(stack.environment, Path(run_dir), env=env) as pipeline,
     ):
         asyncio.run(_demo_traffic(pipeline, 10, rate))  # warm-up
         pids = {name: pid for name, pid in pipeline.pids().items() if name in PIPELINE_SERVICES}
-        with Profiler(pids) as profiler:
+        before = collections.reading(pids) if collections else None
+        with Profiler(pids, rate=sample_rate, paused=paused) as profiler:
             sent = asyncio.run(_demo_traffic(pipeline, seconds, rate))
+        if collections and before is not None:
+            collections.last = CollectionProbe.between(before, collections.reading(pids))
         return profiler.results(), sent
 
 
@@ -149,6 +243,13 @@ def _print(results: dict[str, Share]) -> None:
             print(f"    {share:6.1%}  {function}")
 
 
+def _print_collections(collections: dict[str, Collections]) -> None:
+    for service, seen in collections.items():
+        print(f"{service}: garbage collections {seen.young} young ({seen.young_seconds * 1000:.0f} ms, "
+              f"{seen.young_share:.1%} of its {seen.cpu_seconds:.2f} s of CPU), {seen.full} full "
+              f"({seen.full_seconds * 1000:.0f} ms)")  # fmt: skip
+
+
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", action="store_true", help="the load of `chatobs demo` (60 s), not chat turns")
@@ -162,26 +263,58 @@ def _arguments() -> argparse.Namespace:
         action="store_true",
         help="without --demo: then psutil's CPU times, instrumented against OTEL_SDK_DISABLED",
     )
+    parser.add_argument(
+        "--paused",
+        action="store_true",
+        help="with --demo: py-spy stops each process for every sample (use a lower --sample-rate)",
+    )
+    parser.add_argument(
+        "--sample-rate",
+        type=_positive,
+        default=1000,
+        metavar="HZ",
+        help="with --demo: py-spy's samples a second (default: 1000)",
+    )
+    parser.add_argument(
+        "--gc", action="store_true", help="with --demo: time each service's garbage collections over the profiled time"
+    )
     args = parser.parse_args()
-    if args.traces and not args.demo:
-        parser.error("--traces goes with --demo")
+    for flag, given in (("--traces", args.traces), ("--paused", args.paused), ("--gc", args.gc),
+                        ("--sample-rate", args.sample_rate != 1000)):  # fmt: skip
+        if given and not args.demo:
+            parser.error(f"{flag} goes with --demo")
     if args.cpu and args.demo:
         parser.error("--cpu measures the chat turns' load, not --demo's")
     return args
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number, at least 1, not {text!r}")
+    return int(text)
+
+
+def _demo(arguments: argparse.Namespace) -> None:
+    probe = CollectionProbe() if arguments.gc else None
+    try:
+        with traces_exported() if arguments.traces else contextlib.nullcontext({}) as exporting:
+            shares, sent = demo_share(env=exporting, paused=arguments.paused, sample_rate=arguments.sample_rate,
+                                      collections=probe)  # fmt: skip
+        how = ", every span exported" if arguments.traces else ""
+        how += f", stacks read paused at {arguments.sample_rate} Hz" if arguments.paused else ""
+        print(f"demo load{how}: {sent} messages")
+        _print(shares)
+        if probe is not None:
+            _print_collections(probe.last)
+    finally:
+        if probe is not None:
+            probe.close()
+
+
 if __name__ == "__main__":
     arguments = _arguments()
-    if arguments.demo and arguments.traces:
-        with traces_exported() as exporting:
-            shares, sent = demo_share(env=exporting)
-        print(f"demo load, every span exported: {sent} messages")
-        _print(shares)
-        raise SystemExit
     if arguments.demo:
-        shares, sent = demo_share()
-        print(f"demo load: {sent} messages")
-        _print(shares)
+        _demo(arguments)
         raise SystemExit
     _print(profiled_share())
     if arguments.cpu:

@@ -162,15 +162,19 @@ def share_of(raw: str) -> Share:
 
 
 class Profiler:
-    """py-spy attached to each ``{name: pid}`` until the ``with`` block ends."""
+    """py-spy attached to each ``{name: pid}`` until the ``with`` block ends, ``rate`` samples a
+    second. By default it reads each stack while the process runs (``--nonblocking``: no cost
+    to the process, but a stack may change while it is read); ``paused``, it stops the process
+    for each sample, which costs the process, so use a lower ``rate``."""
 
-    def __init__(self, pids: dict[str, int], rate: int = 1000):
+    def __init__(self, pids: dict[str, int], rate: int = 1000, paused: bool = False):
         executable = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(executable).exists():
             raise RuntimeError("py-spy not found: pip install py-spy")
         self._executable = executable
         self._pids = pids
         self._rate = rate
+        self._paused = paused
         self._dir = tempfile.TemporaryDirectory()
         self._running: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -179,9 +183,11 @@ class Profiler:
 
     def __enter__(self) -> Profiler:
         for name, pid in self._pids.items():
+            # Read running (the default) or with the process stopped for each sample: see the class doc.
+            blocking = [] if self._paused else ["--nonblocking"]
             self._running[name] = subprocess.Popen(
                 [self._executable, "record", "--pid", str(pid), "--rate", str(self._rate), "--format", "raw",
-                 "--full-filenames", "--nonblocking", "--gil", "--output", str(self._output(name))],
+                 "--full-filenames", *blocking, "--gil", "--output", str(self._output(name))],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
         return self
