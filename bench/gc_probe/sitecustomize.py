@@ -31,6 +31,7 @@ def _install(directory: str) -> None:
         totals[1] += time.thread_time() - started[0]
 
     def dump() -> None:
+        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{os.getpid()}.json")
         while True:
             time.sleep(1)

@@ -25,9 +25,11 @@ def _run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_process_with_the_probe_reports_its_collections_by_generation(tmp_path):
-    result = _run({"PYTHONPATH": PROBE, "BENCH_GC_DIR": str(tmp_path)})
+    directory = tmp_path / "not yet made"  # the probe makes it
+    result = _run({"PYTHONPATH": PROBE, "BENCH_GC_DIR": str(directory)})
     assert result.returncode == 0, result.stderr[-2000:]
-    (written,) = tmp_path.glob("*.json")
+    assert result.stderr == ""
+    (written,) = directory.glob("*.json")
     figures = json.loads(written.read_text())
     full_count, full_seconds = figures["collections"]["2"]
     assert full_count >= 3  # the interpreter may collect on its own too, never fewer
@@ -36,9 +38,9 @@ def test_a_process_with_the_probe_reports_its_collections_by_generation(tmp_path
     assert figures["cpu_seconds"] > 0
 
 
-def test_without_a_directory_the_probe_does_nothing():
+def test_without_a_directory_the_probe_does_nothing(tmp_path):
     looking = "import gc, threading; print(len(gc.callbacks), sorted(t.name for t in threading.enumerate()))"
-    for env in ({"PYTHONPATH": PROBE}, {"PYTHONPATH": PROBE, "BENCH_GC_DIR": "/probe/dir"}):
+    for env in ({"PYTHONPATH": PROBE}, {"PYTHONPATH": PROBE, "BENCH_GC_DIR": str(tmp_path)}):
         result = subprocess.run([sys.executable, "-c", looking], env=clean_env(env), capture_output=True,
                                 text=True, timeout=60)  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
