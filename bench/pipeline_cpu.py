@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 import psutil
 from discard import discarding_receiver
-from profile_share import Profiler, Share
+from profile_share import DEFAULT_RATE, Profiler, Share
 
 from chatobs.stack import LocalStack
 from chatpipe import demo
@@ -198,7 +198,7 @@ def demo_share(
     env: dict[str, str] | None = None,
     *,
     paused: bool = False,
-    sample_rate: int = 1000,
+    sample_rate: int = DEFAULT_RATE,
     collections: CollectionProbe | None = None,
 ) -> tuple[dict[str, Share], int]:
     """py-spy's view under ``chatobs demo``'s load (``rate`` messages a second for ``seconds``,
@@ -215,10 +215,10 @@ def demo_share(
     ):
         asyncio.run(_demo_traffic(pipeline, 10, rate))  # warm-up
         pids = {name: pid for name, pid in pipeline.pids().items() if name in PIPELINE_SERVICES}
-        before = collections.reading(pids) if collections else None
+        before = collections.reading(pids) if collections is not None else {}
         with Profiler(pids, rate=sample_rate, paused=paused) as profiler:
             sent = asyncio.run(_demo_traffic(pipeline, seconds, rate))
-        if collections and before is not None:
+        if collections is not None:
             collections.last = CollectionProbe.between(before, collections.reading(pids))
         return profiler.results(), sent
 
@@ -271,16 +271,15 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--sample-rate",
         type=_positive,
-        default=1000,
         metavar="HZ",
-        help="with --demo: py-spy's samples a second (default: 1000)",
+        help=f"with --demo: py-spy's samples a second (default: {DEFAULT_RATE})",
     )
     parser.add_argument(
         "--gc", action="store_true", help="with --demo: time each service's garbage collections over the profiled time"
     )
     args = parser.parse_args()
     for flag, given in (("--traces", args.traces), ("--paused", args.paused), ("--gc", args.gc),
-                        ("--sample-rate", args.sample_rate != 1000)):  # fmt: skip
+                        ("--sample-rate", args.sample_rate is not None)):  # fmt: skip
         if given and not args.demo:
             parser.error(f"{flag} goes with --demo")
     if args.cpu and args.demo:
@@ -295,13 +294,14 @@ def _positive(text: str) -> int:
 
 
 def _demo(arguments: argparse.Namespace) -> None:
+    sample_rate = arguments.sample_rate or DEFAULT_RATE
     probe = CollectionProbe() if arguments.gc else None
     try:
         with traces_exported() if arguments.traces else contextlib.nullcontext({}) as exporting:
-            shares, sent = demo_share(env=exporting, paused=arguments.paused, sample_rate=arguments.sample_rate,
+            shares, sent = demo_share(env=exporting, paused=arguments.paused, sample_rate=sample_rate,
                                       collections=probe)  # fmt: skip
         how = ", every span exported" if arguments.traces else ""
-        how += f", stacks read paused at {arguments.sample_rate} Hz" if arguments.paused else ""
+        how += f", stacks read paused at {sample_rate} Hz" if arguments.paused else ""
         print(f"demo load{how}: {sent} messages")
         _print(shares)
         if probe is not None:

@@ -161,13 +161,17 @@ def share_of(raw: str) -> Share:
     return result
 
 
+#: py-spy's samples a second unless told otherwise.
+DEFAULT_RATE = 1000
+
+
 class Profiler:
     """py-spy attached to each ``{name: pid}`` until the ``with`` block ends, ``rate`` samples a
     second. By default it reads each stack while the process runs (``--nonblocking``: no cost
     to the process, but a stack may change while it is read); ``paused``, it stops the process
     for each sample, which costs the process, so use a lower ``rate``."""
 
-    def __init__(self, pids: dict[str, int], rate: int = 1000, paused: bool = False):
+    def __init__(self, pids: dict[str, int], rate: int = DEFAULT_RATE, paused: bool = False):
         executable = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(executable).exists():
             raise RuntimeError("py-spy not found: pip install py-spy")
