@@ -35,7 +35,6 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
@@ -158,15 +157,26 @@ _NUMBER_KINDS = (Kind.COUNTER, Kind.UP_DOWN, Kind.GAUGE)
 
 #: A bucket's latest exemplar: (value, time in ns, the span's context).
 RawExemplar = tuple[float, int, trace.SpanContext]
-#: Most observations a store holds before it counts them in their cells (:meth:`CellStore.fold`)
-#: itself, on the hot path: a service scraped rarely (or never: OTLP push only, or no reader)
-#: holds at most this many, about 200 kB.
-PENDING_LIMIT = 1024
-_time_ns = time.time_ns
+#: A bucket looks for the current span, to keep as its exemplar, at most this often. Finding the
+#: current span is most of an observation's cost (several OpenTelemetry API calls), and a scrape
+#: shows one exemplar a bucket anyway: the latest, now at most this much older than the latest
+#: observation. Finding none counts as a look: a statement run outside any span (a transaction's
+#: BEGIN, a periodic count) would otherwise look on every call, and find nothing every time.
+EXEMPLAR_REFRESH_NS = 1_000_000_000
+
+
+def _looked_up(looked: list[int], index: int, sample: ExemplarSampler) -> trace.SpanContext | None:
+    """The current span, if bucket ``index`` last looked for one ``EXEMPLAR_REFRESH_NS`` ago or more."""
+    now = time.monotonic_ns()  # an interval: the wall clock may step
+    if now - looked[index] < EXEMPLAR_REFRESH_NS:
+        return None
+    looked[index] = now  # two threads may both look: harmless, and cheaper than a lock
+    return sample(None)
 
 
 class HistogramCell:
-    __slots__ = ("_bounds", "_lock", "attributes", "count", "counts", "exemplars", "max", "min", "start", "sum")
+    __slots__ = ("_bounds", "_lock", "_looked", "attributes", "count", "counts", "exemplars", "max", "min", "start",
+                 "sum")  # fmt: skip
 
     def __init__(self, attributes: dict[str, str], bounds: Sequence[float]):
         self.attributes = attributes
@@ -177,20 +187,20 @@ class HistogramCell:
         self.min = math.inf  # the SDK's explicit-bucket aggregation records both, for OTLP
         self.max = -math.inf
         self.exemplars: list[RawExemplar | None] = [None] * (len(bounds) + 1)
+        self._looked = [-EXEMPLAR_REFRESH_NS] * (len(bounds) + 1)  # when each bucket last looked for a span
         self.start = time.time_ns()
         self._lock = threading.Lock()
 
-    def observe(self, value: float, exemplar_span: trace.SpanContext | None = None) -> None:
-        """Count ``value``, already checked (see :func:`checked_amount`); ``exemplar_span``, if
-        given, becomes its bucket's exemplar."""
-        # A tuple here, the SDK's Exemplar only at collection: most are replaced before a scrape.
-        self.count_in(value, (value, time.time_ns(), exemplar_span) if exemplar_span is not None else None)
-
-    def count_in(self, value: float, exemplar: RawExemplar | None) -> None:
-        """Count ``value``, already checked, with ``exemplar`` (value, time, span) as its bucket's
-        latest, if given: what :meth:`observe` does, and what a fold of the store's pending
-        observations does with each (see :meth:`CellStore.fold`)."""
+    def observe(
+        self, value: float, exemplar_span: trace.SpanContext | None, sample: ExemplarSampler | None = None
+    ) -> None:
+        """Count ``value``, already checked (see :func:`checked_amount`). The exemplar is
+        ``exemplar_span``, or what ``sample`` finds (the current span) if the bucket's is stale."""
         index = bisect_left(self._bounds, value)  # buckets are upper-inclusive, as Prometheus's `le`
+        if sample is not None:
+            exemplar_span = _looked_up(self._looked, index, sample)
+        # A tuple here, the SDK's Exemplar only at collection: most are replaced before a scrape.
+        exemplar = (value, time.time_ns(), exemplar_span) if exemplar_span is not None else None
         with self._lock:  # the exemplar with its count: a scrape sees both or neither
             self.counts[index] += 1
             self.count += 1
@@ -305,8 +315,13 @@ class FileHistogramCell(HistogramCell):
         super().__init__(attributes, bounds)
         self._file, self._offset = file, offset
 
-    def count_in(self, value: float, exemplar: RawExemplar | None) -> None:
+    def observe(
+        self, value: float, exemplar_span: trace.SpanContext | None, sample: ExemplarSampler | None = None
+    ) -> None:
         index = bisect_left(self._bounds, value)
+        if sample is not None:
+            exemplar_span = _looked_up(self._looked, index, sample)
+        exemplar = (value, time.time_ns(), exemplar_span) if exemplar_span is not None else None
         write, offset = self._file.write, self._offset
         with self._lock:
             self.counts[index] += 1
@@ -387,7 +402,7 @@ class Series:
     each recording, as through the store.
     """
 
-    __slots__ = ("__weakref__", "_cell", "_key", "_name", "_pending", "_rejected", "_store")
+    __slots__ = ("__weakref__", "_cell", "_key", "_name", "_rejected", "_store")
 
     def __init__(self, store: CellStore, name: str, cell: Cell, rejected: tuple[str, ...]):
         self._store = store
@@ -395,8 +410,6 @@ class Series:
         self._cell = cell
         self._key = tuple(cell.attributes.values())
         self._rejected = rejected
-        # Where its observations wait to be counted: the store's, for a histogram's plain cell.
-        self._pending = store._pending if cell.__class__ is HistogramCell else None
 
     def add(self, amount: float) -> None:
         """As :meth:`CellStore.add` (``amount`` already checked)."""
@@ -409,21 +422,13 @@ class Series:
         if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
             value = checked_amount(value)
         store = self._store
-        exemplar = store._sample_exemplar(None) if span is None else store._exemplar_of_span(span)
+        if span is None:  # the current span, sampled by the cell when the bucket's exemplar is stale
+            exemplar, sample = None, store._sample_exemplar
+        else:
+            exemplar, sample = store._exemplar_of_span(span), None
         if self._rejected:
             store._report(self._name, self._rejected)
-        pending = self._pending
-        if pending is None:
-            self._cell.observe(value, exemplar)  # type: ignore[union-attr]
-            return
-        # Itself, not its cell: the series is at hand, the cell and its lists are not (see CellStore.fold).
-        pending.append((self, value, (value, _time_ns(), exemplar) if exemplar is not None else None))
-        if len(pending) > PENDING_LIMIT:
-            store.fold()
-
-    def count_in(self, value: float, exemplar: RawExemplar | None) -> None:
-        """Count a pending observation in the cell (:meth:`CellStore.fold`)."""
-        self._cell.count_in(value, exemplar)  # type: ignore[union-attr]
+        self._cell.observe(value, exemplar, sample)  # type: ignore[union-attr]
 
 
 class CellStore:
@@ -456,12 +461,6 @@ class CellStore:
         self._series: dict[str, dict[tuple[str, ...], Cell]] = {}
         self._lock = threading.Lock()
         self._handed_out: weakref.WeakSet[Series] = weakref.WeakSet()  # rebound after a fork
-        # Histogram observations not yet counted in their cells: (series or cell, value, exemplar).
-        # None with a directory: there every observation is written through to the file at once,
-        # for the other processes' scrapes to read.
-        self._pending: deque[tuple[Series | HistogramCell, float, RawExemplar | None]] | None = (
-            deque() if directory is None else None
-        )
         if directory is not None:
             # A server that builds the app before forking its workers (gunicorn --preload) hands
             # every worker this store: each must then write its own file, not the parent's.
@@ -501,8 +500,15 @@ class CellStore:
         # checks and one chained comparison (which NaN fails too).
         if (value.__class__ is not int and value.__class__ is not float) or not 0 <= value <= MAX_AMOUNT:
             value = checked_amount(value)
-        # Before binding: a bad context or span records nothing.
-        exemplar = self._sample_exemplar(context) if span is None else self._exemplar_of_span(span)
+        # Before binding: a bad context or span records nothing. The current span (no context,
+        # no span given, the usual case) is sampled by the cell, when the bucket's exemplar is stale.
+        sample: ExemplarSampler | None = None
+        if span is not None:
+            exemplar = self._exemplar_of_span(span)
+        elif context is not None:
+            exemplar = self._sample_exemplar(context)
+        else:
+            exemplar, sample = None, self._sample_exemplar
         bound = self._bound.get(name)
         try:
             entry = bound.get(values) if bound is not None else None
@@ -511,39 +517,7 @@ class CellStore:
         cell, rejected = entry if entry is not None else self._bind(name, values)
         if rejected:
             self._report(name, rejected)
-        pending = self._pending
-        if pending is None or cell.__class__ is not HistogramCell:  # not a histogram's: raises, as it should
-            cell.observe(value, exemplar)  # type: ignore[union-attr]
-            return
-        pending.append((cell, value, (value, _time_ns(), exemplar) if exemplar is not None else None))
-        if len(pending) > PENDING_LIMIT:
-            self.fold()
-
-    def fold(self) -> None:
-        """Count every pending histogram observation in its cell; a collection does it first.
-
-        A histogram observation is not counted when it is made: it waits in the store's queue
-        (the series, the value, the exemplar) and is counted at the next collection, or once
-        :data:`PENDING_LIMIT` wait. Counting touches the cell, its lock, its bucket bounds and
-        lists; a service that records a few observations between idle moments finds all of
-        them out of the processor's caches, and this was about a quarter of its instrumentation's
-        CPU under the demo's load (docs/performance.md). A collection counts them together, the
-        cells fresh from the one before. Every observation counted is one taken off the queue
-        (``popleft``, atomic, as ``append`` is), so concurrent folds neither lose nor repeat one.
-        """
-        pending = self._pending
-        if not pending:
-            return
-        take = pending.popleft
-        while True:
-            try:
-                into, value, exemplar = take()
-            except IndexError:
-                return
-            try:
-                into.count_in(value, exemplar)
-            except Exception:  # a scrape must not fail on one observation
-                _logger.debug("chatobs: counting an observation failed", exc_info=True)
+        cell.observe(value, exemplar, sample)  # type: ignore[union-attr]
 
     def set(self, name: str, value: float, values: tuple[str, ...]) -> None:
         """Set a gauge."""
@@ -682,14 +656,12 @@ class CellStore:
         from several processes' files (:attr:`combines_files`): those are produced as points."""
         if self.combines_files:
             return None
-        self.fold()
         return LocalCells({name: list(series.values()) for name, series in list(self._series.items()) if series},
                           scope)  # fmt: skip
 
     def produced_metrics(self) -> list[Metric]:
         """Every counter's, gauge's and histogram's points, in the SDK's data model (cumulative),
         as the catalogue's View would give them: its label keys, its buckets."""
-        self.fold()
         now = time.time_ns()
         metrics = []
         names = list(self._series) if self._directory is None else [m.name for m in catalogue.CATALOGUE]
