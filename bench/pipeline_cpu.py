@@ -22,12 +22,18 @@ from 26% to -4% between two runs, so it is not in the full run).
     python bench/pipeline_cpu.py --demo --traces  # the same, every span exported
     python bench/pipeline_cpu.py --demo --paused --sample-rate 200  # stacks read paused
     python bench/pipeline_cpu.py --demo --gc      # and each service's garbage collections
+    python bench/pipeline_cpu.py --demo --against 76f70d1 --pairs 3  # this checkout vs a commit
 
 Two checks of the measure itself: ``--paused`` has py-spy stop each process for every
 sample, so no stack changes while it is read (``--nonblocking``, the default, reads them
 running; pausing costs the process, hence a lower rate); ``--gc`` times every garbage
 collection in each service (``bench/gc_probe``: a collection runs inside whichever
 allocation triggers it, and py-spy charges it to that line).
+
+``--against REF`` runs the demo's load on this checkout and on commit ``REF``'s code in turn,
+``--pairs`` times each (see ``checkouts``), and prints each side's median share and the
+difference pair by pair: one run tells two versions apart only when they differ by more
+than a run's spread, a point or so.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +52,7 @@ from typing import Any
 
 import httpx
 import psutil
+from checkouts import CheckoutError, alternating, checkout_of, commit_of, services_from
 from discard import discarding_receiver
 from profile_share import DEFAULT_RATE, Profiler, Share
 
@@ -243,6 +251,48 @@ def _print(results: dict[str, Share]) -> None:
             print(f"    {share:6.1%}  {function}")
 
 
+def paired_lines(ref: str, runs: list[tuple[int, bool, dict[str, Share]]]) -> list[str]:
+    """The comparison :func:`_against` prints: each side's median share, whole pipeline first,
+    then each service, and this checkout's share less ``ref``'s pair by pair. ``runs`` are
+    ``(pair, theirs, shares)``, in the order they ran."""
+
+    def share(shares: dict[str, Share], service: str | None) -> float | None:
+        if service is None:
+            return Share.combined(shares.values()).share * 100
+        return shares[service].share * 100 if service in shares else None
+
+    services: list[str | None] = [None, *dict.fromkeys(name for _, _, shares in runs for name in shares)]
+    lines = [f"{'':16}{'this checkout':>14}{ref:>14}   this less {ref}, pair by pair"]
+    for service in services:
+        sides: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        for pair, theirs, shares in runs:
+            found = share(shares, service)
+            if found is not None:
+                sides[theirs][pair] = found
+        ours, their = sides
+        if not ours or not their:
+            continue  # a service only one side ran
+        differences = ", ".join(f"{ours[pair] - their[pair]:+.1f}" for pair in sorted(ours.keys() & their.keys()))
+        lines.append(f"{service or 'whole pipeline':16}{statistics.median(ours.values()):13.1f}%"
+                     f"{statistics.median(their.values()):13.1f}%   {differences}")  # fmt: skip
+    return lines
+
+
+def _against(arguments: argparse.Namespace) -> None:
+    ref, pairs = arguments.against, arguments.pairs or 3
+    runs: list[tuple[int, bool, dict[str, Share]]] = []
+    with checkout_of(ref) as source:
+        for pair, theirs in alternating(pairs):
+            with services_from(source if theirs else None):
+                shares, sent = demo_share(sample_rate=arguments.sample_rate or DEFAULT_RATE)
+            runs.append((pair, theirs, shares))
+            whole = Share.combined(shares.values())
+            side = ref if theirs else "this checkout"
+            print(f"pair {pair + 1}/{pairs}, {side}: {whole.share:.1%} of {whole.samples} samples in"
+                  f" instrumentation, {sent} messages", flush=True)  # fmt: skip
+    print("\n".join(paired_lines(ref, runs)))
+
+
 def _print_collections(collections: dict[str, Collections]) -> None:
     for service, seen in collections.items():
         print(f"{service}: garbage collections {seen.young} young ({seen.young_seconds * 1000:.0f} ms, "
@@ -277,11 +327,27 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--gc", action="store_true", help="with --demo: time each service's garbage collections over the profiled time"
     )
+    parser.add_argument(
+        "--against",
+        metavar="REF",
+        help="with --demo: this checkout and commit REF's code in turn, --pairs times each, side by side",
+    )
+    parser.add_argument("--pairs", type=_positive, metavar="N", help="with --against: runs of each side (default: 3)")
     args = parser.parse_args()
     for flag, given in (("--traces", args.traces), ("--paused", args.paused), ("--gc", args.gc),
-                        ("--sample-rate", args.sample_rate is not None)):  # fmt: skip
+                        ("--sample-rate", args.sample_rate is not None),
+                        ("--against", args.against is not None)):  # fmt: skip
         if given and not args.demo:
             parser.error(f"{flag} goes with --demo")
+    if args.pairs is not None and args.against is None:
+        parser.error("--pairs goes with --against")
+    if args.against is not None and (args.traces or args.paused or args.gc):
+        parser.error("--against compares the plain demo load: not with --traces, --paused or --gc")
+    if args.against is not None:
+        try:
+            commit_of(args.against)  # before minutes of benchmarking, not after the first run
+        except CheckoutError as error:
+            parser.error(str(error))
     if args.cpu and args.demo:
         parser.error("--cpu measures the chat turns' load, not --demo's")
     return args
@@ -313,6 +379,9 @@ def _demo(arguments: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = _arguments()
+    if arguments.against is not None:
+        _against(arguments)
+        raise SystemExit
     if arguments.demo:
         _demo(arguments)
         raise SystemExit
