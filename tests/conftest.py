@@ -67,18 +67,22 @@ class ProcessExitedError(AssertionError):
     """The process :func:`wait_for` waited for exited."""
 
 
-def wait_for(url: str, process: subprocess.Popen[str], timeout: float = 20.0) -> None:
+def wait_for(url: str, process: subprocess.Popen[str], timeout: float = 20.0, *, ok: bool = False) -> None:
+    """Until ``url`` answers (with ``ok``: answers 2xx, as Prometheus's ``/-/ready`` does only once
+    its storage is open; before, it and the query API answer 503)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             out, err = process.communicate()
             raise ProcessExitedError(f"process exited with {process.returncode}:\n{out}\n{err}")
         try:
-            httpx.get(url, timeout=1)
-            return
+            response = httpx.get(url, timeout=1)
         except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
+            response = None
+        if response is not None and (response.is_success or not ok):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer{' 2xx' if ok else ''} within {timeout}s")
 
 
 def on_a_drawn_port(start: Callable[[int], T]) -> T:
@@ -256,7 +260,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
                 stdout=log, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
             processes.append(process)
-            wait_for(f"http://127.0.0.1:{port}/-/ready", process)
+            wait_for(f"http://127.0.0.1:{port}/-/ready", process, ok=True)
             return Prometheus(f"http://127.0.0.1:{port}")
 
         return on_a_drawn_port(on)
