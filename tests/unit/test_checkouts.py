@@ -21,9 +21,9 @@ from profile_share import Share
 WHERE = "import chatobs, pathlib; print(pathlib.Path(chatobs.__file__).resolve().parents[1])"
 
 
-def _imported_from(env: dict[str, str] | None = None) -> str:
-    done = subprocess.run([sys.executable, "-c", WHERE], env=env if env is not None else {**os.environ},
-                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+def _imported_from() -> str:
+    """Where a child process started now (inheriting this environment) imports chatobs from."""
+    done = subprocess.run([sys.executable, "-c", WHERE], capture_output=True, text=True, timeout=60, check=True)
     return done.stdout.strip()
 
 
